@@ -7,12 +7,12 @@ slots through the per-batch metadata (server/engine/batch.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class AdapterKind(str, Enum):
+class AdapterKind(StrEnum):
     LORA = "LORA"
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"

@@ -10,7 +10,7 @@ import math
 import queue
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
 class InvalidRequest(ValueError):
@@ -25,7 +25,7 @@ class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new work (maps to UNAVAILABLE)."""
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # EOS token or a stop string
     LENGTH = "length"  # max_new_tokens or the context limit
     ABORT = "abort"  # cancelled by the caller (client gone, deadline)

@@ -57,7 +57,9 @@ class ModelArgs:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else ""
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModel(f"architecture {arch!r} is not served; supported: {SUPPORTED_ARCHITECTURES}")
+            raise UnsupportedModel(
+                f"architecture {arch!r} is not served; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -81,7 +83,7 @@ class ModelArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch != "Qwen2ForCausalLM") else None,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

@@ -1,0 +1,37 @@
+"""Workload generators shared by kernel tests and benchmarks (Punica / S-LoRA popularity).
+
+One generator for tests and benchmarks alike, so what is tested is what is measured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POPULARITY_KINDS = ("distinct", "uniform", "zipf:<s>", "identical", "powerlaw:<alpha>")
+
+
+def sample_adapter_ids(kind: str, n: int, num_adapters: int, rng: np.random.Generator) -> np.ndarray:
+    """Adapter index (0..num_adapters-1) for each of `n` requests or sequences.
+
+    distinct:  request i uses adapter i mod num_adapters (every one different when n <= num_adapters)
+    uniform:   each drawn uniformly at random
+    zipf:<s>:  P(k) proportional to 1/(k+1)^s (Punica's skewed popularity; "zipf" = s 1.5)
+    identical: all use adapter 0
+    powerlaw:<alpha>: S-LoRA's power law, P(k) proportional to (k+1)^-alpha ("powerlaw" = alpha 1)
+    """
+    if n < 0 or num_adapters <= 0:
+        raise ValueError("n must be >= 0 and num_adapters > 0")
+    name, _, arg = kind.partition(":")
+    if name == "distinct":
+        return np.arange(n) % num_adapters
+    if name == "uniform":
+        return rng.integers(0, num_adapters, size=n)
+    if name == "identical":
+        return np.zeros(n, dtype=np.int64)
+    if name in ("zipf", "powerlaw"):
+        exponent = float(arg) if arg else (1.5 if name == "zipf" else 1.0)
+        if exponent <= 0:
+            raise ValueError(f"{name} exponent must be > 0")
+        weights = 1.0 / np.arange(1, num_adapters + 1, dtype=np.float64) ** exponent
+        return rng.choice(num_adapters, size=n, p=weights / weights.sum())
+    raise ValueError(f"unknown popularity {kind!r}; one of {', '.join(POPULARITY_KINDS)}")
