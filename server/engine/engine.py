@@ -1,0 +1,262 @@
+"""The engine: a step loop on its own thread. step() = schedule -> run -> postprocess.
+
+Callers (gRPC workers, the CLI, tests) use `submit()` and `abort()` from any thread; the loop owns
+the scheduler, KV cache, pool slots and model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from server.adapters.pool import AdapterPool, UnknownAdapter
+from server.adapters.weights import AdapterKind
+from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.engine.kv_cache import KVCache
+from server.engine.output import Postprocessor
+from server.engine.request import (
+    EngineStopped,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    QueueFull,
+    RequestHandle,
+)
+from server.engine.runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import IncrementalDetokenizer, Sequence
+from server.model.loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    batch_size: int  # sequences in the last step
+    batch_tokens: int  # tokens in the last step
+    adapters_resident: int
+    steps: int
+    preemptions: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, pool: AdapterPool) -> None:
+        self.model = loaded.model
+        self.args = loaded.args
+        self.tokenizer = loaded.tokenizer
+        self.config = cfg
+        self.pool = pool
+        limit = cfg.max_model_len or self.args.max_position_embeddings
+        if self.args.sliding_window:
+            limit = min(limit, self.args.sliding_window)  # full attention is exact up to the window
+        self.max_model_len = limit
+        self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
+        self.scheduler = Scheduler(cfg, self.kv, self._admit, self._release)
+        self.runner = ModelRunner(self.model, self.kv, pool.tables)
+        self.post = Postprocessor(self.args.eos_token_ids, self.max_model_len)
+        self._lock = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._prompt_embeds: dict[str, torch.Tensor] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seed_rng = torch.Generator().manual_seed(0)
+        self._last_batch = (0, 0)
+        self.steps = 0
+
+    @classmethod
+    def create(
+        cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, pool_cfg: AdapterPoolConfig | None = None
+    ) -> Engine:
+        pool_cfg = pool_cfg or AdapterPoolConfig()
+        loaded = load_model(model_cfg)
+
+        def read(path):
+            from server.adapters.peft_format import read_adapter
+
+            return read_adapter(path, loaded.args, pool_cfg.max_lora_rank, pool_cfg.max_virtual_tokens)
+
+        pool = AdapterPool(pool_cfg, loaded.args, model_cfg.torch_dtype, model_cfg.device, reader=read)
+        for layer in loaded.model.modules():  # projections read the pool's slot tables
+            if hasattr(layer, "tables"):
+                layer.tables = pool.tables
+        return cls(loaded, engine_cfg, pool)
+
+    # ---- caller side (any thread) -------------------------------------------------------------
+    def submit(self, req: GenerationRequest) -> RequestHandle:
+        seq = self._make_sequence(req)
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            if req.request_id in self._by_id:
+                raise InvalidRequest(f"request_id {req.request_id!r} is already in flight")
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_waiting:
+                raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+            self._by_id[req.request_id] = seq
+            self._inbox.append(seq)
+            self._lock.notify()
+        return seq.handle
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+            self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting) + len(self._inbox),
+            kv_blocks_used=self.kv.used_blocks,
+            kv_blocks_total=self.kv.num_blocks,
+            batch_size=self._last_batch[0],
+            batch_tokens=self._last_batch[1],
+            adapters_resident=self.pool.resident(),
+            steps=self.steps,
+            preemptions=self.scheduler.preemptions,
+        )
+
+    def _make_sequence(self, req: GenerationRequest) -> Sequence:
+        req.sampling.validate(self.config.max_new_tokens_limit)
+        ids = req.prompt_token_ids
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        vocab = self.args.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        n_prefix = n_virtual = 0
+        if req.adapter is not None:
+            try:
+                weights = self.pool.host_weights(req.adapter)
+            except UnknownAdapter:
+                raise InvalidRequest(f"unknown adapter {req.adapter!r}") from None
+            if weights.kind is AdapterKind.PREFIX_TUNING:
+                n_prefix = weights.num_virtual_tokens
+            elif weights.kind in (AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING):
+                n_virtual = weights.num_virtual_tokens
+        context = n_prefix + n_virtual + len(ids)
+        if context >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens (+{n_prefix + n_virtual} virtual); the context limit is "
+                f"{self.max_model_len}, leaving no room to generate"
+            )
+        capacity = self.kv.num_blocks * self.kv.block_size
+        if context + 1 > capacity:
+            raise InvalidRequest(f"the prompt needs {context + 1} KV slots; the cache holds {capacity}")
+        seed = req.sampling.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        return Sequence(
+            request=req,
+            handle=RequestHandle(req.request_id),
+            detok=IncrementalDetokenizer(self.tokenizer, list(ids)),
+            n_prefix=n_prefix,
+            n_virtual=n_virtual,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    # ---- the step loop (engine thread) --------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking work, let running requests finish for up to `drain_timeout_s`, abort the rest."""
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._thread is not None and time.monotonic() < deadline and self._by_id:
+            time.sleep(0.01)
+        with self._lock:
+            self._aborts.extend(self._by_id)
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._inbox or self._aborts or self.scheduler.has_work() or self._stopping):
+                    self._lock.wait(timeout=0.5)
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                if self._stopping and not self._by_id and not inbox:
+                    return
+            for seq in inbox:
+                self.scheduler.add(seq)
+            for request_id in aborts:
+                seq = self._by_id.get(request_id)
+                if seq is not None:
+                    self._finish(seq, FinishReason.ABORT)
+            if self.scheduler.has_work():
+                self.step()
+            elif self._stopping and not self._by_id:
+                return
+
+    def step(self) -> None:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            time.sleep(self.config.idle_sleep_s)
+            return
+        self._last_batch = (len(scheduled), sum(n for _, n in scheduled))
+        self.steps += 1
+        try:
+            logits, sampled = self.runner.run(scheduled, self._prompt_embeds)
+            tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
+        except Exception as exc:  # a failed step fails its sequences, never the engine
+            log.exception("engine step failed")
+            for seq, _ in scheduled:
+                self._finish(seq, FinishReason.ERROR, error=f"internal error: {exc}")
+            return
+        for seq, token in zip(sampled, tokens, strict=True):
+            event = self.post.on_token(seq, token)
+            if event.finished:
+                self._finish(seq, event.finish_reason, event=event)
+            else:
+                seq.handle.put(event)
+
+    def _admit(self, seq: Sequence) -> bool:
+        key = seq.request.adapter
+        if key is None:
+            return True
+        try:
+            lease = self.pool.acquire(key)
+        except Exception as exc:  # unregistered or unreadable since submit()
+            self._finish(seq, FinishReason.ERROR, error=f"adapter {key!r} unavailable: {exc}")
+            return False
+        if lease is None:
+            return False
+        weights = lease.weights
+        seq.adapter_slot, seq.adapter_kind, seq.adapter_version = lease.slot, weights.kind, lease.version
+        if weights.kind is AdapterKind.PREFIX_TUNING:
+            self.kv.write_prefix(seq.blocks, weights.prefix.keys, weights.prefix.values)
+            seq.num_computed = seq.n_prefix
+        elif weights.prompt is not None:
+            self._prompt_embeds[seq.request_id] = weights.prompt.embeddings
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter_slot >= 0 and seq.request.adapter is not None:
+            self.pool.release(seq.request.adapter)
+        seq.adapter_slot = -1
+        self._prompt_embeds.pop(seq.request_id, None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, event=None) -> None:
+        if seq.request_id not in self._by_id:
+            return
+        self.scheduler.finish(seq)
+        del self._by_id[seq.request_id]
+        seq.finish_reason = reason
+        seq.handle.put(event or self.post.final_event(seq, reason, error))

@@ -1,0 +1,102 @@
+"""Which sequences run this step, and how many of their tokens.
+
+Running sequences go first (decodes and unfinished prefill chunks), then waiting ones are admitted
+FIFO while the step's token budget, the running limit, the KV budget and the admit hook (adapter
+slot) allow. A prompt larger than the remaining budget is prefilled in chunks. When the KV cache
+cannot grow a running sequence, the newest running sequence is preempted (its blocks freed, it
+goes back to the front of the queue and is recomputed later): a request that does not fit waits,
+it never crashes the engine.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from server.config import EngineConfig
+from server.engine.kv_cache import KVCache
+from server.engine.sequence import SeqStatus, Sequence
+
+AdmitHook = Callable[[Sequence], bool]  # after KV allocation: pin adapter, write prefix K/V; False = not now
+ReleaseHook = Callable[[Sequence], None]
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, kv: KVCache, admit: AdmitHook, release: ReleaseHook) -> None:
+        self.cfg = cfg
+        self.kv = kv
+        self.admit_hook = admit
+        self.release_hook = release
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.cfg.max_batch_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted below while making room for an older sequence
+            n = min(seq.pending, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                continue
+            scheduled.append((seq, n))
+            budget -= n
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running:
+            seq = self.waiting.popleft()
+            need = self.kv.blocks_needed(0, seq.context_len + 1)
+            if not self.kv.can_allocate(need):
+                skipped.append(seq)
+                break  # FIFO for KV: later (smaller) requests don't overtake a waiting large one
+            seq.blocks = self.kv.allocate(need)
+            if not self.admit_hook(seq):  # adapter slot busy or loading: try the next request
+                self.kv.free(seq.blocks)
+                if seq.status is not SeqStatus.FINISHED:  # the hook may have failed it for good
+                    skipped.append(seq)
+                continue
+            seq.status = SeqStatus.RUNNING
+            seq.mark_scheduled()
+            self.running.append(seq)
+            n = min(seq.pending, budget)
+            scheduled.append((seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return scheduled
+
+    def _grow(self, seq: Sequence, context_len: int) -> bool:
+        need = self.kv.blocks_needed(len(seq.blocks), context_len)
+        while not self.kv.can_allocate(need):
+            victim = next((s for s in reversed(self.running) if s is not seq), None)
+            if victim is None:
+                return False
+            self.preempt(victim)
+        seq.blocks += self.kv.allocate(need)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.blocks)
+        self.release_hook(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) wherever it is and free what it holds."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.release_hook(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.blocks)
+        seq.status = SeqStatus.FINISHED

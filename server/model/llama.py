@@ -1,0 +1,138 @@
+"""One Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) reading a ForwardBatch.
+
+A single forward serves a mix of prefill chunks and decode tokens of many sequences, each with
+its own adapter: projections route tokens to adapters (layers.Projection), attention reads every
+sequence's context from the paged KV cache in one batched call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.engine.batch import AdapterBatch, AttentionMeta, ForwardBatch
+from server.model.args import ModelArgs
+from server.model.layers import Projection, RMSNorm, Rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, q: Projection, k: Projection, v: Projection, o: Projection) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.scale = args.head_dim**-0.5
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMeta,
+        adapters: AdapterBatch | None,
+        k_cache: torch.Tensor,  # [kv_slots, kv_heads, head_dim] this layer's cache
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        t = h.shape[0]
+        q = self.q_proj(h, adapters).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(h, adapters).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h, adapters).view(t, self.num_kv_heads, self.head_dim)
+        cos, sin = cos_sin
+        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        k_cache[attn.kv_write_slots] = k.to(k_cache.dtype)
+        v_cache[attn.kv_write_slots] = v.to(v_cache.dtype)
+        keys = k_cache[attn.kv_slots].transpose(1, 2)  # [B, kv_heads, kv_max, head_dim]
+        values = v_cache[attn.kv_slots].transpose(1, 2)
+        queries = q[attn.query_index].transpose(1, 2)  # [B, heads, q_max, head_dim]
+        out = F.scaled_dot_product_attention(
+            queries, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn.mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        out = out.transpose(1, 2)[attn.query_valid]  # [T, heads, head_dim], flat token order
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), adapters)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, gate: Projection, up: Projection, down: Projection) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, adapters)) * self.up_proj(x, adapters), adapters)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
+
+    def forward(self, h, cos_sin, attn, adapters, k_cache, v_cache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos_sin, attn, adapters, k_cache, v_cache)
+        return h + self.mlp(self.post_attention_layernorm(h), adapters)
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self,
+        args: ModelArgs,
+        embed: torch.Tensor,  # [vocab, hidden]
+        layers: list[DecoderLayer],
+        norm: RMSNorm,
+        lm_head: torch.Tensor,  # [vocab, hidden] (the embedding itself when tied)
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        tied = args.tie_word_embeddings
+        self.lm_head = self.embed_tokens if tied else nn.Parameter(lm_head, requires_grad=False)
+        self.rotary = Rotary(args)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
+        ab = batch.adapters
+        if ab is not None and ab.virtual_index is not None:
+            virtual = ab.virtual_index >= 0
+            h[virtual] = ab.virtual_embeds[ab.virtual_index[virtual]].to(h.dtype)
+        return h
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,  # [layers, kv_slots, kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Logits (fp32) [S, vocab] at batch.logits_index, or [T, vocab] for every token if all_logits."""
+        h = self.embed(batch)
+        cos_sin = self.rotary.cos_sin(batch.positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos_sin, batch.attention, batch.adapters, k_cache[i], v_cache[i])
+        if not all_logits:
+            h = h[batch.logits_index]
+        return F.linear(self.norm(h), self.lm_head).float()
+
+    def memory_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in [*self.parameters(), *self.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        for m in self.modules():  # NF4 absmax / double-quant statistics live outside buffers
+            state = getattr(m, "quant_state", None)
+            if state is not None:
+                total += m.nbytes() - m.packed.numel()
+        return total
