@@ -82,4 +82,5 @@ def make_linear(
     """A base projection from a dense [out, in] weight; NF4 when `quantize`."""
     if not quantize:
         return DenseLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
-    return NF4Linear(weight, bias, dtype, double_quant=True)
+    # double quantization where the backend has it: bitsandbytes' CPU path (and transformers on CPU) has none
+    return NF4Linear(weight, bias, dtype, double_quant=weight.is_cuda)
