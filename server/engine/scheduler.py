@@ -46,7 +46,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted below while making room for an older sequence
             n = min(seq.pending, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            if not self._grow(seq, seq.num_computed + n, {s for s, _ in scheduled}):
                 continue
             scheduled.append((seq, n))
             budget -= n
@@ -72,10 +72,11 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return scheduled
 
-    def _grow(self, seq: Sequence, context_len: int) -> bool:
+    def _grow(self, seq: Sequence, context_len: int, keep: set[Sequence]) -> bool:
+        """Make room for `seq` by preempting the newest sequences not scheduled in this step."""
         need = self.kv.blocks_needed(len(seq.blocks), context_len)
         while not self.kv.can_allocate(need):
-            victim = next((s for s in reversed(self.running) if s is not seq), None)
+            victim = next((s for s in reversed(self.running) if s is not seq and s not in keep), None)
             if victim is None:
                 return False
             self.preempt(victim)
