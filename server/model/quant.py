@@ -9,6 +9,8 @@ NF4 weights); on CUDA we call `bitsandbytes.matmul_4bit`.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,9 @@ NF4_BLOCKSIZE = 64
 
 
 def _bnb():
+    # bitsandbytes' CPU backend tries the hub-only PyPI `kernels` package for an optional fused bf16 kernel
+    # and logs a warning when it is absent; we never use that path (see NF4Linear), so keep it quiet.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb  # imported lazily: importing it costs ~1 s
 
     return bnb
