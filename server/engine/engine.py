@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,8 @@ class Engine:
         self._seed_rng = torch.Generator().manual_seed(0)
         self._last_batch = (0, 0)
         self.steps = 0
+        # observer of each step's sampled logits: (sequences, logits [S, vocab]); tests compare them to oracles
+        self.on_logits: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
     @classmethod
     def create(
@@ -214,6 +217,8 @@ class Engine:
         self.steps += 1
         try:
             logits, sampled = self.runner.run(scheduled, self._prompt_embeds)
+            if self.on_logits is not None:
+                self.on_logits(sampled, logits)
             tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
         except Exception as exc:  # a failed step fails its sequences, never the engine
             log.exception("engine step failed")
