@@ -79,3 +79,17 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_llama_dir: Path, adapters: di
         expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
         torch.testing.assert_close(ours, expected, atol=LOGIT_ATOL, rtol=1e-4, msg=lambda m, r=route: f"{r}: {m}")
         assert out == expected.argmax(-1).tolist(), route
+
+
+def test_mixed_batch_with_triton_kernels_matches_peft(tiny_llama_dir: Path, adapters: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same mixed batch with the LoRA path forced through the Triton SGMV kernels (interpreted on CPU)."""
+    monkeypatch.setenv("SWITCHBOARD_KERNELS", "triton")
+    lora = {k: v for k, v in adapters.items() if k.startswith("lora")}
+    routes, prompts, outputs, step_logits = run_mixed_batch(tiny_llama_dir, lora, False, new_tokens=3)
+    for route, prompt, out, logits in zip(routes, prompts, outputs, step_logits, strict=True):
+        if route is None:
+            continue
+        ref = peft_logits(tiny_llama_dir, lora[route], prompt + out)
+        expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
+        torch.testing.assert_close(torch.stack(logits), expected, atol=LOGIT_ATOL, rtol=1e-4)
