@@ -1,6 +1,7 @@
 # Switchboard: two commands set up a fresh machine (see README):
-#   make serve   install into .venv, then start the gRPC server on the embedded default model
+#   make run     install into .venv, then run the engine on the embedded default model (PROMPT=...)
 #   make test    install into .venv, then run the whole test suite
+# (make serve starts the gRPC server once server/serve_cli.py exists: issue 3)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,9 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: install serve test lint proto bench clean
+PROMPT ?= Write a haiku about a switchboard operator.
+
+.PHONY: install run serve test lint proto bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +28,9 @@ install: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) -m server.protogen
+
+run: install
+	$(PY) -m server generate --prompt "$(PROMPT)" --max-new-tokens 96
 
 serve: install
 	$(PY) -m server serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)

@@ -17,7 +17,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import importlib
 
-    module = importlib.import_module(commands[argv[0]])
+    try:
+        module = importlib.import_module(commands[argv[0]])
+    except ModuleNotFoundError as exc:
+        if exc.name != commands[argv[0]]:
+            raise
+        print(f"`{argv[0]}` is not available in this build yet ({commands[argv[0]]} is missing)", file=sys.stderr)
+        return 2
     return int(module.main(argv[1:]) or 0)
 
 

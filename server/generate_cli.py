@@ -32,6 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("server.model.loader").setLevel(logging.INFO)  # start-up prints the model's memory
     model_cfg = ModelConfig(path=args.model, quantize=not args.no_quantize, dtype=args.dtype)
     engine = Engine.create(model_cfg, EngineConfig())
     tok = engine.tokenizer
