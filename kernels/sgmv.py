@@ -21,19 +21,25 @@ BLOCK_N = 32
 
 
 @triton.jit
+def _segment_tokens(tokens_ptr, seg_begin_ptr, seg_end_ptr, seg_slots_ptr, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M token indices (and mask) within segment program_id(0), and its adapter slot."""
+    seg = tl.program_id(0)
+    start = tl.load(seg_begin_ptr + seg)
+    end = tl.load(seg_end_ptr + seg)
+    m = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < end
+    tok = tl.load(tokens_ptr + m, mask=m_mask, other=0)
+    return tok, m_mask, tl.load(seg_slots_ptr + seg).to(tl.int64)
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, out_ptr, tokens_ptr, seg_begin_ptr, seg_end_ptr, seg_slots_ptr,
     K, R,
     sxm, sxk, sas, sar, sak, som, sor,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    start = tl.load(seg_begin_ptr + seg)
-    end = tl.load(seg_end_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    m = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < end
-    tok = tl.load(tokens_ptr + m, mask=m_mask, other=0)
+    tok, m_mask, slot = _segment_tokens(tokens_ptr, seg_begin_ptr, seg_end_ptr, seg_slots_ptr, BLOCK_M)
     r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -53,13 +59,7 @@ def _expand_kernel(
     stm, str_, sbs, sbn, sbr, sym, syn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    start = tl.load(seg_begin_ptr + seg)
-    end = tl.load(seg_end_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    m = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < end
-    tok = tl.load(tokens_ptr + m, mask=m_mask, other=0)
+    tok, m_mask, slot = _segment_tokens(tokens_ptr, seg_begin_ptr, seg_end_ptr, seg_slots_ptr, BLOCK_M)
     r = tl.arange(0, BLOCK_R)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.load(t_ptr + tok[:, None] * stm + r[None, :] * str_,
