@@ -1,0 +1,155 @@
+"""`python -m clients {generate,stream,health,adapters} ...`: the command line on top of the client library.
+
+Target and key: --target HOST:PORT (env SWITCHBOARD_TARGET, default 127.0.0.1:50051) and --api-key KEY
+(env SWITCHBOARD_API_KEY). Exit status: 0 ok, 1 the server refused (its status and message on stderr),
+2 bad usage; `health` exits 0 only when SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from clients.errors import SwitchboardError
+from clients.sync import SwitchboardClient
+
+
+def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    parser.add_argument("--target", default=d(os.environ.get("SWITCHBOARD_TARGET", "127.0.0.1:50051")))
+    parser.add_argument("--api-key", default=d(os.environ.get("SWITCHBOARD_API_KEY")))
+    parser.add_argument("--timeout", type=float, default=d(None), help="deadline of each call, seconds")
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the user message (chat template applied) or, with --raw, the raw prompt")
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    p.add_argument("--system", default=None, help="a system message (chat mode)")
+    p.add_argument("--adapter", default="")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--request-id", default="")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m clients", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("generate", "generate a completion"), ("stream", "stream a completion as it is made")):
+        p = sub.add_parser(name, help=help_)
+        _common(p, defaults=False)
+        _generation_args(p)
+    p = sub.add_parser("health", help="grpc.health.v1 status (exit 0 when SERVING)")
+    _common(p, defaults=False)
+    adapters = sub.add_parser("adapters", help="manage adapters").add_subparsers(dest="action", required=True)
+    p = adapters.add_parser("list")
+    _common(p, defaults=False)
+    p.add_argument("--tenant", default="")
+    for action in ("get", "delete"):
+        p = adapters.add_parser(action)
+        _common(p, defaults=False)
+        p.add_argument("name")
+        p.add_argument("--tenant", default="")
+    p = adapters.add_parser("upload", help="upload a PEFT directory or a .tar (a new version if the name exists)")
+    _common(p, defaults=False)
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.add_argument("--tenant", default="")
+    p.add_argument("--shared", action="store_true")
+    p = adapters.add_parser("merge", help="merge LoRA adapters into a new one")
+    _common(p, defaults=False)
+    p.add_argument("name")
+    p.add_argument("--sources", nargs="+", required=True)
+    p.add_argument("--method", default="linear", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"])
+    p.add_argument("--weights", nargs="+", type=float, default=None)
+    p.add_argument("--density", type=float, default=None)
+    p.add_argument("--target-rank", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--shared", action="store_true")
+    p.add_argument("--tenant", default="")
+    return parser.parse_args(argv)
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+                  request_id=args.request_id)
+    if args.raw:
+        return dict(prompt=args.prompt, **kwargs)
+    chat = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    return dict(messages=chat, **kwargs)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, indent=2))
+
+
+def run(args: argparse.Namespace, client: SwitchboardClient) -> int:
+    if args.command == "health":
+        status = client.health()
+        print(status)
+        return 0 if status == "SERVING" else 1
+    if args.command == "generate":
+        result = client.generate(**_generation_kwargs(args))
+        if args.json:
+            _print_json(result)
+        else:
+            print(result.text)
+            print(f"[{result.finish_reason}; {result.prompt_tokens} prompt + {result.completion_tokens} generated "
+                  f"tokens; ttft {result.ttft_ms:.0f} ms, total {result.total_ms:.0f} ms]", file=sys.stderr)
+        return 0
+    if args.command == "stream":
+        for chunk in client.stream(**_generation_kwargs(args)):
+            if args.json:
+                print(json.dumps(dataclasses.asdict(chunk)))
+            else:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                if chunk.finished:
+                    sys.stdout.write("\n")
+                    print(f"[{chunk.finish_reason}; {chunk.completion_tokens} tokens; ttft {chunk.ttft_ms:.0f} ms, "
+                          f"total {chunk.total_ms:.0f} ms]", file=sys.stderr)
+        return 0
+    action = args.action
+    if action == "list":
+        _print_json([dataclasses.asdict(a) for a in client.list_adapters(args.tenant)])
+    elif action == "get":
+        _print_json(client.get_adapter(args.name, args.tenant))
+    elif action == "delete":
+        client.delete_adapter(args.name, args.tenant)
+        print(f"deleted {args.name}", file=sys.stderr)
+    elif action == "upload":
+        _print_json(client.upload_adapter(args.path, args.name, tenant=args.tenant, shared=args.shared))
+    elif action == "merge":
+        _print_json(client.merge_adapters(
+            args.name, args.sources, method=args.method, weights=args.weights, density=args.density,
+            target_rank=args.target_rank, seed=args.seed, shared=args.shared, tenant=args.tenant))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        with SwitchboardClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+            return run(args, client)
+    except SwitchboardError as exc:
+        print(f"error: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The asyncio client: the same calls as SwitchboardClient, as coroutines; stream() is an async iterator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from clients import messages
+from clients.errors import from_rpc_error
+from clients.results import AdapterInfo, GenerateResult, StreamChunk
+from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
+from clients.sync import CHANNEL_OPTIONS
+
+
+class AsyncSwitchboardClient:
+    """`async with AsyncSwitchboardClient(target, api_key=...) as c: r = await c.generate("Hi")`."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None,
+                 timeout: float | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = messages.auth_metadata(api_key)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def _call(self, method, request, timeout: float | None = None):
+        try:
+            return await method(request, metadata=self._metadata, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> GenerateResult:
+        response = await self._call(self._inference.Generate, messages.generate_request(prompt, **kwargs), timeout)
+        return GenerateResult.from_proto(response)
+
+    async def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs
+                     ) -> AsyncIterator[StreamChunk]:
+        request = messages.generate_request(prompt, **kwargs)
+        call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
+        try:
+            async for chunk in call:
+                yield StreamChunk.from_proto(chunk)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        response = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def upload_adapter(self, path: str | Path, name: str, *, tenant: str = "", shared: bool = False,
+                             chunk_bytes: int = 1 << 20, timeout: float | None = None) -> AdapterInfo:
+        chunks = messages.upload_chunks(messages.adapter_payload(path), name, tenant, shared, chunk_bytes)
+        return AdapterInfo.from_proto(await self._call(self._admin.UploadAdapter, chunks, timeout))
+
+    async def list_adapters(self, tenant: str = "") -> list[AdapterInfo]:
+        response = await self._call(self._admin.ListAdapters, admin_pb2.ListAdaptersRequest(tenant=tenant))
+        return [AdapterInfo.from_proto(a) for a in response.adapters]
+
+    async def get_adapter(self, name: str, tenant: str = "") -> AdapterInfo:
+        return AdapterInfo.from_proto(await self._call(self._admin.GetAdapter, admin_pb2.GetAdapterRequest(
+            name=name, tenant=tenant)))
+
+    async def delete_adapter(self, name: str, tenant: str = "") -> None:
+        await self._call(self._admin.DeleteAdapter, admin_pb2.DeleteAdapterRequest(name=name, tenant=tenant))
+
+    async def merge_adapters(self, name: str, sources: list[str], *, timeout: float | None = None, **kwargs
+                             ) -> AdapterInfo:
+        request = messages.merge_request(name, sources, **kwargs)
+        return AdapterInfo.from_proto(await self._call(self._admin.MergeAdapters, request, timeout))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncSwitchboardClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

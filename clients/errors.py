@@ -1,0 +1,64 @@
+"""gRPC errors as typed exceptions: `except NotFound:` instead of inspecting status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SwitchboardError(Exception):
+    """A call failed; `code` is the gRPC status code, `message` the server's explanation."""
+
+    code_default: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Unauthenticated(SwitchboardError): ...
+
+
+class PermissionDenied(SwitchboardError): ...
+
+
+class NotFound(SwitchboardError): ...
+
+
+class InvalidArgument(SwitchboardError): ...
+
+
+class FailedPrecondition(SwitchboardError): ...
+
+
+class ResourceExhausted(SwitchboardError): ...
+
+
+class DeadlineExceeded(SwitchboardError): ...
+
+
+class Cancelled(SwitchboardError): ...
+
+
+class Unavailable(SwitchboardError): ...
+
+
+_BY_CODE: dict[grpc.StatusCode, type[SwitchboardError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def from_rpc_error(exc: grpc.RpcError) -> SwitchboardError:
+    """The typed exception for a grpc.RpcError (sync or aio)."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+    code = code or grpc.StatusCode.UNKNOWN
+    return _BY_CODE.get(code, SwitchboardError)(code, details or code.name)

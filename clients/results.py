@@ -1,0 +1,71 @@
+"""Typed results of the client calls (plain frozen dataclasses, converted from the protos)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_name: str  # "tenant/name", "" for the base model
+    adapter_version: int  # 0 for the base model
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    request_id: str = ""
+
+    @classmethod
+    def from_proto(cls, r) -> GenerateResult:
+        return cls(text=r.text, token_ids=list(r.token_ids), finish_reason=r.finish_reason,
+                   prompt_tokens=r.usage.prompt_tokens, completion_tokens=r.usage.completion_tokens,
+                   adapter_name=r.adapter.name, adapter_version=r.adapter.version, queue_ms=r.timings.queue_ms,
+                   ttft_ms=r.timings.ttft_ms, total_ms=r.timings.total_ms, request_id=r.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    text: str  # delta; never splits a multi-byte character
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str  # on the last chunk
+    prompt_tokens: int  # on the last chunk
+    completion_tokens: int  # on the last chunk
+    adapter_name: str  # on the last chunk
+    adapter_version: int  # on the last chunk
+    queue_ms: float  # on the first and the last chunk
+    ttft_ms: float  # on the first and the last chunk
+    total_ms: float  # on the last chunk
+    request_id: str = ""
+
+    @classmethod
+    def from_proto(cls, c) -> StreamChunk:
+        return cls(text=c.text, token_ids=list(c.token_ids), finished=c.finished, finish_reason=c.finish_reason,
+                   prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
+                   adapter_name=c.adapter.name, adapter_version=c.adapter.version, queue_ms=c.timings.queue_ms,
+                   ttft_ms=c.timings.ttft_ms, total_ms=c.timings.total_ms, request_id=c.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    name: str
+    tenant: str
+    version: int
+    versions: list[int]
+    kind: str  # LORA | PROMPT_TUNING | P_TUNING | PREFIX_TUNING | IA3
+    rank: int
+    target_modules: list[str]
+    size_bytes: int
+    created_at: float  # unix seconds
+    shared: bool
+    residency: str  # "disk" | "host" | "device"
+
+    @classmethod
+    def from_proto(cls, a) -> AdapterInfo:
+        return cls(name=a.name, tenant=a.tenant, version=a.version, versions=list(a.versions), kind=a.kind,
+                   rank=a.rank, target_modules=list(a.target_modules), size_bytes=a.size_bytes,
+                   created_at=a.created_at, shared=a.shared, residency=a.residency)

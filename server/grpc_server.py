@@ -1,0 +1,138 @@
+"""Assemble the gRPC server: Inference + Admin servicers, auth interceptor, health, reflection, /metrics.
+
+`SwitchboardServer.create(...)` loads the model, opens the adapter store and wires everything; both
+`python -m server serve` and the test harness (tests/server_utils.py) use it, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.admin_service import AdminServicer
+from server.auth import AuthInterceptor
+from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
+from server.metrics import ServerMetrics
+from server.service import InferenceServicer
+from server.tenants import ConcurrencyLimiter, TenantDirectory
+from switchboard.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_tenants(config: ServerConfig) -> TenantDirectory:
+    """The tenants file, or the single local tenant on a loopback address; refuses an open public bind."""
+    if config.tenants_file is not None:
+        return TenantDirectory.from_file(config.tenants_file)
+    if not is_loopback(config.host):
+        raise ConfigError(
+            f"refusing to listen on {config.host!r} without a tenants file: anyone could call the server. "
+            "Pass --tenants FILE (see `python -m server.tenants new NAME`) or bind 127.0.0.1."
+        )
+    log.warning("no tenants file: every caller on %s is the local tenant (admin rights, no API key)", config.host)
+    return TenantDirectory.local()
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class SwitchboardServer:
+    """One gRPC server over one engine. start() binds; stop(grace) drains in-flight calls."""
+
+    def __init__(self, engine, registry, tenants: TenantDirectory, config: ServerConfig) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.tenants = tenants
+        self.config = config
+        self.metrics = ServerMetrics(engine.stats)
+        self.limiter = ConcurrencyLimiter(config.per_tenant_concurrency)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        message_cap = config.max_upload_chunk_bytes + (64 << 10)
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"),
+            interceptors=[AuthInterceptor(tenants, on_reject=self.metrics.observe_unauthenticated)],
+            maximum_concurrent_rpcs=config.grpc_workers,
+            options=[("grpc.max_receive_message_length", message_cap), ("grpc.so_reuseport", 0)],
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(engine, registry, self.limiter, self.metrics), self._server)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(registry=registry, config=config, engine=engine, metrics=self.metrics), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+
+    @classmethod
+    def create(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, pool_cfg: AdapterPoolConfig,
+               config: ServerConfig, tenants: TenantDirectory | None = None) -> SwitchboardServer:
+        """Load the model, open the adapter store under `config.data_dir`, and build the server (not started)."""
+        from server.adapters.registry import open_registry
+        from server.engine.engine import Engine
+
+        tenants = tenants or load_tenants(config)
+        engine = Engine.create(model_cfg, engine_cfg, pool_cfg)
+        try:
+            Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+            registry = open_registry(Path(config.data_dir), engine.pool)
+        except Exception:
+            _close_pool(engine)
+            raise
+        return cls(engine, registry, tenants, config)
+
+    @property
+    def target(self) -> str:
+        return host_port(self.config.host, self.port)
+
+    def start(self) -> None:
+        """Start the engine loop, bind the gRPC and metrics ports, and report SERVING."""
+        self.engine.start()
+        try:
+            self.port = self._server.add_insecure_port(host_port(self.config.host, self.config.port))
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {host_port(self.config.host, self.config.port)}: {exc}") from None
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        self._server.start()
+        for service in ("", *SERVICE_NAMES):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish for `grace_s`, then cancel the rest."""
+        grace_s = self.config.grace_period_s if grace_s is None else grace_s
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+        self.engine.shutdown(drain_timeout_s=0.0)
+        _close_pool(self.engine)
+        self.metrics.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+
+def _close_pool(engine) -> None:
+    close = getattr(engine.pool, "close", None)
+    if close is not None:
+        close()

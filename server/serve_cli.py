@@ -1,0 +1,101 @@
+"""`python -m server serve`: the gRPC server (Inference + Admin + health + reflection) and /metrics.
+
+SIGTERM / SIGINT: report NOT_SERVING, refuse new calls, let in-flight requests finish for
+--grace-period seconds (then cancel them), stop the engine, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
+from server.tenants import TenantsFileError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    d = ServerConfig()
+    e = EngineConfig()
+    p = argparse.ArgumentParser(prog="python -m server serve", description=__doc__)
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument("--host", default=d.host, help="address to bind; non-loopback needs --tenants")
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 = any)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="the adapter store lives here")
+    p.add_argument("--tenants", type=Path, default=None, help="tenants TOML file (API key hashes)")
+    p.add_argument("--no-quantize", action="store_true", help="dense weights instead of NF4")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--max-running", type=int, default=e.max_running)
+    p.add_argument("--max-waiting", type=int, default=e.max_waiting, help="bounded waiting queue")
+    p.add_argument("--max-batch-tokens", type=int, default=e.max_batch_tokens)
+    p.add_argument("--kv-blocks", type=int, default=e.kv_blocks)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--device-slots", type=int, default=AdapterPoolConfig().device_slots)
+    p.add_argument("--max-lora-rank", type=int, default=AdapterPoolConfig().max_lora_rank)
+    p.add_argument("--per-tenant-concurrency", type=int, default=d.per_tenant_concurrency)
+    p.add_argument("--grace-period", type=float, default=d.grace_period_s, help="seconds to drain on SIGTERM")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, AdapterPoolConfig, ServerConfig]:
+    model = ModelConfig(path=args.model, quantize=not args.no_quantize, dtype=args.dtype, device=args.device)
+    engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
+                          max_batch_tokens=args.max_batch_tokens, kv_blocks=args.kv_blocks,
+                          max_model_len=args.max_model_len)
+    pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank)
+    server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
+                          data_dir=args.data_dir, tenants_file=args.tenants,
+                          per_tenant_concurrency=args.per_tenant_concurrency, grace_period_s=args.grace_period)
+    return model, engine, pool, server
+
+
+def how_to_call(target: str, metrics_port: int | None, host: str, keyed: bool) -> str:
+    key = " --api-key $SWITCHBOARD_API_KEY" if keyed else ""
+    lines = [
+        f"Switchboard is serving on {target}" + (f"; metrics at http://{host}:{metrics_port}/metrics"
+                                                 if metrics_port is not None else ""),
+        "Try:",
+        f'  .venv/bin/python -m clients --target {target}{key} generate "Name three colors." --max-new-tokens 32',
+        f'  .venv/bin/python -m clients --target {target}{key} stream "Write a haiku about a switchboard."',
+        f"  .venv/bin/python -m clients --target {target} health",
+        "Stop with Ctrl-C or SIGTERM (in-flight requests drain first).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("server.model.loader").setLevel(logging.INFO)  # start-up prints the model's memory
+    from server.grpc_server import SwitchboardServer, load_tenants
+
+    try:
+        model_cfg, engine_cfg, pool_cfg, server_cfg = configs(args)
+        tenants = load_tenants(server_cfg)  # before loading the model: a refused bind fails fast
+    except (ConfigError, TenantsFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = SwitchboardServer.create(model_cfg, engine_cfg, pool_cfg, server_cfg, tenants=tenants)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        server.stop(0)
+        return 1
+    print(how_to_call(server.target, server.metrics_port, args.host, keyed=not tenants.open), flush=True)
+    while not stop.wait(0.5):  # a timed wait so signal handlers run promptly
+        pass
+    print(f"shutting down: draining in-flight requests (up to {server_cfg.grace_period_s:g} s)", flush=True)
+    server.stop()
+    print("stopped", flush=True)
+    return 0
