@@ -49,6 +49,10 @@ class AdapterFormatError(ValueError):
     """The adapter directory is not something we can serve; the message says why."""
 
 
+class BaseModelMismatch(AdapterFormatError):
+    """The adapter is well formed but made for another base (hidden size, layer count, KV shape)."""
+
+
 def _fail(msg: str) -> AdapterFormatError:
     return AdapterFormatError(msg)
 
@@ -105,7 +109,8 @@ def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_to
             weights.prefix = _prefix(emb, args)
         else:
             if emb.shape[1] != args.hidden_size:
-                raise _fail(f"prompt_embeddings width {emb.shape[1]} != base hidden size {args.hidden_size}")
+                raise BaseModelMismatch(
+                    f"prompt_embeddings width {emb.shape[1]} != base hidden size {args.hidden_size}")
             weights.prompt = PromptWeights(emb)
     return weights
 
@@ -123,7 +128,7 @@ def _module_tensors(tensors: dict[str, torch.Tensor], args: ModelArgs, suffixes:
         if suffix not in suffixes:
             raise _fail(f"unexpected tensor {key!r} for this adapter type")
         if layer >= args.num_layers:
-            raise _fail(f"tensor {key!r} addresses layer {layer}; the base has {args.num_layers} layers")
+            raise BaseModelMismatch(f"tensor {key!r} addresses layer {layer}; the base has {args.num_layers} layers")
         out[(layer, module, suffix)] = t
     if not out:
         raise _fail(f"{WEIGHTS_FILE} holds no adapter tensors")
@@ -155,7 +160,9 @@ def _read_lora(cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, max
         n_in, n_out = args.projection_shape(module)
         want = (r, n_in) if suffix == "lora_A" else (n_out, r)
         if tuple(t.shape) != want:
-            raise _fail(f"{suffix} of layer {layer} {module} has shape {tuple(t.shape)}; the base needs {want}")
+            rank_ok = t.dim() == 2 and t.shape[0 if suffix == "lora_A" else 1] == r
+            error = BaseModelMismatch if rank_ok else AdapterFormatError
+            raise error(f"{suffix} of layer {layer} {module} has shape {tuple(t.shape)}; the base needs {want}")
         (a if suffix == "lora_A" else b)[(layer, module)] = t
     if a.keys() != b.keys():
         raise _fail("every lora_A needs its lora_B (and vice versa)")
@@ -172,7 +179,8 @@ def _read_ia3(cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs) -> I
         is_ff = any(module == f or module.endswith(f) for f in ff_set)
         want = (1, n_in) if is_ff else (n_out, 1)
         if tuple(t.shape) != want:
-            raise _fail(f"ia3_l of layer {layer} {module} has shape {tuple(t.shape)}; the base needs {want}")
+            error = BaseModelMismatch if t.numel() != max(want) else AdapterFormatError
+            raise error(f"ia3_l of layer {layer} {module} has shape {tuple(t.shape)}; the base needs {want}")
         scales[(layer, module)] = t.reshape(-1)
     modules = {m for _, m in scales}
     return IA3Weights(scales=scales, feedforward_modules=frozenset(m for m in modules if m in ff_set))
@@ -196,7 +204,7 @@ def _prompt_embeddings(cfg: dict, tensors: dict[str, torch.Tensor], max_virtual:
 def _prefix(emb: torch.Tensor, args: ModelArgs) -> PrefixWeights:
     width = args.num_layers * 2 * args.num_kv_heads * args.head_dim
     if emb.shape[1] != width:
-        raise _fail(
+        raise BaseModelMismatch(
             f"prefix width {emb.shape[1]} != layers*2*kv_heads*head_dim = {width} of the base "
             f"({args.num_layers}*2*{args.num_kv_heads}*{args.head_dim})"
         )

@@ -1,31 +1,60 @@
-"""Adapter residency: registered sources -> host copies -> device slots (pinned while in use).
+"""Adapter residency in three tiers: disk (registered sources) -> host memory (LRU by bytes) -> device slots.
 
-A simple pool: N device slots; an adapter is loaded on first use (synchronously, on the caller's
-thread); when no slot is free the least recently used adapter with no running sequence is
-evicted. Prompt/prefix adapters also take a slot, so every resident adapter is accounted for the
-same way; their tensors are used from the host copy.
+- Any number of adapters can be registered; a source is a path, a loader callable, or weights in memory.
+- Reading from disk, validating and preparing the host copy (dtype conversion, pinned memory) happen on
+  the pool's loader thread, never on the engine's step loop. `reserve()` (at submit) starts that load
+  early; `acquire()` (step loop) returns None while it is in flight, so the request waits and the other
+  sequences keep decoding. The step loop only does the final copy into a free slot.
+- Device slots are fixed in number; the least recently used adapter with no running sequence is evicted.
+- Host copies are kept within `host_cache_bytes`, evicting the least recently used copies that are
+  neither in a slot nor wanted by a submitted sequence.
+- Prompt/prefix adapters also take a slot, so every resident adapter is accounted for the same way;
+  their tensors are used from the host copy.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from server.adapters.errors import AdapterNotFound
 from server.adapters.slots import AdapterTables
 from server.adapters.weights import AdapterKind, AdapterWeights
 from server.config import AdapterPoolConfig
 from server.model.args import ModelArgs
 
+log = logging.getLogger(__name__)
+
 Reader = Callable[[Path], AdapterWeights]
+Source = Path | AdapterWeights | Callable[[], AdapterWeights]
 
 
-class UnknownAdapter(KeyError):
-    pass
+class UnknownAdapter(AdapterNotFound, KeyError):
+    """The key is not registered (or was unregistered)."""
+
+
+class AdapterLoadError(RuntimeError):
+    """Reading or validating the adapter failed; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterMeta:
+    """What the engine needs at submit time, known without loading tensors."""
+
+    kind: AdapterKind
+    num_virtual_tokens: int = 0
+
+    @classmethod
+    def of(cls, weights: AdapterWeights) -> AdapterMeta:
+        return cls(weights.kind, weights.num_virtual_tokens)
 
 
 @dataclass(slots=True)
@@ -38,15 +67,30 @@ class Lease:
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    registered: int
+    host_entries: int
+    host_bytes: int
+    device_resident: int
+    loads: int  # host -> slot copies
+    disk_loads: int  # disk -> host reads
+    max_slot_copy_s: float  # longest slot copy done on the step loop
+
+
 @dataclass(slots=True)
 class _Entry:
-    source: Path | AdapterWeights
+    source: Source
     version: int
+    meta: AdapterMeta | None
     weights: AdapterWeights | None = None  # host copy
+    nbytes: int = 0
     slot: int | None = None
-    refs: int = 0
-    retired: bool = False  # unregistered while in use: dropped when the last lease is released
-    meta: dict = field(default_factory=dict)
+    refs: int = 0  # running sequences pinning the slot
+    users: int = 0  # submitted, unfinished sequences (waiting or running)
+    retired: bool = False  # unregistered while in use: dropped when the last user is gone
+    loading: bool = False
+    error: str | None = None  # the last load failure
 
 
 class AdapterPool:
@@ -55,29 +99,45 @@ class AdapterPool:
         self.cfg = cfg
         self.args = args
         self.tables = AdapterTables(args, cfg.device_slots, cfg.max_lora_rank, dtype, device)
-        self._reader = reader
+        self.reader = reader
         self._entries: dict[str, _Entry] = {}
         self._slot_owner: list[str | None] = [None] * cfg.device_slots
-        self._lru: OrderedDict[str, None] = OrderedDict()  # resident keys, least recent first
+        self._lru: OrderedDict[str, None] = OrderedDict()  # slot-resident keys, least recent first
+        self._host_lru: OrderedDict[str, None] = OrderedDict()  # host copies, least recent first
+        self._host_bytes = 0
         self._lock = threading.RLock()
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._loader: threading.Thread | None = None
         self.loads = 0
+        self.disk_loads = 0
+        self.max_slot_copy_s = 0.0
 
-    def register(self, key: str, source: Path | AdapterWeights, version: int = 1) -> None:
+    # ---- registration (any thread) -------------------------------------------------------------
+    def register(self, key: str, source: Source, version: int = 1, *, meta: AdapterMeta | None = None,
+                 weights: AdapterWeights | None = None) -> None:
+        """Make `key` usable. `weights` (already validated) seeds the host copy; `meta` avoids a read at submit."""
+        if isinstance(source, AdapterWeights):
+            weights = weights or source
+        if weights is not None:
+            meta = meta or AdapterMeta.of(weights)
         with self._lock:
             old = self._entries.get(key)
-            if old is not None and old.refs:
+            if old is not None and (old.refs or old.users):
                 raise ValueError(f"adapter key {key!r} is in use; register new versions under new keys")
             if old is not None:
                 self._drop(key)
-            self._entries[key] = _Entry(source, version)
+            entry = _Entry(source, version, meta)
+            self._entries[key] = entry
+            if weights is not None:
+                self._set_host(key, entry, self._prepare(weights))
 
     def unregister(self, key: str) -> None:
-        """New requests can no longer use `key`; sequences holding it keep it until they finish."""
+        """New requests can no longer use `key`; sequences already holding it keep it until they finish."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return
-            if entry.refs:
+            if entry.refs or entry.users:
                 entry.retired = True
             else:
                 self._drop(key)
@@ -87,52 +147,196 @@ class AdapterPool:
             entry = self._entries.get(key)
             return entry is not None and not entry.retired
 
-    def host_weights(self, key: str) -> AdapterWeights:
-        """Read (and cache) the adapter on the host; raises what the reader raises on a bad adapter."""
+    def residency(self, key: str) -> str:
+        """'device' (in a slot), 'host' (in memory) or 'disk' (registered, not loaded, or unknown)."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry.retired:
-                raise UnknownAdapter(key)
-            if entry.weights is None:
-                src = entry.source
-                if isinstance(src, AdapterWeights):
-                    entry.weights = src
-                else:
-                    if self._reader is None:
-                        raise RuntimeError("the pool has no adapter reader for paths")
-                    entry.weights = self._reader(src)
-            return entry.weights
+            if entry is None:
+                return "disk"
+            return "device" if entry.slot is not None else "host" if entry.weights is not None else "disk"
 
-    def acquire(self, key: str) -> Lease | None:
-        """Pin `key` in a device slot (loading it if needed); None when every slot is pinned."""
+    # ---- submit side (caller threads) ----------------------------------------------------------
+    def meta(self, key: str) -> AdapterMeta:
+        """Kind and virtual-token count; reads the adapter (on this thread) only if nobody said them."""
         with self._lock:
-            weights = self.host_weights(key)
-            entry = self._entries[key]
+            entry = self._live(key)
+            if entry.meta is not None:
+                return entry.meta
+        weights = self.host_weights(key)
+        with self._lock:
+            entry.meta = AdapterMeta.of(weights)
+            return entry.meta
+
+    def reserve(self, key: str) -> None:
+        """A submitted sequence will use `key`: keep it registered for it and start loading it to host."""
+        with self._lock:
+            entry = self._live(key)
+            entry.users += 1
+            self._request_load(key, entry)
+
+    def unreserve(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            entry.users = max(0, entry.users - 1)
+            self._drop_if_retired(key, entry)
+
+    def host_weights(self, key: str) -> AdapterWeights:
+        """The host copy, read on the calling thread if needed; raises what the reader raises."""
+        with self._lock:
+            entry = self._live(key)
+            if entry.weights is not None:
+                self._host_lru.move_to_end(key)
+                return entry.weights
+            source = entry.source
+        weights = self._prepare(self._read(source))
+        with self._lock:
+            if entry.weights is None and self._entries.get(key) is entry:
+                self._set_host(key, entry, weights)
+            return entry.weights if entry.weights is not None else weights
+
+    # ---- step loop -----------------------------------------------------------------------------
+    def acquire(self, key: str) -> Lease | None:
+        """Pin `key` in a device slot; None while it loads to host or when every slot is pinned.
+
+        Raises UnknownAdapter when the key is gone, AdapterLoadError when its load failed."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise UnknownAdapter(key)
+            if entry.error is not None:
+                raise AdapterLoadError(entry.error)
+            if entry.weights is None:
+                self._request_load(key, entry)
+                return None
             if entry.slot is None:
                 slot = self._free_slot()
                 if slot is None:
                     return None
-                self._load(slot, weights)
+                start = time.perf_counter()
+                self._load_slot(slot, entry.weights)
+                self.max_slot_copy_s = max(self.max_slot_copy_s, time.perf_counter() - start)
                 entry.slot = slot
                 self._slot_owner[slot] = key
                 self.loads += 1
             entry.refs += 1
             self._lru[key] = None
             self._lru.move_to_end(key)
-            return Lease(key, entry.slot, weights, entry.version)
+            self._host_lru.move_to_end(key)
+            return Lease(key, entry.slot, entry.weights, entry.version)
 
     def release(self, key: str) -> None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return
-            entry.refs -= 1
-            if entry.refs == 0 and entry.retired:
-                self._drop(key)
+            entry.refs = max(0, entry.refs - 1)
+            self._drop_if_retired(key, entry)
 
     def resident(self) -> int:
         with self._lock:
             return sum(owner is not None for owner in self._slot_owner)
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            return PoolStats(len(self._entries), len(self._host_lru), self._host_bytes, self.resident(), self.loads,
+                             self.disk_loads, self.max_slot_copy_s)
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._queue.put(None)
+            self._loader.join(timeout=10)
+            self._loader = None
+
+    # ---- the loader thread ---------------------------------------------------------------------
+    def _request_load(self, key: str, entry: _Entry) -> None:
+        if entry.weights is not None or entry.loading or entry.error is not None:
+            return
+        entry.loading = True
+        if self._loader is None:
+            self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
+            self._loader.start()
+        self._queue.put(key)
+
+    def _load_loop(self) -> None:
+        while (key := self._queue.get()) is not None:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None or not entry.loading:
+                    continue
+                source = entry.source
+            try:
+                weights, error = self._prepare(self._read(source)), None
+            except Exception as exc:  # a bad adapter fails its requests, never the loader
+                log.warning("loading adapter %s failed: %s", key, exc)
+                weights, error = None, f"adapter {key!r} could not be loaded: {exc}"
+            with self._lock:
+                if self._entries.get(key) is not entry:
+                    continue  # dropped or re-registered meanwhile
+                entry.loading = False
+                entry.error = error
+                if weights is not None and entry.weights is None:
+                    self._set_host(key, entry, weights)
+
+    def _read(self, source: Source) -> AdapterWeights:
+        if isinstance(source, AdapterWeights):
+            return source
+        self.disk_loads += 1
+        if isinstance(source, Path | str):
+            if self.reader is None:
+                raise RuntimeError("the pool has no adapter reader for paths")
+            return self.reader(Path(source))
+        return source()
+
+    def _prepare(self, weights: AdapterWeights) -> AdapterWeights:
+        """Host copy ready for a cheap slot copy: LoRA/IA3 tensors in the table dtype (pinned for CUDA)."""
+        dtype, pin = self.tables.dtype, str(self.tables.device).startswith("cuda")
+
+        def ready(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(dtype).contiguous()
+            return t.pin_memory() if pin else t
+
+        if weights.lora is not None:
+            lora = weights.lora
+            if lora.rank > self.tables.max_rank:
+                raise ValueError(f"LoRA rank {lora.rank} exceeds the configured maximum {self.tables.max_rank}")
+            weights = replace(weights, lora=replace(lora, a={k: ready(t) for k, t in lora.a.items()},
+                                                    b={k: ready(t) for k, t in lora.b.items()}))
+        if weights.ia3 is not None:
+            weights = replace(weights, ia3=replace(weights.ia3, scales={k: ready(t) for k, t in
+                                                                        weights.ia3.scales.items()}))
+        return weights
+
+    # ---- internals (lock held) -----------------------------------------------------------------
+    def _live(self, key: str) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None or entry.retired:
+            raise UnknownAdapter(key)
+        return entry
+
+    def _set_host(self, key: str, entry: _Entry, weights: AdapterWeights) -> None:
+        entry.weights = weights
+        entry.nbytes = weights.nbytes()
+        entry.meta = entry.meta or AdapterMeta.of(weights)
+        self._host_bytes += entry.nbytes
+        self._host_lru[key] = None
+        self._host_lru.move_to_end(key)
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        for key in list(self._host_lru):
+            if self._host_bytes <= self.cfg.host_cache_bytes:
+                return
+            entry = self._entries[key]
+            if entry.slot is None and not entry.refs and not entry.users:
+                self._drop_host(key, entry)
+
+    def _drop_host(self, key: str, entry: _Entry) -> None:
+        if entry.weights is not None:
+            self._host_bytes -= entry.nbytes
+            entry.weights, entry.nbytes = None, 0
+        self._host_lru.pop(key, None)
 
     def _free_slot(self) -> int | None:
         for slot, owner in enumerate(self._slot_owner):
@@ -146,7 +350,7 @@ class AdapterPool:
                 return slot
         return None
 
-    def _load(self, slot: int, weights: AdapterWeights) -> None:
+    def _load_slot(self, slot: int, weights: AdapterWeights) -> None:
         if weights.kind is AdapterKind.LORA:
             self.tables.load_lora(slot, weights.lora)
         elif weights.kind is AdapterKind.IA3:
@@ -161,7 +365,15 @@ class AdapterPool:
             self._slot_owner[entry.slot] = None
             entry.slot = None
         self._lru.pop(key, None)
+        self._trim_host()
+
+    def _drop_if_retired(self, key: str, entry: _Entry) -> None:
+        if entry.retired and not entry.refs and not entry.users and self._entries.get(key) is entry:
+            self._drop(key)
 
     def _drop(self, key: str) -> None:
+        entry = self._entries[key]
         self._evict(key)
+        self._drop_host(key, entry)
+        entry.loading = False
         del self._entries[key]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.adapters.errors import AdapterNotFound
 from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.adapters.weights import AdapterKind
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
@@ -34,6 +35,10 @@ from server.engine.sequence import IncrementalDetokenizer, Sequence
 from server.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+
+class UnknownAdapterRequest(InvalidRequest, AdapterNotFound):
+    """The request names an adapter that is not registered (or was just deleted): NOT_FOUND."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +110,11 @@ class Engine:
                 raise InvalidRequest(f"request_id {req.request_id!r} is already in flight")
             if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+            if req.adapter is not None:
+                try:  # keeps the adapter version alive for this request and starts loading it off the loop
+                    self.pool.reserve(req.adapter)
+                except UnknownAdapter:
+                    raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
             self._by_id[req.request_id] = seq
             self._inbox.append(seq)
             self._lock.notify()
@@ -140,13 +150,13 @@ class Engine:
         n_prefix = n_virtual = 0
         if req.adapter is not None:
             try:
-                weights = self.pool.host_weights(req.adapter)
+                meta = self.pool.meta(req.adapter)
             except UnknownAdapter:
-                raise InvalidRequest(f"unknown adapter {req.adapter!r}") from None
-            if weights.kind is AdapterKind.PREFIX_TUNING:
-                n_prefix = weights.num_virtual_tokens
-            elif weights.kind in (AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING):
-                n_virtual = weights.num_virtual_tokens
+                raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
+            if meta.kind is AdapterKind.PREFIX_TUNING:
+                n_prefix = meta.num_virtual_tokens
+            elif meta.kind in (AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING):
+                n_virtual = meta.num_virtual_tokens
         context = n_prefix + n_virtual + len(ids)
         if context >= self.max_model_len:
             raise InvalidRequest(
@@ -263,5 +273,7 @@ class Engine:
             return
         self.scheduler.finish(seq)
         del self._by_id[seq.request_id]
+        if seq.request.adapter is not None:
+            self.pool.unreserve(seq.request.adapter)
         seq.finish_reason = reason
         seq.handle.put(event or self.post.final_event(seq, reason, error))
