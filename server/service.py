@@ -147,8 +147,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except EngineStopped as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         finished = False
-        # the callback runs when the call ends for any reason: a no-op for a finished sequence
-        context.add_callback(lambda: None if finished else self.engine.abort(engine_id))
+        # the callback runs when the call ends for any reason (a no-op for a finished sequence);
+        # add_callback is False when the call already ended (e.g. a deadline that expired meanwhile)
+        if not context.add_callback(lambda: None if finished else self.engine.abort(engine_id)):
+            self.engine.abort(engine_id)
         try:
             while True:
                 try:

@@ -74,3 +74,31 @@ def running_server(model_dir, *, tenants: dict | list | tuple | None = None, eng
             )
         finally:
             server.stop(grace_s=cfg.grace_period_s)
+
+
+def metric_values(scrape: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of a /metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(scrape) for s in family.samples}
+
+
+def metric(scrape: str, name: str, **labels: str) -> float:
+    """The sum of `name` over the samples whose labels include `labels` (0 if none)."""
+    return sum(v for (n, ls), v in metric_values(scrape).items()
+               if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Poll `predicate()` until it returns a truthy value (returned); AssertionError after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
