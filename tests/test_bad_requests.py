@@ -1,0 +1,78 @@
+"""Bad requests: each gets the right status and a message naming the problem; the server keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients import InvalidArgument, NotFound, SwitchboardError
+from tests.server_utils import running_server
+
+pytestmark = pytest.mark.timeout(300)
+
+GOOD = {"token_ids": [5, 6, 7], "max_new_tokens": 2}
+
+# (case id, request fields (on top of GOOD unless they carry an input), expected error class, message fragment)
+CASES = [
+    ("empty prompt", {"prompt": "", "token_ids": None}, InvalidArgument, "prompt is empty"),
+    ("empty chat message", {"messages": [{"role": "user", "content": ""}], "token_ids": None}, InvalidArgument,
+     "prompt is empty"),
+    ("prompt and messages", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "token_ids": None},
+     InvalidArgument, "exactly one of prompt, messages, token_ids (got prompt and messages)"),
+    ("prompt and token_ids", {"prompt": "hi"}, InvalidArgument, "got prompt and token_ids"),
+    ("unknown adapter", {"adapter": "no-such-adapter"}, NotFound, "adapter 'no-such-adapter' not found"),
+    ("unknown owner/adapter", {"adapter": "nobody/thing"}, NotFound, "not found"),
+    ("oversized token prompt", {"token_ids": list(range(5, 605))}, InvalidArgument, "the context limit is 512"),
+    ("oversized text prompt", {"prompt": "word " * 20000, "token_ids": None}, InvalidArgument,
+     "the prompt has 100000 characters"),
+    ("token id beyond vocab", {"token_ids": [5, 10**8]}, InvalidArgument, "outside the vocabulary"),
+    ("negative token id", {"token_ids": [-1, 5]}, InvalidArgument, "token id -1 is outside the vocabulary"),
+    ("max_new_tokens 0", {"max_new_tokens": 0}, InvalidArgument, "max_new_tokens must be in [1, 4096], got 0"),
+    ("negative max_new_tokens", {"max_new_tokens": -5}, InvalidArgument, "max_new_tokens must be in"),
+    ("huge max_new_tokens", {"max_new_tokens": 10**9}, InvalidArgument, "got 1000000000"),
+    ("negative temperature", {"temperature": -0.5}, InvalidArgument, "temperature must be a finite number >= 0"),
+    ("NaN temperature", {"temperature": float("nan")}, InvalidArgument, "temperature"),
+    ("infinite temperature", {"temperature": float("inf")}, InvalidArgument, "temperature"),
+    ("top_p 0", {"top_p": 0.0}, InvalidArgument, "top_p must be in (0, 1]"),
+    ("top_p above 1", {"top_p": 1.5}, InvalidArgument, "top_p must be in (0, 1], got 1.5"),
+    ("negative top_k", {"top_k": -1}, InvalidArgument, "top_k must be >= 0"),
+    ("negative seed", {"seed": -3}, InvalidArgument, "seed must be in [0, 2**63), got -3"),
+    ("invalid UTF-8 stop", {"stop": ["ok", b"\xff\xfeab"]}, InvalidArgument, "stop[1] is not valid UTF-8"),
+    ("truncated UTF-8 stop", {"stop": ["é".encode()[:1]]}, InvalidArgument, "stop[0] is not valid UTF-8"),
+    ("empty stop string", {"stop": [""]}, InvalidArgument, "stop strings must be non-empty"),
+    ("too many stop strings", {"stop": [f"s{i}" for i in range(17)]}, InvalidArgument, "at most 16 stop strings"),
+    ("overlong stop string", {"stop": ["x" * 300]}, InvalidArgument, "at most 256 characters"),
+    ("unknown chat role", {"messages": [{"role": "wizard", "content": "hi"}], "token_ids": None}, InvalidArgument,
+     "messages[0].role must be one of system, user, assistant, got 'wizard'"),
+    ("request_id with spaces", {"request_id": "my request"}, InvalidArgument, "request_id must be"),
+    ("overlong request_id", {"request_id": "r" * 200}, InvalidArgument, "request_id must be 1-128"),
+]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir):
+    with running_server(tiny_llama_dir, tenants=["acme"]) as server, server.client("acme", timeout=30) as c:
+        yield c
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize(("fields", "error", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_request(client, fields, error, fragment):
+    request = {k: v for k, v in {**GOOD, **fields}.items() if v is not None}
+    with pytest.raises(SwitchboardError) as info:
+        client.generate(**request)
+    assert type(info.value) is error, info.value
+    assert fragment in info.value.message
+    with pytest.raises(error):  # the streaming call refuses it the same way
+        list(client.stream(**request))
+    assert client.generate(**GOOD).completion_tokens == 2  # and the server still serves
+
+
+def test_duplicate_request_id_in_flight_is_refused(client):
+    stream = client.stream(token_ids=[5, 6], max_new_tokens=400, ignore_eos=True, request_id="dup")
+    next(stream)  # the first request is running
+    with pytest.raises(InvalidArgument, match="'acme/dup' is already in flight"):
+        client.generate(token_ids=[5, 6], max_new_tokens=2, request_id="dup")
+    stream.close()
