@@ -112,6 +112,7 @@ async def send_one(client, req: PlannedRequest, w: Workload, run_tag: str, timeo
                     rec.ttft_s = now
                 rec.token_times_s.append(now)
                 rec.output_tokens += len(chunk.token_ids)
+                rec.output_token_ids.extend(chunk.token_ids)
         rec.e2e_s = time.perf_counter() - start
         if rec.output_tokens == 0:
             rec.error, rec.error_message = "NO_TOKENS", "the stream ended without a token"

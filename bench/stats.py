@@ -31,6 +31,7 @@ class RequestRecord:
     e2e_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)  # arrival of each token-carrying chunk
     output_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
     error: str | None = None  # gRPC status name (e.g. "RESOURCE_EXHAUSTED") or an exception class name
     error_message: str = ""
 

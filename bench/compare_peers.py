@@ -1,0 +1,244 @@
+"""Our server against what users would run instead, on one multi-LoRA workload, in one process run.
+
+    .venv/bin/python -m bench.compare_peers [--quantize] [--engine-inprocess] [--out bench/RESULTS.md]
+
+Workload (defaults): 32 PEFT-made LoRA adapters (rank 16, all seven projections, random non-zero A and
+B), 64 requests spread over them (`distinct`: request i uses adapter i mod 32), every prompt 32 tokens,
+every request exactly 32 new tokens (EOS ignored), greedy, on the default model (SmolLM2-135M),
+fp32 dense (`--quantize`: NF4 on both sides).
+
+Rows: (a) our gRPC server on loopback (a subprocess, adapters uploaded through the Admin API, driven by
+the async client at --concurrency streams), [--engine-inprocess: our Engine called directly, no gRPC],
+(b) PEFT one request at a time, (c) PEFT mixed-adapter batches, (d) merge per adapter, (e) transformers
+batched generate with no adapters. (b) and (d) time a subset (--single-requests, --merge-adapters) of the
+same requests: they are linear in the request count. Every peer's greedy tokens are checked against
+ours (fp32: they should agree; the check shows all rows did the same work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.peft_peers import (  # noqa: E402
+    BenchRequest,
+    PeerResult,
+    base_batched,
+    load_peft_model,
+    make_lora_adapters,
+    merge_per_adapter,
+    peft_mixed_batches,
+    peft_one_at_a_time,
+)
+from bench.workloads import sample_adapter_ids  # noqa: E402
+
+
+def make_requests(tokenizer, n: int, adapters: list[str], prompt_len: int, popularity: str,
+                  seed: int) -> list[BenchRequest]:
+    from bench.engine_throughput import make_prompts
+
+    prompts = make_prompts(tokenizer, n, prompt_len, seed=seed)
+    ids = sample_adapter_ids(popularity, n, len(adapters), np.random.default_rng(seed))
+    return [BenchRequest(i, adapters[a], tuple(p)) for i, (a, p) in enumerate(zip(ids.tolist(), prompts, strict=True))]
+
+
+def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
+                concurrency: int, rank: int) -> PeerResult:
+    """Our Engine in this process (no gRPC): every request submitted, at most `concurrency` running."""
+    from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+    from server.engine.engine import Engine
+    from server.engine.request import GenerationRequest, SamplingParams
+    from tests.engine_utils import collect
+
+    engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(max_running=concurrency),
+                           AdapterPoolConfig(device_slots=len(adapters), max_lora_rank=rank))
+    for name, path in adapters.items():
+        engine.pool.register(name, path)
+    engine.start()
+    try:
+        warm = SamplingParams(max_new_tokens=1, ignore_eos=True)  # loads every adapter into its slot
+        for h in [engine.submit(GenerationRequest(f"warm-{n}", (1, 2, 3, 4), warm, adapter=n)) for n in adapters]:
+            collect(h)
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        res = PeerResult(f"switchboard Engine in-process (no gRPC), {concurrency} running", len(requests), 0, 0.0)
+        start = time.perf_counter()
+        handles = [engine.submit(GenerationRequest(f"bench-{r.index}", r.token_ids, params, adapter=r.adapter or None))
+                   for r in requests]
+        for r, h in zip(requests, handles, strict=True):
+            out = collect(h, timeout=3600)
+            if out.error:
+                raise RuntimeError(f"request {r.index} failed: {out.error}")
+            res.outputs[r.index] = out.token_ids
+        res.seconds = time.perf_counter() - start
+        res.tokens = sum(map(len, res.outputs.values()))
+        return res
+    finally:
+        engine.shutdown()
+
+
+def ours_server(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
+                concurrency: int, rank: int) -> PeerResult:
+    """Our gRPC server in a subprocess on loopback, adapters uploaded via Admin, driven by the async client."""
+    from bench.serving import drive_requests, server_subprocess, upload_adapters
+
+    with server_subprocess(quantize=quantize, device_slots=len(adapters), max_lora_rank=rank,
+                           max_running=concurrency) as srv:
+        upload_adapters(srv.target, srv.api_key, adapters)
+        res = drive_requests(srv.target, srv.api_key, requests, new_tokens, concurrency)
+    res.name = f"switchboard server over gRPC, {concurrency} concurrent streams"
+    return res
+
+
+def agreement(ours: PeerResult, peer: PeerResult) -> str:
+    """How many of the peer's requests produced exactly our tokens (and the same first token)."""
+    common = [i for i in peer.outputs if i in ours.outputs]
+    if not common:
+        return "-"
+    same = sum(ours.outputs[i] == peer.outputs[i] for i in common)
+    first = sum(ours.outputs[i][:1] == peer.outputs[i][:1] for i in common)
+    return f"{same}/{len(common)} identical, first token {first}/{len(common)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.compare_peers", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=32, help="our concurrent requests and the peers' batch size")
+    ap.add_argument("--popularity", default="distinct")
+    ap.add_argument("--quantize", action="store_true", help="NF4 base on both sides (default fp32 dense)")
+    ap.add_argument("--engine-inprocess", action="store_true", help="also time our Engine directly (no gRPC)")
+    ap.add_argument("--no-server", action="store_true", help="skip the gRPC server row")
+    ap.add_argument("--single-requests", type=int, default=8, help="requests timed for PEFT one-at-a-time")
+    ap.add_argument("--merge-adapters", type=int, default=8, help="adapters timed for merge-per-adapter")
+    ap.add_argument("--skip", default="", help="comma list of peers to skip: single,mixed,merge,base")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=Path("bench/results/compare_peers.json"))
+    ap.add_argument("--plot", type=Path, default=None, help="PNG bar chart of tokens/s")
+    ap.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
+    args = ap.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if args.no_server and not args.engine_inprocess:
+        ap.error("--no-server needs --engine-inprocess (otherwise nothing of ours is measured)")
+
+    from transformers import AutoTokenizer
+
+    from server.model.checkpoint import resolve_model_dir
+
+    base_dir = resolve_model_dir(None)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tmp = Path(tempfile.mkdtemp(prefix="compare-peers-"))
+    t0 = time.perf_counter()
+    paths = make_lora_adapters(base_dir, tmp, args.adapters, rank=args.rank, seed=args.seed)
+    adapters = {p.name: p for p in paths}
+    print(f"made {len(paths)} PEFT adapters (rank {args.rank}, 7 projections) in {time.perf_counter() - t0:.1f} s")
+    requests = make_requests(tokenizer, args.requests, list(adapters), args.prompt_len, args.popularity, args.seed)
+    mode = "NF4" if args.quantize else "fp32 dense"
+
+    ours: list[PeerResult] = []
+    if not args.no_server:
+        ours.append(ours_server(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank))
+        print(f"{ours[-1].name}: {ours[-1].tokens_per_s:.1f} tok/s", flush=True)
+    if args.engine_inprocess:
+        ours.append(ours_engine(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank))
+        print(f"{ours[-1].name}: {ours[-1].tokens_per_s:.1f} tok/s", flush=True)
+    gc.collect()
+
+    peers: list[PeerResult] = []
+    if not {"single", "mixed", "merge"} <= skip:
+        model = load_peft_model(base_dir, adapters, args.quantize)
+        greedy_batch_warmup(model, requests, pad_id)
+        if "single" not in skip:
+            peers.append(peft_one_at_a_time(model, requests[: args.single_requests], args.new_tokens, pad_id))
+        if "mixed" not in skip:
+            peers.append(peft_mixed_batches(model, requests, args.new_tokens, pad_id, args.concurrency))
+        if "merge" not in skip:
+            keep = set(list(adapters)[: args.merge_adapters])
+            subset = [r for r in requests if r.adapter in keep]
+            peers.append(merge_per_adapter(model, subset, args.new_tokens, pad_id))
+            if args.quantize:
+                peers[-1].note = "NF4: merge/unmerge requantizes the base each time"
+        for p in peers:
+            print(f"{p.name}: {p.tokens_per_s:.1f} tok/s ({p.requests} requests)", flush=True)
+        del model
+        gc.collect()
+    if "base" not in skip:
+        from tests.test_model_parity import hf_model
+
+        base = hf_model(base_dir, args.quantize)
+        greedy_batch_warmup(base, requests, pad_id)
+        peers.append(base_batched(base, requests, args.new_tokens, pad_id, args.concurrency))
+        print(f"{peers[-1].name}: {peers[-1].tokens_per_s:.1f} tok/s", flush=True)
+        del base
+        gc.collect()
+
+    ref = ours[0]
+    rows = []
+    for r in ours + peers:
+        ratio = ref.tokens_per_s / r.tokens_per_s if r.tokens_per_s else float("nan")
+        check = "" if r is ref else agreement(ref, r)
+        if "NO adapters" in r.name:
+            check = "(base model: different output expected)"
+        rows.append((r, ratio, check))
+    date = dt.date.today().isoformat()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, {device}"
+    cmd = " ".join([".venv/bin/python -m bench.compare_peers", *(argv if argv is not None else sys.argv[1:])])
+    table = [
+        f"### Peer comparison, {mode} ({date}, {machine})",
+        "",
+        f"`{cmd}`",
+        "",
+        f"SmolLM2-135M-Instruct {mode}; {args.adapters} LoRA adapters rank {args.rank} on all 7 projections; "
+        f"{args.requests} requests ({args.popularity}), prompt {args.prompt_len} -> {args.new_tokens} new tokens, "
+        f"greedy, EOS ignored; batch/concurrency {args.concurrency}.",
+        "",
+        f"| setup | requests timed | tokens/s | {ref.name.split(',')[0]} / this | greedy tokens vs ours |",
+        "|---|---:|---:|---:|---|",
+        *[f"| {r.name}{' (' + r.note + ')' if r.note else ''} | {r.requests} | {r.tokens_per_s:.1f} | {ratio:.2f}x "
+          f"| {check} |" for r, ratio, check in rows],
+        "",
+    ]
+    print("\n".join(table))
+    report = {"date": date, "machine": machine, "mode": mode, "args": {k: str(v) for k, v in vars(args).items()},
+              "results": [r.as_dict() | {"ours_over_this": ratio, "agreement": check} for r, ratio, check in rows]}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        from bench.plots import plot_bars
+
+        plot_bars([r.name[:60] for r, _, _ in rows], [r.tokens_per_s for r, _, _ in rows], args.plot, "tokens/s",
+                  f"{args.adapters} LoRA adapters, {mode}")
+    if args.out:
+        with args.out.open("a") as f:
+            f.write("\n" + "\n".join(table) + "\n")
+    return 0
+
+
+def greedy_batch_warmup(model, requests: list[BenchRequest], pad_id: int) -> None:
+    """One tiny generate so lazy initialisation (kernels, caches) is not timed."""
+    from bench.peft_peers import greedy_batch
+
+    kw = {"adapter_names": [requests[0].adapter]} if hasattr(model, "peft_config") else {}
+    greedy_batch(model, [requests[0].token_ids[:4]], 2, pad_id, **kw)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
