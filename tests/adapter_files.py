@@ -1,0 +1,37 @@
+"""PEFT-made adapters built once per test session and copied where a test needs them (cheap, no downloads)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from tests.peft_adapters import AdapterSpec, make_peft_adapter
+
+_ROOT = Path(tempfile.mkdtemp(prefix="switchboard-adapters-"))
+
+
+@cache
+def peft_adapter(base_dir: Path, kind: str = "lora", rank: int = 4, seed: int = 0,
+                 targets: tuple[str, ...] = ("q_proj", "v_proj"), alpha: float = 8.0) -> Path:
+    """A PEFT-made adapter for `base_dir` (made on first use, then reused; treat it as read-only)."""
+    out = _ROOT / f"{abs(hash(base_dir)) % 10**8}-{kind}-r{rank}-s{seed}-{'-'.join(targets)}-a{alpha}"
+    spec = AdapterSpec(out.name, kind, rank=rank, alpha=alpha, targets=list(targets), seed=seed)
+    return make_peft_adapter(base_dir, spec, out)
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def tar_bytes(src_dir: Path, arc_prefix: str = "") -> bytes:
+    """The adapter directory as an uncompressed tar (its two files), in memory."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(src_dir / name, arcname=f"{arc_prefix}{name}")
+    return buf.getvalue()
