@@ -1,0 +1,221 @@
+"""The training loop: PEFT adapter on transformers' model, loss on completion tokens, AdamW, eval, checkpoints.
+
+train(cfg) = load data -> build base + PEFT adapter -> (resume) -> steps -> final eval -> save the PEFT dir.
+The batch at step s is a pure function of (seed, s) and every piece of state (adapter tensors, optimizer,
+RNG) is in the checkpoint, so an interrupted run resumed from a checkpoint ends where the uninterrupted
+run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from tqdm import tqdm
+
+from server.model.checkpoint import resolve_model_dir
+from server.trainer.base import load_base, load_tokenizer
+from server.trainer.checkpoint import (
+    TrainState,
+    clear_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.trainer.config import TrainConfig
+from server.trainer.data import Example, LoadResult, collate, encode_rows, load_jsonl
+from server.trainer.evaluate import EvalResult, completion_loss, evaluate
+from server.trainer.methods import build_peft_config
+from server.trainer.tasks import task_splits
+
+log = logging.getLogger(__name__)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # weights land before config
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by `stop_after` (tests stand in for a killed run with it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    output_dir: Path
+    method: str
+    steps: int
+    resumed_from: int  # 0 = a fresh run
+    losses: list[float]  # training loss per step run in this process
+    eval: EvalResult | None
+    trainable_params: int
+    adapter_bytes: int
+    train_seconds: float  # this process's optimisation steps (evaluation excluded)
+    tokens_per_second: float
+    data_errors: list[str]
+
+    def summary_line(self) -> str:
+        first = f"{self.losses[0]:.3f}" if self.losses else "-"
+        last = f"{sum(self.losses[-5:]) / len(self.losses[-5:]):.3f}" if self.losses else "-"
+        ev = (f" eval_loss={self.eval.loss:.3f} exact_match={self.eval.exact_match:.1%} ({self.eval.rows} rows)"
+              if self.eval else "")
+        resumed = f" (resumed at step {self.resumed_from})" if self.resumed_from else ""
+        return (f"trained {self.method}: {self.steps} steps{resumed}, loss {first} -> {last},{ev} "
+                f"trainable={self.trainable_params:,} adapter={self.adapter_bytes / 1e6:.2f} MB "
+                f"time={self.train_seconds:.0f}s {self.tokens_per_second:.0f} tokens/s -> {self.output_dir}")
+
+
+def load_splits(cfg: TrainConfig, tokenizer) -> tuple[LoadResult, list[Example]]:
+    """(train rows with their errors, held-out rows)."""
+    if cfg.task is not None:
+        train_rows, test_rows = task_splits(cfg.task, cfg.n_train, cfg.n_test, seed=cfg.seed)
+        train = encode_rows([(f"task:{cfg.task}:train:{i}", r) for i, r in enumerate(train_rows)], tokenizer,
+                            cfg.max_length)
+        test = encode_rows([(f"task:{cfg.task}:test:{i}", r) for i, r in enumerate(test_rows)], tokenizer,
+                           cfg.max_length)
+        return train, test.examples
+    train = load_jsonl(cfg.data, tokenizer, cfg.max_length)
+    if cfg.eval_data is not None:
+        test = load_jsonl(cfg.eval_data, tokenizer, cfg.max_length)
+        return LoadResult(train.examples, train.errors + test.errors), test.examples
+    rows = list(train.examples)
+    random.Random(cfg.seed).shuffle(rows)
+    n_test = max(1, int(len(rows) * cfg.eval_fraction)) if len(rows) > 1 else 0
+    return LoadResult(rows[n_test:], train.errors), rows[:n_test]
+
+
+def data_digest(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt_ids, e.completion_ids]).encode())
+    return h.hexdigest()[:16]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Rows of the batch at `step`: consecutive slices of per-epoch seeded permutations."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    lr = cfg.resolved("lr")
+    if cfg.method == "qlora" and cfg.device.startswith("cuda"):
+        from server.model.quant import _bnb
+
+        return _bnb().optim.PagedAdamW8bit(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def build_model(cfg: TrainConfig, model_dir: Path):
+    base = load_base(model_dir, quantized=cfg.method == "qlora", device=cfg.device)
+    peft_cfg = build_peft_config(cfg.method, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
+                                 targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
+                                 encoder_hidden=cfg.resolved("encoder_hidden"))
+    torch.manual_seed(cfg.seed)  # adapter initialisation
+    return get_peft_model(base, peft_cfg)
+
+
+def save_adapter(model, output_dir: Path) -> int:
+    """Write the PEFT dir (safetensors) into output_dir, file by file via rename; returns the weights' bytes."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in ADAPTER_FILES:
+            if (tmp / name).exists():
+                os.replace(tmp / name, output_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (output_dir / ADAPTER_FILES[0]).stat().st_size
+
+
+def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) a training run; `stop_after` ends early after that step as an interruption would."""
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    train_data, test = load_splits(cfg, tokenizer)
+    for err in train_data.errors:
+        log.warning("skipped %s", err)
+    examples = train_data.examples
+    fingerprint = f"{cfg.fingerprint()}-{data_digest(examples)}"
+    model = build_model(cfg, model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(cfg, params)
+    history: list[dict] = []
+    start = 0
+    if overwrite:
+        clear_checkpoints(cfg.output_dir)
+    ckpt = latest_checkpoint(cfg.output_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, fingerprint)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(state.trainable[name])
+        optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.rng)
+        start, history = state.step, state.history
+        log.info("resuming from %s (step %d)", ckpt, start)
+    steps, batch_size, lr = cfg.resolved("steps"), cfg.resolved("batch_size"), cfg.resolved("lr")
+    pad_id = tokenizer.pad_token_id
+    losses: list[float] = []
+    train_seconds, tokens = 0.0, 0
+    model.train()
+    bar = tqdm(total=steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:  # linear warm-up, then constant
+            group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else lr
+        batch = collate([examples[i] for i in batch_indices(len(examples), batch_size, step, cfg.seed)], pad_id)
+        loss_sum, n_tokens = completion_loss(model, batch)
+        loss = loss_sum / n_tokens
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - t0
+        tokens += batch.tokens
+        loss_value = float(loss.detach())
+        losses.append(loss_value)
+        history.append({"step": step + 1, "loss": loss_value})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / train_seconds:.0f}")
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < steps and test:
+            ev = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size)
+            history.append({"step": done, "eval_loss": ev.loss, "exact_match": ev.exact_match})
+            bar.write(f"step {done}: eval_loss={ev.loss:.3f} exact_match={ev.exact_match:.1%}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+            save_checkpoint(cfg.output_dir, TrainState(done, fingerprint, {n: p.detach().clone() for n, p in
+                                                                          trainable.items()},
+                                                       optimizer.state_dict(), torch.get_rng_state(), history))
+        if stop_after is not None and done >= stop_after and done < steps:
+            bar.close()
+            raise TrainingInterrupted(f"stopped after step {done} (stop_after)")
+    bar.close()
+    ev = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size) if test else None
+    if ev is not None:
+        history.append({"step": steps, "eval_loss": ev.loss, "exact_match": ev.exact_match})
+    adapter_bytes = save_adapter(model, cfg.output_dir)
+    result = TrainResult(cfg.output_dir, cfg.method, steps, start, losses, ev, sum(p.numel() for p in params),
+                         adapter_bytes, train_seconds, tokens / train_seconds if train_seconds else 0.0,
+                         train_data.errors)
+    summary = {"config": cfg.to_json(), "fingerprint": fingerprint, "history": history,
+               "summary": result.summary_line(), "trainable_params": result.trainable_params,
+               "adapter_bytes": adapter_bytes, "train_seconds": train_seconds}
+    (cfg.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    save_checkpoint(cfg.output_dir, TrainState(steps, fingerprint, {n: p.detach().clone() for n, p in
+                                                                    trainable.items()},
+                                               optimizer.state_dict(), torch.get_rng_state(), history))
+    return result

@@ -1,0 +1,78 @@
+"""The tuning methods: per-method default hyper-parameters and the PEFT config each one trains.
+
+Every method writes an adapter our server reads unchanged (server/adapters/peft_format.py): LoRA on the
+seven projections (no bias, no DoRA), prompt / P-tuning / prefix virtual tokens, IA3 on k/v/down_proj.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
+IA3_FEEDFORWARD = ("down_proj",)
+
+
+@dataclass(frozen=True, slots=True)
+class MethodDefaults:
+    """What a method trains with unless the command line says otherwise."""
+
+    lr: float
+    steps: int
+    batch_size: int = 8
+    rank: int = 8  # LoRA / QLoRA
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ALL_PROJECTIONS
+    virtual_tokens: int = 8  # prompt / P-tuning / prefix
+    encoder_hidden: int = 128  # P-tuning's prompt encoder MLP
+    quantized_base: bool = False  # QLoRA: the frozen base is bitsandbytes NF4
+
+
+METHODS: dict[str, MethodDefaults] = {
+    "lora": MethodDefaults(lr=1e-3, steps=60),
+    "qlora": MethodDefaults(lr=1e-3, steps=60, quantized_base=True),
+    "prompt": MethodDefaults(lr=3e-2, steps=80),
+    "p_tuning": MethodDefaults(lr=3e-3, steps=80),
+    "prefix": MethodDefaults(lr=1e-2, steps=80),
+    "ia3": MethodDefaults(lr=3e-2, steps=80, targets=IA3_TARGETS),
+}
+
+
+def method_defaults(method: str) -> MethodDefaults:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def build_peft_config(
+    method: str, *, rank: int, alpha: float, targets: tuple[str, ...], virtual_tokens: int, encoder_hidden: int
+) -> PeftConfig:
+    """The PEFT config for `method` (task CAUSAL_LM) with the given hyper-parameters."""
+    method_defaults(method)
+    if method in ("lora", "qlora"):
+        unknown = sorted(set(targets) - set(ALL_PROJECTIONS))
+        if unknown:
+            raise ValueError(f"LoRA targets {unknown} are not projections the server adapts: {ALL_PROJECTIONS}")
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                          task_type="CAUSAL_LM")
+    if method == "prompt":
+        # initialised from embeddings of random vocabulary tokens: on the scale the model expects
+        return PromptTuningConfig(num_virtual_tokens=virtual_tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+                                  task_type="CAUSAL_LM")
+    if method == "p_tuning":
+        return PromptEncoderConfig(num_virtual_tokens=virtual_tokens, encoder_hidden_size=encoder_hidden,
+                                   task_type="CAUSAL_LM")
+    if method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=virtual_tokens, task_type="CAUSAL_LM")
+    feedforward = [t for t in targets if t in IA3_FEEDFORWARD]
+    return IA3Config(target_modules=list(targets), feedforward_modules=feedforward, task_type="CAUSAL_LM")
