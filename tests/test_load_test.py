@@ -143,3 +143,17 @@ def test_cli_rejects_bad_arguments(capsys):
         load_test.build_parser().parse_args(["--rate", "1", "--concurrency", "2"])
     assert load_test.main(["--num-requests", "0", "--no-progress"]) == 2
     assert "num_requests" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_harness_runs_on_a_tiny_shape(tmp_path):
+    """bench.gpu_llama7b's random-weight model, adapters and decode timing, on a tiny Llama shape (CPU here)."""
+    from bench import gpu_llama7b
+
+    out = tmp_path / "g.json"
+    assert gpu_llama7b.main(["--smoke", "--batch", "3", "--adapters", "3", "--prompt-len", "5", "--new-tokens", "3",
+                             "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["popularity"] for r in report["decode"]] == ["no adapter", "distinct", "uniform", "zipf:1.5",
+                                                           "identical"]
+    assert all(r["decode_tokens_per_s"] > 0 for r in report["decode"])
+    assert report["decode"][1]["distinct_adapters"] == 3 and report["decode"][4]["distinct_adapters"] == 1
