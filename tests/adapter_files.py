@@ -16,10 +16,11 @@ _ROOT = Path(tempfile.mkdtemp(prefix="switchboard-adapters-"))
 
 @cache
 def peft_adapter(base_dir: Path, kind: str = "lora", rank: int = 4, seed: int = 0,
-                 targets: tuple[str, ...] = ("q_proj", "v_proj"), alpha: float = 8.0) -> Path:
+                 targets: tuple[str, ...] = ("q_proj", "v_proj"), alpha: float = 8.0, rslora: bool = False) -> Path:
     """A PEFT-made adapter for `base_dir` (made on first use, then reused; treat it as read-only)."""
-    out = _ROOT / f"{abs(hash(base_dir)) % 10**8}-{kind}-r{rank}-s{seed}-{'-'.join(targets)}-a{alpha}"
-    spec = AdapterSpec(out.name, kind, rank=rank, alpha=alpha, targets=list(targets), seed=seed)
+    tag = f"{kind}-r{rank}-s{seed}-{'-'.join(targets)}-a{alpha}{'-rs' if rslora else ''}"
+    out = _ROOT / f"{abs(hash(base_dir)) % 10**8}-{tag}"
+    spec = AdapterSpec(out.name, kind, rank=rank, alpha=alpha, targets=list(targets), seed=seed, rslora=rslora)
     return make_peft_adapter(base_dir, spec, out)
 
 
