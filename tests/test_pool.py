@@ -1,0 +1,141 @@
+"""The adapter pool's three tiers: host LRU by bytes, fixed device slots (only unpinned adapters evicted),
+loading on the pool's loader thread so the step loop keeps decoding while an adapter loads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.adapters.peft_format import read_adapter
+from server.adapters.pool import AdapterLoadError, AdapterPool
+from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, SamplingParams
+from server.model.args import ModelArgs
+from tests.adapter_files import peft_adapter
+from tests.engine_utils import collect
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_llama_dir: Path) -> list[Path]:
+    return [peft_adapter(tiny_llama_dir, seed=40 + i) for i in range(3)]
+
+
+def make_pool(base_dir: Path, **cfg) -> AdapterPool:
+    args = ModelArgs.from_dir(base_dir)
+    return AdapterPool(AdapterPoolConfig(max_lora_rank=8, **cfg), args, torch.float32, "cpu",
+                       reader=lambda p: read_adapter(p, args, 8, 16))
+
+
+def test_device_slots_evict_only_unpinned_lru(tiny_llama_dir: Path, loras: list[Path]) -> None:
+    pool = make_pool(tiny_llama_dir, device_slots=2)
+    for i, path in enumerate(loras):
+        pool.register(f"k{i}", path)
+        assert pool.residency(f"k{i}") == "disk"
+    assert pool.acquire("k0") is None  # not on the host yet: the loader fetches it, the caller waits
+    wait_for(lambda: pool.residency("k0") == "host")
+    lease0 = pool.acquire("k0")
+    pool.host_weights("k1")  # a blocking read on this thread also works
+    lease1 = pool.acquire("k1")
+    assert {lease0.slot, lease1.slot} == {0, 1} and pool.residency("k0") == "device"
+    pool.host_weights("k2")
+    assert pool.acquire("k2") is None  # both slots pinned by running sequences: k2 waits
+    pool.release("k0")
+    lease2 = pool.acquire("k2")  # k0 was the least recently used unpinned one
+    assert lease2.slot == lease0.slot and pool.residency("k0") == "host" and pool.residency("k1") == "device"
+    table = pool.tables.lora_a["q_proj"]
+    torch.testing.assert_close(table[lease2.slot, 0, :4], lease2.weights.lora.a[(0, "q_proj")])
+    pool.close()
+
+
+def test_host_cache_is_bounded_by_bytes(tiny_llama_dir: Path, loras: list[Path]) -> None:
+    one = make_pool(tiny_llama_dir)
+    one.register("x", loras[0])
+    size = one.host_weights("x").nbytes()
+    pool = make_pool(tiny_llama_dir, device_slots=1, host_cache_bytes=int(size * 2.5))
+    for i, path in enumerate(loras):
+        pool.register(f"k{i}", path)
+    pool.reserve("k0")  # a submitted request wants k0: never dropped while it waits
+    wait_for(lambda: pool.residency("k0") == "host")
+    pool.host_weights("k1")
+    pool.host_weights("k2")
+    stats = pool.stats()
+    assert stats.host_bytes <= 2.5 * size and stats.host_entries == 2
+    assert [pool.residency(f"k{i}") for i in range(3)] == ["host", "disk", "host"]
+    pool.unreserve("k0")
+    pool.close()
+
+
+def test_a_failed_load_fails_its_requests_only(tiny_llama_dir: Path, loras: list[Path]) -> None:
+    engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), EngineConfig(),
+                           AdapterPoolConfig(device_slots=2, max_lora_rank=8))
+    good = read_adapter(loras[0], engine.args, 8, 16)
+
+    def broken():
+        raise ValueError("sha256 mismatch on disk")
+
+    engine.pool.register("good", loras[0])
+    engine.pool.register("broken", broken, meta=engine.pool.meta("good"))
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+        bad = collect(engine.submit(GenerationRequest("bad", (1, 2, 3), params, adapter="broken")))
+        ok = collect(engine.submit(GenerationRequest("ok", (1, 2, 3), params, adapter="good")))
+        assert bad.error is not None and "sha256 mismatch" in bad.error and len(ok.token_ids) == 5
+        with pytest.raises(AdapterLoadError):
+            engine.pool.acquire("broken")
+    finally:
+        engine.shutdown()
+    assert good.lora.rank == 4
+
+
+def test_step_loop_keeps_decoding_while_an_adapter_loads(tiny_llama_dir: Path, loras: list[Path]) -> None:
+    """A slow disk (1 s per load) stalls only the request that needs that adapter."""
+    engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), EngineConfig(),
+                           AdapterPoolConfig(device_slots=2, max_lora_rank=8))
+    slow_started = threading.Event()
+
+    def slow_read():
+        slow_started.set()
+        time.sleep(1.0)
+        return read_adapter(loras[1], engine.args, 8, 16)
+
+    engine.pool.register("fast", loras[0])
+    engine.pool.register("slow", slow_read, meta=engine.pool.meta("fast"))
+    steps: list[float] = []
+    engine.on_logits = lambda seqs, logits: steps.append(time.monotonic())
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=120, ignore_eos=True)
+        long = engine.submit(GenerationRequest("long", (1, 2, 3), params, adapter="fast"))
+        long.get(timeout=30)
+        waiting = engine.submit(GenerationRequest("slow", (4, 5, 6), SamplingParams(max_new_tokens=4, ignore_eos=True),
+                                                  adapter="slow"))
+        assert slow_started.wait(5)
+        t0 = time.monotonic()
+        slow_result = collect(waiting)
+        loaded_after = time.monotonic() - t0
+        collect(long)
+        during = [t for t in steps if t0 <= t <= t0 + 0.9]
+        gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+        assert loaded_after > 0.8 and len(slow_result.token_ids) == 4
+        assert len(during) >= 5, f"only {len(during)} steps ran while the adapter loaded"
+        assert max(gaps) < 0.5, f"the step loop paused {max(gaps):.3f} s"
+        # the same request once the adapter is resident gives the same tokens
+        again = collect(engine.submit(GenerationRequest("again", (4, 5, 6), SamplingParams(max_new_tokens=4,
+                                                                                           ignore_eos=True),
+                                                        adapter="slow")))
+        assert again.token_ids == slow_result.token_ids
+    finally:
+        engine.shutdown()
