@@ -140,6 +140,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         engine_id = prepared.request.request_id
         try:
             handle = self.engine.submit(prepared.request)
+        except AdapterNotFound as exc:  # the adapter was deleted between resolve() and submit()
+            raise RequestError(grpc.StatusCode.NOT_FOUND, _message(exc)) from None
         except InvalidRequest as exc:
             raise _invalid(str(exc)) from None
         except QueueFull as exc:
