@@ -1,17 +1,40 @@
-"""Admin servicer: adapter upload / list / get / delete / merge (issue 5 fills the RPCs in).
+"""Admin servicer: adapter upload / list / get / delete / merge over the registry.
 
 Every call is already authenticated by server.auth.AuthInterceptor; `caller(context)` is the Tenant.
 `Tenant.act_as(requested)` gives the tenant a call acts on (PERMISSION_DENIED for a non-admin naming
-another tenant).
+another tenant). Errors map to statuses in one place (`_status_of`); a refused upload leaves nothing
+behind (it is spooled and unpacked under the store's staging directory, removed on every exit).
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 import grpc
 
+from server.adapters.errors import AdapterForbidden, AdapterNotFound, AdapterRejected, WrongBaseModel
+from server.adapters.merge import MergeSpec, merge_stored
+from server.adapters.store import STAGING, StoreError
+from server.adapters.upload import UploadRefused, UploadSpool, UploadTooLarge, check_sha256, extract_adapter_tar
 from server.auth import caller
 from server.tenants import TenantPermissionDenied
 from switchboard.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_STATUS = [  # most specific first
+    (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WrongBaseModel, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterRejected, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
+    (AdapterForbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (TenantPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+]
+
+
+def _status_of(exc: Exception) -> grpc.StatusCode | None:
+    return next((code for cls, code in _STATUS if isinstance(exc, cls)), None)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -21,34 +44,90 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.engine = engine
         self.metrics = metrics
 
-    def _acting_tenant(self, context: grpc.ServicerContext, requested: str) -> str:
+    @contextmanager
+    def _errors(self, context: grpc.ServicerContext, what: str):
+        """Turn our exceptions into gRPC statuses with their messages."""
+        if self.registry is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no adapter store")
         try:
-            return caller(context).act_as(requested)
-        except TenantPermissionDenied as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            yield
+        except (AdapterRejected, AdapterNotFound, AdapterForbidden, TenantPermissionDenied) as exc:
+            context.abort(_status_of(exc), str(exc.args[0]) if exc.args else str(exc))
+        except (StoreError, OSError) as exc:
+            log.exception("%s failed", what)
+            context.abort(grpc.StatusCode.INTERNAL, f"{what} failed in the adapter store: {exc}")
 
-    def _unimplemented(self, context: grpc.ServicerContext, what: str):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented yet")
+    def _who(self, context: grpc.ServicerContext, requested: str):
+        """The tenant a call acts as: the caller itself (keeps its admin right) or, for admins, another one."""
+        me = caller(context)
+        acting = me.act_as(requested)
+        return me if acting == me.name else acting
 
+    # ---- RPCs ----------------------------------------------------------------------------------
     def UploadAdapter(self, request_iterator, context):
-        first = next(iter(request_iterator), None)
-        if first is None or not first.HasField("metadata"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the metadata")
-        self._acting_tenant(context, first.metadata.tenant)
-        self._unimplemented(context, "UploadAdapter")
+        with self._errors(context, "the upload"):
+            chunks = iter(request_iterator)
+            first = next(chunks, None)
+            if first is None:
+                raise UploadRefused("the upload stream is empty: the first chunk must carry the metadata")
+            if not first.HasField("metadata"):
+                raise UploadRefused("the first upload chunk must carry the metadata (name, sha256, ...)")
+            meta = first.metadata
+            who = self._who(context, meta.tenant)
+            if not meta.name:
+                raise UploadRefused("the metadata has no adapter name")
+            sha = check_sha256(meta.sha256)
+            cfg = self.config
+            staging = self.registry.store.root / STAGING
+            with UploadSpool(staging, max_bytes=cfg.max_upload_bytes, max_chunk_bytes=cfg.max_upload_chunk_bytes,
+                             expected_bytes=meta.total_bytes or None) as spool:
+                for chunk in chunks:
+                    if chunk.HasField("metadata"):
+                        raise UploadRefused("metadata may only come in the first chunk")
+                    spool.write(chunk.data)
+                payload = spool.finish(sha)
+                src = extract_adapter_tar(payload, spool.dir / "adapter", max_bytes=cfg.max_upload_bytes)
+                info = self.registry.create(who, meta.name, src, shared=meta.shared)
+            log.info("adapter %s/%s version %d uploaded", info.tenant, info.name, info.version)
+            return _info_proto(info)
 
     def ListAdapters(self, request: admin_pb2.ListAdaptersRequest, context):
-        self._acting_tenant(context, request.tenant)
-        self._unimplemented(context, "ListAdapters")
+        with self._errors(context, "listing adapters"):
+            me = caller(context)
+            who = self._who(context, request.tenant)
+            everything = who is me and me.is_admin
+            infos = self.registry.list(None if everything else who)
+            return admin_pb2.ListAdaptersResponse(adapters=[_info_proto(i) for i in infos])
 
     def GetAdapter(self, request: admin_pb2.GetAdapterRequest, context):
-        self._acting_tenant(context, request.tenant)
-        self._unimplemented(context, "GetAdapter")
+        with self._errors(context, "reading the adapter"):
+            return _info_proto(self.registry.get(self._who(context, request.tenant), request.name))
 
     def DeleteAdapter(self, request: admin_pb2.DeleteAdapterRequest, context):
-        self._acting_tenant(context, request.tenant)
-        self._unimplemented(context, "DeleteAdapter")
+        with self._errors(context, "deleting the adapter"):
+            self.registry.delete(self._who(context, request.tenant), request.name)
+            return admin_pb2.DeleteAdapterResponse()
 
     def MergeAdapters(self, request: admin_pb2.MergeRequest, context):
-        self._acting_tenant(context, request.tenant)
-        self._unimplemented(context, "MergeAdapters")
+        with self._errors(context, "the merge"):
+            who = self._who(context, request.tenant)
+            spec = MergeSpec(
+                method=request.method or "linear",
+                weights=tuple(request.weights) if len(request.weights) else None,
+                density=request.density if request.HasField("density") else None,
+                target_rank=request.target_rank if request.HasField("target_rank") else None,
+                seed=request.seed if request.HasField("seed") else None,
+            )
+            if not request.name:
+                raise AdapterRejected("the merged adapter needs a name")
+            info = merge_stored(self.registry, who, request.name, list(request.sources), spec,
+                                shared=request.shared)
+            return _info_proto(info)
+
+
+def _info_proto(info) -> admin_pb2.AdapterInfo:
+    return admin_pb2.AdapterInfo(
+        name=info.name, tenant=info.tenant, version=info.version, versions=list(info.versions), kind=info.kind,
+        rank=info.rank, target_modules=list(info.target_modules), size_bytes=info.size_bytes,
+        created_at=info.created_at, shared=info.shared, residency=info.residency,
+    )

@@ -1,0 +1,257 @@
+"""Admin API through a real server: bad uploads refused with a clear status and nothing written; upload,
+versions, list/get/delete with every field; merge parity against PEFT through the API."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clients import SwitchboardClient
+from clients.errors import NotFound, PermissionDenied
+from server.adapters.peft_format import read_adapter
+from server.config import AdapterPoolConfig
+from switchboard.v1 import admin_pb2, admin_pb2_grpc
+from tests.adapter_files import copy_adapter, peft_adapter, tar_bytes
+from tests.server_utils import running_server
+
+MAX_UPLOAD = 256 << 10
+MAX_CHUNK = 32 << 10
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir: Path):
+    with running_server(tiny_llama_dir, tenants=["acme", "bob"], pool_cfg=AdapterPoolConfig(device_slots=4,
+                        max_lora_rank=8), max_upload_bytes=MAX_UPLOAD, max_upload_chunk_bytes=MAX_CHUNK) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory) -> Path:
+    from tests.tiny_models import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("other-base"), hidden=32, heads=2, kv_heads=1,
+                               intermediate=64)
+
+
+def stored_files(server) -> set[str]:
+    """Everything under the adapter store (the staging area must be empty)."""
+    root = server.registry.store.root
+    files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.startswith(".staging")], files
+    return files
+
+
+def upload_raw(server, chunks: list, tenant: str = "acme") -> admin_pb2.AdapterInfo:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        return stub.UploadAdapter(iter(chunks), metadata=(("authorization", f"Bearer {server.keys[tenant]}"),),
+                                  timeout=30)
+
+
+def chunks_for(payload: bytes, name: str = "bad", *, sha: str | None = None, total: int | None = None,
+               tenant: str = "", chunk: int = 8192) -> list:
+    meta = admin_pb2.UploadMetadata(name=name, tenant=tenant, sha256=sha or hashlib.sha256(payload).hexdigest(),
+                                    total_bytes=len(payload) if total is None else total)
+    return [admin_pb2.UploadChunk(metadata=meta)] + [admin_pb2.UploadChunk(data=payload[i:i + chunk])
+                                                      for i in range(0, len(payload), chunk)]
+
+
+def tar_of(entries: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    """entries: (name, data or None, type) with type a tarfile type constant; links point at 'target'."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data, kind in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = "adapter_config.json"
+            info.size = len(data) if data is not None and kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if data is not None and kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def edited(src: Path, tmp: Path, config: dict | None = None, tensors=None) -> Path:
+    d = copy_adapter(src, tmp / f"edit-{len(list(tmp.iterdir()))}")
+    if config:
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    if tensors:
+        t = load_file(d / "adapter_model.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors(t).items()}, d / "adapter_model.safetensors")
+    return d
+
+
+def bad_cases(base: Path, other_base: Path, tmp: Path) -> list[tuple[str, list, grpc.StatusCode, str, str]]:
+    good_dir = peft_adapter(base)
+    good = tar_bytes(good_dir)
+    cfg = (good_dir / "adapter_config.json").read_bytes()
+    weights = (good_dir / "adapter_model.safetensors").read_bytes()
+    reg, sym, lnk, chr_, fifo = tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE
+    ok_cfg = ("adapter_config.json", cfg, reg)
+    inv, exhausted = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+    nan = edited(good_dir, tmp, tensors=lambda t: {k: v * float("nan") if "lora_A" in k else v for k, v in t.items()})
+    truncated_tar = good[: len(good) // 2]
+    big = tar_of([ok_cfg, ("adapter_model.safetensors", weights + b"\0" * MAX_UPLOAD, reg)])
+    return [  # (id, chunks, status, words in the message, tenant)
+        ("wrong-sha", chunks_for(good, sha="0" * 64), inv, "sha256 mismatch", "acme"),
+        ("bad-sha-format", chunks_for(good, sha="xyz"), inv, "64 hex digits", "acme"),
+        ("truncated-stream", chunks_for(good, sha=hashlib.sha256(good).hexdigest(), total=len(good))[:2], inv,
+         "truncated", "acme"),
+        ("truncated-tar", chunks_for(truncated_tar), inv, "not a valid tar", "acme"),
+        ("not-a-tar", chunks_for(b"hello, this is not a tar archive" * 40), inv, "not a valid tar", "acme"),
+        ("pickle-bin", chunks_for(tar_of([ok_cfg, ("adapter_model.bin", weights, reg)])), inv, "pickled", "acme"),
+        ("nan-weights", chunks_for(tar_bytes(nan)), inv, "NaN", "acme"),
+        ("wrong-hidden-size", chunks_for(tar_bytes(peft_adapter(other_base))), grpc.StatusCode.FAILED_PRECONDITION,
+         "does not fit the loaded base", "acme"),
+        ("rank-too-high", chunks_for(tar_bytes(peft_adapter(base, rank=16))), inv, "maximum rank", "acme"),
+        ("traversal", chunks_for(tar_of([("../adapter_config.json", cfg, reg)])), inv, "leaves", "acme"),
+        ("absolute-path", chunks_for(tar_of([("/tmp/adapter_config.json", cfg, reg)])), inv, "absolute", "acme"),
+        ("symlink", chunks_for(tar_of([ok_cfg, ("adapter_model.safetensors", None, sym)])), inv, "link", "acme"),
+        ("hardlink", chunks_for(tar_of([ok_cfg, ("adapter_model.safetensors", None, lnk)])), inv, "link", "acme"),
+        ("device", chunks_for(tar_of([ok_cfg, ("adapter_model.safetensors", None, chr_)])), inv, "regular file",
+         "acme"),
+        ("fifo", chunks_for(tar_of([ok_cfg, ("adapter_model.safetensors", None, fifo)])), inv, "regular file",
+         "acme"),
+        ("extra-file", chunks_for(tar_of([ok_cfg, ("adapter_model.safetensors", weights, reg),
+                                          ("run.sh", b"rm -rf /", reg)])), inv, "unexpected file", "acme"),
+        ("missing-weights", chunks_for(tar_of([ok_cfg])), inv, "lacks adapter_model.safetensors", "acme"),
+        ("duplicate-file", chunks_for(tar_of([ok_cfg, ok_cfg, ("adapter_model.safetensors", weights, reg)])), inv,
+         "twice", "acme"),
+        ("oversize-declared", chunks_for(good, total=MAX_UPLOAD + 1), exhausted, "limit", "acme"),
+        ("oversize-actual", chunks_for(big, total=0, chunk=MAX_CHUNK), exhausted, "limit", "acme"),
+        ("oversize-chunk", chunks_for(good + b"\0" * MAX_CHUNK, chunk=MAX_CHUNK + 1), exhausted, "chunk limit",
+         "acme"),
+        ("unknown-peft-type", chunks_for(tar_bytes(edited(good_dir, tmp, config={"peft_type": "LOHA"}))), inv,
+         "not served", "acme"),
+        ("garbage-safetensors", chunks_for(tar_of([ok_cfg, ("adapter_model.safetensors", b"\x07" * 300, reg)])),
+         inv, "not a valid safetensors", "acme"),
+        ("other-tenant", chunks_for(good, tenant="bob"), grpc.StatusCode.PERMISSION_DENIED, "only the admin",
+         "acme"),
+        ("other-tenant-name", chunks_for(good, name="bob/stolen"), grpc.StatusCode.PERMISSION_DENIED,
+         "may not write", "acme"),
+        ("bad-name", chunks_for(good, name="no spaces!"), inv, "not allowed", "acme"),
+        ("empty-stream", [], inv, "empty", "acme"),
+        ("no-metadata", [admin_pb2.UploadChunk(data=good)], inv, "first upload chunk", "acme"),
+        ("metadata-only", chunks_for(good)[:1], inv, "no data", "acme"),
+        ("metadata-twice", chunks_for(good)[:1] * 2 + chunks_for(good)[1:], inv, "only come in the first", "acme"),
+    ]
+
+
+def test_bad_uploads_are_refused_and_leave_nothing(server, tiny_llama_dir, other_base, tmp_path) -> None:
+    before = stored_files(server)
+    listed = server.registry.list(None)
+    cases = bad_cases(tiny_llama_dir, other_base, tmp_path)
+    assert len(cases) >= 15
+    for case_id, chunks, status, words, tenant in cases:
+        with pytest.raises(grpc.RpcError) as exc:
+            upload_raw(server, chunks, tenant)
+        assert exc.value.code() == status, f"{case_id}: {exc.value.code()} {exc.value.details()}"
+        assert words in exc.value.details(), f"{case_id}: {exc.value.details()!r}"
+        assert stored_files(server) == before, case_id
+    assert server.registry.list(None) == listed
+    with server.client("acme") as acme:  # the server still serves
+        assert acme.upload_adapter(peft_adapter(tiny_llama_dir), "after-bad").version == 1
+        acme.delete_adapter("after-bad")
+
+
+def test_upload_versions_list_get_delete(server, tiny_llama_dir) -> None:
+    first, second = peft_adapter(tiny_llama_dir, seed=21), peft_adapter(tiny_llama_dir, seed=22, rank=2,
+                                                                         targets=("k_proj", "down_proj"))
+    with server.client("acme") as acme, server.client("bob") as bob, server.client("admin") as admin:
+        v1 = acme.upload_adapter(first, "style", chunk_bytes=4096)
+        v2 = acme.upload_adapter(second, "style", shared=True)
+        assert (v1.version, v2.version, v2.versions) == (1, 2, [1, 2])
+        assert (v2.kind, v2.rank, v2.target_modules, v2.tenant, v2.shared) == ("LORA", 2, ["down_proj", "k_proj"],
+                                                                               "acme", True)
+        size = sum((second / f).stat().st_size for f in ("adapter_config.json", "adapter_model.safetensors"))
+        assert v2.size_bytes == size and v2.created_at >= v1.created_at and v2.residency == "host"
+        out = bob.generate(token_ids=[5, 6, 7], adapter="acme/style", max_new_tokens=3)  # shared: bob may use it
+        assert (out.adapter_name, out.adapter_version) == ("acme/style", 2)
+        assert acme.get_adapter("style").residency == "device"
+        assert [a.name for a in bob.list_adapters()] == ["style"]
+        private = admin.upload_adapter(first, "private", tenant="acme")  # the admin uploads for acme
+        assert private.tenant == "acme"
+        with pytest.raises(NotFound):
+            bob.get_adapter("private")
+        with pytest.raises(PermissionDenied):
+            bob.get_adapter("acme/private")
+        with pytest.raises(PermissionDenied):
+            bob.delete_adapter("style", tenant="acme")
+        assert {a.name for a in admin.list_adapters()} >= {"style", "private"}
+        assert {a.name for a in admin.list_adapters(tenant="bob")} == {"style"}  # bob's view: shared ones only
+        acme.delete_adapter("style")
+        acme.delete_adapter("private")
+        for call in (lambda: acme.get_adapter("style"), lambda: acme.delete_adapter("style"),
+                     lambda: bob.generate(token_ids=[1, 2], adapter="acme/style", max_new_tokens=2)):
+            with pytest.raises(NotFound):
+                call()
+        again = acme.upload_adapter(first, "style")
+        assert again.version == 3 and again.versions == [3]  # numbers are never reused
+        acme.delete_adapter("style")
+
+
+def delta(lora, key) -> torch.Tensor:
+    return lora.scale * (lora.b[key] @ lora.a[key])
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("linear", {}), ("cat", {}), ("svd", {"target_rank": 3}),
+                                                ("ties", {"density": 0.5}),
+                                                ("dare_ties", {"density": 0.5, "seed": 7})])
+def test_merge_through_the_api_matches_peft(server, tiny_llama_dir, monkeypatch, method, kwargs) -> None:
+    from tests.test_merge import peft_merged_deltas
+
+    srcs = {"m1": peft_adapter(tiny_llama_dir, seed=31), "m2": peft_adapter(tiny_llama_dir, seed=32,
+                                                                           targets=("q_proj", "o_proj"))}
+    weights = [0.75, -0.5]  # exact in float32 (the proto's type)
+    with server.client("acme") as acme:
+        for name, path in srcs.items():
+            acme.upload_adapter(path, name)
+        info = acme.merge_adapters(f"merged-{method}", list(srcs), method=method, weights=weights, **kwargs)
+        assert info.kind == "LORA" and set(info.target_modules) == {"q_proj", "v_proj", "o_proj"}
+        out = acme.generate(token_ids=[3, 4, 5], adapter=f"merged-{method}", max_new_tokens=3)
+        assert out.adapter_version == info.version
+        _, path = server.registry.version_dir("acme", f"merged-{method}")
+        ours = read_adapter(path, server.engine.args, 64, 16).lora
+        peft_kwargs = {"svd_rank": kwargs["target_rank"]} if "target_rank" in kwargs else dict(kwargs)
+        theirs = peft_merged_deltas(tiny_llama_dir, srcs, list(srcs), weights, method, monkeypatch, **peft_kwargs)
+        assert set(ours.a) == set(theirs)
+        for key, expected in theirs.items():
+            torch.testing.assert_close(delta(ours, key), expected, atol=2e-5, rtol=1e-4)
+        for name in (*srcs, f"merged-{method}"):
+            acme.delete_adapter(name)
+
+
+def test_bad_merges_get_clear_statuses(server, tiny_llama_dir) -> None:
+    with server.client("acme") as acme:
+        acme.upload_adapter(peft_adapter(tiny_llama_dir, seed=41), "x4")
+        acme.upload_adapter(peft_adapter(tiny_llama_dir, seed=42, rank=2), "x2")
+        for kwargs, code, words in [
+            ({"sources": ["x4", "nope"]}, grpc.StatusCode.NOT_FOUND, "not found"),
+            ({"sources": ["x4", "x2"]}, grpc.StatusCode.INVALID_ARGUMENT, "equal rank"),
+            ({"sources": ["x4", "x2"], "method": "cat", "weights": [1.0]}, grpc.StatusCode.INVALID_ARGUMENT,
+             "one weight per source"),
+            ({"sources": ["x4", "x4"], "method": "ties"}, grpc.StatusCode.INVALID_ARGUMENT, "density"),
+            ({"sources": ["x4", "x4", "x4"], "method": "cat"}, grpc.StatusCode.INVALID_ARGUMENT, "maximum rank"),
+            ({"sources": ["x4"], "method": "blend"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown"),
+        ]:
+            with pytest.raises(Exception) as exc:
+                acme.merge_adapters("m", **kwargs)
+            assert exc.value.code == code and words in exc.value.message, (kwargs, exc.value)
+        with pytest.raises(NotFound):
+            acme.get_adapter("m")
+        for name in ("x4", "x2"):
+            acme.delete_adapter(name)
+
+
+def test_admin_calls_need_a_key(server) -> None:
+    with SwitchboardClient(server.target) as anonymous, pytest.raises(Exception) as exc:
+        anonymous.list_adapters()
+    assert exc.value.code == grpc.StatusCode.UNAUTHENTICATED
