@@ -2,7 +2,7 @@
 
 Target and key: --target HOST:PORT (env SWITCHBOARD_TARGET, default 127.0.0.1:50051) and --api-key KEY
 (env SWITCHBOARD_API_KEY). Exit status: 0 ok, 1 the server refused (its status and message on stderr),
-2 bad usage; `health` exits 0 only when SERVING.
+2 bad usage; `health` exits 0 only when SERVING. `python -m clients load-test --help`: the load-test harness.
 """
 
 from __future__ import annotations
@@ -139,7 +139,12 @@ def run(args: argparse.Namespace, client: SwitchboardClient) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load-test"]:  # the load-test harness (bench/load_test.py; run from the checkout)
+        from bench.load_test import main as load_test_main
+
+        return load_test_main(argv[1:])
+    args = parse_args(argv)
     try:
         with SwitchboardClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
             return run(args, client)

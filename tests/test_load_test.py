@@ -143,6 +143,10 @@ def test_cli_rejects_bad_arguments(capsys):
         load_test.build_parser().parse_args(["--rate", "1", "--concurrency", "2"])
     assert load_test.main(["--num-requests", "0", "--no-progress"]) == 2
     assert "num_requests" in capsys.readouterr().err
+    from clients.__main__ import main as clients_main  # also reachable as `python -m clients load-test`
+
+    assert clients_main(["load-test", "--popularity", "pareto", "--adapters", "2", "--no-progress"]) == 2
+    assert "unknown popularity" in capsys.readouterr().err
 
 
 def test_gpu_benchmark_harness_runs_on_a_tiny_shape(tmp_path):
@@ -157,3 +161,30 @@ def test_gpu_benchmark_harness_runs_on_a_tiny_shape(tmp_path):
                                                            "identical"]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["decode"])
     assert report["decode"][1]["distinct_adapters"] == 3 and report["decode"][4]["distinct_adapters"] == 1
+
+
+def test_live_run_against_a_test_server_completes_with_zero_errors(tiny_llama_dir, tmp_path):
+    """The real path: gRPC streams to a running server (tiny random model), adapters by popularity, both loops."""
+    from server.config import AdapterPoolConfig
+    from tests.adapter_files import peft_adapter
+    from tests.server_utils import running_server
+
+    with running_server(tiny_llama_dir, pool_cfg=AdapterPoolConfig(device_slots=2, max_lora_rank=8)) as s:
+        with s.client(None) as admin:  # one adapter through the Admin API, the others straight into the registry
+            admin.upload_adapter(peft_adapter(tiny_llama_dir, seed=0), "lt-0")
+        for i in (1, 2):
+            s.registry.create("local", f"lt-{i}", peft_adapter(tiny_llama_dir, seed=i))
+        common = ["--target", s.target, "--num-requests", "24", "--adapters", "3", "--adapter-prefix", "lt-",
+                  "--prompt-len", "uniform:4-12", "--output-len", "fixed:6", "--no-progress"]
+        assert load_test.main([*common, "--rates", "40,80", "--popularity", "zipf:1.5", "--arrival", "gamma:2",
+                               "--slo-ttft-ms", "60000", "--json", str(tmp_path / "open.json"),
+                               "--plot", str(tmp_path / "open.png")]) == 0
+        assert load_test.main([*common, "--concurrency", "8", "--popularity", "distinct",
+                               "--json", str(tmp_path / "closed.json")]) == 0
+        assert s.engine.pool.stats().loads >= 3  # adapters really were used (3 adapters, 2 device slots)
+    for name in ("open", "closed"):
+        for run in json.loads((tmp_path / f"{name}.json").read_text())["runs"]:
+            assert run["errors"] == {} and run["completed"] == 24 and run["output_tokens"] == 24 * 6
+            assert run["goodput_rps"] > 0 and run["ttft_ms"]["p99"] >= run["ttft_ms"]["p50"] > 0
+            assert run["itl_ms"]["p50"] > 0
+    assert (tmp_path / "open.png").stat().st_size > 1000
