@@ -109,7 +109,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Yields (prepared, event) until the finishing event; aborts the call with a status on failure."""
         tenant = caller(context)
         started = time.monotonic()
-        adapter_label, status = request.adapter, grpc.StatusCode.CANCELLED.name  # unless we get further
+        adapter_label, status = request.adapter, None
         stats: dict = {}
         try:
             prepared = self._prepare(request, tenant, started)
@@ -128,8 +128,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except TenantBusy as exc:
             status = grpc.StatusCode.RESOURCE_EXHAUSTED.name
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        finally:  # also when the caller stops iterating (a cancelled stream): status stays CANCELLED
-            status = stats.get("status", status)
+        finally:  # also when gRPC stops iterating a stream whose call ended (cancelled, deadline)
+            status = stats.get("status") or status or _gone_status(context)
             self.metrics.observe_request(
                 tenant.name, adapter_label, status, prompt_tokens=stats.get("prompt_tokens", 0),
                 completion_tokens=stats.get("completion_tokens", 0), queue_s=stats.get("queue_s"),
@@ -276,9 +276,12 @@ def _message(exc: Exception) -> str:
     return str(exc.args[0]) if exc.args else str(exc)
 
 
+DEADLINE_SLACK_S = 0.05  # a client cancels at its own deadline, which can reach us just before ours
+
+
 def _gone_status(context) -> str:
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED.name
     return grpc.StatusCode.CANCELLED.name
 
