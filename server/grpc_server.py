@@ -71,10 +71,14 @@ class SwitchboardServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         message_cap = config.max_upload_chunk_bytes + (64 << 10)
+        # a generation holds a worker thread from arrival to its last token: enough workers for every
+        # sequence the engine may hold (running + waiting) plus admin/health calls, so the engine's
+        # bounded queue (with its clear RESOURCE_EXHAUSTED message) is the limit callers meet first
+        workers = max(config.grpc_workers, engine.config.max_running + engine.config.max_waiting + 16)
         self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"),
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-worker"),
             interceptors=[AuthInterceptor(tenants, on_reject=self.metrics.observe_unauthenticated)],
-            maximum_concurrent_rpcs=config.grpc_workers,
+            maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", message_cap), ("grpc.so_reuseport", 0)],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
