@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from clients import messages
+from clients import messages as build
 from clients.errors import from_rpc_error
 from clients.results import AdapterInfo, GenerateResult, StreamChunk
 from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
@@ -22,7 +22,7 @@ class AsyncSwitchboardClient:
                  timeout: float | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._metadata = messages.auth_metadata(api_key)
+        self._metadata = build.auth_metadata(api_key)
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
@@ -37,13 +37,26 @@ class AsyncSwitchboardClient:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> GenerateResult:
-        response = await self._call(self._inference.Generate, messages.generate_request(prompt, **kwargs), timeout)
-        return GenerateResult.from_proto(response)
+    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                       token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
+                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                       stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
+                       timeout: float | None = None) -> GenerateResult:
+        request = build.generate_request(
+            prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
+            request_id=request_id)
+        return GenerateResult.from_proto(await self._call(self._inference.Generate, request, timeout))
 
-    async def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs
-                     ) -> AsyncIterator[StreamChunk]:
-        request = messages.generate_request(prompt, **kwargs)
+    async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                     token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                     stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
+                     timeout: float | None = None) -> AsyncIterator[StreamChunk]:
+        request = build.generate_request(
+            prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
+            request_id=request_id)
         call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
         try:
             async for chunk in call:
@@ -59,7 +72,7 @@ class AsyncSwitchboardClient:
 
     async def upload_adapter(self, path: str | Path, name: str, *, tenant: str = "", shared: bool = False,
                              chunk_bytes: int = 1 << 20, timeout: float | None = None) -> AdapterInfo:
-        chunks = messages.upload_chunks(messages.adapter_payload(path), name, tenant, shared, chunk_bytes)
+        chunks = build.upload_chunks(build.adapter_payload(path), name, tenant, shared, chunk_bytes)
         return AdapterInfo.from_proto(await self._call(self._admin.UploadAdapter, chunks, timeout))
 
     async def list_adapters(self, tenant: str = "") -> list[AdapterInfo]:
@@ -73,9 +86,13 @@ class AsyncSwitchboardClient:
     async def delete_adapter(self, name: str, tenant: str = "") -> None:
         await self._call(self._admin.DeleteAdapter, admin_pb2.DeleteAdapterRequest(name=name, tenant=tenant))
 
-    async def merge_adapters(self, name: str, sources: list[str], *, timeout: float | None = None, **kwargs
-                             ) -> AdapterInfo:
-        request = messages.merge_request(name, sources, **kwargs)
+    async def merge_adapters(self, name: str, sources: list[str], *, method: str = "linear",
+                       weights: list[float] | None = None, density: float | None = None,
+                       target_rank: int | None = None, seed: int | None = None, shared: bool = False,
+                       tenant: str = "", timeout: float | None = None) -> AdapterInfo:
+        """A new stored adapter from LoRA `sources`: linear | cat | svd | ties | dare_linear | dare_ties."""
+        request = build.merge_request(name, sources, method=method, weights=weights, density=density,
+                                      target_rank=target_rank, seed=seed, shared=shared, tenant=tenant)
         return AdapterInfo.from_proto(await self._call(self._admin.MergeAdapters, request, timeout))
 
     async def close(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from clients import messages
+from clients import messages as build
 from clients.errors import from_rpc_error
 from clients.results import AdapterInfo, GenerateResult, StreamChunk
 from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
@@ -26,7 +26,7 @@ class SwitchboardClient:
                  timeout: float | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._metadata = messages.auth_metadata(api_key)
+        self._metadata = build.auth_metadata(api_key)
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
@@ -42,15 +42,29 @@ class SwitchboardClient:
         return self.timeout if timeout is None else timeout
 
     # ---- inference -----------------------------------------------------------------------------
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> GenerateResult:
-        """Whole completion. kwargs: messages, token_ids, adapter, max_new_tokens, temperature, top_p,
-        top_k, seed, stop, ignore_eos, request_id (see clients.messages.generate_request)."""
-        response = self._call(self._inference.Generate, messages.generate_request(prompt, **kwargs), timeout)
-        return GenerateResult.from_proto(response)
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
+                 timeout: float | None = None) -> GenerateResult:
+        """The whole completion. Exactly one of prompt (raw text), messages (chat template applied by the
+        server) or token_ids. temperature 0 = greedy; stop strings are not returned."""
+        request = build.generate_request(
+            prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
+            request_id=request_id)
+        return GenerateResult.from_proto(self._call(self._inference.Generate, request, timeout))
 
-    def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Iterator[StreamChunk]:
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
+                 timeout: float | None = None) -> Iterator[StreamChunk]:
         """Chunks as they are generated; the last has finished=True. Closing the iterator cancels the call."""
-        request = messages.generate_request(prompt, **kwargs)
+        request = build.generate_request(
+            prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
+            request_id=request_id)
         call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
         try:
             for chunk in call:
@@ -69,7 +83,7 @@ class SwitchboardClient:
     def upload_adapter(self, path: str | Path, name: str, *, tenant: str = "", shared: bool = False,
                        chunk_bytes: int = 1 << 20, timeout: float | None = None) -> AdapterInfo:
         """Upload a PEFT directory (tarred on the fly) or a .tar; a new version if `name` exists."""
-        chunks = messages.upload_chunks(messages.adapter_payload(path), name, tenant, shared, chunk_bytes)
+        chunks = build.upload_chunks(build.adapter_payload(path), name, tenant, shared, chunk_bytes)
         return AdapterInfo.from_proto(self._call(self._admin.UploadAdapter, chunks, timeout))
 
     def list_adapters(self, tenant: str = "") -> list[AdapterInfo]:
@@ -83,10 +97,13 @@ class SwitchboardClient:
     def delete_adapter(self, name: str, tenant: str = "") -> None:
         self._call(self._admin.DeleteAdapter, admin_pb2.DeleteAdapterRequest(name=name, tenant=tenant))
 
-    def merge_adapters(self, name: str, sources: list[str], *, timeout: float | None = None, **kwargs
-                       ) -> AdapterInfo:
-        """kwargs: method, weights, density, target_rank, seed, shared, tenant (see messages.merge_request)."""
-        request = messages.merge_request(name, sources, **kwargs)
+    def merge_adapters(self, name: str, sources: list[str], *, method: str = "linear",
+                       weights: list[float] | None = None, density: float | None = None,
+                       target_rank: int | None = None, seed: int | None = None, shared: bool = False,
+                       tenant: str = "", timeout: float | None = None) -> AdapterInfo:
+        """A new stored adapter from LoRA `sources`: linear | cat | svd | ties | dare_linear | dare_ties."""
+        request = build.merge_request(name, sources, method=method, weights=weights, density=density,
+                                      target_rank=target_rank, seed=seed, shared=shared, tenant=tenant)
         return AdapterInfo.from_proto(self._call(self._admin.MergeAdapters, request, timeout))
 
     # ---- lifetime ------------------------------------------------------------------------------
