@@ -255,3 +255,26 @@ def test_admin_calls_need_a_key(server) -> None:
     with SwitchboardClient(server.target) as anonymous, pytest.raises(Exception) as exc:
         anonymous.list_adapters()
     assert exc.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_cli_adapters_commands(server, tiny_llama_dir, capsys) -> None:
+    from clients.__main__ import main as cli
+
+    common = ["--target", server.target, "--api-key", server.keys["acme"]]
+    src = peft_adapter(tiny_llama_dir, seed=91)
+
+    def run(*argv) -> object:
+        assert cli(["adapters", argv[0], *common, *argv[1:]]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out) if out.strip() else None
+
+    assert run("upload", str(src), "--name", "cli-a")["version"] == 1
+    assert run("upload", str(src), "--name", "cli-a", "--shared")["versions"] == [1, 2]
+    assert run("get", "cli-a")["shared"] is True
+    assert "cli-a" in [a["name"] for a in run("list")]
+    merged = run("merge", "cli-m", "--sources", "cli-a", "cli-a", "--method", "cat", "--weights", "0.5", "0.5")
+    assert merged["rank"] == 8
+    run("delete", "cli-a")
+    run("delete", "cli-m")
+    assert cli(["adapters", "get", *common, "cli-a"]) != 0
+    assert "NOT_FOUND" in capsys.readouterr().err
