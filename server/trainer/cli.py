@@ -49,6 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (0: never)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="discard checkpoints in --output-dir and start over")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--upload", metavar="TARGET", help="upload the adapter to a running server (host:port)")
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "peft", "bitsandbytes", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.write_task:
         from server.trainer.tasks import write_task
 
