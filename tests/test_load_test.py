@@ -176,15 +176,18 @@ def test_live_run_against_a_test_server_completes_with_zero_errors(tiny_llama_di
             s.registry.create("local", f"lt-{i}", peft_adapter(tiny_llama_dir, seed=i))
         common = ["--target", s.target, "--num-requests", "24", "--adapters", "3", "--adapter-prefix", "lt-",
                   "--prompt-len", "uniform:4-12", "--output-len", "fixed:6", "--no-progress"]
-        assert load_test.main([*common, "--rates", "40,80", "--popularity", "zipf:1.5", "--arrival", "gamma:2",
-                               "--slo-ttft-ms", "60000", "--json", str(tmp_path / "open.json"),
-                               "--plot", str(tmp_path / "open.png")]) == 0
-        assert load_test.main([*common, "--concurrency", "8", "--popularity", "distinct",
-                               "--json", str(tmp_path / "closed.json")]) == 0
+        rc_open = load_test.main([*common, "--rates", "40,80", "--popularity", "zipf:1.5", "--arrival", "gamma:2",
+                                  "--slo-ttft-ms", "60000", "--json", str(tmp_path / "open.json"),
+                                  "--plot", str(tmp_path / "open.png"), "--save-requests"])
+        rc_closed = load_test.main([*common, "--concurrency", "8", "--popularity", "distinct",
+                                    "--json", str(tmp_path / "closed.json"), "--save-requests"])
         assert s.engine.pool.stats().loads >= 3  # adapters really were used (3 adapters, 2 device slots)
     for name in ("open", "closed"):
         for run in json.loads((tmp_path / f"{name}.json").read_text())["runs"]:
-            assert run["errors"] == {} and run["completed"] == 24 and run["output_tokens"] == 24 * 6
+            failed = [(r["error"], r["error_message"]) for r in run.get("requests_detail", []) if r["error"]]
+            assert run["errors"] == {}, failed
+            assert run["completed"] == 24 and run["output_tokens"] == 24 * 6
             assert run["goodput_rps"] > 0 and run["ttft_ms"]["p99"] >= run["ttft_ms"]["p50"] > 0
             assert run["itl_ms"]["p50"] > 0
+    assert rc_open == rc_closed == 0
     assert (tmp_path / "open.png").stat().st_size > 1000
