@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -152,31 +153,33 @@ def main(argv: list[str] | None = None) -> int:
     requests = make_requests(tokenizer, args.requests, list(adapters), args.prompt_len, args.popularity, args.seed)
     mode = "NF4" if args.quantize else "fp32 dense"
 
+    peers: list[PeerResult] = []
+
+    def done(result: PeerResult, into: list[PeerResult] = peers) -> None:
+        result.load_avg = os.getloadavg()[0]
+        into.append(result)
+        print(f"{result.name}: {result.tokens_per_s:.1f} tok/s ({result.requests} requests)", flush=True)
+
     ours: list[PeerResult] = []
     if not args.no_server:
-        ours.append(ours_server(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank))
-        print(f"{ours[-1].name}: {ours[-1].tokens_per_s:.1f} tok/s", flush=True)
+        done(ours_server(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank), ours)
     if args.engine_inprocess:
-        ours.append(ours_engine(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank))
-        print(f"{ours[-1].name}: {ours[-1].tokens_per_s:.1f} tok/s", flush=True)
+        done(ours_engine(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank), ours)
     gc.collect()
 
-    peers: list[PeerResult] = []
     if not {"single", "mixed", "merge"} <= skip:
         model = load_peft_model(base_dir, adapters, args.quantize)
         greedy_batch_warmup(model, requests, pad_id)
         if "single" not in skip:
-            peers.append(peft_one_at_a_time(model, requests[: args.single_requests], args.new_tokens, pad_id))
+            done(peft_one_at_a_time(model, requests[: args.single_requests], args.new_tokens, pad_id))
         if "mixed" not in skip:
-            peers.append(peft_mixed_batches(model, requests, args.new_tokens, pad_id, args.concurrency))
+            done(peft_mixed_batches(model, requests, args.new_tokens, pad_id, args.concurrency))
         if "merge" not in skip:
             keep = set(list(adapters)[: args.merge_adapters])
             subset = [r for r in requests if r.adapter in keep]
-            peers.append(merge_per_adapter(model, subset, args.new_tokens, pad_id))
+            done(merge_per_adapter(model, subset, args.new_tokens, pad_id))
             if args.quantize:
                 peers[-1].note = "NF4: merge/unmerge requantizes the base each time"
-        for p in peers:
-            print(f"{p.name}: {p.tokens_per_s:.1f} tok/s ({p.requests} requests)", flush=True)
         del model
         gc.collect()
     if "base" not in skip:
@@ -184,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         base = hf_model(base_dir, args.quantize)
         greedy_batch_warmup(base, requests, pad_id)
-        peers.append(base_batched(base, requests, args.new_tokens, pad_id, args.concurrency))
-        print(f"{peers[-1].name}: {peers[-1].tokens_per_s:.1f} tok/s", flush=True)
+        done(base_batched(base, requests, args.new_tokens, pad_id, args.concurrency))
         del base
         gc.collect()
 
@@ -210,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.requests} requests ({args.popularity}), prompt {args.prompt_len} -> {args.new_tokens} new tokens, "
         f"greedy, EOS ignored; batch/concurrency {args.concurrency}.",
         "",
-        f"| setup | requests timed | tokens/s | {ref.name.split(',')[0]} / this | greedy tokens vs ours |",
-        "|---|---:|---:|---:|---|",
+        f"| setup | requests timed | tokens/s | {ref.name.split(',')[0]} / this | greedy tokens vs ours | load avg |",
+        "|---|---:|---:|---:|---|---:|",
         *[f"| {r.name}{' (' + r.note + ')' if r.note else ''} | {r.requests} | {r.tokens_per_s:.1f} | {ratio:.2f}x "
-          f"| {check} |" for r, ratio, check in rows],
+          f"| {check} | {r.load_avg:.1f} |" for r, ratio, check in rows],
         "",
     ]
     print("\n".join(table))

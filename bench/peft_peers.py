@@ -33,6 +33,7 @@ class PeerResult:
     seconds: float
     outputs: dict[int, list[int]] = field(default_factory=dict)  # request index -> generated ids
     note: str = ""
+    load_avg: float | None = None  # the machine's 1-minute load average when the row finished (contention)
 
     @property
     def tokens_per_s(self) -> float:
@@ -40,7 +41,7 @@ class PeerResult:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "requests": self.requests, "tokens": self.tokens, "seconds": self.seconds,
-                "tokens_per_s": self.tokens_per_s, "note": self.note}
+                "tokens_per_s": self.tokens_per_s, "note": self.note, "load_avg": self.load_avg}
 
 
 def make_lora_adapters(base_dir: Path, out_dir: Path, n: int, rank: int = 16, alpha: float = 32.0,
