@@ -26,6 +26,7 @@ class EvalResult:
     exact_match: float  # fraction of rows whose greedy completion equals the reference
     rows: int
     completions: list[str]  # the greedy completions (decoded, first line, stripped)
+    token_ids: list[list[int]]  # the greedy completions' tokens (ending with EOS when one was produced)
 
 
 def completion_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -106,7 +107,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], *, prompts: Sequence
     texts = [completion_text(tokenizer, g) for g in ids]
     hits = sum(t == e.completion.strip() for t, e in zip(texts, examples, strict=True))
     model.train(was_training)
-    return EvalResult(loss, hits / max(len(examples), 1), len(examples), texts)
+    return EvalResult(loss, hits / max(len(examples), 1), len(examples), texts, ids)
 
 
 def engine_greedy(adapter_dir: Path | None, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
