@@ -85,7 +85,13 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = SwitchboardServer.create(model_cfg, engine_cfg, pool_cfg, server_cfg, tenants=tenants)
+    from server.model.checkpoint import ModelNotFound
+
+    try:
+        server = SwitchboardServer.create(model_cfg, engine_cfg, pool_cfg, server_cfg, tenants=tenants)
+    except (ModelNotFound, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         server.start()
     except OSError as exc:
