@@ -22,6 +22,7 @@ import json
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -230,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", type=Path, default=None, help="PNG of latency/throughput against the sweep")
     ap.add_argument("--save-requests", action="store_true", help="include every request's timings in the JSON")
     ap.add_argument("--no-progress", action="store_true")
+    spawn = ap.add_argument_group("self-contained run (instead of --target)")
+    spawn.add_argument("--spawn-server", action="store_true",
+                       help="start `python -m server serve` on a free loopback port for this run (default model) "
+                            "and upload --adapters freshly made random PEFT LoRA adapters to it")
+    spawn.add_argument("--quantize", action="store_true", help="with --spawn-server: NF4 base (default fp32 dense)")
+    spawn.add_argument("--adapter-rank", type=int, default=16, help="with --spawn-server: LoRA rank (7 projections)")
+    spawn.add_argument("--device-slots", type=int, default=16, help="with --spawn-server")
     return ap
 
 
@@ -286,10 +294,35 @@ async def run_from_args(args: argparse.Namespace, client=None) -> dict:
     return report
 
 
+@contextmanager
+def spawned_server(args: argparse.Namespace):
+    """--spawn-server: a server subprocess with --adapters random LoRA adapters uploaded; sets args.target."""
+    import tempfile
+
+    from bench.peft_peers import make_lora_adapters
+    from bench.serving import server_subprocess, upload_adapters
+    from server.model.checkpoint import resolve_model_dir
+
+    concurrency = max(args.concurrency or [64])
+    with server_subprocess(quantize=args.quantize, device_slots=args.device_slots, max_lora_rank=args.adapter_rank,
+                           max_running=concurrency) as srv:
+        if args.adapters:
+            paths = make_lora_adapters(resolve_model_dir(None), Path(tempfile.mkdtemp(prefix="load-test-")),
+                                       args.adapters, rank=args.adapter_rank, seed=args.seed)
+            seconds = upload_adapters(srv.target, None, {f"{args.adapter_prefix}{i}": p for i, p in enumerate(paths)})
+            print(f"uploaded {len(paths)} adapters in {seconds:.1f} s to {srv.target}", flush=True)
+        args.target = srv.target
+        yield srv
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = asyncio.run(run_from_args(args))
+        if args.spawn_server:
+            with spawned_server(args):
+                report = asyncio.run(run_from_args(args))
+        else:
+            report = asyncio.run(run_from_args(args))
     except (ValueError, ImportError) as exc:
         print(f"load_test: {exc}", file=sys.stderr)
         return 2

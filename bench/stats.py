@@ -2,7 +2,8 @@
 
 Definitions (as in vLLM's serving benchmark and DistServe):
   TTFT  send -> first chunk carrying a token
-  ITL   gaps between successive token-carrying chunks (one sample per gap, all requests pooled)
+  ITL   gaps between successive token-carrying chunks (one sample per gap, all requests pooled; a chunk
+        that carries several tokens, when the server coalesces a lagging stream, counts once)
   TPOT  per request, (e2e - TTFT) / (output tokens - 1); requests with one token have none
   e2e   send -> last chunk
   goodput  requests per second that finished without error and met every SLO bound given
