@@ -8,8 +8,6 @@ import grpc
 class SwitchboardError(Exception):
     """A call failed; `code` is the gRPC status code, `message` the server's explanation."""
 
-    code_default: grpc.StatusCode = grpc.StatusCode.UNKNOWN
-
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code

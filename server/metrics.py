@@ -20,6 +20,7 @@ TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
 UNAUTHENTICATED_LABEL = "unauthenticated"
+UNRESOLVED_LABEL = "unresolved"  # a request naming an adapter that was not found / not allowed
 
 
 class AdapterLabels:
@@ -33,6 +34,8 @@ class AdapterLabels:
     def __call__(self, adapter: str) -> str:
         if not adapter:
             return BASE_LABEL
+        if adapter in (UNRESOLVED_LABEL, OTHER_LABEL):
+            return adapter
         with self._lock:
             if adapter in self._seen:
                 return adapter

@@ -31,7 +31,7 @@ from server.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from server.metrics import ServerMetrics
+from server.metrics import UNRESOLVED_LABEL, ServerMetrics
 from server.tenants import ConcurrencyLimiter, Tenant, TenantBusy
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc
@@ -110,7 +110,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Yields (prepared, event) until the finishing event; aborts the call with a status on failure."""
         tenant = caller(context)
         started = time.monotonic()
-        adapter_label, status = request.adapter, None
+        # never a caller-chosen label: an adapter name only once it resolved
+        adapter_label, status = UNRESOLVED_LABEL if request.adapter else "", None
         stats: dict = {}
         try:
             prepared = self._prepare(request, tenant, started)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clients import InvalidArgument, NotFound, SwitchboardError
-from tests.server_utils import running_server
+from tests.server_utils import metric, metric_values, running_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,8 +49,14 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def client(tiny_llama_dir):
-    with running_server(tiny_llama_dir, tenants=["acme"]) as server, server.client("acme", timeout=30) as c:
+def server(tiny_llama_dir):
+    with running_server(tiny_llama_dir, tenants=["acme"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client("acme", timeout=30) as c:
         yield c
 
 
@@ -76,3 +82,11 @@ def test_duplicate_request_id_in_flight_is_refused(client):
     with pytest.raises(InvalidArgument, match="'acme/dup' is already in flight"):
         client.generate(token_ids=[5, 6], max_new_tokens=2, request_id="dup")
     stream.close()
+
+
+def test_refusals_are_counted_without_caller_chosen_labels(server, client):
+    scrape = server.scrape()
+    labels = {dict(ls)["adapter"] for n, ls in metric_values(scrape) if n == "switchboard_requests_total"}
+    assert labels <= {"base", "unresolved"}  # "no-such-adapter" never became a label value
+    assert metric(scrape, "switchboard_requests_total", status="INVALID_ARGUMENT") >= 2 * (len(CASES) - 2)
+    assert metric(scrape, "switchboard_requests_total", adapter="unresolved", status="NOT_FOUND") >= 4
