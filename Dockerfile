@@ -45,10 +45,10 @@ EXPOSE 50051 9090
 
 # grpc.health.v1 through the client CLI (needs no API key); exit 0 only when SERVING
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
-    CMD [".venv/bin/python", "-m", "clients", "--target", "127.0.0.1:50051", "--timeout", "5", "health"]
+    CMD ["/app/.venv/bin/python", "-m", "clients", "--target", "127.0.0.1:50051", "--timeout", "5", "health"]
 
 # a non-loopback bind needs a tenants file (mount one at /config/tenants.toml); SIGTERM drains in-flight requests
 # (8 s grace: inside `docker stop`'s default 10 s)
 STOPSIGNAL SIGTERM
-CMD [".venv/bin/python", "-m", "server", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", \
+CMD ["/app/.venv/bin/python", "-m", "server", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", \
      "--data-dir", "/data", "--tenants", "/config/tenants.toml", "--grace-period", "8"]
