@@ -13,7 +13,7 @@ import threading
 import grpc
 import pytest
 
-from clients import AsyncSwitchboardClient, NotFound, PermissionDenied, SwitchboardClient
+from clients import AsyncSwitchboardClient, InvalidArgument, NotFound, PermissionDenied, SwitchboardClient
 from server.engine.request import GenerationRequest, SamplingParams
 from tests.engine_utils import collect
 from tests.server_utils import running_server
@@ -130,6 +130,10 @@ def test_asyncio_client_streams_and_generates(server):
             results = await asyncio.gather(*[c.generate(token_ids=[i + 3, 9], max_new_tokens=6, ignore_eos=True)
                                              for i in range(8)])
             chunks = [ch async for ch in c.stream(token_ids=[3, 9], max_new_tokens=6, ignore_eos=True)]
+            with pytest.raises(NotFound, match="'ghost' not found"):  # errors are typed here too
+                await c.generate(token_ids=[3], adapter="ghost")
+            with pytest.raises(InvalidArgument, match="top_p"):
+                _ = [ch async for ch in c.stream(token_ids=[3], top_p=2.0)]
             return results, chunks
 
     results, chunks = asyncio.run(run())
