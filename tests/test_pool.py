@@ -105,10 +105,13 @@ def test_step_loop_keeps_decoding_while_an_adapter_loads(tiny_llama_dir: Path, l
     engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), EngineConfig(),
                            AdapterPoolConfig(device_slots=2, max_lora_rank=8))
     slow_started = threading.Event()
+    load_window: list[float] = []
 
     def slow_read():
+        load_window.append(time.monotonic())
         slow_started.set()
         time.sleep(1.0)
+        load_window.append(time.monotonic())
         return read_adapter(loras[1], engine.args, 8, 16)
 
     engine.pool.register("fast", loras[0])
@@ -117,21 +120,20 @@ def test_step_loop_keeps_decoding_while_an_adapter_loads(tiny_llama_dir: Path, l
     engine.on_logits = lambda seqs, logits: steps.append(time.monotonic())
     engine.start()
     try:
-        params = SamplingParams(max_new_tokens=120, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=400, ignore_eos=True)  # outlasts the 1 s load
         long = engine.submit(GenerationRequest("long", (1, 2, 3), params, adapter="fast"))
         long.get(timeout=30)
         waiting = engine.submit(GenerationRequest("slow", (4, 5, 6), SamplingParams(max_new_tokens=4, ignore_eos=True),
                                                   adapter="slow"))
         assert slow_started.wait(5)
-        t0 = time.monotonic()
         slow_result = collect(waiting)
-        loaded_after = time.monotonic() - t0
         collect(long)
-        during = [t for t in steps if t0 <= t <= t0 + 0.9]
-        gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
-        assert loaded_after > 0.8 and len(slow_result.token_ids) == 4
+        start, end = load_window
+        during = [t for t in steps if start <= t <= end]
+        gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+        assert len(slow_result.token_ids) == 4
         assert len(during) >= 5, f"only {len(during)} steps ran while the adapter loaded"
-        assert max(gaps) < 0.5, f"the step loop paused {max(gaps):.3f} s"
+        assert max(gaps) < 0.5, f"the step loop paused {max(gaps):.3f} s while the adapter loaded"
         # the same request once the adapter is resident gives the same tokens
         again = collect(engine.submit(GenerationRequest("again", (4, 5, 6), SamplingParams(max_new_tokens=4,
                                                                                            ignore_eos=True),

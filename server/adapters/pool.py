@@ -175,12 +175,8 @@ class AdapterPool:
             self._request_load(key, entry)
 
     def unreserve(self, key: str) -> None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return
-            entry.users = max(0, entry.users - 1)
-            self._drop_if_retired(key, entry)
+        """The submitted sequence finished (or was aborted)."""
+        self._let_go(key, "users")
 
     def host_weights(self, key: str) -> AdapterWeights:
         """The host copy, read on the calling thread if needed; raises what the reader raises."""
@@ -227,12 +223,8 @@ class AdapterPool:
             return Lease(key, entry.slot, entry.weights, entry.version)
 
     def release(self, key: str) -> None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return
-            entry.refs = max(0, entry.refs - 1)
-            self._drop_if_retired(key, entry)
+        """The running sequence no longer needs its slot (finished or preempted)."""
+        self._let_go(key, "refs")
 
     def resident(self) -> int:
         with self._lock:
@@ -367,9 +359,14 @@ class AdapterPool:
         self._lru.pop(key, None)
         self._trim_host()
 
-    def _drop_if_retired(self, key: str, entry: _Entry) -> None:
-        if entry.retired and not entry.refs and not entry.users and self._entries.get(key) is entry:
-            self._drop(key)
+    def _let_go(self, key: str, counter: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            setattr(entry, counter, max(0, getattr(entry, counter) - 1))
+            if entry.retired and not entry.refs and not entry.users:
+                self._drop(key)
 
     def _drop(self, key: str) -> None:
         entry = self._entries[key]
