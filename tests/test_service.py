@@ -52,6 +52,7 @@ def check_same(server, client, ids, inputs: dict, **sampling):
     assert got.finish_reason == str(want.finish_reason)
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
     assert "".join(c.text for c in chunks) == want.text
+    assert not any("\ufffd" in c.text for c in chunks) or "\ufffd" in want.text  # no split multi-byte chars
     last = chunks[-1]
     assert last.finished and not any(c.finished for c in chunks[:-1])
     assert last.finish_reason == got.finish_reason
