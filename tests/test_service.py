@@ -182,3 +182,10 @@ def test_adapters_resolve_per_tenant_and_match_the_engine(server, acme, tiny_lla
     with server.client("admin") as admin:  # the admin tenant may use anyone's adapter by full name
         result = admin.generate(token_ids=ids, adapter="acme/style", max_new_tokens=8, ignore_eos=True)
         assert result.adapter_version == 1
+
+
+@pytest.mark.slow
+def test_default_model_nf4_chat_through_the_service(default_model_dir):
+    messages = [{"role": "user", "content": "Name three colors."}]
+    with running_server(default_model_dir, quantize=True) as s, s.client(None, timeout=300) as c:
+        check_same(s, c, chat_ids(s, messages), {"messages": messages}, max_new_tokens=4)
