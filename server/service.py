@@ -163,6 +163,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     if not context.is_active():
                         stats["status"] = _gone_status(context)
                         return
+                    if not self.engine.alive:  # never wait forever on a step loop that is gone
+                        raise RequestError(grpc.StatusCode.UNAVAILABLE, "the engine is not running") from None
                     continue
                 event = _coalesce(event, handle)
                 if "queue_s" not in stats and event.queue_s is not None:

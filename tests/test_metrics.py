@@ -124,3 +124,19 @@ def test_adapter_label_cardinality_is_bounded():
     adapters = {dict(ls)["adapter"] for (n, ls) in metric_values(scrape) if n == "switchboard_requests_total"}
     assert adapters == {"acme/a0", "acme/a1", "acme/a2", "other", "base"}
     assert metric(scrape, "switchboard_requests_total", adapter="other") == 7
+
+
+def test_a_dead_step_loop_is_unavailable_not_a_hang(tiny_llama_dir, monkeypatch):
+    from clients import Unavailable
+
+    with running_server(tiny_llama_dir) as s, s.client(None, timeout=30) as c:
+        assert c.generate(token_ids=[5, 6], max_new_tokens=2).completion_tokens == 2
+
+        def broken_schedule():
+            raise RuntimeError("scheduler bug (injected)")
+
+        monkeypatch.setattr(s.engine.scheduler, "schedule", broken_schedule)  # kills the step loop thread
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="the engine is not running"):
+            c.generate(token_ids=[5, 6], max_new_tokens=2)
+        assert time.monotonic() - t0 < 5 and not s.engine.alive

@@ -120,6 +120,11 @@ class Engine:
             self._lock.notify()
         return seq.handle
 
+    @property
+    def alive(self) -> bool:
+        """The step loop is running (False before start() and once it exited or died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborts.append(request_id)
