@@ -1,11 +1,14 @@
 """Per-batch LoRA metadata, built once per step and shared by every layer.
 
 Tokens are stably sorted by adapter slot, counted, and cut into segments, so the batch need not
-arrive sorted and the same metadata serves prefill chunks and single decode tokens alike.
+arrive sorted and the same metadata serves prefill chunks and single decode tokens alike. When the
+batch does arrive grouped by slot (the engine's runner lays it out that way), `contiguous` is True
+and every segment is a plain slice of the token axis, which the CPU path exploits (no gathers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,19 +22,33 @@ class LoraBatchMeta:
     seg_slots: torch.Tensor  # [S] int32 slot of each segment (may be -1)
     seg_slots_list: list[int]  # the same, on the host (segment loops need no device sync)
     seg_starts_list: list[int]
+    seg_ranks_list: list[int] | None  # true rank of each segment's adapter (<= the tables' padded rank); None = padded
+    contiguous: bool  # sorted_tokens is the identity: segment k is tokens seg_starts[k]:seg_starts[k+1]
     has_lora: bool  # any slot >= 0; False = the LoRA kernels are skipped
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_slots.shape[0])
 
+    def lora_segments(self) -> list[tuple[int, int, int, int | None]]:
+        """(start, end, slot, rank) of each segment that has a LoRA, in sorted-token coordinates."""
+        starts, ranks = self.seg_starts_list, self.seg_ranks_list
+        return [
+            (starts[k], starts[k + 1], slot, None if ranks is None else ranks[k])
+            for k, slot in enumerate(self.seg_slots_list)
+            if slot >= 0
+        ]
 
-def build_lora_meta(token_slots: torch.Tensor) -> LoraBatchMeta:
+
+def build_lora_meta(token_slots: torch.Tensor, slot_ranks: Sequence[int] | None = None) -> LoraBatchMeta:
     """Segments of equal slot over the stably sorted tokens.
 
+    slot_ranks: the true LoRA rank of each slot (host list indexed by slot), so kernels can skip the
+    zero padding of lower-rank adapters; None = use the tables' full (padded) rank.
+
     >>> m = build_lora_meta(torch.tensor([2, -1, 2, 0]))
-    >>> m.sorted_tokens.tolist(), m.seg_slots.tolist(), m.seg_starts.tolist()
-    ([1, 3, 0, 2], [-1, 0, 2], [0, 1, 2, 4])
+    >>> m.sorted_tokens.tolist(), m.seg_slots.tolist(), m.seg_starts.tolist(), m.contiguous
+    ([1, 3, 0, 2], [-1, 0, 2], [0, 1, 2, 4], False)
     """
     slots = token_slots.to(torch.int32)
     order = torch.sort(slots, stable=True).indices
@@ -39,6 +56,7 @@ def build_lora_meta(token_slots: torch.Tensor) -> LoraBatchMeta:
     starts = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=slots.device)
     torch.cumsum(counts, 0, out=starts[1:])
     seg_slots_list = seg_slots.tolist()
+    ranks = None if slot_ranks is None else [slot_ranks[s] if s >= 0 else 0 for s in seg_slots_list]
     return LoraBatchMeta(
         token_slots=slots,
         sorted_tokens=order,
@@ -46,5 +64,7 @@ def build_lora_meta(token_slots: torch.Tensor) -> LoraBatchMeta:
         seg_slots=seg_slots.to(torch.int32),
         seg_slots_list=seg_slots_list,
         seg_starts_list=starts.tolist(),
+        seg_ranks_list=ranks,
+        contiguous=bool(torch.equal(order, torch.arange(order.numel(), device=order.device))),
         has_lora=any(s >= 0 for s in seg_slots_list),
     )

@@ -1,6 +1,10 @@
 """The LoRA shrink/expand semantics in plain torch: the test oracle and the CPU path.
 
-Loops over segments (the distinct slots in the batch, usually few), never over tokens.
+Loops over segments (the distinct slots in the batch), never over tokens. When the batch arrives
+grouped by slot (`meta.contiguous`), each segment is a slice of the token axis and is multiplied in
+place through views (no gather/scatter copies: what makes a decode step with many distinct adapters
+cheap on CPU); otherwise segments are gathered through `sorted_tokens`. Only each adapter's true rank
+is multiplied (`meta.seg_ranks_list`), not the tables' zero padding.
 """
 
 from __future__ import annotations
@@ -14,17 +18,16 @@ def shrink_reference(
     x: torch.Tensor,  # [T, in]
     a_stack: torch.Tensor,  # [slots, rank, in] (may be a strided view of [slots, layers, rank, in])
     meta: LoraBatchMeta,
-    out: torch.Tensor | None = None,  # [T, rank] fp32
 ) -> torch.Tensor:
     """Semantics: t[i] = x[i] @ A[slot[i]]^T in fp32 for slot[i] >= 0, else 0. Returns t [T, rank] fp32."""
-    t = out if out is not None else torch.empty(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
-    t.zero_()
-    starts = meta.seg_starts_list
-    for k, slot in enumerate(meta.seg_slots_list):
-        if slot < 0:
-            continue
-        rows = meta.sorted_tokens[starts[k] : starts[k + 1]]
-        t[rows] = x[rows].float() @ a_stack[slot].float().t()
+    t = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
+    for lo, hi, slot, rank in meta.lora_segments():
+        a = a_stack[slot, :rank].float()  # [r, in]
+        if meta.contiguous:
+            t[lo:hi, : a.shape[0]] = x[lo:hi].float() @ a.t()
+        else:
+            rows = meta.sorted_tokens[lo:hi]
+            t[rows, : a.shape[0]] = x[rows].float() @ a.t()
     return t
 
 
@@ -36,11 +39,15 @@ def expand_reference(
     y: torch.Tensor,  # [T, out], updated in place
 ) -> torch.Tensor:
     """Semantics: y[i] += scale[slot[i]] * t[i] @ B[slot[i]]^T for slot[i] >= 0 (fp32 accumulate)."""
-    starts = meta.seg_starts_list
-    for k, slot in enumerate(meta.seg_slots_list):
-        if slot < 0:
+    segments = meta.lora_segments()
+    scale_of = scales.tolist() if segments else []
+    for lo, hi, slot, rank in segments:
+        b = b_stack[slot, :, :rank].float()  # [out, r]
+        r = b.shape[1]
+        if meta.contiguous and y.dtype == torch.float32:
+            y[lo:hi].addmm_(t[lo:hi, :r], b.t(), alpha=scale_of[slot])
             continue
-        rows = meta.sorted_tokens[starts[k] : starts[k + 1]]
-        delta = (t[rows] @ b_stack[slot].float().t()) * scales[slot]
+        rows = slice(lo, hi) if meta.contiguous else meta.sorted_tokens[lo:hi]
+        delta = (t[rows, :r] @ b.t()) * scale_of[slot]
         y[rows] = (y[rows].float() + delta).to(y.dtype)
     return y

@@ -33,6 +33,34 @@ def test_meta_exact_tables() -> None:
     assert not none.has_lora and none.seg_slots.tolist() == [-1]
     one = build_lora_meta(torch.tensor([5]))
     assert one.seg_starts.tolist() == [0, 1] and one.seg_slots.tolist() == [5]
+    assert not m.contiguous and m.seg_ranks_list is None
+    grouped = build_lora_meta(torch.tensor([-1, 0, 0, 3, 3, 3]), slot_ranks=[4, 0, 0, 16])
+    assert grouped.contiguous and grouped.seg_ranks_list == [0, 4, 16]
+    assert grouped.lora_segments() == [(1, 3, 0, 4), (3, 6, 3, 16)]
+
+
+@pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf:1.5", "identical"])
+@pytest.mark.parametrize("n_tokens", [1, 9, 40])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_reference_true_ranks_match_padded_loop(popularity: str, n_tokens: int, grouped: bool) -> None:
+    """Adapters of ranks 1..16 zero-padded to 16 in the tables: multiplying only the true rank (and, for a
+    batch grouped by slot, through slices) equals the per-token loop over the padded tables."""
+    seed = int(torch.randint(0, 10**6, ()))
+    slots, x, a, b, scales, y0 = random_case(n_tokens, 16, popularity, torch.float32, seed)
+    ranks = [1, 4, 16, 8, 2, 16]
+    for s, r in enumerate(ranks):  # what AdapterTables holds for a rank-r adapter: zeros past r
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+    if grouped:  # the engine's runner lays tokens out grouped by slot
+        order = torch.sort(slots, stable=True).indices
+        slots, x, y0 = slots[order], x[order], y0[order]
+    meta = build_lora_meta(slots, slot_ranks=ranks)
+    assert meta.contiguous == grouped or meta.contiguous  # ungrouped draws may happen to be sorted
+    t = shrink_reference(x, a, meta)
+    y = expand_reference(t, b, scales, meta, y0.clone())
+    torch.testing.assert_close(y, loop_oracle(slots, x, a, b, scales, y0), atol=1e-4, rtol=1e-4)
+    no_lora = slots < 0
+    assert torch.count_nonzero(t[no_lora]) == 0 and torch.equal(y[no_lora], y0[no_lora])
 
 
 def random_case(n_tokens: int, rank: int, popularity: str, dtype: torch.dtype, seed: int, n_in=40, n_out=48):

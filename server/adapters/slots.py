@@ -6,6 +6,7 @@ A module's table is created the first time any adapter targets that module.
   lora_a[module]  [slots, layers, max_rank, in]   zero-padded to max_rank
   lora_b[module]  [slots, layers, out, max_rank]
   lora_scale      [slots] fp32                     alpha/r (or alpha/sqrt(r)); 0 for non-LoRA slots
+  slot_ranks      host list [slots]                each slot's true LoRA rank (0 = no LoRA), for the kernels
   ia3_in[module]  [slots + 1, layers, in]          input scaling; row `slots` is all ones (no IA3)
   ia3_out[module] [slots + 1, layers, out]         output scaling; row `slots` is all ones
 """
@@ -28,6 +29,7 @@ class AdapterTables:
         self.lora_a: dict[str, torch.Tensor] = {}
         self.lora_b: dict[str, torch.Tensor] = {}
         self.lora_scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.slot_ranks: list[int] = [0] * num_slots
         self.ia3_in: dict[str, torch.Tensor] = {}
         self.ia3_out: dict[str, torch.Tensor] = {}
 
@@ -59,6 +61,7 @@ class AdapterTables:
         for table in (*self.ia3_in.values(), *self.ia3_out.values()):
             table[slot].fill_(1.0)
         self.lora_scale[slot] = 0.0
+        self.slot_ranks[slot] = 0
 
     def load_lora(self, slot: int, lora: LoraWeights) -> None:
         """Copy a LoRA adapter into `slot` (rank <= max_rank, zero-padded)."""
@@ -70,6 +73,7 @@ class AdapterTables:
             table_a[slot, layer, : lora.rank] = a.to(self.dtype)
             table_b[slot, layer, :, : lora.rank] = lora.b[(layer, module)].to(self.dtype)
         self.lora_scale[slot] = lora.scale
+        self.slot_ranks[slot] = lora.rank
 
     def load_ia3(self, slot: int, ia3: IA3Weights) -> None:
         self.clear(slot)

@@ -48,7 +48,7 @@ class ModelRunner:
             kv_rows.append(self.kv.slots(seq.blocks, 0, start + n))
             starts.append(start)
             kind = seq.adapter_kind
-            lora_slots.extend([seq.adapter_slot if kind == AdapterKind.LORA else -1] * n)
+            lora_slots.extend([_lora_slot(seq)] * n)
             ia3_rows.extend([seq.adapter_slot if kind == AdapterKind.IA3 else no_ia3] * n)
             v_lo, v_hi = seq.n_prefix, seq.n_prefix + seq.n_virtual
             offset = n_virtual_rows - v_lo
@@ -68,7 +68,8 @@ class ModelRunner:
             if any(s >= 0 for s in lora_slots):
                 from kernels.meta import build_lora_meta
 
-                lora_meta = build_lora_meta(torch.tensor(lora_slots, dtype=torch.int32, device=dev))
+                slots = torch.tensor(lora_slots, dtype=torch.int32, device=dev)
+                lora_meta = build_lora_meta(slots, self.tables.slot_ranks)
             adapters = AdapterBatch(
                 lora_meta=lora_meta,
                 ia3_rows=(torch.tensor(ia3_rows, device=dev) if any(r != no_ia3 for r in ia3_rows) else None),
@@ -116,9 +117,18 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]], prompt_embeds: dict[str, torch.Tensor]) -> tuple[
         torch.Tensor, list[Sequence]
     ]:
-        """Logits [S, vocab] fp32 for the sampled sequences (those whose context is now complete)."""
+        """Logits [S, vocab] fp32 for the sampled sequences (those whose context is now complete).
+
+        Sequences are laid out grouped by LoRA slot (stable), so each adapter's tokens form one contiguous
+        segment and the LoRA kernels work on slices; the returned `sampled` list follows that order.
+        """
+        scheduled = sorted(scheduled, key=lambda item: _lora_slot(item[0]))
         batch, sampled = self.build(scheduled, prompt_embeds)
         logits = self.model(batch, self.kv.k, self.kv.v)
         for seq, n in scheduled:
             seq.num_computed += n
         return logits, sampled
+
+
+def _lora_slot(seq: Sequence) -> int:
+    return seq.adapter_slot if seq.adapter_kind == AdapterKind.LORA else -1
