@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class SwitchboardServer:
         self.limiter = ConcurrencyLimiter(config.per_tenant_concurrency)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.port: int | None = None
+        self._stopping = threading.Event()
         self.metrics_port: int | None = None
         message_cap = config.max_upload_chunk_bytes + (64 << 10)
         # a generation holds a worker thread from arrival to its last token: enough workers for every
@@ -120,12 +122,25 @@ class SwitchboardServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         self._server.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._watch_engine, name="engine-watchdog", daemon=True).start()
+
+    def _set_health(self, status) -> None:
         for service in ("", *SERVICE_NAMES):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(service, status)
+
+    def _watch_engine(self, interval_s: float = 0.5) -> None:
+        """Report NOT_SERVING once the engine's step loop is gone, so health checks (Docker, k8s) see it."""
+        while not self._stopping.wait(interval_s):
+            if not self.engine.alive:
+                log.error("the engine's step loop is not running: reporting NOT_SERVING")
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
 
     def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish for `grace_s`, then cancel the rest."""
         grace_s = self.config.grace_period_s if grace_s is None else grace_s
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
         self._server.stop(grace_s).wait()
         self.engine.shutdown(drain_timeout_s=0.0)

@@ -140,3 +140,4 @@ def test_a_dead_step_loop_is_unavailable_not_a_hang(tiny_llama_dir, monkeypatch)
         with pytest.raises(Unavailable, match="the engine is not running"):
             c.generate(token_ids=[5, 6], max_new_tokens=2)
         assert time.monotonic() - t0 < 5 and not s.engine.alive
+        wait_until(lambda: c.health() == "NOT_SERVING", timeout=5, what="health to report the dead engine")
