@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 import tempfile
 from functools import cache
 from pathlib import Path
 
+from server.adapters.store import MANIFEST, AdapterStore
 from tests.peft_adapters import AdapterSpec, make_peft_adapter
 
 _ROOT = Path(tempfile.mkdtemp(prefix="switchboard-adapters-"))
@@ -36,3 +38,17 @@ def tar_bytes(src_dir: Path, arc_prefix: str = "") -> bytes:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             tar.add(src_dir / name, arcname=f"{arc_prefix}{name}")
     return buf.getvalue()
+
+
+def clone_store(store: AdapterStore, tenant: str, n: int, contents: int) -> None:
+    """Grow tenant's a0000..a{contents-1} (committed) to n adapters a0000..a{n-1} whose files repeat them.
+
+    Copies the committed version directories and rewrites their manifests' names: the layout put() writes,
+    without n rounds of fsyncs (the store's own tests cover those). Reopen the store to see the copies."""
+    masters = [store.latest(tenant, f"a{i:04d}") for i in range(contents)]
+    for i in range(contents, n):
+        master = masters[i % contents]
+        dst = store.root / tenant / f"a{i:04d}" / master.path.name
+        shutil.copytree(master.path, dst)
+        manifest = json.loads((dst / MANIFEST).read_text())
+        (dst / MANIFEST).write_text(json.dumps({**manifest, "name": f"a{i:04d}"}))
