@@ -8,7 +8,8 @@ every request exactly 32 new tokens (EOS ignored), greedy, on the default model 
 fp32 dense (`--quantize`: NF4 on both sides).
 
 Rows: (a) our gRPC server on loopback (a subprocess, adapters uploaded through the Admin API, driven by
-the async client at --concurrency streams), [--engine-inprocess: our Engine called directly, no gRPC],
+the async client at --concurrency streams), [--engine-inprocess: our Engine called directly, no gRPC,
+with the adapters and again with none: what the LoRA path costs us],
 (b) PEFT one request at a time, (c) PEFT mixed-adapter batches, (d) merge per adapter, (e) transformers
 batched generate with no adapters. (b) and (d) time a subset (--single-requests, --merge-adapters) of the
 same requests: they are linear in the request count. Every peer's greedy tokens are checked against
@@ -57,8 +58,10 @@ def make_requests(tokenizer, n: int, adapters: list[str], prompt_len: int, popul
 
 
 def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
-                concurrency: int, rank: int) -> PeerResult:
-    """Our Engine in this process (no gRPC): every request submitted, at most `concurrency` running."""
+                concurrency: int, rank: int, also_base: bool = False) -> list[PeerResult]:
+    """Our Engine in this process (no gRPC): every request submitted, at most `concurrency` running.
+
+    also_base: a second pass of the same requests with no adapter, on the same engine (the LoRA cost)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, SamplingParams
@@ -69,14 +72,13 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
     for name, path in adapters.items():
         engine.pool.register(name, path)
     engine.start()
-    try:
-        warm = SamplingParams(max_new_tokens=1, ignore_eos=True)  # loads every adapter into its slot
-        for h in [engine.submit(GenerationRequest(f"warm-{n}", (1, 2, 3, 4), warm, adapter=n)) for n in adapters]:
-            collect(h)
+
+    def run(label: str, with_adapters: bool) -> PeerResult:
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        res = PeerResult(f"switchboard Engine in-process (no gRPC), {concurrency} running", len(requests), 0, 0.0)
+        res = PeerResult(label, len(requests), 0, 0.0)
         start = time.perf_counter()
-        handles = [engine.submit(GenerationRequest(f"bench-{r.index}", r.token_ids, params, adapter=r.adapter or None))
+        handles = [engine.submit(GenerationRequest(f"{label}-{r.index}", r.token_ids, params,
+                                                   adapter=(r.adapter or None) if with_adapters else None))
                    for r in requests]
         for r, h in zip(requests, handles, strict=True):
             out = collect(h, timeout=3600)
@@ -86,6 +88,15 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
         res.seconds = time.perf_counter() - start
         res.tokens = sum(map(len, res.outputs.values()))
         return res
+
+    try:
+        warm = SamplingParams(max_new_tokens=1, ignore_eos=True)  # loads every adapter into its slot
+        for h in [engine.submit(GenerationRequest(f"warm-{n}", (1, 2, 3, 4), warm, adapter=n)) for n in adapters]:
+            collect(h)
+        results = [run(f"switchboard Engine in-process (no gRPC), {concurrency} running", True)]
+        if also_base:
+            results.append(run(f"switchboard Engine in-process, {concurrency} running, NO adapters", False))
+        return results
     finally:
         engine.shutdown()
 
@@ -124,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="our concurrent requests and the peers' batch size")
     ap.add_argument("--popularity", default="distinct")
     ap.add_argument("--quantize", action="store_true", help="NF4 base on both sides (default fp32 dense)")
-    ap.add_argument("--engine-inprocess", action="store_true", help="also time our Engine directly (no gRPC)")
+    ap.add_argument("--engine-inprocess", action="store_true",
+                    help="also time our Engine directly (no gRPC), with the adapters and with none")
     ap.add_argument("--no-server", action="store_true", help="skip the gRPC server row")
     ap.add_argument("--single-requests", type=int, default=8, help="requests timed for PEFT one-at-a-time")
     ap.add_argument("--merge-adapters", type=int, default=8, help="adapters timed for merge-per-adapter")
@@ -164,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_server:
         done(ours_server(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank), ours)
     if args.engine_inprocess:
-        done(ours_engine(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank), ours)
+        for result in ours_engine(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank,
+                                  also_base=True):
+            done(result, ours)
     gc.collect()
 
     if not {"single", "mixed", "merge"} <= skip:
