@@ -181,11 +181,12 @@ def test_sigkill_during_writes_keeps_every_completed_version(tmp_path: Path) -> 
     for round_ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(root), str(src)], stdout=subprocess.PIPE,
                                 text=True, env=env)
-        time.sleep(1.0 + 0.37 * round_)
+        first = proc.stdout.readline()  # writing for real now; kill it a little later, at some point of a put
+        assert first, "the writer never completed a version"
+        time.sleep(0.2 + 0.23 * round_)
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
-        this_round = {tuple(line.split()) for line in out.splitlines() if line.strip()}
-        assert this_round, "the writer never completed a version"
+        this_round = {tuple(line.split()) for line in (first + out).splitlines() if line.strip()}
         reported |= this_round
         store = AdapterStore(root)
         present = {(v.name, str(v.version)) for t, n in store.names() for v in store.versions(t, n)}
