@@ -67,14 +67,19 @@ def make_peft_adapter(base_dir: Path, spec: AdapterSpec, out: Path) -> Path:
     return out
 
 
-def peft_logits(base_dir: Path, adapter_dir: Path, ids: list[int], quantize: bool = False) -> torch.Tensor:
+def peft_logits(base_dir: Path, adapter_dir: Path, ids: list[int], quantize: bool = False,
+                base: torch.nn.Module | None = None) -> torch.Tensor:
     """PEFT's logits [len(ids), vocab] for the real tokens (virtual-token positions dropped).
 
     quantize: the base is transformers' model quantized with bitsandbytes NF4 (tests.test_model_parity.hf_model).
+    base: that model already loaded (a deep copy is adapted, so one load serves many adapters).
     """
+    import copy
+
     from tests.test_model_parity import hf_model
 
-    model = PeftModel.from_pretrained(hf_model(base_dir, quantize), adapter_dir).eval()
+    base = copy.deepcopy(base) if base is not None else hf_model(base_dir, quantize)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
     return logits[0, -len(ids):].float()
