@@ -94,3 +94,21 @@ def test_cli_trains_and_reports_bad_data(tiny_llama_dir: Path, tmp_path: Path, c
     assert f"{bad}:1: missing field 'completion'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: unknown method
         server_main(["train", "--method", "nope", "--data", str(bad), *common])
+
+
+def test_upload_sends_the_adapter_to_a_running_server(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    from clients import SwitchboardClient
+    from tests.server_utils import running_server
+
+    out = tmp_path / "topic-ia3"
+    with running_server(tiny_llama_dir, tenants=["acme"]) as server:
+        argv = ["--method", "ia3", "--task", "topic", "--n-train", "16", "--n-test", "4", "--steps", "2",
+                "--model", str(tiny_llama_dir), "--output-dir", str(out), "--no-progress", "--save-every", "1"]
+        assert server_main(["train", *argv, "--upload", server.target, "--api-key", server.keys["acme"]]) == 0
+        assert "uploaded topic-ia3 version 1" in capsys.readouterr().out
+        with SwitchboardClient(server.target, server.keys["acme"]) as client:
+            assert [a.name for a in client.list_adapters()] == ["topic-ia3"]
+            assert client.generate("Sentence: Tom sang.\nTopic:", adapter="topic-ia3", max_new_tokens=3).token_ids
+        # a failed upload (bad key) is reported; the trained adapter stays on disk
+        assert server_main(["train", *argv, "--upload", server.target, "--api-key", "wrong"]) == 1
+        assert "upload" in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()

@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {err}", file=sys.stderr)
     print(result.summary_line())
     if args.upload:
-        info = upload(args.output_dir, args.upload, args.api_key, args.name or args.output_dir.name)
-        print(f"uploaded {getattr(info, 'name', args.name)} version {getattr(info, 'version', '?')} to {args.upload}")
+        name = args.name or args.output_dir.name
+        try:
+            info = upload(args.output_dir, args.upload, args.api_key, name)
+        except Exception as exc:  # noqa: BLE001 - any client failure: the adapter stays on disk; say why
+            print(f"error: upload of {args.output_dir} to {args.upload} failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"uploaded {info.name} version {info.version} to {args.upload} ({info.size_bytes:,} bytes)")
     return 0
