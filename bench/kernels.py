@@ -1,18 +1,21 @@
 """LoRA kernel benchmark: shrink+expand time, and the decode step with 32 LoRA adapters vs the base model.
 
-    .venv/bin/python bench/kernels.py [--repeats 20] [--skip-engine] [--out bench/RESULTS.md]
+    .venv/bin/python bench/kernels.py [--repeats 20] [--threads N] [--skip-ops] [--skip-engine] [--nf4] [--out FILE]
 
 Part 1 (op level): tokens x hidden 576 -> out 1536 (SmolLM2's gate_proj), rank 16, 32 adapters, popularity
 distinct / uniform / zipf:1.5 / identical. Compares our path (the reference on CPU, Triton on CUDA),
 a loop over tokens, and gather+bmm; reports achieved GB/s of adapter-weight + activation traffic against
-the measured copy bandwidth. Part 2 (engine): one decode step of 32 sequences on the default model (NF4),
+the measured copy bandwidth. Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
+or NF4 with --nf4),
 each with its own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import queue
 import sys
 import time
 from pathlib import Path
@@ -42,14 +45,16 @@ def copy_bandwidth(device: str) -> float:
     return 2 * x.numel() / sec / 1e9
 
 
-def op_rows(device: str, repeats: int) -> list[str]:
+def op_rows(device: str, repeats: int):
+    """Yield table rows as they are measured (op level, gate_proj-shaped, rank 16, 32 adapters)."""
     n_in, n_out, rank, n_adapters = 576, 1536, 16, 32
     a = torch.randn(n_adapters, rank, n_in, device=device)
     b = torch.randn(n_adapters, n_out, rank, device=device)
     scales = torch.ones(n_adapters, device=device)
-    bw = copy_bandwidth(device)
-    header = "| shape | popularity | ours (ms) | GB/s | token loop (ms) | gather+bmm (ms) |"
-    rows = [f"measured copy bandwidth: {bw:.1f} GB/s", "", header, "|---|---|---:|---:|---:|---:|"]
+    yield f"measured copy bandwidth: {copy_bandwidth(device):.1f} GB/s"
+    yield ""
+    yield "| shape | popularity | ours (ms) | GB/s | token loop (ms) | gather+bmm (ms) |"
+    yield "|---|---|---:|---:|---:|---:|"
     rng = np.random.default_rng(0)
     for label, tokens in [("decode 1", 1), ("decode 8", 8), ("decode 32", 32), ("decode 128", 128),
                           ("decode 256", 256), ("prefill 4x128", 512)]:
@@ -58,12 +63,14 @@ def op_rows(device: str, repeats: int) -> list[str]:
                 ids = np.repeat(sample_adapter_ids(pop, 4, n_adapters, rng), 128)
             else:
                 ids = sample_adapter_ids(pop, tokens, n_adapters, rng)
+            ids = np.sort(ids, kind="stable")  # the engine's runner lays tokens out grouped by slot
             slots = torch.tensor(ids, dtype=torch.int32, device=device)
             x = torch.randn(tokens, n_in, device=device)
             y = torch.zeros(tokens, n_out, device=device)
 
-            def ours(x=x, y=y, slots=slots):
-                meta = build_lora_meta(slots)
+            meta = build_lora_meta(slots, [rank] * n_adapters)  # built once per step, shared by every layer
+
+            def ours(x=x, y=y, meta=meta):
                 lora_expand(lora_shrink(x, a, meta), b, scales, meta, y)
 
             def token_loop(x=x, y=y, ids=ids):
@@ -78,71 +85,96 @@ def op_rows(device: str, repeats: int) -> list[str]:
             t_ours = timed(ours, repeats)
             distinct = len(set(ids.tolist()))
             moved = 4 * (distinct * rank * (n_in + n_out) + tokens * (n_in + 2 * n_out))
-            loop_ms = timed(token_loop, max(1, repeats // 4)) * 1e3 if tokens <= 256 else float("nan")
-            rows.append(f"| {label} | {pop} | {t_ours * 1e3:.3f} | {moved / t_ours / 1e9:.1f} | {loop_ms:.3f} | "
-                        f"{timed(gather_bmm, repeats) * 1e3:.3f} |")
-    return rows
+            loop = f"{timed(token_loop, max(1, repeats // 4)) * 1e3:.3f}" if tokens <= 32 else "-"
+            yield (f"| {label} | {pop} | {t_ours * 1e3:.3f} | {moved / t_ours / 1e9:.1f} | {loop} | "
+                   f"{timed(gather_bmm, repeats) * 1e3:.3f} |")
 
 
-def engine_rows(repeats: int) -> list[str]:
+def random_lora(args, rank: int, seed: int):
+    """A rank-`rank` LoRA on all seven projections of every layer, random non-zero weights."""
+    from server.adapters.weights import AdapterKind, AdapterWeights, LoraWeights
+    from server.model.args import PROJECTIONS
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = {}, {}
+    for layer in range(args.num_layers):
+        for module in PROJECTIONS:
+            n_in, n_out = args.projection_shape(module)
+            a[(layer, module)] = torch.randn(rank, n_in, generator=g) * 0.02
+            b[(layer, module)] = torch.randn(n_out, rank, generator=g) * 0.02
+    return AdapterWeights(kind=AdapterKind.LORA, config={}, lora=LoraWeights(rank, 2.0, a, b))
+
+
+def engine_rows(repeats: int, quantize: bool):
+    """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, SamplingParams
-    from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
 
-    engine = Engine.create(ModelConfig(), EngineConfig(), AdapterPoolConfig(device_slots=32, max_lora_rank=16))
-    import tempfile
-
-    from server.model.checkpoint import resolve_model_dir
-
-    tmp = Path(tempfile.mkdtemp())
-    base_dir = resolve_model_dir(None)
-    spec0 = AdapterSpec("a0", "lora", rank=16, alpha=32, targets=ALL_PROJ, seed=0)
-    src = make_peft_adapter(base_dir, spec0, tmp / "a0")
-    from server.adapters.peft_format import read_adapter
-
-    w = read_adapter(src, engine.args, 16, 128)
-    for i in range(32):  # 32 distinct adapters: the same shapes, different random values
-        g = torch.Generator().manual_seed(i)
-        a = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in w.lora.a.items()}
-        b = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in w.lora.b.items()}
-        from dataclasses import replace
-
-        engine.pool.register(f"a{i}", replace(w, lora=replace(w.lora, a=a, b=b)))
-    step_times: dict[str, float] = {}
-    engine.on_logits = None
-    for label, use in (("base model", False), ("32 distinct rank-16 LoRA", True)):
-        params = SamplingParams(max_new_tokens=repeats + 2, ignore_eos=True)
-        times: list[float] = []
+    engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(),
+                           AdapterPoolConfig(device_slots=32, max_lora_rank=64))
+    for i in range(32):
+        engine.pool.register(f"a{i}", random_lora(engine.args, 16, i))
+    mode = "NF4" if quantize else "fp32 dense"
+    yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
+    yield "|---|---:|---:|"
+    medians: dict[str, tuple[float, float]] = {}
+    for label, use in (("base model", False), ("32 distinct rank-16 LoRA (7 modules)", True)):
+        params = SamplingParams(max_new_tokens=repeats + 4, ignore_eos=True)
         handles = [engine.submit(GenerationRequest(f"{label}-{i}", tuple(range(100, 132)), params,
                                                    adapter=f"a{i}" if use else None)) for i in range(32)]
-        engine.step()  # prefill (engine thread not started: steps driven here, timed one by one)
-        while engine.scheduler.has_work():
-            t0 = time.perf_counter()
+        wall: list[float] = []
+        cpu: list[float] = []
+        while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
+            _drain(engine)
+            w0, c0 = time.perf_counter(), time.process_time()
             engine.step()
-            times.append(time.perf_counter() - t0)
-        for h in handles:
-            list(h)
-        step_times[label] = float(np.median(times))
-    ratio = step_times["32 distinct rank-16 LoRA"] / step_times["base model"]
-    return ["| decode step, 32 sequences, default model NF4 | median ms |", "|---|---:|",
-            *[f"| {k} | {v * 1e3:.1f} |" for k, v in step_times.items()], f"| ratio | {ratio:.2f}x |"]
+            if engine.stats().batch_size == 32 and engine.stats().batch_tokens == 32:  # pure decode steps
+                wall.append(time.perf_counter() - w0)
+                cpu.append(time.process_time() - c0)
+            for h in handles:  # consume events so `done` is seen
+                with contextlib.suppress(queue.Empty):
+                    while not h.done:
+                        h.get(timeout=0)
+        medians[label] = (float(np.median(wall)), float(np.median(cpu)))
+        yield f"| {label} | {medians[label][0] * 1e3:.1f} | {medians[label][1] * 1e3:.1f} |"
+    (bw, bc), (lw, lc) = medians.values()
+    yield f"| ratio LoRA / base | {lw / bw:.2f}x | {lc / bc:.2f}x |"
+
+
+def _drain(engine) -> None:
+    """Move submitted sequences into the scheduler (what the step loop does before each step)."""
+    with engine._lock:
+        inbox, engine._inbox = engine._inbox, []
+    for seq in inbox:
+        engine.scheduler.add(seq)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--nf4", action="store_true", help="the engine part on the NF4 base (default: fp32 dense)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = "Triton SGMV" if args.device.startswith("cuda") else "torch reference (CPU path)"
     title = f"### LoRA kernels ({dt.date.today()}, {args.device}, {torch.get_num_threads()} threads; ours = {path})"
-    command = f"`.venv/bin/python bench/kernels.py --repeats {args.repeats}`"
-    lines = [title, "", command, "", *op_rows(args.device, args.repeats)]
+    lines = [title, "", f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", ""]
+    print("\n".join(lines), flush=True)
+    parts = [] if args.skip_ops else [op_rows(args.device, args.repeats)]
     if not args.skip_engine:
-        lines += ["", *engine_rows(args.repeats)]
-    print("\n".join(lines))
+        parts.append(engine_rows(args.repeats, args.nf4))
+    for part in parts:
+        for row in part:
+            print(row, flush=True)
+            lines.append(row)
+        lines.append("")
+        print(flush=True)
     if args.out:
         with args.out.open("a") as f:
             f.write("\n" + "\n".join(lines) + "\n")

@@ -23,7 +23,9 @@ def shrink_reference(
     t = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
     for lo, hi, slot, rank in meta.lora_segments():
         a = a_stack[slot, :rank].float()  # [r, in]
-        if meta.contiguous:
+        if meta.contiguous and hi - lo == 1:  # a decode token: matrix-vector, the fewest ops
+            torch.mv(a, x[lo].float(), out=t[lo, : a.shape[0]])
+        elif meta.contiguous:
             t[lo:hi, : a.shape[0]] = x[lo:hi].float() @ a.t()
         else:
             rows = meta.sorted_tokens[lo:hi]
@@ -45,7 +47,10 @@ def expand_reference(
         b = b_stack[slot, :, :rank].float()  # [out, r]
         r = b.shape[1]
         if meta.contiguous and y.dtype == torch.float32:
-            y[lo:hi].addmm_(t[lo:hi, :r], b.t(), alpha=scale_of[slot])
+            if hi - lo == 1:
+                y[lo].addmv_(b, t[lo, :r], alpha=scale_of[slot])
+            else:
+                y[lo:hi].addmm_(t[lo:hi, :r], b.t(), alpha=scale_of[slot])
             continue
         rows = slice(lo, hi) if meta.contiguous else meta.sorted_tokens[lo:hi]
         delta = (t[rows, :r] @ b.t()) * scale_of[slot]
