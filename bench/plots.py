@@ -65,7 +65,8 @@ def plot_scaling(counts: list[int], throughput: list[float], p99_ttft_ms: list[f
     twin = ax.twinx()
     twin.plot(counts, p99_ttft_ms, "s--", color="tab:red", label="p99 TTFT")
     twin.set_ylabel("p99 TTFT (ms)")
-    fig.legend(fontsize=8, loc="upper center")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
