@@ -15,9 +15,9 @@ import os
 import torch
 
 from kernels.meta import LoraBatchMeta, build_lora_meta
-from kernels.reference import expand_reference, shrink_reference
+from kernels.reference import SlotViews, expand_reference, shrink_reference
 
-__all__ = ["LoraBatchMeta", "build_lora_meta", "lora_expand", "lora_shrink"]
+__all__ = ["LoraBatchMeta", "SlotViews", "build_lora_meta", "lora_expand", "lora_shrink"]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -27,21 +27,24 @@ def _use_triton(x: torch.Tensor) -> bool:
     return mode == "triton" or x.is_cuda
 
 
-def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
-    """t [T, rank] fp32 = x @ A[slot]^T per token (0 where slot = -1)."""
+def lora_shrink(
+    x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta, a_views: SlotViews | None = None
+) -> torch.Tensor:
+    """t [T, rank] fp32 = x @ A[slot]^T per token (0 where slot = -1). a_views: the CPU path's cached views."""
     if _use_triton(x):
         from kernels.sgmv import sgmv_shrink
 
         return sgmv_shrink(x, a_stack, meta)
-    return shrink_reference(x, a_stack, meta)
+    return shrink_reference(x, a_stack, meta, a_views)
 
 
 def lora_expand(
-    t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta, y: torch.Tensor
+    t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta, y: torch.Tensor,
+    b_views: SlotViews | None = None,
 ) -> torch.Tensor:
-    """y += scale[slot] * t @ B[slot]^T per token (in place; returns y)."""
+    """y += scale[slot] * t @ B[slot]^T per token (in place; returns y). b_views: the CPU path's cached views."""
     if _use_triton(t):
         from kernels.sgmv import sgmv_expand
 
         return sgmv_expand(t, b_stack, scales, meta, y)
-    return expand_reference(t, b_stack, scales, meta, y)
+    return expand_reference(t, b_stack, scales, meta, y, b_views)

@@ -14,15 +14,41 @@ import torch
 from kernels.meta import LoraBatchMeta
 
 
+class SlotViews:
+    """Views of one stacked table per (slot, rank): `stack[slot]` cut to the adapter's true rank.
+
+    Made once and reused every step: a CPU decode step over many adapters would otherwise spend much of
+    its LoRA time creating these views (select + slice, thousands per step). The pool's tables are
+    preallocated and never reallocated (loading copies into a slot), so a view stays valid for the
+    table's life and reads whatever the slot holds when it is used.
+    """
+
+    def __init__(self, stack: torch.Tensor, rank_dim: int) -> None:
+        self.stack = stack  # [slots, rank, in] (A) or [slots, out, rank] (B); rank_dim is 1 or 2
+        self.rank_dim = rank_dim
+        self._views: dict[tuple[int, int | None], torch.Tensor] = {}
+
+    def __call__(self, slot: int, rank: int | None) -> torch.Tensor:
+        view = self._views.get((slot, rank))
+        if view is None:
+            view = self.stack[slot]
+            if rank is not None:
+                view = view.narrow(self.rank_dim - 1, 0, rank)
+            self._views[(slot, rank)] = view
+        return view
+
+
 def shrink_reference(
     x: torch.Tensor,  # [T, in]
     a_stack: torch.Tensor,  # [slots, rank, in] (may be a strided view of [slots, layers, rank, in])
     meta: LoraBatchMeta,
+    a_views: SlotViews | None = None,  # cached views of a_stack (same values; saves view creation)
 ) -> torch.Tensor:
     """Semantics: t[i] = x[i] @ A[slot[i]]^T in fp32 for slot[i] >= 0, else 0. Returns t [T, rank] fp32."""
     t = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
+    views = a_views or SlotViews(a_stack, rank_dim=1)
     for lo, hi, slot, rank in meta.lora_segments():
-        a = a_stack[slot, :rank].float()  # [r, in]
+        a = views(slot, rank).float()  # [r, in]
         if meta.contiguous and hi - lo == 1:  # a decode token: matrix-vector, the fewest ops
             torch.mv(a, x[lo].float(), out=t[lo, : a.shape[0]])
         elif meta.contiguous:
@@ -39,12 +65,14 @@ def expand_reference(
     scales: torch.Tensor,  # [slots] fp32
     meta: LoraBatchMeta,
     y: torch.Tensor,  # [T, out], updated in place
+    b_views: SlotViews | None = None,  # cached views of b_stack (same values; saves view creation)
 ) -> torch.Tensor:
     """Semantics: y[i] += scale[slot[i]] * t[i] @ B[slot[i]]^T for slot[i] >= 0 (fp32 accumulate)."""
     segments = meta.lora_segments()
     scale_of = scales.tolist() if segments else []
+    views = b_views or SlotViews(b_stack, rank_dim=2)
     for lo, hi, slot, rank in segments:
-        b = b_stack[slot, :, :rank].float()  # [out, r]
+        b = views(slot, rank).float()  # [out, r]
         r = b.shape[1]
         if meta.contiguous and y.dtype == torch.float32:
             if hi - lo == 1:

@@ -88,6 +88,15 @@ class Projection(nn.Module):
         self.layer = layer
         self.name = name
         self.tables = tables  # server.adapters.slots.AdapterTables, shared by all projections
+        self._lora_views: tuple[torch.Tensor, object, object] | None = None  # (table, A views, B views)
+
+    def _views(self, a_table: torch.Tensor, b_table: torch.Tensor):
+        """This layer's per-slot LoRA views, made once per table (tables are never reallocated)."""
+        if self._lora_views is None or self._lora_views[0] is not a_table:
+            from kernels import SlotViews
+
+            self._lora_views = (a_table, SlotViews(a_table[:, self.layer], 1), SlotViews(b_table[:, self.layer], 2))
+        return self._lora_views[1], self._lora_views[2]
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         tables = self.tables
@@ -109,6 +118,8 @@ class Projection(nn.Module):
         if meta is not None and meta.has_lora and self.name in tables.lora_a:
             from kernels import lora_expand, lora_shrink
 
-            t = lora_shrink(x, tables.lora_a[self.name][:, self.layer], meta)
-            y = lora_expand(t, tables.lora_b[self.name][:, self.layer], tables.lora_scale, meta, y)
+            a_table, b_table = tables.lora_a[self.name], tables.lora_b[self.name]
+            a_views, b_views = self._views(a_table, b_table)
+            t = lora_shrink(x, a_views.stack, meta, a_views)
+            y = lora_expand(t, b_views.stack, tables.lora_scale, meta, y, b_views)
         return y
