@@ -85,11 +85,12 @@ def test_streamed_timings_are_measured_per_chunk():
     w = Workload(num_requests=4, output_len="fixed:4", prompt_len="fixed:3")
     summary, records = asyncio.run(run_load(client, w, concurrency=4, show_progress=False))
     assert summary["completed"] == 4 and summary["errors"] == {} and summary["output_tokens"] == 16
-    for r in records:  # sleep() only ever oversleeps; allow scheduling slack on a busy machine
-        assert 0.05 <= r.ttft_s < 0.05 + 0.1
-        assert all(0.02 <= g < 0.02 + 0.1 for g in r.itls_s) and len(r.itls_s) == 3
+    slack = 0.25  # sleep() only ever oversleeps; allow scheduling delays on a busy shared machine
+    for r in records:
+        assert 0.05 <= r.ttft_s < 0.05 + slack
+        assert all(0.02 <= g < 0.02 + slack for g in r.itls_s) and len(r.itls_s) == 3
         assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 3)
-    assert 50 <= summary["ttft_ms"]["p50"] < 150 and 20 <= summary["itl_ms"]["p50"] < 120
+    assert 50 <= summary["ttft_ms"]["p50"] < 50 + slack * 1e3 and 20 <= summary["itl_ms"]["p50"] < 20 + slack * 1e3
     call = client.calls[0]
     assert call["ignore_eos"] is True and call["temperature"] == 0.0 and len(call["token_ids"]) == 3
     assert len({c["request_id"] for c in client.calls}) == 4
@@ -103,13 +104,13 @@ def test_closed_loop_keeps_exactly_the_concurrency():
 
 
 def test_open_loop_sends_on_schedule_whatever_the_latency():
-    client = FakeClient(ttft=0.3, itl=0.01)  # slow server: an open loop must not wait for it
+    client = FakeClient(ttft=0.6, itl=0.01)  # slow server: an open loop must not wait for it
     w = Workload(num_requests=12, output_len="fixed:2", seed=1)
     plan = make_plan(w, rate=40.0)
     summary, _ = asyncio.run(run_load(client, w, rate=40.0, show_progress=False))
     offsets = [t - client.sent_at[0] for t in client.sent_at]
     for planned, actual in zip([r.send_at_s for r in plan], offsets, strict=True):
-        assert planned - 0.005 <= actual < planned + 0.08
+        assert planned - 0.005 <= actual < planned + 0.25  # late only by scheduling delays, never early
     assert client.peak > 3  # requests overlapped
     assert summary["mode"] == {"rate": 40.0, "arrival": "poisson", "concurrency": None}
 
