@@ -16,7 +16,7 @@ from server.trainer.loop import load_splits, train
 
 @pytest.mark.slow
 def test_lora_beats_zero_shot_and_is_served_like_peft(default_model_dir: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(method="lora", output_dir=tmp_path / "lora", task="topic", n_train=64, n_test=16, steps=10,
+    cfg = TrainConfig(method="lora", output_dir=tmp_path / "lora", task="topic", n_train=32, n_test=12, steps=8,
                       save_every=0, progress=False)
     tokenizer = load_tokenizer(default_model_dir)
     _, test = load_splits(cfg, tokenizer)

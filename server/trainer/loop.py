@@ -166,6 +166,10 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
         torch.set_rng_state(state.rng)
         start, history = state.step, state.history
         log.info("resuming from %s (step %d)", ckpt, start)
+    def snapshot(step: int) -> TrainState:
+        return TrainState(step, fingerprint, {n: p.detach().clone() for n, p in trainable.items()},
+                          optimizer.state_dict(), torch.get_rng_state(), history)
+
     steps, batch_size, lr = cfg.resolved("steps"), cfg.resolved("batch_size"), cfg.resolved("lr")
     pad_id = tokenizer.pad_token_id
     losses: list[float] = []
@@ -197,9 +201,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
             history.append({"step": done, "eval_loss": ev.loss, "exact_match": ev.exact_match})
             bar.write(f"step {done}: eval_loss={ev.loss:.3f} exact_match={ev.exact_match:.1%}")
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            save_checkpoint(cfg.output_dir, TrainState(done, fingerprint, {n: p.detach().clone() for n, p in
-                                                                          trainable.items()},
-                                                       optimizer.state_dict(), torch.get_rng_state(), history))
+            save_checkpoint(cfg.output_dir, snapshot(done))
         if stop_after is not None and done >= stop_after and done < steps:
             bar.close()
             raise TrainingInterrupted(f"stopped after step {done} (stop_after)")
@@ -215,7 +217,5 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
                "summary": result.summary_line(), "trainable_params": result.trainable_params,
                "adapter_bytes": adapter_bytes, "train_seconds": train_seconds}
     (cfg.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    save_checkpoint(cfg.output_dir, TrainState(steps, fingerprint, {n: p.detach().clone() for n, p in
-                                                                    trainable.items()},
-                                               optimizer.state_dict(), torch.get_rng_state(), history))
+    save_checkpoint(cfg.output_dir, snapshot(steps))
     return result

@@ -39,8 +39,8 @@ class MethodDefaults:
 
 
 METHODS: dict[str, MethodDefaults] = {
-    "lora": MethodDefaults(lr=1e-3, steps=60),
-    "qlora": MethodDefaults(lr=1e-3, steps=60, quantized_base=True),
+    "lora": MethodDefaults(lr=1e-3, steps=30),
+    "qlora": MethodDefaults(lr=1e-3, steps=30, quantized_base=True),
     "prompt": MethodDefaults(lr=3e-2, steps=80),
     "p_tuning": MethodDefaults(lr=3e-3, steps=80),
     "prefix": MethodDefaults(lr=1e-2, steps=80),
