@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     with random_weights(device):
         engine = Engine.create(ModelConfig(path=str(model_dir), quantize=cuda, dtype="float16" if cuda else "float32",
                                            device=device),
-                               EngineConfig(max_running=args.batch, kv_blocks=4096),
+                               EngineConfig(max_running=args.batch,  # KV for the batch, 16-token blocks
+                                            kv_blocks=args.batch * (-(-(args.prompt_len + args.new_tokens) // 16) + 1)),
                                AdapterPoolConfig(device_slots=args.adapters, max_lora_rank=args.rank))
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"built the random model ({engine.args.num_layers} layers, hidden {engine.args.hidden_size}) in "
