@@ -116,7 +116,7 @@ def main() -> None:
         print(f"longest gap between steps while sequences were running: {pauses[-1] * 1e3:.2f} ms "
               f"(p99 {pauses[int(len(pauses) * 0.99)] * 1e3:.2f} ms)")
         print(f"pool: slot loads {stats.loads}, disk loads {stats.disk_loads}, host copies {stats.host_entries} "
-              f"({stats.host_bytes / 2**20:.1f} MiB), longest slot copy on the loop "
+              f"({stats.host_bytes / 2**20:.1f} MiB), longest slot copy (on the loader thread) "
               f"{stats.max_slot_copy_s * 1e3:.2f} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -173,8 +173,8 @@ def test_a_thousand_adapters_eight_slots(tiny_llama_dir: Path, tmp_path: Path) -
     print(f"\n1000 adapters / 8 slots / 200 cycled: 400 requests in {elapsed:.1f} s; {len(busy)} decoding steps; "
           f"longest step {longest_step * 1e3:.1f} ms; longest pause between steps with sequences running "
           f"{pauses[-1] * 1e3:.2f} ms (p99 {pauses[int(len(pauses) * 0.99)] * 1e3:.2f} ms); "
-          f"slot loads {stats.loads - before.loads}, disk loads {stats.disk_loads - before.disk_loads}, "
-          f"longest slot copy {stats.max_slot_copy_s * 1e3:.2f} ms")
+          f"slot fills {stats.loads - before.loads}, disk loads {stats.disk_loads - before.disk_loads}, "
+          f"longest slot copy (loader thread) {stats.max_slot_copy_s * 1e3:.2f} ms")
     assert not failures, failures[:3]
     assert not wrong, wrong[:5]
     assert stats.loads - before.loads >= 200 and stats.disk_loads - before.disk_loads >= 190

@@ -32,6 +32,13 @@ def loras(tiny_llama_dir: Path) -> list[Path]:
     return [peft_adapter(tiny_llama_dir, seed=40 + i) for i in range(3)]
 
 
+def acquire_soon(pool: AdapterPool, key: str):
+    """acquire() as the step loop does it: retried until the loader has the adapter in a slot."""
+    leases = []
+    wait_for(lambda: leases.append(pool.acquire(key)) or leases[-1] is not None)
+    return leases[-1]
+
+
 def make_pool(base_dir: Path, **cfg) -> AdapterPool:
     args = ModelArgs.from_dir(base_dir)
     return AdapterPool(AdapterPoolConfig(max_lora_rank=8, **cfg), args, torch.float32, "cpu",
@@ -43,16 +50,17 @@ def test_device_slots_evict_only_unpinned_lru(tiny_llama_dir: Path, loras: list[
     for i, path in enumerate(loras):
         pool.register(f"k{i}", path)
         assert pool.residency(f"k{i}") == "disk"
-    assert pool.acquire("k0") is None  # not on the host yet: the loader fetches it, the caller waits
-    wait_for(lambda: pool.residency("k0") == "host")
-    lease0 = pool.acquire("k0")
+    assert pool.acquire("k0") is None  # not on the host yet: the loader reads it and fills a slot; the caller waits
+    lease0 = acquire_soon(pool, "k0")
     pool.host_weights("k1")  # a blocking read on this thread also works
-    lease1 = pool.acquire("k1")
+    lease1 = acquire_soon(pool, "k1")
     assert {lease0.slot, lease1.slot} == {0, 1} and pool.residency("k0") == "device"
     pool.host_weights("k2")
-    assert pool.acquire("k2") is None  # both slots pinned by running sequences: k2 waits
+    for _ in range(20):  # both slots pinned by running sequences: k2 waits
+        assert pool.acquire("k2") is None
+        time.sleep(0.005)
     pool.release("k0")
-    lease2 = pool.acquire("k2")  # k0 was the least recently used unpinned one
+    lease2 = acquire_soon(pool, "k2")  # k0 was the least recently used unpinned one
     assert lease2.slot == lease0.slot and pool.residency("k0") == "host" and pool.residency("k1") == "device"
     table = pool.tables.lora_a["q_proj"]
     torch.testing.assert_close(table[lease2.slot, 0, :4], lease2.weights.lora.a[(0, "q_proj")])
@@ -67,12 +75,12 @@ def test_host_cache_is_bounded_by_bytes(tiny_llama_dir: Path, loras: list[Path])
     for i, path in enumerate(loras):
         pool.register(f"k{i}", path)
     pool.reserve("k0")  # a submitted request wants k0: never dropped while it waits
-    wait_for(lambda: pool.residency("k0") == "host")
+    wait_for(lambda: pool.residency("k0") == "device")  # the loader read it and, wanted, put it in the slot
     pool.host_weights("k1")
     pool.host_weights("k2")
     stats = pool.stats()
     assert stats.host_bytes <= 2.5 * size and stats.host_entries == 2
-    assert [pool.residency(f"k{i}") for i in range(3)] == ["host", "disk", "host"]
+    assert [pool.residency(f"k{i}") for i in range(3)] == ["device", "disk", "host"]
     pool.unreserve("k0")
     pool.close()
 

@@ -1,11 +1,14 @@
 """Adapter residency in three tiers: disk (registered sources) -> host memory (LRU by bytes) -> device slots.
 
 - Any number of adapters can be registered; a source is a path, a loader callable, or weights in memory.
-- Reading from disk, validating and preparing the host copy (dtype conversion, pinned memory) happen on
-  the pool's loader thread, never on the engine's step loop. `reserve()` (at submit) starts that load
-  early; `acquire()` (step loop) returns None while it is in flight, so the request waits and the other
-  sequences keep decoding. The step loop only does the final copy into a free slot.
-- Device slots are fixed in number; the least recently used adapter with no running sequence is evicted.
+- Reading from disk, validating, preparing the host copy (dtype conversion, pinned memory) and copying
+  it into a free device slot all happen on the pool's loader thread, never on the engine's step loop.
+  `reserve()` (at submit) starts that work early; `acquire()` (step loop) returns None while it is in
+  flight, so the request waits and the other sequences keep decoding; once the slot is ready, acquire()
+  only pins it. A slot being filled belongs to no running sequence, so nothing reads it meanwhile; the
+  new module tables the copy may create are only ever added, never replaced.
+- Device slots are fixed in number; the least recently used adapter that no running or waiting sequence
+  needs is evicted.
 - Host copies are kept within `host_cache_bytes`, evicting the least recently used copies that are
   neither in a slot nor wanted by a submitted sequence.
 - Prompt/prefix adapters also take a slot, so every resident adapter is accounted for the same way;
@@ -73,9 +76,9 @@ class PoolStats:
     host_entries: int
     host_bytes: int
     device_resident: int
-    loads: int  # host -> slot copies
-    disk_loads: int  # disk -> host reads
-    max_slot_copy_s: float  # longest slot copy done on the step loop
+    loads: int  # host -> slot copies (on the loader thread)
+    disk_loads: int  # disk -> host reads (on the loader thread)
+    max_slot_copy_s: float  # longest host -> slot copy (on the loader thread, not the step loop)
 
 
 @dataclass(slots=True)
@@ -86,10 +89,12 @@ class _Entry:
     weights: AdapterWeights | None = None  # host copy
     nbytes: int = 0
     slot: int | None = None
+    slot_ready: bool = False  # False while the loader copies into `slot`
+    want_slot: bool = False  # acquire() asked for a slot (besides submitted users)
     refs: int = 0  # running sequences pinning the slot
     users: int = 0  # submitted, unfinished sequences (waiting or running)
     retired: bool = False  # unregistered while in use: dropped when the last user is gone
-    loading: bool = False
+    loading: bool = False  # a loader job (host read and/or slot copy) is queued or running
     error: str | None = None  # the last load failure
 
 
@@ -153,7 +158,9 @@ class AdapterPool:
             entry = self._entries.get(key)
             if entry is None:
                 return "disk"
-            return "device" if entry.slot is not None else "host" if entry.weights is not None else "disk"
+            if entry.slot is not None and entry.slot_ready:
+                return "device"
+            return "host" if entry.weights is not None else "disk"
 
     # ---- submit side (caller threads) ----------------------------------------------------------
     def meta(self, key: str) -> AdapterMeta:
@@ -194,28 +201,20 @@ class AdapterPool:
 
     # ---- step loop -----------------------------------------------------------------------------
     def acquire(self, key: str) -> Lease | None:
-        """Pin `key` in a device slot; None while it loads to host or when every slot is pinned.
+        """Pin `key` in its device slot; None while the loader brings it in, or when every slot is pinned.
 
-        Raises UnknownAdapter when the key is gone, AdapterLoadError when its load failed."""
+        Never reads or copies tensors itself. Raises UnknownAdapter when the key is gone,
+        AdapterLoadError when its load failed."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 raise UnknownAdapter(key)
             if entry.error is not None:
                 raise AdapterLoadError(entry.error)
-            if entry.weights is None:
+            if entry.slot is None or not entry.slot_ready:
+                entry.want_slot = True
                 self._request_load(key, entry)
                 return None
-            if entry.slot is None:
-                slot = self._free_slot()
-                if slot is None:
-                    return None
-                start = time.perf_counter()
-                self._load_slot(slot, entry.weights)
-                self.max_slot_copy_s = max(self.max_slot_copy_s, time.perf_counter() - start)
-                entry.slot = slot
-                self._slot_owner[slot] = key
-                self.loads += 1
             entry.refs += 1
             self._lru[key] = None
             self._lru.move_to_end(key)
@@ -243,7 +242,8 @@ class AdapterPool:
 
     # ---- the loader thread ---------------------------------------------------------------------
     def _request_load(self, key: str, entry: _Entry) -> None:
-        if entry.weights is not None or entry.loading or entry.error is not None:
+        """Queue a loader job for `key`: read it to host if needed, then fill a slot if one is wanted."""
+        if entry.loading or entry.error is not None or (entry.weights is not None and entry.slot is not None):
             return
         entry.loading = True
         if self._loader is None:
@@ -257,19 +257,54 @@ class AdapterPool:
                 entry = self._entries.get(key)
                 if entry is None or not entry.loading:
                     continue
-                source = entry.source
-            try:
-                weights, error = self._prepare(self._read(source)), None
-            except Exception as exc:  # a bad adapter fails its requests, never the loader
-                log.warning("loading adapter %s failed: %s", key, exc)
-                weights, error = None, f"adapter {key!r} could not be loaded: {exc}"
+                source, weights = entry.source, entry.weights
+            if weights is None:
+                try:
+                    weights = self._prepare(self._read(source))
+                except Exception as exc:  # a bad adapter fails its requests, never the loader
+                    log.warning("loading adapter %s failed: %s", key, exc)
+                    with self._lock:
+                        if self._entries.get(key) is entry:
+                            entry.loading = False
+                            entry.error = f"adapter {key!r} could not be loaded: {exc}"
+                    continue
             with self._lock:
                 if self._entries.get(key) is not entry:
                     continue  # dropped or re-registered meanwhile
-                entry.loading = False
-                entry.error = error
-                if weights is not None and entry.weights is None:
+                if entry.weights is None:
                     self._set_host(key, entry, weights)
+                slot = self._claim_slot(key, entry)
+                if slot is None:
+                    entry.loading = False
+                    continue
+            self._fill_slot(key, entry, slot, weights)
+
+    def _claim_slot(self, key: str, entry: _Entry) -> int | None:
+        """A free (or freed) slot reserved for `entry` if a sequence wants it; lock held."""
+        if entry.slot is not None or not (entry.users or entry.want_slot):
+            return None
+        slot = self._free_slot()
+        if slot is not None:
+            entry.slot, entry.slot_ready, entry.want_slot = slot, False, False
+            self._slot_owner[slot] = key
+            self.tables.ensure_tables(entry.weights.lora, entry.weights.ia3)  # no table is added without the lock
+        return slot
+
+    def _fill_slot(self, key: str, entry: _Entry, slot: int, weights: AdapterWeights) -> None:
+        """Copy into the reserved slot without the lock (nothing reads a slot no sequence holds)."""
+        start = time.perf_counter()
+        self._load_slot(slot, weights)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            entry.loading = False
+            self.loads += 1
+            self.max_slot_copy_s = max(self.max_slot_copy_s, elapsed)
+            if self._entries.get(key) is entry and entry.slot == slot:
+                entry.slot_ready = True
+                self._lru[key] = None
+            else:  # dropped while copying: give the slot back
+                self.tables.clear(slot)
+                self._slot_owner[slot] = None
 
     def _read(self, source: Source) -> AdapterWeights:
         if isinstance(source, AdapterWeights):
@@ -334,9 +369,11 @@ class AdapterPool:
         for slot, owner in enumerate(self._slot_owner):
             if owner is None:
                 return slot
-        for key in self._lru:  # least recently used first
+        # least recently used first, and never one that a submitted request still needs: it is about to run
+        # (evicting it for another waiting adapter would only make the two take turns copying in)
+        for key in self._lru:
             entry = self._entries[key]
-            if entry.refs == 0:
+            if entry.refs == 0 and entry.users == 0:
                 slot = entry.slot
                 self._evict(key)
                 return slot
@@ -353,9 +390,10 @@ class AdapterPool:
     def _evict(self, key: str) -> None:
         entry = self._entries[key]
         if entry.slot is not None:
-            self.tables.clear(entry.slot)
-            self._slot_owner[entry.slot] = None
-            entry.slot = None
+            if entry.slot_ready:  # else the loader is filling it and gives it back when done
+                self.tables.clear(entry.slot)
+                self._slot_owner[entry.slot] = None
+            entry.slot, entry.slot_ready = None, False
         self._lru.pop(key, None)
         self._trim_host()
 

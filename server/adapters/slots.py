@@ -42,9 +42,19 @@ class AdapterTables:
             n_in, n_out = self.args.projection_shape(module)
             shape_a = (self.num_slots, self.args.num_layers, self.max_rank, n_in)
             shape_b = (self.num_slots, self.args.num_layers, n_out, self.max_rank)
-            self.lora_a[module] = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
+            # B first: a projection that finds its module in lora_a (the step loop, while the pool's loader
+            # thread adds a table) must find it in lora_b too
             self.lora_b[module] = torch.zeros(shape_b, dtype=self.dtype, device=self.device)
+            self.lora_a[module] = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
         return self.lora_a[module], self.lora_b[module]
+
+    def ensure_tables(self, lora: LoraWeights | None, ia3: IA3Weights | None) -> None:
+        """Create the module tables an adapter needs, so that copying it in adds no table (the pool calls
+        this under its lock, then copies into a slot no sequence holds without the lock)."""
+        for module in lora.target_modules if lora is not None else ():
+            self._lora_tables(module)
+        for module in sorted({m for _, m in ia3.scales}) if ia3 is not None else ():
+            self._ia3_table(module, module in ia3.feedforward_modules)
 
     def _ia3_table(self, module: str, feedforward: bool) -> torch.Tensor:
         tables = self.ia3_in if feedforward else self.ia3_out
