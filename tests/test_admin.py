@@ -278,3 +278,36 @@ def test_cli_adapters_commands(server, tiny_llama_dir, capsys) -> None:
     run("delete", "cli-m")
     assert cli(["adapters", "get", *common, "cli-a"]) != 0
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_a_cancelled_upload_leaves_nothing(server, tiny_llama_dir) -> None:
+    import threading
+    import time
+
+    before = stored_files(server)
+    payload = tar_bytes(peft_adapter(tiny_llama_dir, seed=95))
+    chunks = chunks_for(payload, name="cancelled", chunk=1024)
+    sent = threading.Event()
+
+    def stalled():
+        yield from chunks[:4]  # metadata + 3 KiB, then the client stops sending
+        sent.set()
+        time.sleep(30)
+        yield from chunks[4:]
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        call = stub.UploadAdapter.future(stalled(), metadata=(("authorization", f"Bearer {server.keys['acme']}"),))
+        assert sent.wait(10)
+        staging = server.registry.store.root / ".staging"
+        end = time.monotonic() + 10
+        while not (staging.exists() and any(staging.iterdir())) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert any(staging.iterdir()), "the upload in flight should be spooled under the staging area"
+        call.cancel()
+    end = time.monotonic() + 10
+    while any(staging.iterdir()) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert stored_files(server) == before  # also asserts the staging area is empty again
+    with pytest.raises(NotFound):
+        server.client("acme").get_adapter("cancelled")

@@ -144,3 +144,18 @@ def test_delete_while_in_use_lets_running_sequences_finish(tiny_llama_dir: Path,
     finally:
         engine.shutdown()
     assert AdapterStore(tmp_path / "data" / "adapters").names() == []
+
+
+def test_concurrent_uploads_of_one_name_get_distinct_versions(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = make_registry(tiny_llama_dir, tmp_path / "data")
+    paths = [peft_adapter(tiny_llama_dir, seed=s) for s in (1, 2)]
+    with ThreadPoolExecutor(8) as pool:
+        infos = list(pool.map(lambda i: reg.create("acme", "busy", paths[i % 2]), range(8)))
+    assert sorted(i.version for i in infos) == list(range(1, 9))
+    assert reg.get("acme", "busy").versions == tuple(range(1, 9))
+    store = AdapterStore(tmp_path / "data" / "adapters")
+    assert [v.version for v in store.versions("acme", "busy")] == list(range(1, 9))
+    for v in store.versions("acme", "busy"):
+        store.verify(v)
