@@ -156,8 +156,7 @@ def merge_stored(registry, tenant, name: str, sources: list[str], spec: MergeSpe
     from server.adapters.store import STAGING
 
     spec.check(len(sources))
-    found = [registry.version_dir(tenant, src) for src in sources]
-    weights = [registry.validate(path) for _, path in found]
+    weights = [registry.read(tenant, src)[1] for src in sources]
     merged = merge_lora(weights, spec)
     scratch = registry.store.root / STAGING / f"merge-{uuid.uuid4().hex}"
     try:

@@ -253,31 +253,40 @@ class AdapterPool:
 
     def _load_loop(self) -> None:
         while (key := self._queue.get()) is not None:
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is None or not entry.loading:
-                    continue
-                source, weights = entry.source, entry.weights
-            if weights is None:
-                try:
-                    weights = self._prepare(self._read(source))
-                except Exception as exc:  # a bad adapter fails its requests, never the loader
-                    log.warning("loading adapter %s failed: %s", key, exc)
-                    with self._lock:
-                        if self._entries.get(key) is entry:
-                            entry.loading = False
-                            entry.error = f"adapter {key!r} could not be loaded: {exc}"
-                    continue
-            with self._lock:
-                if self._entries.get(key) is not entry:
-                    continue  # dropped or re-registered meanwhile
-                if entry.weights is None:
-                    self._set_host(key, entry, weights)
-                slot = self._claim_slot(key, entry)
-                if slot is None:
-                    entry.loading = False
-                    continue
-            self._fill_slot(key, entry, slot, weights)
+            try:
+                self._load_one(key)
+            except Exception:  # one adapter never stops the loader
+                log.exception("the adapter loader failed on %s", key)
+
+    def _load_one(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.loading:
+                return
+            source, weights = entry.source, entry.weights
+        if weights is None:
+            try:
+                weights = self._prepare(self._read(source))
+            except Exception as exc:  # a bad adapter fails its requests, never the loader
+                log.warning("loading adapter %s failed: %s", key, exc)
+                self._fail(key, entry, f"adapter {key!r} could not be loaded: {exc}")
+                return
+        with self._lock:
+            if self._entries.get(key) is not entry:
+                return  # dropped or re-registered meanwhile
+            if entry.weights is None:
+                self._set_host(key, entry, weights)
+            slot = self._claim_slot(key, entry)
+            if slot is None:
+                entry.loading = False
+                return
+        self._fill_slot(key, entry, slot, weights)
+
+    def _fail(self, key: str, entry: _Entry, error: str) -> None:
+        with self._lock:
+            if self._entries.get(key) is entry:
+                entry.loading = False
+                entry.error = error
 
     def _claim_slot(self, key: str, entry: _Entry) -> int | None:
         """A free (or freed) slot reserved for `entry` if a sequence wants it; lock held."""
@@ -293,7 +302,16 @@ class AdapterPool:
     def _fill_slot(self, key: str, entry: _Entry, slot: int, weights: AdapterWeights) -> None:
         """Copy into the reserved slot without the lock (nothing reads a slot no sequence holds)."""
         start = time.perf_counter()
-        self._load_slot(slot, weights)
+        try:
+            self._load_slot(slot, weights)
+        except Exception as exc:
+            with self._lock:
+                self.tables.clear(slot)
+                self._slot_owner[slot] = None
+                if entry.slot == slot:
+                    entry.slot = None
+            self._fail(key, entry, f"adapter {key!r} could not be copied into a device slot: {exc}")
+            raise
         elapsed = time.perf_counter() - start
         with self._lock:
             entry.loading = False

@@ -155,6 +155,16 @@ class AdapterRegistry:
         newest = versions[-1]
         return ResolvedAdapter(pool_key(owner, short, newest.version), short, newest.version, owner), newest.path
 
+    def read(self, tenant, name: str) -> tuple[ResolvedAdapter, AdapterWeights]:
+        """The newest visible version, read from disk (sha256-checked, validated): e.g. to merge it."""
+        owner, short, versions = self._find(tenant, name)
+        newest = versions[-1]
+        try:
+            weights = self._load(newest)
+        except (StoreError, AdapterFormatError) as exc:
+            raise AdapterRejected(f"stored adapter {owner}/{short}@{newest.version} is unreadable: {exc}") from None
+        return ResolvedAdapter(pool_key(owner, short, newest.version), short, newest.version, owner), weights
+
     # ---- writes --------------------------------------------------------------------------------
     def create(self, tenant, name: str, src_dir: Path, *, shared: bool = False) -> AdapterInfo:
         """Validate `src_dir` against the base, store it as a new version, make it the one served."""
