@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -335,23 +335,7 @@ class AdapterPool:
         return source()
 
     def _prepare(self, weights: AdapterWeights) -> AdapterWeights:
-        """Host copy ready for a cheap slot copy: LoRA/IA3 tensors in the table dtype (pinned for CUDA)."""
-        dtype, pin = self.tables.dtype, str(self.tables.device).startswith("cuda")
-
-        def ready(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(dtype).contiguous()
-            return t.pin_memory() if pin else t
-
-        if weights.lora is not None:
-            lora = weights.lora
-            if lora.rank > self.tables.max_rank:
-                raise ValueError(f"LoRA rank {lora.rank} exceeds the configured maximum {self.tables.max_rank}")
-            weights = replace(weights, lora=replace(lora, a={k: ready(t) for k, t in lora.a.items()},
-                                                    b={k: ready(t) for k, t in lora.b.items()}))
-        if weights.ia3 is not None:
-            weights = replace(weights, ia3=replace(weights.ia3, scales={k: ready(t) for k, t in
-                                                                        weights.ia3.scales.items()}))
-        return weights
+        return self.tables.staged(weights)
 
     # ---- internals (lock held) -----------------------------------------------------------------
     def _live(self, key: str) -> _Entry:

@@ -13,9 +13,11 @@ A module's table is created the first time any adapter targets that module.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from server.adapters.weights import IA3Weights, LoraWeights
+from server.adapters.weights import AdapterWeights, IA3Weights, LoraWeights
 from server.model.args import ModelArgs
 
 
@@ -64,6 +66,26 @@ class AdapterTables:
             shape = (self.num_slots + 1, self.args.num_layers, dim)
             tables[module] = torch.ones(shape, dtype=self.dtype, device=self.device)
         return tables[module]
+
+    def staged(self, weights: AdapterWeights) -> AdapterWeights:
+        """A host copy ready for a cheap copy into a slot: LoRA/IA3 tensors in the table dtype, contiguous,
+        pinned when the tables live on CUDA. Prompt/prefix tensors are left as they are."""
+        pin = str(self.device).startswith("cuda")
+
+        def ready(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.dtype).contiguous()
+            return t.pin_memory() if pin else t
+
+        if weights.lora is not None:
+            lora = weights.lora
+            if lora.rank > self.max_rank:
+                raise ValueError(f"LoRA rank {lora.rank} exceeds the configured maximum {self.max_rank}")
+            weights = replace(weights, lora=replace(lora, a={k: ready(t) for k, t in lora.a.items()},
+                                                    b={k: ready(t) for k, t in lora.b.items()}))
+        if weights.ia3 is not None:
+            scales = {k: ready(t) for k, t in weights.ia3.scales.items()}
+            weights = replace(weights, ia3=replace(weights.ia3, scales=scales))
+        return weights
 
     def clear(self, slot: int) -> None:
         for table in (*self.lora_a.values(), *self.lora_b.values()):
