@@ -159,3 +159,26 @@ def test_concurrent_uploads_of_one_name_get_distinct_versions(tiny_llama_dir: Pa
     assert [v.version for v in store.versions("acme", "busy")] == list(range(1, 9))
     for v in store.versions("acme", "busy"):
         store.verify(v)
+
+
+def test_a_corrupted_stored_file_fails_its_requests_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Files are sha256-checked when the pool reads them: bit rot after a restart fails the request, not the engine."""
+    make_registry(tiny_llama_dir, tmp_path / "data").create("acme", "rot", peft_adapter(tiny_llama_dir, seed=5))
+    stored = AdapterStore(tmp_path / "data" / "adapters").latest("acme", "rot")
+    weights_file = stored.path / "adapter_model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-3] ^= 0x55  # a flipped bit inside a tensor: still a valid safetensors file
+    weights_file.write_bytes(bytes(data))
+    engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), EngineConfig(),
+                           AdapterPoolConfig(device_slots=2, max_lora_rank=8))
+    reg = open_registry(tmp_path / "data", engine.pool)  # a restart on the same data directory
+    assert reg.get("acme", "rot").residency == "disk"
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        key = reg.resolve("acme", "rot").pool_key
+        bad = collect(engine.submit(GenerationRequest("rot", (1, 2), params, adapter=key)))
+        base = collect(engine.submit(GenerationRequest("base", (1, 2), params)))
+    finally:
+        engine.shutdown()
+    assert bad.error is not None and "sha256" in bad.error and len(base.token_ids) == 3
