@@ -52,6 +52,7 @@ class EngineStats:
     adapters_resident: int
     steps: int
     preemptions: int
+    longest_step_s: float = 0.0  # the longest single pass of the step loop (adapter loads run off the loop)
 
 
 class Engine:
@@ -79,6 +80,7 @@ class Engine:
         self._seed_rng = torch.Generator().manual_seed(0)
         self._last_batch = (0, 0)
         self.steps = 0
+        self.longest_step_s = 0.0
         # observer of each step's sampled logits: (sequences, logits [S, vocab]); tests compare them to oracles
         self.on_logits: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
@@ -141,6 +143,7 @@ class Engine:
             adapters_resident=self.pool.resident(),
             steps=self.steps,
             preemptions=self.scheduler.preemptions,
+            longest_step_s=self.longest_step_s,
         )
 
     def _make_sequence(self, req: GenerationRequest) -> Sequence:
@@ -219,7 +222,9 @@ class Engine:
                 if seq is not None:
                     self._finish(seq, FinishReason.ABORT)
             if self.scheduler.has_work():
+                started = time.perf_counter()
                 self.step()
+                self.longest_step_s = max(self.longest_step_s, time.perf_counter() - started)
             elif self._stopping and not self._by_id:
                 return
 
