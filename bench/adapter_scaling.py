@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -103,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             summary["pool"] = asdict(pool)
             summary["slot_loads"] = pool.loads - loads_before.loads
             summary["disk_loads"] = pool.disk_loads - loads_before.disk_loads
+            summary["load_avg"] = os.getloadavg()[0]  # other jobs on the machine (1-minute average)
             points.append(summary)
             print(f"\n== {n} adapters (registered in {register_s:.1f} s) ==\n{format_summary(summary)}\n"
                   f"slot loads {summary['slot_loads']}, disk reads {summary['disk_loads']}", flush=True)
             rows.append(f"| {n} | {summary['completed']}/{summary['requests']} | {summary['request_throughput']:.2f} | "
                         f"{summary['output_token_throughput']:.1f} | {summary['ttft_ms']['p50']:.0f} | "
                         f"{summary['ttft_ms']['p99']:.0f} | {summary['tpot_ms']['p50']:.0f} | "
-                        f"{summary['slot_loads']} | {summary['disk_loads']} |")
+                        f"{summary['slot_loads']} | {summary['disk_loads']} | {summary['load_avg']:.1f} |")
     finally:
         server.stop(0)
     mode = "NF4" if args.quantize else "fp32 dense"
@@ -123,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.device_slots} device slots; LoRA rank {args.rank} on {args.targets}; {args.requests} requests per "
         f"point at {args.concurrency} concurrent streams, uniform popularity, {args.prompt_len} -> {args.output_len}.",
         "",
-        "| adapters | ok | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | slot loads | disk reads |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| adapters | ok | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | slot loads | disk reads "
+        "| load avg |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
     ]
