@@ -58,7 +58,7 @@ def make_requests(tokenizer, n: int, adapters: list[str], prompt_len: int, popul
 
 
 def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
-                concurrency: int, rank: int, also_base: bool = False) -> list[PeerResult]:
+                concurrency: int, rank: int, also_base: bool = False, model: str | None = None) -> list[PeerResult]:
     """Our Engine in this process (no gRPC): every request submitted, at most `concurrency` running.
 
     also_base: a second pass of the same requests with no adapter, on the same engine (the LoRA cost)."""
@@ -67,7 +67,7 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
     from server.engine.request import GenerationRequest, SamplingParams
     from tests.engine_utils import collect
 
-    engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(max_running=concurrency),
+    engine = Engine.create(ModelConfig(path=model, quantize=quantize), EngineConfig(max_running=concurrency),
                            AdapterPoolConfig(device_slots=len(adapters), max_lora_rank=rank))
     for name, path in adapters.items():
         engine.pool.register(name, path)
@@ -102,11 +102,11 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
 
 
 def ours_server(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
-                concurrency: int, rank: int) -> PeerResult:
+                concurrency: int, rank: int, model: str | None = None) -> PeerResult:
     """Our gRPC server in a subprocess on loopback, adapters uploaded via Admin, driven by the async client."""
     from bench.serving import drive_requests, server_subprocess, upload_adapters
 
-    with server_subprocess(quantize=quantize, device_slots=len(adapters), max_lora_rank=rank,
+    with server_subprocess(quantize=quantize, device_slots=len(adapters), max_lora_rank=rank, model=model,
                            max_running=concurrency) as srv:
         upload_adapters(srv.target, srv.api_key, adapters)
         res = drive_requests(srv.target, srv.api_key, requests, new_tokens, concurrency)
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="our concurrent requests and the peers' batch size")
     ap.add_argument("--popularity", default="distinct")
     ap.add_argument("--quantize", action="store_true", help="NF4 base on both sides (default fp32 dense)")
+    ap.add_argument("--model", default=None, help="an HF model dir (default: the embedded SmolLM2-135M)")
     ap.add_argument("--engine-inprocess", action="store_true",
                     help="also time our Engine directly (no gRPC), with the adapters and with none")
     ap.add_argument("--no-server", action="store_true", help="skip the gRPC server row")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.model.checkpoint import resolve_model_dir
 
-    base_dir = resolve_model_dir(None)
+    base_dir = resolve_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tmp = Path(tempfile.mkdtemp(prefix="compare-peers-"))
@@ -174,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ours: list[PeerResult] = []
     if not args.no_server:
-        done(ours_server(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank), ours)
+        done(ours_server(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank,
+                         args.model), ours)
     if args.engine_inprocess:
         for result in ours_engine(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank,
-                                  also_base=True):
+                                  also_base=True, model=args.model):
             done(result, ours)
     gc.collect()
 
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{cmd}`",
         "",
-        f"SmolLM2-135M-Instruct {mode}; {args.adapters} LoRA adapters rank {args.rank} on all 7 projections; "
+        f"{args.model or 'SmolLM2-135M-Instruct'} {mode}; {args.adapters} LoRA adapters rank {args.rank} "
+        "on all 7 projections; "
         f"{args.requests} requests ({args.popularity}), prompt {args.prompt_len} -> {args.new_tokens} new tokens, "
         f"greedy, EOS ignored; batch/concurrency {args.concurrency}.",
         "",

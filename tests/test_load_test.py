@@ -192,3 +192,26 @@ def test_live_run_against_a_test_server_completes_with_zero_errors(tiny_llama_di
             assert run["itl_ms"]["p50"] > 0
     assert rc_open == rc_closed == 0
     assert (tmp_path / "open.png").stat().st_size > 1000
+
+
+def test_compare_peers_runs_every_peer_on_the_same_requests(tiny_llama_dir, tmp_path):
+    """The peer comparison end to end on the tiny model: every PEFT row produces exactly our greedy tokens."""
+    from bench import compare_peers
+
+    out = tmp_path / "peers.json"
+    assert compare_peers.main(["--model", str(tiny_llama_dir), "--no-server", "--engine-inprocess", "--adapters", "3",
+                               "--rank", "4", "--requests", "6", "--prompt-len", "5", "--new-tokens", "4",
+                               "--concurrency", "4", "--single-requests", "2", "--merge-adapters", "2",
+                               "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+
+    def row(prefix: str) -> dict:
+        (match,) = [r for r in results if r["name"].startswith(prefix)]
+        return match
+
+    assert row("switchboard Engine in-process (no gRPC)")["tokens"] == 6 * 4
+    assert row("switchboard Engine in-process, 4 running, NO adapters")["tokens"] == 6 * 4
+    assert row("PEFT, one request")["agreement"].startswith("2/2 identical")
+    assert row("PEFT mixed-adapter batches of 4")["agreement"].startswith("6/6 identical")
+    assert row("merge per adapter")["agreement"].startswith("4/4 identical")  # 2 adapters x 2 requests
+    assert len(results) == 6 and all(r["tokens_per_s"] > 0 for r in results)
