@@ -1,7 +1,8 @@
 # Switchboard: two commands set up a fresh machine (see README):
 #   make run     install into .venv, then run the engine on the embedded default model (PROMPT=...)
-#   make test    install into .venv, then run the whole test suite
-# (make serve starts the gRPC server once server/serve_cli.py exists: issue 3)
+#   make test    install into .venv, then run the whole test suite (what CI runs)
+# make serve starts the gRPC server on $(HOST):$(PORT) (metrics on $(METRICS_PORT)); make bench runs the
+# engine throughput benchmark (the others: bench/*.py, see bench/RESULTS.md for their commands).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
