@@ -82,9 +82,12 @@ def test_cli_trains_and_reports_bad_data(tiny_llama_dir: Path, tmp_path: Path, c
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
     out = tmp_path / "cli-out"
     common = ["--model", str(tiny_llama_dir), "--output-dir", str(out), "--no-progress", "--batch-size", "4"]
-    assert server_main(["train", "--method", "ia3", "--data", str(data), "--steps", "3", *common]) == 0
+    assert server_main(["train", "--method", "ia3", "--data", str(data), "--steps", "3", "--eval-every", "2",
+                        *common]) == 0
     captured = capsys.readouterr()
-    assert "trained ia3: 3 steps" in captured.out
+    assert "trained ia3: 3 steps" in captured.out and "step 2: eval_loss=" in captured.out
+    history = json.loads((out / "train_summary.json").read_text())["history"]
+    assert [h["step"] for h in history if "exact_match" in h] == [2, 3]
     assert f"{data}:13: invalid JSON" in captured.err
     assert (out / "adapter_config.json").is_file() and (out / "train_summary.json").is_file()
 
