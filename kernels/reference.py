@@ -47,16 +47,30 @@ def shrink_reference(
     """Semantics: t[i] = x[i] @ A[slot[i]]^T in fp32 for slot[i] >= 0, else 0. Returns t [T, rank] fp32."""
     t = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
     views = a_views or SlotViews(a_stack, rank_dim=1)
-    for lo, hi, slot, rank in meta.lora_segments():
+    segments = meta.lora_segments()
+    if meta.contiguous:
+        x32 = x.float()
+        x_rows, t_rows = _decode_rows(segments, x32, t)
+    for lo, hi, slot, rank in segments:
         a = views(slot, rank).float()  # [r, in]
         if meta.contiguous and hi - lo == 1:  # a decode token: matrix-vector, the fewest ops
-            torch.mv(a, x[lo].float(), out=t[lo, : a.shape[0]])
+            torch.mv(a, x_rows[lo], out=t_rows[lo] if t_rows is not None else t[lo, : a.shape[0]])
         elif meta.contiguous:
-            t[lo:hi, : a.shape[0]] = x[lo:hi].float() @ a.t()
+            t[lo:hi, : a.shape[0]] = x32[lo:hi] @ a.t()
         else:
             rows = meta.sorted_tokens[lo:hi]
             t[rows, : a.shape[0]] = x[rows].float() @ a.t()
     return t
+
+
+def _decode_rows(segments, x: torch.Tensor, t: torch.Tensor):
+    """Row views of x and of t cut to the segments' common rank, made in one op each (a decode step has a
+    segment per token: views made one by one would cost more than the matrix-vector products).
+    The t rows are None when the segments' ranks differ."""
+    ranks = {rank for _, _, _, rank in segments}
+    common = ranks.pop() if len(ranks) == 1 else False
+    t_rows = None if common is False else (t if common is None else t[:, :common]).unbind(0)
+    return x.unbind(0), t_rows
 
 
 def expand_reference(
@@ -71,16 +85,18 @@ def expand_reference(
     segments = meta.lora_segments()
     scale_of = scales.tolist() if segments else []
     views = b_views or SlotViews(b_stack, rank_dim=2)
+    in_place = meta.contiguous and y.dtype == torch.float32
+    if in_place:
+        y_rows, t_rows = _decode_rows(segments, y, t)
     for lo, hi, slot, rank in segments:
         b = views(slot, rank).float()  # [out, r]
         r = b.shape[1]
-        if meta.contiguous and y.dtype == torch.float32:
-            if hi - lo == 1:
-                y[lo].addmv_(b, t[lo, :r], alpha=scale_of[slot])
-            else:
-                y[lo:hi].addmm_(t[lo:hi, :r], b.t(), alpha=scale_of[slot])
-            continue
-        rows = slice(lo, hi) if meta.contiguous else meta.sorted_tokens[lo:hi]
-        delta = (t[rows, :r] @ b.t()) * scale_of[slot]
-        y[rows] = (y[rows].float() + delta).to(y.dtype)
+        if in_place and hi - lo == 1:
+            y_rows[lo].addmv_(b, t_rows[lo] if t_rows is not None else t[lo, :r], alpha=scale_of[slot])
+        elif in_place:
+            y[lo:hi].addmm_(t[lo:hi, :r], b.t(), alpha=scale_of[slot])
+        else:
+            rows = slice(lo, hi) if meta.contiguous else meta.sorted_tokens[lo:hi]
+            delta = (t[rows, :r] @ b.t()) * scale_of[slot]
+            y[rows] = (y[rows].float() + delta).to(y.dtype)
     return y

@@ -42,12 +42,13 @@ def test_meta_exact_tables() -> None:
 @pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf:1.5", "identical"])
 @pytest.mark.parametrize("n_tokens", [1, 9, 40])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_reference_true_ranks_match_padded_loop(popularity: str, n_tokens: int, grouped: bool) -> None:
+@pytest.mark.parametrize("ranks", [[1, 4, 16, 8, 2, 16], [8] * 6], ids=["mixed-ranks", "one-rank"])
+def test_reference_true_ranks_match_padded_loop(popularity: str, n_tokens: int, grouped: bool,
+                                                ranks: list[int]) -> None:
     """Adapters of ranks 1..16 zero-padded to 16 in the tables: multiplying only the true rank (and, for a
-    batch grouped by slot, through slices) equals the per-token loop over the padded tables."""
+    batch grouped by slot, through slices and row views) equals the per-token loop over the padded tables."""
     seed = int(torch.randint(0, 10**6, ()))
     slots, x, a, b, scales, y0 = random_case(n_tokens, 16, popularity, torch.float32, seed)
-    ranks = [1, 4, 16, 8, 2, 16]
     for s, r in enumerate(ranks):  # what AdapterTables holds for a rank-r adapter: zeros past r
         a[s, r:] = 0
         b[s, :, r:] = 0
