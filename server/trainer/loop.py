@@ -35,7 +35,7 @@ from server.trainer.checkpoint import (
 from server.trainer.config import TrainConfig
 from server.trainer.data import Example, LoadResult, collate, encode_rows, load_jsonl
 from server.trainer.evaluate import EvalResult, completion_loss, evaluate
-from server.trainer.methods import build_peft_config
+from server.trainer.methods import build_peft_config, init_prefix_from_base
 from server.trainer.tasks import task_splits
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,10 @@ def build_model(cfg: TrainConfig, model_dir: Path):
                                  targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
                                  encoder_hidden=cfg.resolved("encoder_hidden"))
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    return get_peft_model(base, peft_cfg)
+    model = get_peft_model(base, peft_cfg)
+    if cfg.method == "prefix":
+        init_prefix_from_base(model, cfg.seed)
+    return model
 
 
 def save_adapter(model, output_dir: Path) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from peft import (
     IA3Config,
     LoraConfig,
@@ -76,3 +77,23 @@ def build_peft_config(
         return PrefixTuningConfig(num_virtual_tokens=virtual_tokens, task_type="CAUSAL_LM")
     feedforward = [t for t in targets if t in IA3_FEEDFORWARD]
     return IA3Config(target_modules=list(targets), feedforward_modules=feedforward, task_type="CAUSAL_LM")
+
+
+@torch.no_grad()
+def init_prefix_from_base(peft_model, seed: int) -> None:
+    """Start a prefix-tuning adapter from the base model's own keys and values for random vocabulary tokens.
+
+    PEFT initialises the prefix from N(0, 1), far off the scale of a model's K/V; this mirrors prompt tuning's
+    SAMPLE_VOCAB init. Layout (PEFT's): row n holds, for each layer l, the keys (entry 2l) then the values
+    (entry 2l+1), each [kv_heads, head_dim].
+    """
+    table = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight  # [n, layers*2*kv*hd]
+    base = peft_model.get_base_model()
+    n = table.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, base.config.vocab_size, (1, n), generator=g).to(table.device)
+    cache = base(input_ids=ids, use_cache=True).past_key_values
+    per_layer = []
+    for layer in cache.layers:  # keys / values: [1, kv_heads, n, head_dim]
+        per_layer += [layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)]  # [n, kv_heads, head_dim]
+    table.copy_(torch.stack(per_layer, dim=1).reshape(n, -1).to(table.dtype))
