@@ -18,10 +18,15 @@ from torch import nn
 NF4_BLOCKSIZE = 64
 
 
-def _bnb():
-    # bitsandbytes' CPU backend tries the hub-only PyPI `kernels` package for an optional fused bf16 kernel
-    # and logs a warning when it is absent; we never use that path (see NF4Linear), so keep it quiet.
+def quiet_bnb_kernel_probe() -> None:
+    """bitsandbytes' CPU backend tries the hub-only PyPI `kernels` package for an optional fused bf16 kernel
+    and logs a warning naming ours (which has no `get_kernel`); we never use that path (see NF4Linear).
+    Call before anything imports bitsandbytes (peft and transformers' quantizers do)."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _bnb():
+    quiet_bnb_kernel_probe()
     import bitsandbytes as bnb  # imported lazily: importing it costs ~1 s
 
     return bnb
