@@ -19,7 +19,8 @@ from peft import (
     PromptTuningInit,
 )
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from server.model.args import PROJECTIONS
+
 IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)
 
@@ -33,7 +34,7 @@ class MethodDefaults:
     batch_size: int = 8
     rank: int = 8  # LoRA / QLoRA
     alpha: float = 16.0
-    targets: tuple[str, ...] = ALL_PROJECTIONS
+    targets: tuple[str, ...] = PROJECTIONS
     virtual_tokens: int = 8  # prompt / P-tuning / prefix
     encoder_hidden: int = 128  # P-tuning's prompt encoder MLP
     quantized_base: bool = False  # QLoRA: the frozen base is bitsandbytes NF4
@@ -61,9 +62,9 @@ def build_peft_config(
     """The PEFT config for `method` (task CAUSAL_LM) with the given hyper-parameters."""
     method_defaults(method)
     if method in ("lora", "qlora"):
-        unknown = sorted(set(targets) - set(ALL_PROJECTIONS))
+        unknown = sorted(set(targets) - set(PROJECTIONS))
         if unknown:
-            raise ValueError(f"LoRA targets {unknown} are not projections the server adapts: {ALL_PROJECTIONS}")
+            raise ValueError(f"LoRA targets {unknown} are not projections the server adapts: {PROJECTIONS}")
         return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
                           task_type="CAUSAL_LM")
     if method == "prompt":
