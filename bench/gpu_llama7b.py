@@ -35,7 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workloads import sample_adapter_ids  # noqa: E402
+from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
 
 POPULARITIES = ("distinct", "uniform", "zipf:1.5", "identical")
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -97,23 +97,6 @@ def random_weights(device: str = "cuda"):
     """While active, the model loader reads RandomCheckpoint instead of the directory's safetensors."""
     with mock.patch("server.model.loader._Checkpoint", lambda model_dir: RandomCheckpoint(model_dir, device)):
         yield
-
-
-def random_lora(args, rank: int, seed: int):
-    from server.adapters.weights import AdapterKind, AdapterWeights, LoraWeights
-    from server.model.args import PROJECTIONS
-
-    g = torch.Generator().manual_seed(seed)
-    h, inter = args.hidden_size, args.intermediate_size
-    kv = args.num_kv_heads * args.head_dim
-    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, inter),
-            "up_proj": (h, inter), "down_proj": (inter, h)}
-    a = {(layer, m): 0.01 * torch.randn(rank, dims[m][0], generator=g) for layer in range(args.num_layers)
-         for m in PROJECTIONS}
-    b = {(layer, m): 0.01 * torch.randn(dims[m][1], rank, generator=g) for layer in range(args.num_layers)
-         for m in PROJECTIONS}
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJECTIONS)}
-    return AdapterWeights(kind=AdapterKind.LORA, config=cfg, lora=LoraWeights(rank, 2.0, a, b))
 
 
 def decode_rows(engine, batch: int, n_adapters: int, prompt_len: int, new_tokens: int) -> list[dict]:
@@ -222,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t0:.1f} s on {device_name}; {engine.model.memory_bytes() / 2**30:.2f} GiB",
           flush=True)
     for i in range(args.adapters):
-        engine.pool.register(f"a{i}", random_lora(engine.args, args.rank, seed=i))
+        engine.pool.register(f"a{i}", random_lora(engine.args, args.rank, seed=i, std=0.01))
     engine.start()
     decode = decode_rows(engine, args.batch, args.adapters, args.prompt_len, args.new_tokens)
     engine.shutdown()

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workloads import sample_adapter_ids  # noqa: E402
+from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
 from kernels import lora_expand, lora_shrink  # noqa: E402
 from kernels.meta import build_lora_meta  # noqa: E402
 
@@ -90,21 +90,6 @@ def op_rows(device: str, repeats: int):
                    f"{timed(gather_bmm, repeats) * 1e3:.3f} |")
 
 
-def random_lora(args, rank: int, seed: int):
-    """A rank-`rank` LoRA on all seven projections of every layer, random non-zero weights."""
-    from server.adapters.weights import AdapterKind, AdapterWeights, LoraWeights
-    from server.model.args import PROJECTIONS
-
-    g = torch.Generator().manual_seed(seed)
-    a, b = {}, {}
-    for layer in range(args.num_layers):
-        for module in PROJECTIONS:
-            n_in, n_out = args.projection_shape(module)
-            a[(layer, module)] = torch.randn(rank, n_in, generator=g) * 0.02
-            b[(layer, module)] = torch.randn(n_out, rank, generator=g) * 0.02
-    return AdapterWeights(kind=AdapterKind.LORA, config={}, lora=LoraWeights(rank, 2.0, a, b))
-
-
 def engine_rows(repeats: int, quantize: bool):
     """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
@@ -126,7 +111,7 @@ def engine_rows(repeats: int, quantize: bool):
         wall: list[float] = []
         cpu: list[float] = []
         while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
-            _drain(engine)
+            engine.admit_submitted()
             w0, c0 = time.perf_counter(), time.process_time()
             engine.step()
             if engine.stats().batch_size == 32 and engine.stats().batch_tokens == 32:  # pure decode steps
@@ -140,14 +125,6 @@ def engine_rows(repeats: int, quantize: bool):
         yield f"| {label} | {medians[label][0] * 1e3:.1f} | {medians[label][1] * 1e3:.1f} |"
     (bw, bc), (lw, lc) = medians.values()
     yield f"| ratio LoRA / base | {lw / bw:.2f}x | {lc / bc:.2f}x |"
-
-
-def _drain(engine) -> None:
-    """Move submitted sequences into the scheduler (what the step loop does before each step)."""
-    with engine._lock:
-        inbox, engine._inbox = engine._inbox, []
-    for seq in inbox:
-        engine.scheduler.add(seq)
 
 
 def main() -> None:

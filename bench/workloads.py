@@ -35,3 +35,22 @@ def sample_adapter_ids(kind: str, n: int, num_adapters: int, rng: np.random.Gene
         weights = 1.0 / np.arange(1, num_adapters + 1, dtype=np.float64) ** exponent
         return rng.choice(num_adapters, size=n, p=weights / weights.sum())
     raise ValueError(f"unknown popularity {kind!r}; one of {', '.join(POPULARITY_KINDS)}")
+
+
+def random_lora(args, rank: int, seed: int, std: float = 0.02):
+    """A rank-`rank` LoRA on all seven projections of every layer of a model with `args` (server ModelArgs),
+    random non-zero A and B (std `std`), in the pool's in-memory form: what the benchmarks register."""
+    import torch
+
+    from server.adapters.weights import AdapterKind, AdapterWeights, LoraWeights
+    from server.model.args import PROJECTIONS
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = {}, {}
+    for layer in range(args.num_layers):
+        for module in PROJECTIONS:
+            n_in, n_out = args.projection_shape(module)
+            a[(layer, module)] = std * torch.randn(rank, n_in, generator=g)
+            b[(layer, module)] = std * torch.randn(n_out, rank, generator=g)
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJECTIONS)}
+    return AdapterWeights(kind=AdapterKind.LORA, config=cfg, lora=LoraWeights(rank, 2.0, a, b))

@@ -206,21 +206,27 @@ class Engine:
             self._thread.join(timeout=30)
         self._thread = None
 
+    def admit_submitted(self) -> None:
+        """Move submitted sequences into the scheduler and apply aborts: what the step loop does before each
+        step (engine thread; also for callers that drive step() themselves, e.g. benchmarks)."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for seq in inbox:
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            seq = self._by_id.get(request_id)
+            if seq is not None:
+                self._finish(seq, FinishReason.ABORT)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
                 while not (self._inbox or self._aborts or self.scheduler.has_work() or self._stopping):
                     self._lock.wait(timeout=0.5)
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
-                if self._stopping and not self._by_id and not inbox:
+                if self._stopping and not self._by_id and not self._inbox:
                     return
-            for seq in inbox:
-                self.scheduler.add(seq)
-            for request_id in aborts:
-                seq = self._by_id.get(request_id)
-                if seq is not None:
-                    self._finish(seq, FinishReason.ABORT)
+            self.admit_submitted()
             if self.scheduler.has_work():
                 started = time.perf_counter()
                 self.step()
