@@ -112,9 +112,11 @@ def engine_rows(repeats: int, quantize: bool):
         cpu: list[float] = []
         while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
             engine.admit_submitted()
+            steps_before = engine.steps
             w0, c0 = time.perf_counter(), time.process_time()
             engine.step()
-            if engine.stats().batch_size == 32 and engine.stats().batch_tokens == 32:  # pure decode steps
+            stats = engine.stats()  # a step with nothing schedulable (adapters still loading) runs no batch
+            if engine.steps > steps_before and stats.batch_size == 32 and stats.batch_tokens == 32:  # pure decode
                 wall.append(time.perf_counter() - w0)
                 cpu.append(time.process_time() - c0)
             for h in handles:  # consume events so `done` is seen
