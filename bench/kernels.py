@@ -111,7 +111,7 @@ def engine_rows(repeats: int, quantize: bool):
         wall: list[float] = []
         cpu: list[float] = []
         while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
-            engine.admit_submitted()
+            engine.take_submitted()
             steps_before = engine.steps
             w0, c0 = time.perf_counter(), time.process_time()
             engine.step()

@@ -42,7 +42,8 @@ def random_lora(args, rank: int, seed: int, std: float = 0.02):
     random non-zero A and B (std `std`), in the pool's in-memory form: what the benchmarks register."""
     import torch
 
-    from server.adapters.weights import AdapterKind, AdapterWeights, LoraWeights
+    from server.adapters.kinds.lora import LoraWeights
+    from server.adapters.weights import AdapterWeights
     from server.model.args import PROJECTIONS
 
     g = torch.Generator().manual_seed(seed)
@@ -53,4 +54,4 @@ def random_lora(args, rank: int, seed: int, std: float = 0.02):
             a[(layer, module)] = std * torch.randn(rank, n_in, generator=g)
             b[(layer, module)] = std * torch.randn(n_out, rank, generator=g)
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJECTIONS)}
-    return AdapterWeights(kind=AdapterKind.LORA, config=cfg, lora=LoraWeights(rank, 2.0, a, b))
+    return AdapterWeights(kind="LORA", config=cfg, payload=LoraWeights(rank, 2.0, a, b))

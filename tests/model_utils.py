@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from server.config import ModelConfig
-from server.engine.batch import AttentionMeta, ForwardBatch
 from server.engine.kv_cache import KVCache
+from server.model.batch import AttentionMeta, ForwardBatch
 from server.model.loader import LoadedModel, load_model
 
 

@@ -72,7 +72,7 @@ def peft_merged_deltas(base_dir: Path, sources: dict[str, Path], names: list[str
 def our_deltas(base_dir: Path, sources: dict[str, Path], names: list[str], spec: MergeSpec, tmp: Path):
     args = ModelArgs.from_dir(base_dir)
     merged = merge_lora([read_adapter(sources[n], args, 64, 16) for n in names], spec)
-    written = read_adapter(write_peft_lora(merged, tmp / "merged"), args, 64, 16).lora  # through the PEFT format
+    written = read_adapter(write_peft_lora(merged, tmp / "merged"), args, 64, 16).payload  # through the PEFT format
     assert written.rank == merged.rank and written.scale == 1.0
     return {k: written.scale * (written.b[k] @ written.a[k]) for k in written.a}, merged
 

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.peft_format import AdapterFormatError, read_adapter
-from server.adapters.weights import AdapterKind
 from server.model.args import ModelArgs
 from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
 
@@ -31,16 +30,16 @@ def made(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
 def test_peft_made_adapters_load(made: dict[str, Path], tiny_llama_dir: Path) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
     lora = read_adapter(made["lora"], args, 64, 128)
-    assert lora.kind is AdapterKind.LORA and lora.lora.scale == 2.0 and len(lora.lora.a) == 7 * args.num_layers
-    assert read_adapter(made["rslora"], args, 64, 128).lora.scale == pytest.approx(8 / math.sqrt(4))
-    prefix = read_adapter(made["prefix"], args, 64, 128).prefix
+    assert lora.kind == "LORA" and lora.payload.scale == 2.0 and len(lora.payload.a) == 7 * args.num_layers
+    assert read_adapter(made["rslora"], args, 64, 128).payload.scale == pytest.approx(8 / math.sqrt(4))
+    prefix = read_adapter(made["prefix"], args, 64, 128).payload
     assert prefix.keys.shape == (args.num_layers, 3, args.num_kv_heads, args.head_dim)
     raw = load_file(made["prefix"] / "adapter_model.safetensors")["prompt_embeddings"]
     view = raw.view(3, args.num_layers * 2, args.num_kv_heads, args.head_dim)
     assert torch.equal(prefix.keys[1], view[:, 2]) and torch.equal(prefix.values[1], view[:, 3])
-    ia3 = read_adapter(made["ia3"], args, 64, 128).ia3
+    ia3 = read_adapter(made["ia3"], args, 64, 128).payload
     assert ia3.feedforward_modules == frozenset({"down_proj"})
-    assert read_adapter(made["ptune"], args, 64, 128).prompt.embeddings.shape == (4, args.hidden_size)
+    assert read_adapter(made["ptune"], args, 64, 128).payload.embeddings.shape == (4, args.hidden_size)
 
 
 def _edit_config(d: Path, **changes) -> None:

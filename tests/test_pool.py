@@ -54,16 +54,16 @@ def test_device_slots_evict_only_unpinned_lru(tiny_llama_dir: Path, loras: list[
     lease0 = acquire_soon(pool, "k0")
     pool.host_weights("k1")  # a blocking read on this thread also works
     lease1 = acquire_soon(pool, "k1")
-    assert {lease0.slot, lease1.slot} == {0, 1} and pool.residency("k0") == "device"
+    assert {lease0.adapter_slot, lease1.adapter_slot} == {0, 1} and pool.residency("k0") == "device"
     pool.host_weights("k2")
     for _ in range(20):  # both slots pinned by running sequences: k2 waits
         assert pool.acquire("k2") is None
         time.sleep(0.005)
     pool.release("k0")
     lease2 = acquire_soon(pool, "k2")  # k0 was the least recently used unpinned one
-    assert lease2.slot == lease0.slot and pool.residency("k0") == "host" and pool.residency("k1") == "device"
-    table = pool.tables.lora_a["q_proj"]
-    torch.testing.assert_close(table[lease2.slot, 0, :4], lease2.weights.lora.a[(0, "q_proj")])
+    assert lease2.adapter_slot == lease0.adapter_slot and pool.residency("k0") == "host" and pool.residency("k1") == "device"
+    table = pool.tables.by_kind["LORA"].a["q_proj"]
+    torch.testing.assert_close(table[lease2.adapter_slot, 0, :4], lease2.weights.payload.a[(0, "q_proj")])
     pool.close()
 
 
@@ -105,7 +105,7 @@ def test_a_failed_load_fails_its_requests_only(tiny_llama_dir: Path, loras: list
             engine.pool.acquire("broken")
     finally:
         engine.shutdown()
-    assert good.lora.rank == 4
+    assert good.payload.rank == 4
 
 
 def test_step_loop_keeps_decoding_while_an_adapter_loads(tiny_llama_dir: Path, loras: list[Path]) -> None:

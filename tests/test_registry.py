@@ -99,7 +99,7 @@ def test_versions_and_restart(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert (info.version, info.versions, info.residency) == (2, (1, 2), "disk")
     assert again.pool.known("acme/foo@2") and not again.pool.known("acme/foo@1")
     lease = again.pool.host_weights("acme/foo@2")
-    assert lease.lora.rank == 2
+    assert lease.payload.rank == 2
 
 
 def test_refusals_store_nothing(tiny_llama_dir: Path, other_base: Path, tmp_path: Path) -> None:

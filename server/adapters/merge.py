@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from server.adapters.errors import AdapterRejected
+from server.adapters.kinds.lora import LoraWeights
 from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from server.adapters.weights import AdapterKind, AdapterWeights, LoraWeights
+from server.adapters.weights import AdapterWeights
 from server.model.args import PROJECTIONS
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -67,9 +68,9 @@ def merge_lora(sources: list[AdapterWeights], spec: MergeSpec) -> LoraWeights:
     spec.check(len(sources))
     loras: list[LoraWeights] = []
     for i, w in enumerate(sources):
-        if w.kind is not AdapterKind.LORA or w.lora is None:
-            raise AdapterRejected(f"source {i} is a {w.kind.value} adapter; only LoRA adapters can be merged")
-        loras.append(w.lora)
+        if not isinstance(w.payload, LoraWeights):
+            raise AdapterRejected(f"source {i} is a {w.kind} adapter; only LoRA adapters can be merged")
+        loras.append(w.payload)
     method = "linear" if len(loras) == 1 else spec.method  # as PEFT: one source is a linear merge
     weights = list(spec.weights or [1.0] * len(loras))
     ranks = [lo.rank for lo in loras]

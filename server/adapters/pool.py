@@ -8,11 +8,9 @@
   only pins it. A slot being filled belongs to no running sequence, so nothing reads it meanwhile; the
   new module tables the copy may create are only ever added, never replaced.
 - Device slots are fixed in number; the least recently used adapter that no running or waiting sequence
-  needs is evicted.
-- Host copies are kept within `host_cache_bytes`, evicting the least recently used copies that are
-  neither in a slot nor wanted by a submitted sequence.
-- Prompt/prefix adapters also take a slot, so every resident adapter is accounted for the same way;
-  their tensors are used from the host copy.
+  needs is evicted. Host copies are kept within `host_cache_bytes` the same way.
+- Every kind takes a slot (prompt/prefix kinds keep nothing on the device but are accounted the same).
+Entry states and their transitions: server/adapters/residency.py.
 """
 
 from __future__ import annotations
@@ -23,21 +21,22 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from server.adapters.errors import AdapterNotFound
+from server.adapters.kinds import ReadLimits
+from server.adapters.residency import AdapterMeta, Entry, EntryState, Lease, PoolStats, Source
 from server.adapters.slots import AdapterTables
-from server.adapters.weights import AdapterKind, AdapterWeights
+from server.adapters.weights import AdapterWeights
 from server.config import AdapterPoolConfig
 from server.model.args import ModelArgs
 
 log = logging.getLogger(__name__)
 
 Reader = Callable[[Path], AdapterWeights]
-Source = Path | AdapterWeights | Callable[[], AdapterWeights]
+__all__ = ["AdapterLoadError", "AdapterMeta", "AdapterPool", "Lease", "PoolStats", "UnknownAdapter"]
 
 
 class UnknownAdapter(AdapterNotFound, KeyError):
@@ -48,66 +47,17 @@ class AdapterLoadError(RuntimeError):
     """Reading or validating the adapter failed; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterMeta:
-    """What the engine needs at submit time, known without loading tensors."""
-
-    kind: AdapterKind
-    num_virtual_tokens: int = 0
-
-    @classmethod
-    def of(cls, weights: AdapterWeights) -> AdapterMeta:
-        return cls(weights.kind, weights.num_virtual_tokens)
-
-
-@dataclass(slots=True)
-class Lease:
-    """What a running sequence holds: its slot and the adapter's tensors."""
-
-    key: str
-    slot: int
-    weights: AdapterWeights
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    registered: int
-    host_entries: int
-    host_bytes: int
-    device_resident: int
-    loads: int  # host -> slot copies (on the loader thread)
-    disk_loads: int  # disk -> host reads (on the loader thread)
-    max_slot_copy_s: float  # longest host -> slot copy (on the loader thread, not the step loop)
-
-
-@dataclass(slots=True)
-class _Entry:
-    source: Source
-    version: int
-    meta: AdapterMeta | None
-    weights: AdapterWeights | None = None  # host copy
-    nbytes: int = 0
-    slot: int | None = None
-    slot_ready: bool = False  # False while the loader copies into `slot`
-    want_slot: bool = False  # acquire() asked for a slot (besides submitted users)
-    refs: int = 0  # running sequences pinning the slot
-    users: int = 0  # submitted, unfinished sequences (waiting or running)
-    retired: bool = False  # unregistered while in use: dropped when the last user is gone
-    loading: bool = False  # a loader job (host read and/or slot copy) is queued or running
-    error: str | None = None  # the last load failure
-
-
 class AdapterPool:
     def __init__(self, cfg: AdapterPoolConfig, args: ModelArgs, dtype: torch.dtype, device: str,
                  reader: Reader | None = None) -> None:
         self.cfg = cfg
         self.args = args
-        self.tables = AdapterTables(args, cfg.device_slots, cfg.max_lora_rank, dtype, device)
+        limits = ReadLimits(cfg.max_lora_rank, cfg.max_virtual_tokens)
+        self.tables = AdapterTables(args, cfg.device_slots, limits, dtype, device)
         self.reader = reader
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._slot_owner: list[str | None] = [None] * cfg.device_slots
-        self._lru: OrderedDict[str, None] = OrderedDict()  # slot-resident keys, least recent first
+        self._lru: OrderedDict[str, None] = OrderedDict()  # IN_SLOT keys, least recent first
         self._host_lru: OrderedDict[str, None] = OrderedDict()  # host copies, least recent first
         self._host_bytes = 0
         self._lock = threading.RLock()
@@ -127,14 +77,15 @@ class AdapterPool:
             meta = meta or AdapterMeta.of(weights)
         with self._lock:
             old = self._entries.get(key)
-            if old is not None and (old.refs or old.users):
+            if old is not None and not old.idle:
                 raise ValueError(f"adapter key {key!r} is in use; register new versions under new keys")
             if old is not None:
                 self._drop(key)
-            entry = _Entry(source, version, meta)
+            entry = Entry(source, version, meta)
             self._entries[key] = entry
             if weights is not None:
-                self._set_host(key, entry, self._prepare(weights))
+                self._set_host(key, entry, self.tables.staged(weights))
+                entry.state = EntryState.ON_HOST
 
     def unregister(self, key: str) -> None:
         """New requests can no longer use `key`; sequences already holding it keep it until they finish."""
@@ -142,10 +93,10 @@ class AdapterPool:
             entry = self._entries.get(key)
             if entry is None:
                 return
-            if entry.refs or entry.users:
-                entry.retired = True
-            else:
+            if entry.idle:
                 self._drop(key)
+            else:
+                entry.retired = True
 
     def known(self, key: str) -> bool:
         with self._lock:
@@ -158,13 +109,13 @@ class AdapterPool:
             entry = self._entries.get(key)
             if entry is None:
                 return "disk"
-            if entry.slot is not None and entry.slot_ready:
+            if entry.state is EntryState.IN_SLOT:
                 return "device"
             return "host" if entry.weights is not None else "disk"
 
     # ---- submit side (caller threads) ----------------------------------------------------------
     def meta(self, key: str) -> AdapterMeta:
-        """Kind and virtual-token count; reads the adapter (on this thread) only if nobody said them."""
+        """Kind and context layout; reads the adapter (on this thread) only if nobody said them."""
         with self._lock:
             entry = self._live(key)
             if entry.meta is not None:
@@ -183,7 +134,11 @@ class AdapterPool:
 
     def unreserve(self, key: str) -> None:
         """The submitted sequence finished (or was aborted)."""
-        self._let_go(key, "users")
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.users = max(0, entry.users - 1)
+                self._drop_if_retired(key, entry)
 
     def host_weights(self, key: str) -> AdapterWeights:
         """The host copy, read on the calling thread if needed; raises what the reader raises."""
@@ -193,10 +148,12 @@ class AdapterPool:
                 self._host_lru.move_to_end(key)
                 return entry.weights
             source = entry.source
-        weights = self._prepare(self._read(source))
+        weights = self.tables.staged(self._read(source))
         with self._lock:
             if entry.weights is None and self._entries.get(key) is entry:
                 self._set_host(key, entry, weights)
+                if entry.state is EntryState.ON_DISK:
+                    entry.state = EntryState.ON_HOST
             return entry.weights if entry.weights is not None else weights
 
     # ---- step loop -----------------------------------------------------------------------------
@@ -209,21 +166,24 @@ class AdapterPool:
             entry = self._entries.get(key)
             if entry is None:
                 raise UnknownAdapter(key)
-            if entry.error is not None:
+            if entry.state is EntryState.FAILED:
                 raise AdapterLoadError(entry.error)
-            if entry.slot is None or not entry.slot_ready:
+            if entry.state is not EntryState.IN_SLOT:
                 entry.want_slot = True
                 self._request_load(key, entry)
                 return None
-            entry.refs += 1
-            self._lru[key] = None
+            entry.pins += 1
             self._lru.move_to_end(key)
             self._host_lru.move_to_end(key)
-            return Lease(key, entry.slot, entry.weights, entry.version)
+            return Lease(key, entry.adapter_slot, entry.weights, entry.version)
 
     def release(self, key: str) -> None:
         """The running sequence no longer needs its slot (finished or preempted)."""
-        self._let_go(key, "refs")
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.pins = max(0, entry.pins - 1)
+                self._drop_if_retired(key, entry)
 
     def resident(self) -> int:
         with self._lock:
@@ -241,11 +201,11 @@ class AdapterPool:
             self._loader = None
 
     # ---- the loader thread ---------------------------------------------------------------------
-    def _request_load(self, key: str, entry: _Entry) -> None:
-        """Queue a loader job for `key`: read it to host if needed, then fill a slot if one is wanted."""
-        if entry.loading or entry.error is not None or (entry.weights is not None and entry.slot is not None):
+    def _request_load(self, key: str, entry: Entry) -> None:
+        """ON_DISK / ON_HOST -> LOADING: queue a job to read it to host and fill a slot if one is wanted."""
+        if entry.state not in (EntryState.ON_DISK, EntryState.ON_HOST):
             return
-        entry.loading = True
+        entry.state = EntryState.LOADING
         if self._loader is None:
             self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
             self._loader.start()
@@ -261,68 +221,64 @@ class AdapterPool:
     def _load_one(self, key: str) -> None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or not entry.loading:
+            if entry is None or entry.state is not EntryState.LOADING:
                 return
             source, weights = entry.source, entry.weights
         if weights is None:
             try:
-                weights = self._prepare(self._read(source))
+                weights = self.tables.staged(self._read(source))
             except Exception as exc:  # a bad adapter fails its requests, never the loader
                 log.warning("loading adapter %s failed: %s", key, exc)
                 self._fail(key, entry, f"adapter {key!r} could not be loaded: {exc}")
                 return
         with self._lock:
-            if self._entries.get(key) is not entry:
-                return  # dropped or re-registered meanwhile
+            if self._entries.get(key) is not entry or entry.state is not EntryState.LOADING:
+                return  # dropped, re-registered or evicted meanwhile
             if entry.weights is None:
                 self._set_host(key, entry, weights)
             slot = self._claim_slot(key, entry)
             if slot is None:
-                entry.loading = False
+                entry.state = EntryState.ON_HOST
                 return
         self._fill_slot(key, entry, slot, weights)
 
-    def _fail(self, key: str, entry: _Entry, error: str) -> None:
+    def _fail(self, key: str, entry: Entry, error: str) -> None:
         with self._lock:
             if self._entries.get(key) is entry:
-                entry.loading = False
-                entry.error = error
+                entry.state, entry.error = EntryState.FAILED, error
 
-    def _claim_slot(self, key: str, entry: _Entry) -> int | None:
-        """A free (or freed) slot reserved for `entry` if a sequence wants it; lock held."""
-        if entry.slot is not None or not (entry.users or entry.want_slot):
+    def _claim_slot(self, key: str, entry: Entry) -> int | None:
+        """LOADING -> FILLING: a free (or freed) slot reserved for `entry` if a sequence wants it; lock held."""
+        if not (entry.users or entry.want_slot):
             return None
         slot = self._free_slot()
         if slot is not None:
-            entry.slot, entry.slot_ready, entry.want_slot = slot, False, False
+            entry.state, entry.adapter_slot, entry.want_slot = EntryState.FILLING, slot, False
             self._slot_owner[slot] = key
-            self.tables.ensure_tables(entry.weights.lora, entry.weights.ia3)  # no table is added without the lock
+            self.tables.ensure(entry.weights)  # no table is added without the lock
         return slot
 
-    def _fill_slot(self, key: str, entry: _Entry, slot: int, weights: AdapterWeights) -> None:
-        """Copy into the reserved slot without the lock (nothing reads a slot no sequence holds)."""
+    def _fill_slot(self, key: str, entry: Entry, slot: int, weights: AdapterWeights) -> None:
+        """FILLING -> IN_SLOT: copy into the reserved slot without the lock (nothing reads a slot no one holds)."""
         start = time.perf_counter()
         try:
-            self._load_slot(slot, weights)
+            self.tables.fill(slot, weights)
         except Exception as exc:
             with self._lock:
-                self.tables.clear(slot)
-                self._slot_owner[slot] = None
-                if entry.slot == slot:
-                    entry.slot = None
+                self._give_back(slot)
+                if entry.adapter_slot == slot:
+                    entry.adapter_slot = None
             self._fail(key, entry, f"adapter {key!r} could not be copied into a device slot: {exc}")
             raise
         elapsed = time.perf_counter() - start
         with self._lock:
-            entry.loading = False
             self.loads += 1
             self.max_slot_copy_s = max(self.max_slot_copy_s, elapsed)
-            if self._entries.get(key) is entry and entry.slot == slot:
-                entry.slot_ready = True
+            if self._entries.get(key) is entry and entry.adapter_slot == slot:
+                entry.state = EntryState.IN_SLOT
                 self._lru[key] = None
-            else:  # dropped while copying: give the slot back
-                self.tables.clear(slot)
-                self._slot_owner[slot] = None
+            else:  # dropped or evicted while copying: give the slot back
+                self._give_back(slot)
 
     def _read(self, source: Source) -> AdapterWeights:
         if isinstance(source, AdapterWeights):
@@ -334,17 +290,14 @@ class AdapterPool:
             return self.reader(Path(source))
         return source()
 
-    def _prepare(self, weights: AdapterWeights) -> AdapterWeights:
-        return self.tables.staged(weights)
-
     # ---- internals (lock held) -----------------------------------------------------------------
-    def _live(self, key: str) -> _Entry:
+    def _live(self, key: str) -> Entry:
         entry = self._entries.get(key)
         if entry is None or entry.retired:
             raise UnknownAdapter(key)
         return entry
 
-    def _set_host(self, key: str, entry: _Entry, weights: AdapterWeights) -> None:
+    def _set_host(self, key: str, entry: Entry, weights: AdapterWeights) -> None:
         entry.weights = weights
         entry.nbytes = weights.nbytes()
         entry.meta = entry.meta or AdapterMeta.of(weights)
@@ -354,14 +307,16 @@ class AdapterPool:
         self._trim_host()
 
     def _trim_host(self) -> None:
+        """ON_HOST -> ON_DISK for the least recently used idle copies while over the host budget."""
         for key in list(self._host_lru):
             if self._host_bytes <= self.cfg.host_cache_bytes:
                 return
             entry = self._entries[key]
-            if entry.slot is None and not entry.refs and not entry.users:
+            if entry.state is EntryState.ON_HOST and entry.idle:
                 self._drop_host(key, entry)
+                entry.state = EntryState.ON_DISK
 
-    def _drop_host(self, key: str, entry: _Entry) -> None:
+    def _drop_host(self, key: str, entry: Entry) -> None:
         if entry.weights is not None:
             self._host_bytes -= entry.nbytes
             entry.weights, entry.nbytes = None, 0
@@ -375,42 +330,32 @@ class AdapterPool:
         # (evicting it for another waiting adapter would only make the two take turns copying in)
         for key in self._lru:
             entry = self._entries[key]
-            if entry.refs == 0 and entry.users == 0:
-                slot = entry.slot
-                self._evict(key)
+            if entry.idle:
+                slot = entry.adapter_slot
+                self._evict(key, entry)
                 return slot
         return None
 
-    def _load_slot(self, slot: int, weights: AdapterWeights) -> None:
-        if weights.kind is AdapterKind.LORA:
-            self.tables.load_lora(slot, weights.lora)
-        elif weights.kind is AdapterKind.IA3:
-            self.tables.load_ia3(slot, weights.ia3)
-        else:
-            self.tables.clear(slot)
+    def _give_back(self, slot: int) -> None:
+        self.tables.clear(slot)
+        self._slot_owner[slot] = None
 
-    def _evict(self, key: str) -> None:
-        entry = self._entries[key]
-        if entry.slot is not None:
-            if entry.slot_ready:  # else the loader is filling it and gives it back when done
-                self.tables.clear(entry.slot)
-                self._slot_owner[entry.slot] = None
-            entry.slot, entry.slot_ready = None, False
+    def _evict(self, key: str, entry: Entry) -> None:
+        """IN_SLOT -> ON_HOST (FILLING -> ON_HOST: the filler gives the slot back when its copy ends)."""
+        if entry.state is EntryState.IN_SLOT:
+            self._give_back(entry.adapter_slot)
+        if entry.state in (EntryState.IN_SLOT, EntryState.FILLING):
+            entry.state = EntryState.ON_HOST
+        entry.adapter_slot = None
         self._lru.pop(key, None)
         self._trim_host()
 
-    def _let_go(self, key: str, counter: str) -> None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return
-            setattr(entry, counter, max(0, getattr(entry, counter) - 1))
-            if entry.retired and not entry.refs and not entry.users:
-                self._drop(key)
+    def _drop_if_retired(self, key: str, entry: Entry) -> None:
+        if entry.retired and entry.idle:
+            self._drop(key)
 
     def _drop(self, key: str) -> None:
         entry = self._entries[key]
-        self._evict(key)
+        self._evict(key, entry)
         self._drop_host(key, entry)
-        entry.loading = False
         del self._entries[key]

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.adapters import kinds
 from server.adapters.errors import AdapterForbidden, AdapterNotFound, AdapterRejected, WrongBaseModel
 from server.adapters.peft_format import AdapterFormatError, BaseModelMismatch
 from server.adapters.pool import AdapterMeta, AdapterPool
 from server.adapters.store import AdapterStore, StoredVersion, StoreError, check_name
-from server.adapters.weights import AdapterKind, AdapterWeights
+from server.adapters.weights import AdapterWeights
 
 __all__ = ["AdapterForbidden", "AdapterInfo", "AdapterNotFound", "AdapterRegistry", "AdapterRejected",
            "ResolvedAdapter", "WrongBaseModel", "pool_key"]
@@ -53,14 +54,6 @@ class AdapterInfo:
     shared: bool
     residency: str  # where the newest version is: "disk" | "host" | "device"
     num_virtual_tokens: int = 0
-
-
-def describe(weights: AdapterWeights) -> dict:
-    """The metadata recorded with a stored version."""
-    lora = weights.lora
-    targets = lora.target_modules if lora else tuple(sorted({m for _, m in weights.ia3.scales})) if weights.ia3 else ()
-    return {"kind": weights.kind.value, "rank": lora.rank if lora else 0, "target_modules": list(targets),
-            "num_virtual_tokens": weights.num_virtual_tokens}
 
 
 def _who(tenant) -> tuple[str, bool | None]:
@@ -172,7 +165,7 @@ class AdapterRegistry:
         weights = self._validate(Path(src_dir))
         with self._write_lock(owner, short):
             try:
-                stored = self.store.put(owner, short, Path(src_dir), shared=shared, meta=describe(weights))
+                stored = self.store.put(owner, short, Path(src_dir), shared=shared, meta=weights.describe())
             except (StoreError, OSError) as exc:
                 raise StoreError(f"storing adapter {owner}/{short} failed: {exc}") from exc
             self._register(stored, weights)
@@ -212,8 +205,8 @@ class AdapterRegistry:
         return self.validate(stored.path)
 
     def _register(self, stored: StoredVersion, weights: AdapterWeights | None = None) -> None:
-        meta = AdapterMeta(kind=AdapterKind(stored.meta.get("kind", "LORA")),
-                           num_virtual_tokens=int(stored.meta.get("num_virtual_tokens", 0)))
+        kind = kinds.by_name(stored.meta.get("kind", "LORA"))
+        meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
         key = pool_key(stored.tenant, stored.name, stored.version)
         self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights)
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.errors import AdapterNotFound
+from server.adapters.peft_format import read_adapter
 from server.adapters.pool import AdapterPool, UnknownAdapter
-from server.adapters.weights import AdapterKind
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
@@ -30,15 +29,15 @@ from server.engine.request import (
 )
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Admission, Scheduler
 from server.engine.sequence import IncrementalDetokenizer, Sequence
 from server.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 
-class UnknownAdapterRequest(InvalidRequest, AdapterNotFound):
-    """The request names an adapter that is not registered (or was just deleted): NOT_FOUND."""
+class UnknownAdapterRequest(InvalidRequest):
+    """The request names an adapter that is not registered (or was just deleted); served as NOT_FOUND."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +66,13 @@ class Engine:
             limit = min(limit, self.args.sliding_window)  # full attention is exact up to the window
         self.max_model_len = limit
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
-        self.scheduler = Scheduler(cfg, self.kv, self._admit, self._release)
+        self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter)
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
         self.post = Postprocessor(self.args.eos_token_ids, self.max_model_len)
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
         self._by_id: dict[str, Sequence] = {}
-        self._prompt_embeds: dict[str, torch.Tensor] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._seed_rng = torch.Generator().manual_seed(0)
@@ -92,14 +90,9 @@ class Engine:
         loaded = load_model(model_cfg)
 
         def read(path):
-            from server.adapters.peft_format import read_adapter
-
             return read_adapter(path, loaded.args, pool_cfg.max_lora_rank, pool_cfg.max_virtual_tokens)
 
         pool = AdapterPool(pool_cfg, loaded.args, model_cfg.torch_dtype, model_cfg.device, reader=read)
-        for layer in loaded.model.modules():  # projections read the pool's slot tables
-            if hasattr(layer, "tables"):
-                layer.tables = pool.tables
         return cls(loaded, engine_cfg, pool)
 
     # ---- caller side (any thread) -------------------------------------------------------------
@@ -158,13 +151,10 @@ class Engine:
         n_prefix = n_virtual = 0
         if req.adapter is not None:
             try:
-                meta = self.pool.meta(req.adapter)
+                layout = self.pool.meta(req.adapter).layout
             except UnknownAdapter:
                 raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
-            if meta.kind is AdapterKind.PREFIX_TUNING:
-                n_prefix = meta.num_virtual_tokens
-            elif meta.kind in (AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING):
-                n_virtual = meta.num_virtual_tokens
+            n_prefix, n_virtual = layout.n_prefix, layout.n_virtual
         context = n_prefix + n_virtual + len(ids)
         if context >= self.max_model_len:
             raise InvalidRequest(
@@ -206,9 +196,9 @@ class Engine:
             self._thread.join(timeout=30)
         self._thread = None
 
-    def admit_submitted(self) -> None:
-        """Move submitted sequences into the scheduler and apply aborts: what the step loop does before each
-        step (engine thread; also for callers that drive step() themselves, e.g. benchmarks)."""
+    def take_submitted(self) -> None:
+        """Move submitted sequences into the scheduler's queue and apply aborts: what the step loop does before
+        each step (engine thread; also for callers that drive step() themselves, e.g. benchmarks)."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
@@ -226,7 +216,7 @@ class Engine:
                     self._lock.wait(timeout=0.5)
                 if self._stopping and not self._by_id and not self._inbox:
                     return
-            self.admit_submitted()
+            self.take_submitted()
             if self.scheduler.has_work():
                 started = time.perf_counter()
                 self.step()
@@ -235,14 +225,17 @@ class Engine:
                 return
 
     def step(self) -> None:
-        scheduled = self.scheduler.schedule()
+        plan = self.scheduler.schedule()
+        for seq, why in plan.failed:
+            self._finish(seq, FinishReason.ERROR, error=why)
+        scheduled = plan.scheduled
         if not scheduled:
             time.sleep(self.config.idle_sleep_s)
             return
         self._last_batch = (len(scheduled), sum(n for _, n in scheduled))
         self.steps += 1
         try:
-            logits, sampled = self.runner.run(scheduled, self._prompt_embeds)
+            logits, sampled = self.runner.run(scheduled)
             if self.on_logits is not None:
                 self.on_logits(sampled, logits)
             tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
@@ -258,31 +251,29 @@ class Engine:
             else:
                 seq.handle.put(event)
 
-    def _admit(self, seq: Sequence) -> bool:
+    def _pin_adapter(self, seq: Sequence) -> tuple[Admission, str | None]:
+        """The scheduler's admission check (KV blocks already allocated): pin the sequence's adapter in its slot
+        and write the context entries the adapter supplies (prefix K/V)."""
         key = seq.request.adapter
         if key is None:
-            return True
+            return Admission.ADMITTED, None
         try:
             lease = self.pool.acquire(key)
         except Exception as exc:  # unregistered or unreadable since submit()
-            self._finish(seq, FinishReason.ERROR, error=f"adapter {key!r} unavailable: {exc}")
-            return False
+            return Admission.FAILED, f"adapter {key!r} unavailable: {exc}"
         if lease is None:
-            return False
-        weights = lease.weights
-        seq.adapter_slot, seq.adapter_kind, seq.adapter_version = lease.slot, weights.kind, lease.version
-        if weights.kind is AdapterKind.PREFIX_TUNING:
-            self.kv.write_prefix(seq.blocks, weights.prefix.keys, weights.prefix.values)
+            return Admission.NOT_NOW, None
+        seq.lease, seq.adapter_version = lease, lease.version
+        prefix = lease.weights.spec.cached_prefix(lease.weights.payload)
+        if prefix is not None:
+            self.kv.write_prefix(seq.blocks, *prefix)
             seq.num_computed = seq.n_prefix
-        elif weights.prompt is not None:
-            self._prompt_embeds[seq.request_id] = weights.prompt.embeddings
-        return True
+        return Admission.ADMITTED, None
 
-    def _release(self, seq: Sequence) -> None:
-        if seq.adapter_slot >= 0 and seq.request.adapter is not None:
-            self.pool.release(seq.request.adapter)
-        seq.adapter_slot = -1
-        self._prompt_embeds.pop(seq.request_id, None)
+    def _unpin_adapter(self, seq: Sequence) -> None:
+        if seq.lease is not None:
+            self.pool.release(seq.lease.key)
+        seq.lease = None
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, event=None) -> None:
         if seq.request_id not in self._by_id:

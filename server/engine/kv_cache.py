@@ -22,10 +22,6 @@ class KVCache:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
 
     @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
@@ -45,14 +41,14 @@ class KVCache:
         self._free.extend(reversed(blocks))
         blocks.clear()
 
-    def slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
-        """Cache slots [end-start] int64 of context indices start..end-1."""
+    def kv_slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
+        """KV-cache slots [end-start] int64 of context indices start..end-1."""
         idx = torch.arange(start, end)
         table = torch.tensor(blocks, dtype=torch.int64)
         return table[idx // self.block_size] * self.block_size + idx % self.block_size
 
     def write_prefix(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store prefix-tuning K/V [layers, n, kv_heads, head_dim] at context indices 0..n-1 (no RoPE)."""
-        slots = self.slots(blocks, 0, keys.shape[1]).to(self.k.device)
+        slots = self.kv_slots(blocks, 0, keys.shape[1]).to(self.k.device)
         self.k[:, slots] = keys.to(self.k.dtype)
         self.v[:, slots] = values.to(self.v.dtype)

@@ -1,32 +1,48 @@
-"""Which sequences run this step, and how many of their tokens.
+"""Which sequences run this step, and how many of their tokens. The scheduler decides alone: it calls
+no engine code, and hands back what it could not admit for the engine to fail.
 
 Running sequences go first (decodes and unfinished prefill chunks), then waiting ones are admitted
-FIFO while the step's token budget, the running limit, the KV budget and the admit hook (adapter
-slot) allow. A prompt larger than the remaining budget is prefilled in chunks. When the KV cache
-cannot grow a running sequence, the newest running sequence is preempted (its blocks freed, it
-goes back to the front of the queue and is recomputed later): a request that does not fit waits,
-it never crashes the engine.
+FIFO while the step's token budget, the running limit, the KV budget and the adapter pin allow. A
+prompt larger than the remaining budget is prefilled in chunks. When the KV cache cannot grow a
+running sequence, the newest running sequence is preempted (its blocks freed, it goes back to the
+front of the queue and is recomputed later): a request that does not fit waits, it never crashes the
+engine.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
 
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
 from server.engine.sequence import SeqStatus, Sequence
 
-AdmitHook = Callable[[Sequence], bool]  # after KV allocation: pin adapter, write prefix K/V; False = not now
-ReleaseHook = Callable[[Sequence], None]
+
+class Admission(Enum):
+    ADMITTED = "admitted"
+    NOT_NOW = "not_now"  # its adapter slot is busy or still loading: try the next request
+    FAILED = "failed"  # it can never run (adapter gone or unreadable): the engine fails it
+
+
+PinAdapter = Callable[[Sequence], tuple[Admission, str | None]]  # after KV allocation; the str says why it FAILED
+UnpinAdapter = Callable[[Sequence], None]
+
+
+@dataclass(slots=True)
+class StepPlan:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens computed this step)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # taken off the queue (KV freed), and why
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, kv: KVCache, admit: AdmitHook, release: ReleaseHook) -> None:
+    def __init__(self, cfg: EngineConfig, kv: KVCache, pin: PinAdapter, unpin: UnpinAdapter) -> None:
         self.cfg = cfg
         self.kv = kv
-        self.admit_hook = admit
-        self.release_hook = release
+        self.pin = pin
+        self.unpin = unpin
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -37,19 +53,26 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        budget = self.cfg.max_batch_tokens
-        scheduled: list[tuple[Sequence, int]] = []
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self._continue_running(plan, self.cfg.max_batch_tokens)
+        self._admit_waiting(plan, budget)
+        return plan
+
+    def _continue_running(self, plan: StepPlan, budget: int) -> int:
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted below while making room for an older sequence
             n = min(seq.pending, budget)
-            if not self._grow(seq, seq.num_computed + n, {s for s, _ in scheduled}):
+            if not self._grow(seq, seq.num_computed + n, {s for s, _ in plan.scheduled}):
                 continue
-            scheduled.append((seq, n))
+            plan.scheduled.append((seq, n))
             budget -= n
+        return budget
+
+    def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running:
             seq = self.waiting.popleft()
@@ -58,19 +81,21 @@ class Scheduler:
                 skipped.append(seq)
                 break  # FIFO for KV: later (smaller) requests don't overtake a waiting large one
             seq.blocks = self.kv.allocate(need)
-            if not self.admit_hook(seq):  # adapter slot busy or loading: try the next request
+            admission, why = self.pin(seq)
+            if admission is not Admission.ADMITTED:
                 self.kv.free(seq.blocks)
-                if seq.status is not SeqStatus.FINISHED:  # the hook may have failed it for good
+                if admission is Admission.FAILED:
+                    plan.failed.append((seq, why or "the request could not be admitted"))
+                else:
                     skipped.append(seq)
                 continue
             seq.status = SeqStatus.RUNNING
             seq.mark_scheduled()
             self.running.append(seq)
             n = min(seq.pending, budget)
-            scheduled.append((seq, n))
+            plan.scheduled.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return scheduled
 
     def _grow(self, seq: Sequence, context_len: int, keep: set[Sequence]) -> bool:
         """Make room for `seq` by preempting the newest sequences not scheduled in this step."""
@@ -86,17 +111,17 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.blocks)
-        self.release_hook(seq)
+        self.unpin(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (finished or aborted) wherever it is and free what it holds."""
+        """Remove a sequence (finished, aborted or failed) wherever it is and free what it holds."""
         if seq in self.running:
             self.running.remove(seq)
-            self.release_hook(seq)
+            self.unpin(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq.blocks)

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from server.adapters.residency import Lease
 from server.engine.request import FinishReason, GenerationRequest, RequestHandle
 
 
@@ -54,9 +55,8 @@ class Sequence:
     detok: IncrementalDetokenizer
     n_prefix: int = 0  # prefix-tuning K/V entries (written, never computed)
     n_virtual: int = 0  # prompt-tuning / P-tuning virtual tokens (computed from embeddings)
-    adapter_slot: int = -1  # pool slot pinned while running
-    adapter_kind: str | None = None
-    adapter_version: int | None = None
+    lease: Lease | None = None  # the adapter's pinned device slot and tensors, while running
+    adapter_version: int | None = None  # the adapter version that served it (kept after the lease ends)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # context entries whose K/V are in the cache (includes n_prefix)
     blocks: list[int] = field(default_factory=list)
@@ -71,6 +71,11 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def adapter_slot(self) -> int:
+        """The pinned adapter slot, -1 without one."""
+        return self.lease.adapter_slot if self.lease is not None else -1
 
     @property
     def prompt_ids(self) -> tuple[int, ...]:

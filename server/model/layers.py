@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from server.engine.batch import AdapterBatch
 from server.model.args import ModelArgs
+from server.model.batch import StepAdapter
 
 
 class RMSNorm(nn.Module):
@@ -73,53 +73,28 @@ class Rotary(nn.Module):
 
 
 class Projection(nn.Module):
-    """A base linear (NF4 or dense) plus this batch's adapters for the tokens routed to them.
+    """A base linear (NF4 or dense) with the step's adapters at its input and output.
 
-    Semantics, per token i with adapter slot s(i) (none = base only):
-      IA3 (input-scaled module):  y_i = base(x_i * l_in[s(i)])
-      IA3 (output-scaled module): y_i = base(x_i) * l_out[s(i)]
-      LoRA:                       y_i = base(x_i) + scale[s(i)] * (x_i @ A[s(i)]^T) @ B[s(i)]^T
-    The adapter tables are the pool's preallocated stacked tensors (server/adapters/slots.py).
+    Semantics, for the step's adapters h_1..h_n (server/model/batch.py StepAdapter, in kind registration
+    order), each touching only its own sequences' rows:
+      x' = h_n.project_input(... h_1.project_input(x))
+      y  = base(x');  y = h_k.project_output(x, y) for k = 1..n
+    e.g. IA3 scales x' or y; LoRA adds scale * (x @ A^T) @ B^T to y.
     """
 
-    def __init__(self, base: nn.Module, layer: int, name: str, tables: object | None) -> None:
+    def __init__(self, base: nn.Module, layer: int, name: str) -> None:
         super().__init__()
         self.base = base
         self.layer = layer
         self.name = name
-        self.tables = tables  # server.adapters.slots.AdapterTables, shared by all projections
-        self._lora_views: tuple[torch.Tensor, object, object] | None = None  # (table, A views, B views)
 
-    def _views(self, a_table: torch.Tensor, b_table: torch.Tensor):
-        """This layer's per-slot LoRA views, made once per table (tables are never reallocated)."""
-        if self._lora_views is None or self._lora_views[0] is not a_table:
-            from kernels import SlotViews
-
-            self._lora_views = (a_table, SlotViews(a_table[:, self.layer], 1), SlotViews(b_table[:, self.layer], 2))
-        return self._lora_views[1], self._lora_views[2]
-
-    def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
-        tables = self.tables
-        if adapters is None or tables is None:
+    def forward(self, x: torch.Tensor, adapters: list[StepAdapter]) -> torch.Tensor:
+        if not adapters:
             return self.base(x)
-        if adapters.ia3_rows is not None:
-            ia3_in = tables.ia3_in.get(self.name)
-            if ia3_in is not None:
-                x_base = x * ia3_in[adapters.ia3_rows, self.layer]
-                y = self.base(x_base)
-            else:
-                y = self.base(x)
-            ia3_out = tables.ia3_out.get(self.name)
-            if ia3_out is not None:
-                y = y * ia3_out[adapters.ia3_rows, self.layer]
-        else:
-            y = self.base(x)
-        meta = adapters.lora_meta
-        if meta is not None and meta.has_lora and self.name in tables.lora_a:
-            from kernels import lora_expand, lora_shrink
-
-            a_table, b_table = tables.lora_a[self.name], tables.lora_b[self.name]
-            a_views, b_views = self._views(a_table, b_table)
-            t = lora_shrink(x, a_views.stack, meta, a_views)
-            y = lora_expand(t, b_views.stack, tables.lora_scale, meta, y, b_views)
+        x_in = x
+        for adapter in adapters:
+            x_in = adapter.project_input(x_in, self.layer, self.name)
+        y = self.base(x_in)
+        for adapter in adapters:
+            y = adapter.project_output(x, y, self.layer, self.name)
         return y

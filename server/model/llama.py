@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.batch import AdapterBatch, AttentionMeta, ForwardBatch
 from server.model.args import ModelArgs
+from server.model.batch import AttentionMeta, ForwardBatch, StepAdapter
 from server.model.layers import Projection, RMSNorm, Rotary
 
 
@@ -28,7 +28,7 @@ class Attention(nn.Module):
         h: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionMeta,
-        adapters: AdapterBatch | None,
+        adapters: list[StepAdapter],
         k_cache: torch.Tensor,  # [kv_slots, kv_heads, head_dim] this layer's cache
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
@@ -58,7 +58,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
 
-    def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapters: list[StepAdapter]) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x, adapters)) * self.up_proj(x, adapters), adapters)
 
 
@@ -101,10 +101,8 @@ class LlamaModel(nn.Module):
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
-        ab = batch.adapters
-        if ab is not None and ab.virtual_index is not None:
-            virtual = ab.virtual_index >= 0
-            h[virtual] = ab.virtual_embeds[ab.virtual_index[virtual]].to(h.dtype)
+        for adapter in batch.adapters:
+            h = adapter.embed(h)
         return h
 
     @torch.inference_mode()

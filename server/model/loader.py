@@ -25,8 +25,6 @@ class LoadedModel:
     model: LlamaModel
     args: ModelArgs
     tokenizer: object  # transformers PreTrainedTokenizerFast
-    model_dir: Path
-    load_seconds: float
 
 
 class _Checkpoint:
@@ -53,7 +51,7 @@ class _Checkpoint:
 
 
 def build_model(
-    model_dir: Path, args: ModelArgs, dtype: torch.dtype, quantize: bool, device: str, tables: object | None
+    model_dir: Path, args: ModelArgs, dtype: torch.dtype, quantize: bool, device: str
 ) -> LlamaModel:
     ckpt = _Checkpoint(model_dir)
 
@@ -61,7 +59,7 @@ def build_model(
         key = f"model.layers.{layer}.{prefix}.{name}"
         weight = ckpt.get(f"{key}.weight").to(device)
         bias = ckpt.get(f"{key}.bias").to(device) if f"{key}.bias" in ckpt else None
-        return Projection(make_linear(weight, bias, quantize=quantize, dtype=dtype), layer, name, tables)
+        return Projection(make_linear(weight, bias, quantize=quantize, dtype=dtype), layer, name)
 
     def norm(key: str) -> RMSNorm:
         return RMSNorm(ckpt.get(key).to(device=device, dtype=dtype), args.rms_norm_eps)
@@ -80,18 +78,18 @@ def build_model(
     return LlamaModel(args, embed, layers, norm("model.norm.weight"), lm_head).eval()
 
 
-def load_model(cfg: ModelConfig, tables: object | None = None) -> LoadedModel:
+def load_model(cfg: ModelConfig) -> LoadedModel:
     """Resolve, read and (optionally) NF4-quantize the base model. Never touches the network."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
     model_dir = resolve_model_dir(cfg.path, cfg.cache_dir)
     args = ModelArgs.from_dir(model_dir)
-    model = build_model(model_dir, args, cfg.torch_dtype, cfg.quantize, cfg.device, tables)
+    model = build_model(model_dir, args, cfg.torch_dtype, cfg.quantize, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     seconds = time.perf_counter() - start
     log.info(
         "loaded %s (%s, %s%s) in %.1f s: %.1f MiB", model_dir.name, args.architecture, cfg.dtype,
         ", NF4" if cfg.quantize else "", seconds, model.memory_bytes() / 2**20,
     )
-    return LoadedModel(model, args, tokenizer, model_dir, seconds)
+    return LoadedModel(model, args, tokenizer)

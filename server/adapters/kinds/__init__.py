@@ -1,0 +1,64 @@
+"""The registered adapter kinds. Adding a kind = one module implementing `AdapterKind` + one line below.
+
+Order matters where kinds meet in one projection: their hooks run in registration order (IA3's input
+and output scaling, then LoRA's addition), each on the rows of its own sequences only.
+"""
+
+from __future__ import annotations
+
+from server.adapters.kinds.base import (
+    AdapterFormatError,
+    AdapterKind,
+    BaseModelMismatch,
+    ChunkView,
+    ContextLayout,
+    ReadLimits,
+    SlotTables,
+)
+from server.adapters.kinds.ia3 import IA3Kind
+from server.adapters.kinds.lora import LoraKind
+from server.adapters.kinds.prefix import PrefixKind
+from server.adapters.kinds.virtual import VirtualTokenKind
+
+__all__ = ["AdapterFormatError", "AdapterKind", "BaseModelMismatch", "ChunkView", "ContextLayout", "ReadLimits",
+           "SlotTables", "by_name", "by_peft_type", "register", "registered", "unregister"]
+
+_KINDS: dict[str, AdapterKind] = {}
+
+
+def register(kind: AdapterKind) -> AdapterKind:
+    """Make `kind` servable; pools created afterwards give it device tables."""
+    if kind.name in _KINDS:
+        raise ValueError(f"adapter kind {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    _KINDS.pop(name, None)
+
+
+def registered() -> tuple[AdapterKind, ...]:
+    return tuple(_KINDS.values())
+
+
+def by_name(name: str) -> AdapterKind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise AdapterFormatError(f"adapter kind {name!r} is not served; served: {', '.join(_KINDS)}") from None
+
+
+def by_peft_type(peft_type: str) -> AdapterKind:
+    for kind in _KINDS.values():
+        if peft_type in kind.peft_types:
+            return kind
+    served = ", ".join(t for k in _KINDS.values() for t in k.peft_types)
+    raise AdapterFormatError(f"peft_type {peft_type!r} is not served; served: {served}")
+
+
+register(IA3Kind())
+register(LoraKind())
+register(VirtualTokenKind("PROMPT_TUNING"))
+register(VirtualTokenKind("P_TUNING"))
+register(PrefixKind())

@@ -1,0 +1,112 @@
+"""The adapter-kind interface: what every kind of adapter (LoRA, IA3, prompt tuning, ...) tells the server.
+
+A kind is data plus a small dispatch (no class tower: one base class with defaults). The server's
+generic parts use it at five moments of an adapter's life:
+
+  read      peft_format.read_adapter -> kind.read(cfg, tensors, args, limits)   validate, normalize
+  describe  the registry records kind.describe(payload) with each stored version
+  slots     the pool: kind.new_tables(...) once; per load tables.stage / ensure / fill / clear
+  admit     the engine: kind.layout(n) at submit (context entries it adds), kind.cached_prefix at admission
+  step      the runner: kind.step(tables, chunks, T, device) -> a StepAdapter the model calls
+
+Engine, runner, pool and model iterate over the registered kinds (server/adapters/kinds/__init__.py)
+and name none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from server.model.args import ModelArgs
+from server.model.batch import StepAdapter
+
+Staging = Callable[[torch.Tensor], torch.Tensor]  # host tensor -> table dtype, contiguous, pinned on CUDA
+
+
+class AdapterFormatError(ValueError):
+    """The adapter directory is not something we can serve; the message says why."""
+
+
+class BaseModelMismatch(AdapterFormatError):
+    """The adapter is well formed but made for another base (hidden size, layer count, KV shape)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLimits:
+    max_lora_rank: int
+    max_virtual_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContextLayout:
+    """Context entries an adapter puts before a sequence's prompt: [prefix K/V][virtual tokens][prompt]."""
+
+    n_prefix: int = 0  # entries whose K/V the adapter supplies (written at admission, never computed)
+    n_virtual: int = 0  # entries computed from adapter embeddings instead of token ids
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """One scheduled sequence's tokens in this step, as a kind sees them."""
+
+    slot: int  # the adapter's device slot
+    payload: object  # the kind's weights (host copy)
+    start: int  # first context index computed this step
+    count: int  # tokens computed this step
+    offset: int  # flat index of its first token among the step's T tokens
+    layout: ContextLayout
+
+
+class SlotTables:
+    """A kind's preallocated device tables, indexed by adapter slot. Filling a slot is a copy, never a realloc."""
+
+    def stage(self, payload: object, ready: Staging) -> object:
+        """A host copy ready for a cheap fill (`ready` converts one tensor); raises ValueError if it cannot fit."""
+        return payload
+
+    def ensure(self, payload: object) -> None:
+        """Create the tables `payload` needs, so that fill() adds none (called under the pool's lock)."""
+
+    def fill(self, slot: int, payload: object) -> None:
+        """Copy `payload` into `slot` (the slot is clear and no running sequence reads it)."""
+
+    def clear(self, slot: int) -> None:
+        """Reset `slot` to "no adapter"."""
+
+
+class AdapterKind:
+    name: str = ""  # stored with each version and shown to users, e.g. "LORA"
+    peft_types: tuple[str, ...] = ()  # adapter_config.json peft_type values this kind reads
+
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> object:
+        """The normalized payload; raises AdapterFormatError / BaseModelMismatch with a reason."""
+        raise NotImplementedError
+
+    def tensors(self, payload: object) -> list[torch.Tensor]:
+        """Every tensor the payload holds (host-memory accounting)."""
+        raise NotImplementedError
+
+    def describe(self, payload: object) -> dict:
+        """Recorded with a stored version: rank, target_modules, num_virtual_tokens."""
+        return {"rank": 0, "target_modules": [], "num_virtual_tokens": 0}
+
+    def layout(self, num_virtual_tokens: int) -> ContextLayout:
+        """The context entries a sequence using this adapter starts with."""
+        return ContextLayout()
+
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+                   device: str) -> SlotTables | None:
+        """Device tables for all slots; None when the kind keeps nothing on the device."""
+        return None
+
+    def cached_prefix(self, payload: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K/V [layers, n_prefix, kv_heads, head_dim] to write at context 0..n_prefix-1 at admission."""
+        return None
+
+    def step(self, tables: SlotTables | None, chunks: list[ChunkView], num_tokens: int,
+             device: torch.device) -> StepAdapter | None:
+        """This step's contribution for the sequences in `chunks`; None = nothing to apply."""
+        return None

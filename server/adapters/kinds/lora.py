@@ -1,0 +1,158 @@
+"""LoRA: y += scale * (x @ A^T) @ B^T on each targeted projection (PEFT's LoraModel; rsLoRA scaling).
+
+Tables (per targeted module, created on first use):
+  a[module]  [slots, layers, max_rank, in]   zero-padded to max_rank
+  b[module]  [slots, layers, out, max_rank]
+  scale      [slots] fp32                     alpha/r (or alpha/sqrt(r)); 0 for an empty slot
+  ranks      host list [slots]                each slot's true rank (0 = empty), so kernels skip the padding
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_expand, lora_shrink
+from server.adapters.kinds.base import (
+    AdapterFormatError,
+    AdapterKind,
+    BaseModelMismatch,
+    ChunkView,
+    ReadLimits,
+    SlotTables,
+    Staging,
+)
+from server.adapters.kinds.modules import check_served_options, module_tensors
+from server.model.args import ModelArgs
+from server.model.batch import StepAdapter
+
+
+@dataclass(slots=True)
+class LoraWeights:
+    """y += scale * (x @ A^T) @ B^T on each (layer, module) present."""
+
+    rank: int
+    scale: float  # alpha / r, or alpha / sqrt(r) with use_rslora
+    a: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> [rank, in_features]
+    b: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> [out_features, rank]
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted({m for _, m in self.a}))
+
+
+class LoraTables(SlotTables):
+    def __init__(self, args: ModelArgs, num_slots: int, max_rank: int, dtype: torch.dtype, device: str) -> None:
+        self.args, self.num_slots, self.max_rank, self.dtype, self.device = args, num_slots, max_rank, dtype, device
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        self.scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.ranks: list[int] = [0] * num_slots
+        self._views: dict[tuple[int, str], tuple[SlotViews, SlotViews]] = {}
+
+    def _module(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if module not in self.a:
+            n_in, n_out = self.args.projection_shape(module)
+            layers = self.args.num_layers
+            # B first: a step that finds the module in `a` (while the pool's loader adds a table) finds it in `b`
+            self.b[module] = torch.zeros(self.num_slots, layers, n_out, self.max_rank, dtype=self.dtype,
+                                         device=self.device)
+            self.a[module] = torch.zeros(self.num_slots, layers, self.max_rank, n_in, dtype=self.dtype,
+                                         device=self.device)
+        return self.a[module], self.b[module]
+
+    def views(self, layer: int, module: str) -> tuple[SlotViews, SlotViews]:
+        """Per-slot views of one layer's A and B, made once (tables are never reallocated)."""
+        views = self._views.get((layer, module))
+        if views is None:
+            views = (SlotViews(self.a[module][:, layer], 1), SlotViews(self.b[module][:, layer], 2))
+            self._views[(layer, module)] = views
+        return views
+
+    def stage(self, payload: LoraWeights, ready: Staging) -> LoraWeights:
+        if payload.rank > self.max_rank:
+            raise ValueError(f"LoRA rank {payload.rank} exceeds the configured maximum {self.max_rank}")
+        return LoraWeights(payload.rank, payload.scale, {k: ready(t) for k, t in payload.a.items()},
+                           {k: ready(t) for k, t in payload.b.items()})
+
+    def ensure(self, payload: LoraWeights) -> None:
+        for module in payload.target_modules:
+            self._module(module)
+
+    def fill(self, slot: int, payload: LoraWeights) -> None:
+        if payload.rank > self.max_rank:
+            raise ValueError(f"LoRA rank {payload.rank} exceeds the configured maximum {self.max_rank}")
+        for (layer, module), a in payload.a.items():
+            table_a, table_b = self._module(module)
+            table_a[slot, layer, : payload.rank] = a.to(self.dtype)
+            table_b[slot, layer, :, : payload.rank] = payload.b[(layer, module)].to(self.dtype)
+        self.scale[slot] = payload.scale
+        self.ranks[slot] = payload.rank
+
+    def clear(self, slot: int) -> None:
+        for table in (*self.a.values(), *self.b.values()):
+            table[slot].zero_()
+        self.scale[slot] = 0.0
+        self.ranks[slot] = 0
+
+
+class LoraStep(StepAdapter):
+    """Shrink then expand through the segmented kernels, for every LoRA token of the step at once."""
+
+    def __init__(self, tables: LoraTables, meta: LoraBatchMeta) -> None:
+        self.tables = tables
+        self.meta = meta  # over the step's T tokens, slot -1 = no LoRA
+
+    def project_output(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        if module not in self.tables.a:
+            return y
+        a_views, b_views = self.tables.views(layer, module)
+        t = lora_shrink(x, a_views.stack, self.meta, a_views)
+        return lora_expand(t, b_views.stack, self.tables.scale, self.meta, y, b_views)
+
+
+class LoraKind(AdapterKind):
+    name = "LORA"
+    peft_types = ("LORA",)
+
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> LoraWeights:
+        check_served_options(cfg)
+        r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+        if not isinstance(r, int) or r < 1:
+            raise AdapterFormatError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if r > limits.max_lora_rank:
+            raise AdapterFormatError(f"LoRA rank {r} exceeds the server's maximum rank {limits.max_lora_rank}")
+        if not isinstance(alpha, int | float):
+            raise AdapterFormatError(f"lora_alpha must be a number, got {alpha!r}")
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        a: dict[tuple[int, str], torch.Tensor] = {}
+        b: dict[tuple[int, str], torch.Tensor] = {}
+        for (layer, module, suffix), t in module_tensors(tensors, args, ("lora_A", "lora_B")).items():
+            n_in, n_out = args.projection_shape(module)
+            want = (r, n_in) if suffix == "lora_A" else (n_out, r)
+            if tuple(t.shape) != want:
+                rank_ok = t.dim() == 2 and t.shape[0 if suffix == "lora_A" else 1] == r
+                error = BaseModelMismatch if rank_ok else AdapterFormatError
+                raise error(f"{suffix} of layer {layer} {module} has shape {tuple(t.shape)}; the base needs {want}")
+            (a if suffix == "lora_A" else b)[(layer, module)] = t
+        if a.keys() != b.keys():
+            raise AdapterFormatError("every lora_A needs its lora_B (and vice versa)")
+        return LoraWeights(rank=r, scale=float(scale), a=a, b=b)
+
+    def tensors(self, payload: LoraWeights) -> list[torch.Tensor]:
+        return [*payload.a.values(), *payload.b.values()]
+
+    def describe(self, payload: LoraWeights) -> dict:
+        return {"rank": payload.rank, "target_modules": list(payload.target_modules), "num_virtual_tokens": 0}
+
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+                   device: str) -> LoraTables:
+        return LoraTables(args, num_slots, limits.max_lora_rank, dtype, device)
+
+    def step(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> LoraStep:
+        slots = torch.full((num_tokens,), -1, dtype=torch.int32)
+        for c in chunks:
+            slots[c.offset : c.offset + c.count] = c.slot
+        return LoraStep(tables, build_lora_meta(slots.to(device), tables.ranks))
