@@ -2,7 +2,7 @@
 
 Every call is already authenticated by server.auth.AuthInterceptor; `caller(context)` is the Tenant.
 `Tenant.act_as(requested)` gives the tenant a call acts on (PERMISSION_DENIED for a non-admin naming
-another tenant). Errors map to statuses in one place (`_status_of`); a refused upload leaves nothing
+another tenant). Errors map to statuses through the one table in server/status.py; a refused upload leaves nothing
 behind (it is spooled and unpacked under the store's staging directory, removed on every exit).
 """
 
@@ -13,29 +13,15 @@ from contextlib import contextmanager
 
 import grpc
 
-from server.adapters.errors import AdapterForbidden, AdapterNotFound, AdapterRejected, WrongBaseModel
+from server.adapters.errors import AdapterRejected
 from server.adapters.merge import MergeSpec, merge_stored
 from server.adapters.store import STAGING, StoreError
-from server.adapters.upload import UploadRefused, UploadSpool, UploadTooLarge, check_sha256, extract_adapter_tar
+from server.adapters.upload import UploadRefused, UploadSpool, check_sha256, extract_adapter_tar
 from server.auth import caller
-from server.tenants import TenantPermissionDenied
+from server.status import message_of, status_of
 from switchboard.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-_STATUS = [  # most specific first
-    (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (WrongBaseModel, grpc.StatusCode.FAILED_PRECONDITION),
-    (AdapterRejected, grpc.StatusCode.INVALID_ARGUMENT),
-    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-    (AdapterForbidden, grpc.StatusCode.PERMISSION_DENIED),
-    (TenantPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-]
-
-
-def _status_of(exc: Exception) -> grpc.StatusCode | None:
-    return next((code for cls, code in _STATUS if isinstance(exc, cls)), None)
-
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, registry, config, engine=None, metrics=None) -> None:
@@ -51,9 +37,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no adapter store")
         try:
             yield
-        except (AdapterRejected, AdapterNotFound, AdapterForbidden, TenantPermissionDenied) as exc:
-            context.abort(_status_of(exc), str(exc.args[0]) if exc.args else str(exc))
-        except (StoreError, OSError) as exc:
+        except Exception as exc:  # the status table first: PermissionError is an OSError too
+            code = status_of(exc)
+            if code is not None:
+                context.abort(code, message_of(exc))
+            if not isinstance(exc, StoreError | OSError):
+                raise
             log.exception("%s failed", what)
             context.abort(grpc.StatusCode.INTERNAL, f"{what} failed in the adapter store: {exc}")
 

@@ -20,19 +20,16 @@ from dataclasses import dataclass
 
 import grpc
 
-from server.adapters.errors import AdapterForbidden, AdapterNotFound
 from server.auth import caller
 from server.engine.request import (
-    EngineStopped,
     FinishReason,
     GenerationRequest,
-    InvalidRequest,
-    QueueFull,
     SamplingParams,
     TokenEvent,
 )
 from server.metrics import UNRESOLVED_LABEL, ServerMetrics
-from server.tenants import ConcurrencyLimiter, Tenant, TenantBusy
+from server.status import RequestError, invalid, message_of, status_of
+from server.tenants import ConcurrencyLimiter, Tenant
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc
 
@@ -45,15 +42,24 @@ CHARS_PER_TOKEN_BOUND = 32  # a prompt longer than this many chars per context t
 DEFAULTS = SamplingParams()
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+_invalid = invalid
 
 
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+@dataclass(slots=True)
+class CallRecord:
+    """What one call's metrics record: its final status and what the engine reported."""
+
+    adapter_label: str  # never a caller-chosen string: an adapter name only once it resolved
+    status: str | None = None  # gRPC status name, once decided
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float | None = None
+    ttft_s: float | None = None
+
+    def saw(self, event: TokenEvent) -> None:
+        self.queue_s = self.queue_s if self.queue_s is not None else event.queue_s
+        self.ttft_s = self.ttft_s if self.ttft_s is not None else event.ttft_s
+        self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,46 +116,36 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Yields (prepared, event) until the finishing event; aborts the call with a status on failure."""
         tenant = caller(context)
         started = time.monotonic()
-        # never a caller-chosen label: an adapter name only once it resolved
-        adapter_label, status = UNRESOLVED_LABEL if request.adapter else "", None
-        stats: dict = {}
+        record = CallRecord(adapter_label=UNRESOLVED_LABEL if request.adapter else "")
         try:
             prepared = self._prepare(request, tenant, started)
-            adapter_label = prepared.adapter_name
-            with self.limiter.slot(tenant):
+            record.adapter_label = prepared.adapter_name
+            with self.limiter.hold(tenant):
                 self.metrics.in_flight.labels(tenant.name).inc()
                 try:
-                    for event in self._run(prepared, context, stats):
+                    for event in self._run(prepared, context, record):
                         yield prepared, event
                 finally:
                     self.metrics.in_flight.labels(tenant.name).dec()
-            status = stats.get("status", "OK")
-        except RequestError as exc:
-            status = exc.code.name
-            context.abort(exc.code, exc.message)
-        except TenantBusy as exc:
-            status = grpc.StatusCode.RESOURCE_EXHAUSTED.name
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            record.status = record.status or grpc.StatusCode.OK.name
+        except Exception as exc:
+            code = status_of(exc)
+            if code is None:
+                raise
+            record.status = code.name
+            context.abort(code, message_of(exc))
         finally:  # also when gRPC stops iterating a stream whose call ended (cancelled, deadline)
-            status = stats.get("status") or status or _gone_status(context)
+            record.status = record.status or _gone_status(context)
             self.metrics.observe_request(
-                tenant.name, adapter_label, status, prompt_tokens=stats.get("prompt_tokens", 0),
-                completion_tokens=stats.get("completion_tokens", 0), queue_s=stats.get("queue_s"),
-                ttft_s=stats.get("ttft_s"), total_s=time.monotonic() - started,
+                tenant.name, record.adapter_label, record.status, prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens, queue_s=record.queue_s, ttft_s=record.ttft_s,
+                total_s=time.monotonic() - started,
             )
 
-    def _run(self, prepared: Prepared, context, stats: dict) -> Iterator[TokenEvent]:
+    def _run(self, prepared: Prepared, context, record: CallRecord) -> Iterator[TokenEvent]:
+        """The engine's events for one call (submit errors propagate to the status table)."""
         engine_id = prepared.request.request_id
-        try:
-            handle = self.engine.submit(prepared.request)
-        except AdapterNotFound as exc:  # the adapter was deleted between resolve() and submit()
-            raise RequestError(grpc.StatusCode.NOT_FOUND, _message(exc)) from None
-        except InvalidRequest as exc:
-            raise _invalid(str(exc)) from None
-        except QueueFull as exc:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        except EngineStopped as exc:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        handle = self.engine.submit(prepared.request)
         finished = False
         # the callback runs when the call ends for any reason (a no-op for a finished sequence);
         # add_callback is False when the call already ended (e.g. a deadline that expired meanwhile)
@@ -161,29 +157,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     event = handle.get(timeout=self.poll_s)
                 except queue.Empty:
                     if not context.is_active():
-                        stats["status"] = _gone_status(context)
+                        record.status = _gone_status(context)
                         return
                     if not self.engine.alive:  # never wait forever on a step loop that is gone
                         raise RequestError(grpc.StatusCode.UNAVAILABLE, "the engine is not running") from None
                     continue
                 event = _coalesce(event, handle)
-                if "queue_s" not in stats and event.queue_s is not None:
-                    stats["queue_s"] = event.queue_s
-                if "ttft_s" not in stats and event.ttft_s is not None:
-                    stats["ttft_s"] = event.ttft_s
-                stats["prompt_tokens"], stats["completion_tokens"] = event.prompt_tokens, event.completion_tokens
+                record.saw(event)
                 if event.finished:
                     finished = True
                     if event.finish_reason is FinishReason.ABORT:
                         if not context.is_active():
-                            stats["status"] = _gone_status(context)
+                            record.status = _gone_status(context)
                             return
                         raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                            "the request was aborted: the server is shutting down")
                     if event.finish_reason is FinishReason.ERROR:
                         raise RequestError(grpc.StatusCode.INTERNAL, event.error or "the engine failed this request")
                 if not context.is_active():
-                    stats["status"] = _gone_status(context)
+                    record.status = _gone_status(context)
                     return
                 yield event
                 if event.finished:
@@ -227,10 +219,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             seed=req.seed if req.HasField("seed") else None,
             stop=tuple(stop), ignore_eos=req.ignore_eos,
         )
-        try:
-            sampling.validate(self.engine.config.max_new_tokens_limit)
-        except InvalidRequest as exc:
-            raise _invalid(str(exc)) from None
+        sampling.validate(self.engine.config.max_new_tokens_limit)  # InvalidRequest -> INVALID_ARGUMENT
         return sampling
 
     def _resolve_adapter(self, tenant: Tenant, name: str) -> tuple[str | None, str]:
@@ -238,12 +227,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return None, ""
         if self.registry is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} not found (no adapter store)")
-        try:
-            resolved = self.registry.resolve(tenant, name)
-        except AdapterNotFound as exc:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, _message(exc)) from None
-        except AdapterForbidden as exc:
-            raise RequestError(grpc.StatusCode.PERMISSION_DENIED, _message(exc)) from None
+        resolved = self.registry.resolve(tenant, name)  # AdapterNotFound / AdapterForbidden: the status table
         return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
 
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
@@ -294,10 +278,6 @@ def _coalesce(event: TokenEvent, handle) -> TokenEvent:
         queue_s=event.queue_s if event.queue_s is not None else last.queue_s,
         ttft_s=event.ttft_s if event.ttft_s is not None else last.ttft_s,
     )
-
-
-def _message(exc: Exception) -> str:
-    return str(exc.args[0]) if exc.args else str(exc)
 
 
 DEADLINE_SLACK_S = 0.05  # a client cancels at its own deadline, which can reach us just before ours

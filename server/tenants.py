@@ -160,12 +160,9 @@ class ConcurrencyLimiter:
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def in_flight(self, tenant: str) -> int:
-        with self._lock:
-            return self._in_flight.get(tenant, 0)
-
     @contextmanager
-    def slot(self, tenant: Tenant):
+    def hold(self, tenant: Tenant):
+        """One of the tenant's concurrent requests for the duration of the block; TenantBusy when at its limit."""
         limit = tenant.max_concurrent or self.default_limit
         with self._lock:
             n = self._in_flight.get(tenant.name, 0)

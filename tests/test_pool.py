@@ -61,7 +61,8 @@ def test_device_slots_evict_only_unpinned_lru(tiny_llama_dir: Path, loras: list[
         time.sleep(0.005)
     pool.release("k0")
     lease2 = acquire_soon(pool, "k2")  # k0 was the least recently used unpinned one
-    assert lease2.adapter_slot == lease0.adapter_slot and pool.residency("k0") == "host" and pool.residency("k1") == "device"
+    assert lease2.adapter_slot == lease0.adapter_slot
+    assert pool.residency("k0") == "host" and pool.residency("k1") == "device"
     table = pool.tables.by_kind["LORA"].a["q_proj"]
     torch.testing.assert_close(table[lease2.adapter_slot, 0, :4], lease2.weights.payload.a[(0, "q_proj")])
     pool.close()

@@ -26,6 +26,7 @@ from server.engine.request import (
     InvalidRequest,
     QueueFull,
     RequestHandle,
+    UnknownAdapterRequest,
 )
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
@@ -34,10 +35,6 @@ from server.engine.sequence import IncrementalDetokenizer, Sequence
 from server.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
-
-
-class UnknownAdapterRequest(InvalidRequest):
-    """The request names an adapter that is not registered (or was just deleted); served as NOT_FOUND."""
 
 
 @dataclass(frozen=True, slots=True)

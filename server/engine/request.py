@@ -17,6 +17,10 @@ class InvalidRequest(ValueError):
     """The request itself is wrong (maps to INVALID_ARGUMENT)."""
 
 
+class UnknownAdapterRequest(InvalidRequest):
+    """The request names an adapter that is not registered (or was just deleted); served as NOT_FOUND."""
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit (maps to RESOURCE_EXHAUSTED)."""
 

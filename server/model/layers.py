@@ -79,7 +79,7 @@ class Projection(nn.Module):
     order), each touching only its own sequences' rows:
       x' = h_n.project_input(... h_1.project_input(x))
       y  = base(x');  y = h_k.project_output(x, y) for k = 1..n
-    e.g. IA3 scales x' or y; LoRA adds scale * (x @ A^T) @ B^T to y.
+    e.g. a scaling kind multiplies x' or y; a low-rank kind adds its delta to y.
     """
 
     def __init__(self, base: nn.Module, layer: int, name: str) -> None:
