@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Unpack
 
 import grpc
 import grpc.aio
 
 from clients import messages as build
 from clients.errors import from_rpc_error
+from clients.messages import GenerateOptions
 from clients.results import AdapterInfo, GenerateResult, StreamChunk
 from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
 from clients.sync import CHANNEL_OPTIONS
@@ -37,26 +39,14 @@ class AsyncSwitchboardClient:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                       token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
-                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                       stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
-                       timeout: float | None = None) -> GenerateResult:
-        request = build.generate_request(
-            prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-            request_id=request_id)
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **options: Unpack[GenerateOptions]) -> GenerateResult:
+        request = build.generate_request(prompt, **options)
         return GenerateResult.from_proto(await self._call(self._inference.Generate, request, timeout))
 
-    async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                     token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
-                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                     stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
-                     timeout: float | None = None) -> AsyncIterator[StreamChunk]:
-        request = build.generate_request(
-            prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-            request_id=request_id)
+    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+                     **options: Unpack[GenerateOptions]) -> AsyncIterator[StreamChunk]:
+        request = build.generate_request(prompt, **options)
         call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
         try:
             async for chunk in call:

@@ -7,28 +7,48 @@ import io
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from clients.stubs import admin_pb2, inference_pb2
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def generate_request(
-    prompt: str | None = None, *, messages: list[dict] | None = None, token_ids: list[int] | None = None,
-    adapter: str = "", max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-    seed: int | None = None, stop: list[str | bytes] | None = None, ignore_eos: bool = False,
-    request_id: str = "",
-) -> inference_pb2.GenerateRequest:
+class GenerateOptions(TypedDict, total=False):
+    """Every option of a generate / stream call, declared once (the clients' methods take them as **options).
+
+    Exactly one of a prompt (raw text, the methods' first argument), `messages` (chat template applied by
+    the server) or `token_ids`. temperature 0 = greedy; stop strings are not returned."""
+
+    messages: list[dict]
+    token_ids: list[int]
+    adapter: str  # "" = the base model
+    max_new_tokens: int  # default 64
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: list[str | bytes]
+    ignore_eos: bool
+    request_id: str
+
+
+def generate_request(prompt: str | None = None, **options: Unpack[GenerateOptions]) -> inference_pb2.GenerateRequest:
     """A GenerateRequest; the server validates every value (bad ones come back as InvalidArgument)."""
+    unknown = set(options) - set(GenerateOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown generate option(s): {', '.join(sorted(unknown))}")
+    o = options
     req = inference_pb2.GenerateRequest(
-        adapter=adapter, prompt=prompt or "", token_ids=token_ids or [], max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, ignore_eos=ignore_eos, request_id=request_id,
-        stop=[s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in stop or ()],
+        adapter=o.get("adapter", ""), prompt=prompt or "", token_ids=o.get("token_ids") or [],
+        max_new_tokens=o.get("max_new_tokens", 64), temperature=o.get("temperature", 0.0), top_p=o.get("top_p", 1.0),
+        top_k=o.get("top_k", 0), ignore_eos=o.get("ignore_eos", False), request_id=o.get("request_id", ""),
+        stop=[s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in o.get("stop") or ()],
     )
-    for m in messages or ():
+    for m in o.get("messages") or ():
         req.messages.add(role=m.get("role", ""), content=m.get("content", ""))
-    if seed is not None:
-        req.seed = seed
+    if o.get("seed") is not None:
+        req.seed = o["seed"]
     return req
 
 

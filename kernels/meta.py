@@ -26,10 +26,6 @@ class LoraBatchMeta:
     contiguous: bool  # sorted_tokens is the identity: segment k is tokens seg_starts[k]:seg_starts[k+1]
     has_lora: bool  # any slot >= 0; False = the LoRA kernels are skipped
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_slots.shape[0])
-
     def lora_segments(self) -> list[tuple[int, int, int, int | None]]:
         """(start, end, slot, rank) of each segment that has a LoRA, in sorted-token coordinates."""
         starts, ranks = self.seg_starts_list, self.seg_ranks_list

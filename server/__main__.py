@@ -8,7 +8,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "serve": "server.serve_cli",  # gRPC server (issue 3)
+        "serve": "server.serve_cli",  # the gRPC server
         "generate": "server.generate_cli",  # quick look without gRPC
         "train": "server.trainer.cli",  # offline adapter trainer
     }
@@ -17,13 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import importlib
 
-    try:
-        module = importlib.import_module(commands[argv[0]])
-    except ModuleNotFoundError as exc:
-        if exc.name != commands[argv[0]]:
-            raise
-        print(f"`{argv[0]}` is not available in this build yet ({commands[argv[0]]} is missing)", file=sys.stderr)
-        return 2
+    module = importlib.import_module(commands[argv[0]])
     return int(module.main(argv[1:]) or 0)
 
 

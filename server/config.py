@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses, checked once in __post_init__.
 
-Data flow: CLI flags (server/main.py) -> these objects -> engine / pool / gRPC server.
+Data flow: CLI flags (server/serve_cli.py, server/generate_cli.py) -> these objects -> engine / pool / servers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """Raise ConfigError(msg) unless cond (the check every config dataclass uses)."""
     if not cond:
         raise ConfigError(msg)
 
@@ -37,8 +38,8 @@ class ModelConfig:
     cache_dir: str | None = None  # where GGUF conversions are cached; None = ~/.cache/switchboard
 
     def __post_init__(self) -> None:
-        _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        _require(self.device == "cpu" or self.device.startswith("cuda"), f"bad device {self.device!r}")
+        require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        require(self.device == "cpu" or self.device.startswith("cuda"), f"bad device {self.device!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,9 +61,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):
-            _require(getattr(self, name) > 0, f"{name} must be > 0")
-        _require(self.max_new_tokens_limit > 0, "max_new_tokens_limit must be > 0")
-        _require(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1")
+            require(getattr(self, name) > 0, f"{name} must be > 0")
+        require(self.max_new_tokens_limit > 0, "max_new_tokens_limit must be > 0")
+        require(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +76,9 @@ class AdapterPoolConfig:
     host_cache_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
-        _require(self.device_slots > 0, "device_slots must be > 0")
-        _require(1 <= self.max_lora_rank <= 1024, "max_lora_rank must be in [1, 1024]")
-        _require(self.max_virtual_tokens > 0, "max_virtual_tokens must be > 0")
+        require(self.device_slots > 0, "device_slots must be > 0")
+        require(1 <= self.max_lora_rank <= 1024, "max_lora_rank must be in [1, 1024]")
+        require(self.max_virtual_tokens > 0, "max_virtual_tokens must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,6 @@ class ServerConfig:
     grpc_workers: int = 128
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port < 65536, f"port out of range: {self.port}")
-        _require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port out of range")
-        _require(self.per_tenant_concurrency > 0, "per_tenant_concurrency must be > 0")
+        require(0 <= self.port < 65536, f"port out of range: {self.port}")
+        require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port out of range")
+        require(self.per_tenant_concurrency > 0, "per_tenant_concurrency must be > 0")

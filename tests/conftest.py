@@ -29,3 +29,31 @@ def default_model_dir() -> Path:
     from server.model.checkpoint import resolve_model_dir
 
     return resolve_model_dir(None)
+
+
+SEED_ENV = "SWITCHBOARD_TEST_SEED"
+
+
+@pytest.fixture(autouse=True)
+def _random_seed(request: pytest.FixtureRequest):
+    """Every test starts from a fresh seed of torch's and Python's global generators (the seed of any input a
+    test draws without its own generator); a failing test prints it, and SWITCHBOARD_TEST_SEED=N replays it."""
+    import random
+
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**31))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    request.node.stash[_SEED_KEY] = seed
+    yield
+
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    seed = item.stash.get(_SEED_KEY, None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"{SEED_ENV}={seed} reproduces this test's random inputs"))
+    return report

@@ -44,9 +44,6 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def dense_weight(self) -> torch.Tensor:
-        return self.weight
-
 
 class NF4Linear(nn.Module):
     """y = x @ dequant_nf4(Wq)^T (+ b), weights stored as packed 4-bit NF4 codes + absmax per block."""

@@ -7,13 +7,13 @@ same settings resumes from the newest one; only the newest is kept.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from server.fsutil import atomic_dir
 
 STATE_FILE = "state.pt"
 
@@ -38,18 +38,10 @@ def checkpoint_root(output_dir: Path) -> Path:
 
 def save_checkpoint(output_dir: Path, state: TrainState) -> Path:
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with atomic_dir(target) as tmp:
         torch.save({"step": state.step, "fingerprint": state.fingerprint, "trainable": state.trainable,
                     "optimizer": state.optimizer, "rng": state.rng, "history": state.history}, tmp / STATE_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for older in root.glob("step-*"):
         if older != target:
             shutil.rmtree(older, ignore_errors=True)

@@ -7,16 +7,11 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from server.config import ConfigError
+from server.config import require
 from server.trainer.methods import method_defaults
 
 # settings that may change between a run and the rerun that resumes it (train longer, evaluate more often)
 _RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "save_every", "progress", "eval_batch_size"})
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +46,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         method_defaults(self.method)  # raises on unknown methods
-        _require((self.task is None) != (self.data is None), "give exactly one of --task or --data")
-        _require(0.0 < self.eval_fraction < 1.0, "eval_fraction must be in (0, 1)")
+        require((self.task is None) != (self.data is None), "give exactly one of --task or --data")
+        require(0.0 < self.eval_fraction < 1.0, "eval_fraction must be in (0, 1)")
         for name in ("steps", "batch_size", "rank", "virtual_tokens", "encoder_hidden"):
             value = getattr(self, name)
-            _require(value is None or value > 0, f"{name} must be > 0")
-        _require(self.lr is None or self.lr > 0, "lr must be > 0")
-        _require(self.max_length > 1, "max_length must be > 1")
-        _require(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")
-        _require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+            require(value is None or value > 0, f"{name} must be > 0")
+        require(self.lr is None or self.lr > 0, "lr must be > 0")
+        require(self.max_length > 1, "max_length must be > 1")
+        require(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
 
     def resolved(self, name: str):
         """The value in force: the flag when given, else the method's default."""
