@@ -9,33 +9,24 @@ machine without a C++ compiler falls back explicitly to kernels/reference.py (th
 
 from __future__ import annotations
 
-import ctypes
+import weakref
 
 import torch
 
-from kernels.build import library
+from kernels.build import extension
 from kernels.meta import LoraBatchMeta
 from kernels.reference import expand_reference, shrink_reference
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_lib: ctypes.CDLL | None = None
-_lib_tried = False
+_UNSET = object()
+_lib = _UNSET
 _plan: tuple[LoraBatchMeta, torch.Tensor, torch.Tensor | None] | None = None  # (meta, segments [S, 4], index [T])
 
 
-def _kernels() -> ctypes.CDLL | None:
-    global _lib, _lib_tried
-    if not _lib_tried:
-        _lib_tried = True
-        lib = library("lora")
-        if lib is not None:
-            lib.sb_lora_shrink.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
-            lib.sb_lora_shrink.restype = _I64
-            lib.sb_lora_expand.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
-                                           _I64, _I64, _PTR, _I64, _PTR, _I64]
-            lib.sb_lora_expand.restype = _I64
-        _lib = lib
+def _kernels():
+    global _lib
+    if _lib is _UNSET:
+        _lib = extension("lora")
     return _lib
 
 
@@ -57,11 +48,28 @@ def _segments(meta: LoraBatchMeta) -> tuple[torch.Tensor, int]:
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype in _DTYPES and t.stride(-1) == 1 for t in tensors)
+    return all(t.dtype in _DTYPES and t.stride(-1) == 1 and not t.is_cuda and not t.is_meta for t in tensors)
+
+
+_tables: dict[int, tuple[weakref.ref, tuple[int, ...] | None]] = {}
+
+
+def _table(a: torch.Tensor) -> tuple[int, ...] | None:
+    """(data_ptr, stride 0, stride 1, dim 1, dim 2, dtype code) of a [slots, rank|out, in|rank] table, or None
+    when the kernel cannot read it. Cached per tensor object: the pool's tables (and the layers' views of them)
+    live for the engine's life and are never reallocated, so this saves a dozen attribute reads per call."""
+    entry = _tables.get(id(a))
+    if entry is not None and entry[0]() is a:
+        return entry[1]
+    desc = (a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], a.shape[2], _DTYPES[a.dtype]) if _usable(a) else None
+    if len(_tables) > 4096:
+        _tables.clear()
+    _tables[id(a)] = (weakref.ref(a), desc)
+    return desc
 
 
 def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor]:
-    """Several shrinks over the same x in one pass (q/k/v, gate/up): the stacks share `in` and dtype.
+    """Several shrinks over the same x in one pass (q/k/v, gate/up): the stacks share `in` and dtype (<= 8).
 
     Semantics: for every stack s, t_s[i, :r] = x[i] @ A_s[slot[i], :r]^T in fp32 for slot[i] >= 0, where r is
     the adapter's true rank (meta.seg_ranks_list; None = the padded rank); t_s[i] = 0 elsewhere.
@@ -71,22 +79,33 @@ def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBat
     if not meta.has_lora or not ts:
         return ts
     lib = _kernels()
-    if lib is None or not _usable(x, *a_stacks) or len({a.dtype for a in a_stacks}) > 1 or x.shape[0] == 0:
+    tables = [_table(a) for a in a_stacks]
+    if (lib is None or None in tables or len({d[5] for d in tables}) > 1 or len(a_stacks) > 8 or not _usable(x)
+            or x.shape[0] == 0):
         return [shrink_reference(x, a, meta) for a in a_stacks]
     segs, index = _segments(meta)
     desc = []
-    for a, t in zip(a_stacks, ts, strict=True):
-        desc += [a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], t.data_ptr(), t.stride(0)]
-    lib.sb_lora_shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], len(a_stacks),
-                       (_I64 * len(desc))(*desc), _DTYPES[a_stacks[0].dtype], segs.data_ptr(), segs.shape[0],
-                       index, torch.get_num_threads())
+    for d, t in zip(tables, ts, strict=True):
+        desc += (d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
+    lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], tables[0][5],
+               segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
     return ts
 
 
 def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
     """Semantics: t[i, :r] = x[i] @ A[slot[i], :r]^T in fp32 for slot[i] >= 0 (r = the adapter's true rank),
     t[i] = 0 otherwise. x [T, in] fp32/bf16, A [slots, max_rank, in], returns t [T, max_rank] fp32."""
-    return cpu_shrink_many(x, [a_stack], meta)[0]
+    t = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32)
+    if not meta.has_lora:
+        return t
+    lib = _kernels()
+    d = _table(a_stack)
+    if lib is None or d is None or x.shape[0] == 0 or not _usable(x):
+        return shrink_reference(x, a_stack, meta)
+    segs, index = _segments(meta)
+    lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], d[5], segs.data_ptr(), segs.shape[0], index,
+               torch.get_num_threads(), d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
+    return t
 
 
 def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
@@ -97,13 +116,12 @@ def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, met
     if not meta.has_lora or y.shape[0] == 0:
         return y
     lib = _kernels()
-    if (lib is None or not _usable(b_stack, y) or t.dtype != torch.float32 or scales.dtype != torch.float32
-            or scales.device.type != "cpu"):
+    d = _table(b_stack)
+    if (lib is None or d is None or t.dtype != torch.float32 or t.stride(-1) != 1 or not _usable(y)
+            or scales.dtype != torch.float32 or scales.is_cuda):
         return expand_reference(t, b_stack, scales, meta, y)
-    t = t.contiguous()
     segs, index = _segments(meta)
-    lib.sb_lora_expand(t.data_ptr(), t.stride(0), b_stack.data_ptr(), b_stack.stride(0), b_stack.stride(1),
-                       b_stack.shape[2], _DTYPES[b_stack.dtype], b_stack.shape[1], scales.data_ptr(),
-                       scales.stride(0), y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(),
-                       segs.shape[0], index, torch.get_num_threads())
+    lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
+               y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(), segs.shape[0], index,
+               torch.get_num_threads())
     return y

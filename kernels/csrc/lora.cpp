@@ -5,10 +5,13 @@
 // the batch has too few items to keep every thread busy (one long prefill segment, a single token), so in
 // the usual decode step every adapter's A and B is read from memory by exactly one thread, once; a
 // segment's token blocks re-read its A/B from cache, not memory. Accumulation is in fp32 throughout.
+#include "pyargs.h"  // Python.h first, as the C API asks
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "avx512_rows.h"
 #include "common.h"
 
 namespace {
@@ -55,6 +58,33 @@ inline void dot_any(const float* a, const float* const* xs, int64_t m, int64_t n
   }
 }
 
+template <int R>
+inline float dot_fixed(const float* a, const float* b) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int k = 0; k < R; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// dot over a rank-long row; the common ranks get a fully unrolled vector body
+inline float dot_rank(const float* a, const float* b, int64_t r) {
+  switch (r) {
+    case 8: return dot_fixed<8>(a, b);
+    case 16: return dot_fixed<16>(a, b);
+    case 32: return dot_fixed<32>(a, b);
+    case 64: return dot_fixed<64>(a, b);
+    default: {
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < r; ++k) s += a[k] * b[k];
+      return s;
+    }
+  }
+}
+
+// below this many table elements a call runs on the calling thread (an OpenMP fork/join costs more)
+constexpr int64_t PARALLEL_MIN_WORK = 32768;
+
 // per stack descriptor: a_ptr, a_stride_slot, a_stride_rank (elements), padded rank, t_ptr, t_ld
 constexpr int64_t STACK_FIELDS = 6;
 // per segment: lo, hi, slot, true rank (-1 = the tables' padded rank)
@@ -73,7 +103,7 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
                        const int64_t* stacks, int64_t a_dt, const int64_t* segs, int64_t n_segs,
                        const int64_t* tok_index, int64_t n_threads) {
   std::vector<ShrinkItem> items;
-  int64_t base = 0;
+  int64_t base = 0, work = 0;
   for (int64_t s = 0; s < n_segs; ++s) base += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
   base *= n_stacks;
   const int64_t want = 2 * n_threads;
@@ -86,12 +116,14 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
         const int64_t step = std::max<int64_t>(1, ceil_div(r, splits));
         for (int64_t k0 = 0; k0 < r; k0 += step)
           items.push_back({s, j0, std::min(j0 + TB, sg[1]), st, k0, std::min(k0 + step, r)});
+        work += r * n_in;
       }
     }
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t xsz = sb::elem_size(x_dt), asz = sb::elem_size(a_dt);
-#pragma omp parallel num_threads(n_threads) if (n_items > 1 && n_threads > 1)
+  const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
+#pragma omp parallel num_threads(n_threads) if (parallel)
   {
     std::vector<float> xbuf, abuf(n_in);
     const float* xs[TB];
@@ -137,60 +169,91 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
                        int64_t y_dt, const int64_t* segs, int64_t n_segs, const int64_t* tok_index,
                        int64_t n_threads) {
   std::vector<ExpandItem> items;
-  int64_t base = 0;
+  int64_t base = 0, work = 0;
   for (int64_t s = 0; s < n_segs; ++s) base += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
   const int64_t want = 2 * n_threads;
   const int64_t splits = base >= want || base == 0 ? 1 : ceil_div(want, base);
   const int64_t ostep = std::max<int64_t>(OC, ceil_div(ceil_div(n_out, splits), OC) * OC);
   for (int64_t s = 0; s < n_segs; ++s) {
     const int64_t* sg = segs + s * SEG_FIELDS;
-    if (seg_rank(sg, b_rank) == 0) continue;
-    for (int64_t j0 = sg[0]; j0 < sg[1]; j0 += TB)
+    const int64_t r = seg_rank(sg, b_rank);
+    if (r == 0) continue;
+    for (int64_t j0 = sg[0]; j0 < sg[1]; j0 += TB) {
       for (int64_t o0 = 0; o0 < n_out; o0 += ostep)
         items.push_back({s, j0, std::min(j0 + TB, sg[1]), o0, std::min(o0 + ostep, n_out)});
+      work += r * n_out;
+    }
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t bsz = sb::elem_size(b_dt);
-#pragma omp parallel num_threads(n_threads) if (n_items > 1 && n_threads > 1)
+  const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
+#pragma omp parallel num_threads(n_threads) if (parallel)
   {
-    std::vector<float> bt(b_rank * OC);
-    float delta[OC];
+    std::vector<float> bt(b_rank * OC), brow(b_rank);
+    float delta[TB * OC];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const ExpandItem& w = items[it];
       const int64_t* sg = segs + w.seg * SEG_FIELDS;
-      const int64_t r = seg_rank(sg, b_rank);
+      const int64_t r = seg_rank(sg, b_rank), m = w.j1 - w.j0;
       const float scale = scales[sg[2] * scale_stride];
       const char* b_slot = static_cast<const char*>(b) + sg[2] * b_s0 * bsz;
+      int64_t toks[TB];
+      const float* ts[TB];
+      for (int64_t j = 0; j < m; ++j) {
+        toks[j] = tok_at(tok_index, w.j0 + j);
+        ts[j] = t + toks[j] * t_ld;
+      }
       for (int64_t o0 = w.o0; o0 < w.o1; o0 += OC) {
         const int64_t oc = std::min(OC, w.o1 - o0);
-        for (int64_t o = 0; o < oc; ++o) {  // B tile [oc, r] -> bt [r][OC] in fp32
-          const char* row = b_slot + (o0 + o) * b_s1 * bsz;
-          if (b_dt == sb::F32) {
+        if (m < 4) {  // few tokens: one pass over B's rows, a rank-long dot per (row, token)
+          int64_t o = 0;
+#ifdef SB_HAVE_AVX512
+          for (; o + 16 <= oc; o += 16) {
+            for (int64_t j = 0; j < m; ++j)
+              sb::dot16_rows(b_slot + (o0 + o) * b_s1 * bsz, b_s1 * bsz, b_dt, r, ts[j], delta + j * OC + o);
+          }
+#endif
+          for (; o < oc; ++o) {
+            const char* row = b_slot + (o0 + o) * b_s1 * bsz;
             const float* br = reinterpret_cast<const float*>(row);
-            for (int64_t k = 0; k < r; ++k) bt[k * OC + o] = br[k];
-          } else {
-            const uint16_t* br = reinterpret_cast<const uint16_t*>(row);
-            for (int64_t k = 0; k < r; ++k) bt[k * OC + o] = sb::bf16_to_f32(br[k]);
+            if (b_dt != sb::F32) {
+              sb::load_row(row, b_dt, r, brow.data());
+              br = brow.data();
+            }
+            for (int64_t j = 0; j < m; ++j) delta[j * OC + o] = dot_rank(br, ts[j], r);
+          }
+        } else {  // a prefill block: B tile transposed to [r][OC] once, then FMAs across the outputs
+          for (int64_t o = 0; o < oc; ++o) {
+            const char* row = b_slot + (o0 + o) * b_s1 * bsz;
+            if (b_dt == sb::F32) {
+              const float* br = reinterpret_cast<const float*>(row);
+              for (int64_t k = 0; k < r; ++k) bt[k * OC + o] = br[k];
+            } else {
+              const uint16_t* br = reinterpret_cast<const uint16_t*>(row);
+              for (int64_t k = 0; k < r; ++k) bt[k * OC + o] = sb::bf16_to_f32(br[k]);
+            }
+          }
+          for (int64_t j = 0; j < m; ++j) {
+            float* d = delta + j * OC;
+            for (int64_t o = 0; o < OC; ++o) d[o] = 0.f;
+            for (int64_t k = 0; k < r; ++k) {
+              const float tk = ts[j][k];
+              const float* bk = bt.data() + k * OC;
+#pragma omp simd
+              for (int64_t o = 0; o < OC; ++o) d[o] += tk * bk[o];
+            }
           }
         }
-        for (int64_t j = w.j0; j < w.j1; ++j) {
-          const int64_t tok = tok_at(tok_index, j);
-          const float* tr = t + tok * t_ld;
-          for (int64_t o = 0; o < OC; ++o) delta[o] = 0.f;
-          for (int64_t k = 0; k < r; ++k) {
-            const float tk = tr[k];
-            const float* bk = bt.data() + k * OC;
-#pragma omp simd
-            for (int64_t o = 0; o < OC; ++o) delta[o] += tk * bk[o];
-          }
+        for (int64_t j = 0; j < m; ++j) {
+          const float* d = delta + j * OC;
           if (y_dt == sb::F32) {
-            float* yr = static_cast<float*>(y) + tok * y_ld + o0;
+            float* yr = static_cast<float*>(y) + toks[j] * y_ld + o0;
 #pragma omp simd
-            for (int64_t o = 0; o < oc; ++o) yr[o] += scale * delta[o];
+            for (int64_t o = 0; o < oc; ++o) yr[o] += scale * d[o];
           } else {
-            uint16_t* yr = static_cast<uint16_t*>(y) + tok * y_ld + o0;
-            for (int64_t o = 0; o < oc; ++o) yr[o] = sb::f32_to_bf16(sb::bf16_to_f32(yr[o]) + delta[o] * scale);
+            uint16_t* yr = static_cast<uint16_t*>(y) + toks[j] * y_ld + o0;
+            for (int64_t o = 0; o < oc; ++o) yr[o] = sb::f32_to_bf16(sb::bf16_to_f32(yr[o]) + d[o] * scale);
           }
         }
       }
@@ -200,3 +263,52 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
 }
 
 }  // extern "C"
+
+// ---- Python entry points (METH_FASTCALL over plain ints: a call costs well under a microsecond) ----
+
+namespace {
+
+// shrink(x, x_ld, x_dt, n_in, a_dt, segs, n_segs, tok_index, n_threads, *stacks): 6 ints per stack
+PyObject* py_shrink(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  constexpr Py_ssize_t FIXED = 9, MAX_STACKS = 8;
+  const Py_ssize_t n_stacks = (nargs - FIXED) / STACK_FIELDS;
+  if (nargs < FIXED + STACK_FIELDS || (nargs - FIXED) % STACK_FIELDS || n_stacks > MAX_STACKS)
+    return sb::arg_error("shrink: 9 ints then 6 per stack (1..8 stacks)");
+  int64_t v[FIXED + STACK_FIELDS * MAX_STACKS];
+  if (!sb::read_ints(args, nargs, v)) return nullptr;
+  int64_t n;
+  Py_BEGIN_ALLOW_THREADS
+  n = sb_lora_shrink(reinterpret_cast<const void*>(v[0]), v[1], v[2], v[3], n_stacks, v + FIXED, v[4],
+                     reinterpret_cast<const int64_t*>(v[5]), v[6], reinterpret_cast<const int64_t*>(v[7]), v[8]);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(n);
+}
+
+// expand(t, t_ld, b, b_s0, b_s1, b_rank, b_dt, n_out, scales, scale_stride, y, y_ld, y_dt, segs, n_segs,
+//        tok_index, n_threads)
+PyObject* py_expand(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 17) return sb::arg_error("expand: 17 ints");
+  int64_t v[17];
+  if (!sb::read_ints(args, nargs, v)) return nullptr;
+  int64_t n;
+  Py_BEGIN_ALLOW_THREADS
+  n = sb_lora_expand(reinterpret_cast<const float*>(v[0]), v[1], reinterpret_cast<const void*>(v[2]), v[3], v[4],
+                     v[5], v[6], v[7], reinterpret_cast<const float*>(v[8]), v[9], reinterpret_cast<void*>(v[10]),
+                     v[11], v[12], reinterpret_cast<const int64_t*>(v[13]), v[14],
+                     reinterpret_cast<const int64_t*>(v[15]), v[16]);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(n);
+}
+
+PyMethodDef methods[] = {
+    {"shrink", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_shrink)), METH_FASTCALL,
+     "segmented LoRA shrink over raw pointers"},
+    {"expand", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_expand)), METH_FASTCALL,
+     "segmented LoRA expand over raw pointers"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "sb_lora", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_sb_lora() { return PyModule_Create(&module); }
