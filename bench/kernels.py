@@ -3,9 +3,11 @@
     .venv/bin/python bench/kernels.py [--repeats 20] [--threads N] [--skip-ops] [--skip-engine] [--nf4] [--out FILE]
 
 Part 1 (op level): tokens x hidden 576 -> out 1536 (SmolLM2's gate_proj), rank 16, 32 adapters, popularity
-distinct / uniform / zipf:1.5 / identical. Compares our path (the reference on CPU, Triton on CUDA),
-a loop over tokens, and gather+bmm; reports achieved GB/s of adapter-weight + activation traffic against
-the measured copy bandwidth. Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
+distinct / uniform / zipf:1.5 / skewed / identical. Compares our paths (on CPU the torch reference and the
+compiled CPU kernel, on CUDA Triton), a loop over tokens, and gather+bmm; reports achieved GB/s of
+adapter-weight + activation traffic against the measured copy bandwidth. On CPU also the LoRA work of a
+whole decode step (7 projections x 30 layers, cache-cold), with and without fused q/k/v and gate/up
+shrinks. Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
 or NF4 with --nf4),
 each with its own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import os
 import queue
 import sys
 import time
@@ -27,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
 from kernels import lora_expand, lora_shrink  # noqa: E402
+from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many  # noqa: E402
 from kernels.meta import build_lora_meta  # noqa: E402
+from kernels.reference import expand_reference, shrink_reference  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -51,14 +56,19 @@ def op_rows(device: str, repeats: int):
     a = torch.randn(n_adapters, rank, n_in, device=device)
     b = torch.randn(n_adapters, n_out, rank, device=device)
     scales = torch.ones(n_adapters, device=device)
-    yield f"measured copy bandwidth: {copy_bandwidth(device):.1f} GB/s"
+    yield f"measured copy bandwidth: {copy_bandwidth(device):.1f} GB/s; load average {load_average()}"
     yield ""
-    yield "| shape | popularity | ours (ms) | GB/s | token loop (ms) | gather+bmm (ms) |"
-    yield "|---|---|---:|---:|---:|---:|"
+    cuda = device.startswith("cuda")
+    paths = {"ours (Triton)": (lora_shrink, lora_expand)} if cuda else {
+        "reference": (shrink_reference, expand_reference), "cpu kernel": (cpu_shrink, cpu_expand)}
+    names = list(paths)
+    yield ("| shape | popularity | " + " | ".join(f"{n} (ms) | GB/s" for n in names)
+           + " | token loop (ms) | gather+bmm (ms) |")
+    yield "|---|---|" + "---:|---:|" * len(names) + "---:|---:|"
     rng = np.random.default_rng(0)
     for label, tokens in [("decode 1", 1), ("decode 8", 8), ("decode 32", 32), ("decode 128", 128),
                           ("decode 256", 256), ("prefill 4x128", 512)]:
-        for pop in ("distinct", "uniform", "zipf:1.5", "identical"):
+        for pop in ("distinct", "uniform", "zipf:1.5", "skewed", "identical"):
             if label.startswith("prefill"):  # 4 sequences of 128 tokens, one adapter each
                 ids = np.repeat(sample_adapter_ids(pop, 4, n_adapters, rng), 128)
             else:
@@ -70,9 +80,6 @@ def op_rows(device: str, repeats: int):
 
             meta = build_lora_meta(slots, [rank] * n_adapters)  # built once per step, shared by every layer
 
-            def ours(x=x, y=y, meta=meta):
-                lora_expand(lora_shrink(x, a, meta), b, scales, meta, y)
-
             def token_loop(x=x, y=y, ids=ids):
                 for i, s in enumerate(ids.tolist()):
                     y[i] += (x[i] @ a[s].t()) @ b[s].t()
@@ -82,12 +89,63 @@ def op_rows(device: str, repeats: int):
                 t = torch.bmm(x[:, None, :], a[idx].transpose(1, 2))
                 y.add_(torch.bmm(t, b[idx].transpose(1, 2))[:, 0])
 
-            t_ours = timed(ours, repeats)
             distinct = len(set(ids.tolist()))
             moved = 4 * (distinct * rank * (n_in + n_out) + tokens * (n_in + 2 * n_out))
+            cells = []
+            for shrink, expand in paths.values():
+                sec = timed(lambda x=x, y=y, meta=meta, shrink=shrink, expand=expand:
+                            expand(shrink(x, a, meta), b, scales, meta, y), repeats)
+                cells.append(f"{sec * 1e3:.3f} | {moved / sec / 1e9:.1f}")
             loop = f"{timed(token_loop, max(1, repeats // 4)) * 1e3:.3f}" if tokens <= 32 else "-"
-            yield (f"| {label} | {pop} | {t_ours * 1e3:.3f} | {moved / t_ours / 1e9:.1f} | {loop} | "
-                   f"{timed(gather_bmm, repeats) * 1e3:.3f} |")
+            yield f"| {label} | {pop} | {' | '.join(cells)} | {loop} | {timed(gather_bmm, repeats) * 1e3:.3f} |"
+
+
+# SmolLM2-135M's seven projections (in, out) and its 30 layers: the LoRA work of one decode step
+STEP_SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
+               "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
+
+
+def step_rows(repeats: int, layers: int = 30, rank: int = 16, n_adapters: int = 32, tokens: int = 32):
+    """The LoRA work of a whole decode step, cache-cold: 32 tokens on 32 distinct rank-16 adapters, all seven
+    projections of every layer, each layer's tables a strided view of [slots, layers, rank, in] as in the pool."""
+    tables = {n: (torch.randn(n_adapters, layers, rank, i) * 0.02, torch.randn(n_adapters, layers, o, rank) * 0.02)
+              for n, (i, o) in STEP_SHAPES.items()}
+    scales = torch.ones(n_adapters)
+    meta = build_lora_meta(torch.arange(tokens, dtype=torch.int32) % n_adapters, [rank] * n_adapters)
+    xs = {i: torch.randn(tokens, i) for i in (576, 1536)}
+    ys = {o: torch.zeros(tokens, o) for o in (192, 576, 1536)}
+    weight_bytes = sum(a.numel() + b.numel() for a, b in tables.values()) * 4 * min(tokens, n_adapters) / n_adapters
+
+    def run(shrink, expand, fused: bool):
+        for layer in range(layers):
+            groups = [("q", "k", "v"), ("o",), ("gate", "up"), ("down",)] if fused else [(n,) for n in STEP_SHAPES]
+            for group in groups:
+                x = xs[STEP_SHAPES[group[0]][0]]
+                if fused and len(group) > 1:
+                    ts = cpu_shrink_many(x, [tables[n][0][:, layer] for n in group], meta)
+                else:
+                    ts = [shrink(x, tables[n][0][:, layer], meta) for n in group]
+                for n, t in zip(group, ts, strict=True):
+                    expand(t, tables[n][1][:, layer], scales, meta, ys[STEP_SHAPES[n][1]])
+
+    yield (f"| LoRA work of one decode step ({tokens} tokens, {n_adapters} distinct rank-{rank}, 7 projections x "
+           f"{layers} layers, {weight_bytes / 1e6:.0f} MB of adapter weights), {torch.get_num_threads()} threads "
+           "| wall ms/step | GB/s | CPU ms/step |")
+    yield "|---|---:|---:|---:|"
+    variants = [("reference (segment loop)", shrink_reference, expand_reference, False),
+                ("cpu kernel, 7 shrinks per layer", cpu_shrink, cpu_expand, False),
+                ("cpu kernel, q/k/v and gate/up shrinks fused", cpu_shrink, cpu_expand, True)]
+    for label, shrink, expand, fused in variants:
+        run(shrink, expand, fused)
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(repeats):
+            run(shrink, expand, fused)
+        sec, cpu_sec = (time.perf_counter() - w0) / repeats, (time.process_time() - c0) / repeats
+        yield f"| {label} | {sec * 1e3:.1f} | {weight_bytes / sec / 1e9:.1f} | {cpu_sec * 1e3:.1f} |"
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def engine_rows(repeats: int, quantize: bool):
@@ -141,11 +199,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = "Triton SGMV" if args.device.startswith("cuda") else "torch reference (CPU path)"
+    path = "Triton SGMV" if args.device.startswith("cuda") else "the compiled CPU kernel"
     title = f"### LoRA kernels ({dt.date.today()}, {args.device}, {torch.get_num_threads()} threads; ours = {path})"
     lines = [title, "", f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", ""]
     print("\n".join(lines), flush=True)
     parts = [] if args.skip_ops else [op_rows(args.device, args.repeats)]
+    if not args.skip_ops and not args.device.startswith("cuda"):
+        parts.append(step_rows(max(3, args.repeats // 4)))
     if not args.skip_engine:
         parts.append(engine_rows(args.repeats, args.nf4))
     for part in parts:

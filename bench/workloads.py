@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-POPULARITY_KINDS = ("distinct", "uniform", "zipf:<s>", "identical", "powerlaw:<alpha>")
+POPULARITY_KINDS = ("distinct", "uniform", "zipf:<s>", "identical", "skewed:<p>", "powerlaw:<alpha>")
 
 
 def sample_adapter_ids(kind: str, n: int, num_adapters: int, rng: np.random.Generator) -> np.ndarray:
@@ -17,6 +17,8 @@ def sample_adapter_ids(kind: str, n: int, num_adapters: int, rng: np.random.Gene
     uniform:   each drawn uniformly at random
     zipf:<s>:  P(k) proportional to 1/(k+1)^s (Punica's skewed popularity; "zipf" = s 1.5)
     identical: all use adapter 0
+    skewed:<p>: one adapter (0) takes a share p of the requests ("skewed" = 0.7), the rest spread uniformly
+               over the long tail 1..num_adapters-1 (Punica's "skewed")
     powerlaw:<alpha>: S-LoRA's power law, P(k) proportional to (k+1)^-alpha ("powerlaw" = alpha 1)
     """
     if n < 0 or num_adapters <= 0:
@@ -28,6 +30,14 @@ def sample_adapter_ids(kind: str, n: int, num_adapters: int, rng: np.random.Gene
         return rng.integers(0, num_adapters, size=n)
     if name == "identical":
         return np.zeros(n, dtype=np.int64)
+    if name == "skewed":
+        share = float(arg) if arg else 0.7
+        if not 0.0 <= share <= 1.0:
+            raise ValueError("skewed share must be in [0, 1]")
+        if num_adapters == 1:
+            return np.zeros(n, dtype=np.int64)
+        tail = rng.integers(1, num_adapters, size=n)
+        return np.where(rng.random(n) < share, 0, tail)
     if name in ("zipf", "powerlaw"):
         exponent = float(arg) if arg else (1.5 if name == "zipf" else 1.0)
         if exponent <= 0:

@@ -1,7 +1,10 @@
-"""LoRA segmented-gather kernels: Triton on CUDA, the torch reference on CPU.
+"""LoRA segmented-gather kernels: Triton on CUDA, the compiled CPU kernel on CPU, the torch reference on demand.
 
-`SWITCHBOARD_KERNELS=triton` forces the Triton path (tests run it on CPU with TRITON_INTERPRET=1);
-`=reference` forces the reference. Triton is imported only when its path is taken.
+`SWITCHBOARD_KERNELS` is read once, at import, into `MODE`: `auto` (default: Triton for CUDA tensors, the
+CPU kernel otherwise), `triton` (Triton everywhere; tests run it on CPU with TRITON_INTERPRET=1), `cpu`
+(the CPU kernel), `reference` (kernels/reference.py). Tests switch paths by setting `kernels.MODE`.
+Triton is imported only when its path is taken. A batch with no LoRA token (`meta.has_lora` False)
+launches nothing.
 
 Note: this package shares its name with the PyPI `kernels` package that transformers and
 bitsandbytes probe for; it deliberately has no `get_kernel` and no distribution metadata, so those
@@ -14,36 +17,63 @@ import os
 
 import torch
 
+from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many
 from kernels.meta import LoraBatchMeta, build_lora_meta
 from kernels.reference import SlotViews, expand_reference, shrink_reference
 
-__all__ = ["LoraBatchMeta", "SlotViews", "build_lora_meta", "lora_expand", "lora_shrink"]
+__all__ = ["MODE", "LoraBatchMeta", "SlotViews", "build_lora_meta", "lora_expand", "lora_shrink", "lora_shrink_many"]
+
+MODES = ("auto", "triton", "cpu", "reference")
+MODE = os.environ.get("SWITCHBOARD_KERNELS", "auto").strip().lower() or "auto"
+if MODE not in MODES:
+    raise ValueError(f"SWITCHBOARD_KERNELS={MODE!r}: expected one of {', '.join(MODES)}")
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    mode = os.environ.get("SWITCHBOARD_KERNELS", "auto")
-    if mode == "reference":
-        return False
-    return mode == "triton" or x.is_cuda
+def _path(x: torch.Tensor) -> str:
+    if MODE == "auto":
+        return "triton" if x.is_cuda else "cpu"
+    return MODE
 
 
 def lora_shrink(
     x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta, a_views: SlotViews | None = None
 ) -> torch.Tensor:
-    """t [T, rank] fp32 = x @ A[slot]^T per token (0 where slot = -1). a_views: the CPU path's cached views."""
-    if _use_triton(x):
+    """Semantics: t[i, :r] = x[i] @ A[slot[i], :r]^T (fp32) for slot[i] >= 0, else 0; r = the adapter's true rank.
+
+    x [T, in], a_stack [slots, max_rank, in] (a strided view of the pool table is fine) -> t [T, max_rank] fp32.
+    a_views: cached per-slot views, used only by the reference path (accepted on every path)."""
+    if not meta.has_lora:
+        return torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
+    path = _path(x)
+    if path == "cpu":
+        return cpu_shrink(x, a_stack, meta)
+    if path == "triton":
         from kernels.sgmv import sgmv_shrink
 
         return sgmv_shrink(x, a_stack, meta)
     return shrink_reference(x, a_stack, meta, a_views)
 
 
+def lora_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor]:
+    """Semantics: [lora_shrink(x, a, meta) for a in a_stacks], in one pass over x on CPU (q/k/v, gate/up)."""
+    if meta.has_lora and _path(x) == "cpu":
+        return cpu_shrink_many(x, a_stacks, meta)
+    return [lora_shrink(x, a, meta) for a in a_stacks]
+
+
 def lora_expand(
     t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta, y: torch.Tensor,
     b_views: SlotViews | None = None,
 ) -> torch.Tensor:
-    """y += scale[slot] * t @ B[slot]^T per token (in place; returns y). b_views: the CPU path's cached views."""
-    if _use_triton(t):
+    """Semantics: y[i] += scale[slot[i]] * t[i, :r] @ B[slot[i], :, :r]^T for slot[i] >= 0 (fp32 accumulate, in
+    place; returns y). t [T, max_rank] fp32, b_stack [slots, out, max_rank], scales [slots] fp32, y [T, out].
+    b_views: cached per-slot views, used only by the reference path."""
+    if not meta.has_lora:
+        return y
+    path = _path(t)
+    if path == "cpu":
+        return cpu_expand(t, b_stack, scales, meta, y)
+    if path == "triton":
         from kernels.sgmv import sgmv_expand
 
         return sgmv_expand(t, b_stack, scales, meta, y)

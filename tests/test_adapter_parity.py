@@ -99,7 +99,7 @@ def test_default_model_mixed_batch_matches_peft(default_model_dir: Path, tmp_pat
 def test_mixed_batch_with_triton_kernels_matches_peft(tiny_llama_dir: Path, adapters: dict[str, Path],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The same mixed batch with the LoRA path forced through the Triton SGMV kernels (interpreted on CPU)."""
-    monkeypatch.setenv("SWITCHBOARD_KERNELS", "triton")
+    monkeypatch.setattr("kernels.MODE", "triton")  # SWITCHBOARD_KERNELS is read once, at import
     lora = {k: v for k, v in adapters.items() if k.startswith("lora")}
     routes, prompts, outputs, step_logits = run_mixed_batch(tiny_llama_dir, lora, False, new_tokens=3)
     for route, prompt, out, logits in zip(routes, prompts, outputs, step_logits, strict=True):

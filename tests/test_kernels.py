@@ -39,7 +39,7 @@ def test_meta_exact_tables() -> None:
     assert grouped.lora_segments() == [(1, 3, 0, 4), (3, 6, 3, 16)]
 
 
-@pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf:1.5", "identical"])
+@pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf:1.5", "identical", "skewed"])
 @pytest.mark.parametrize("n_tokens", [1, 9, 40])
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("ranks", [[1, 4, 16, 8, 2, 16], [8] * 6], ids=["mixed-ranks", "one-rank"])
@@ -86,7 +86,7 @@ def loop_oracle(slots, x, a, b, scales, y0) -> torch.Tensor:
     return y
 
 
-@pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf:1.5", "identical"])
+@pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf:1.5", "identical", "skewed"])
 @pytest.mark.parametrize("n_tokens", [1, 7, 33])
 def test_reference_matches_per_token_loop(popularity: str, n_tokens: int) -> None:
     slots, x, a, b, scales, y0 = random_case(n_tokens, 8, popularity, torch.float32, int(torch.randint(0, 10**6, ())))
@@ -98,7 +98,8 @@ def test_reference_matches_per_token_loop(popularity: str, n_tokens: int) -> Non
 CASES = [
     (rank, n, pop, dtype)
     for rank, n, pop in [(1, 7, "distinct"), (4, 33, "uniform"), (8, 1, "identical"), (16, 100, "zipf:1.5"),
-                         (64, 33, "distinct"), (16, 7, "identical"), (8, 100, "uniform")]
+                         (64, 33, "distinct"), (16, 7, "identical"), (8, 100, "uniform"),
+                         (16, 33, "skewed")]
     for dtype in (torch.float32, torch.float16, torch.bfloat16)
 ]
 

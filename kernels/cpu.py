@@ -1,0 +1,127 @@
+"""The CPU segmented-LoRA kernels: one compiled call per shrink / expand for the whole batch.
+
+C++ with OpenMP (kernels/csrc/lora.cpp, built once and cached by kernels/build.py), parallel over work
+items of (segment, token block[, rank or output range]); each adapter's A and B is read from memory once
+per call, fp32 accumulation, only each adapter's true rank, tokens with slot -1 untouched. fp32 and
+bf16 activations and tables; any other dtype, a table whose innermost dimension is strided, or a
+machine without a C++ compiler falls back explicitly to kernels/reference.py (the oracle).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from kernels.build import extension
+from kernels.meta import LoraBatchMeta
+from kernels.reference import expand_reference, shrink_reference
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_UNSET = object()
+_lib = _UNSET
+_plan: tuple[LoraBatchMeta, torch.Tensor, torch.Tensor | None] | None = None  # (meta, segments [S, 4], index [T])
+
+
+def _kernels():
+    global _lib
+    if _lib is _UNSET:
+        _lib = extension("lora")
+    return _lib
+
+
+def available() -> bool:
+    """True when the compiled kernel is usable on this machine (builds it on first call)."""
+    return _kernels() is not None
+
+
+def _segments(meta: LoraBatchMeta) -> tuple[torch.Tensor, int]:
+    """The LoRA segments as an int64 [S, 4] table (lo, hi, slot, rank or -1) and the token index pointer
+    (0 when the batch is grouped): made once per step's meta, reused by every layer's calls."""
+    global _plan
+    plan = _plan  # one read: another thread may replace it meanwhile
+    if plan is None or plan[0] is not meta:
+        rows = [(lo, hi, slot, -1 if rank is None else rank) for lo, hi, slot, rank in meta.lora_segments()]
+        index = None if meta.contiguous else meta.sorted_tokens.to(torch.int64).contiguous()
+        plan = _plan = (meta, torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), index)
+    return plan[1], 0 if plan[2] is None else plan[2].data_ptr()
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in _DTYPES and t.stride(-1) == 1 and not t.is_cuda and not t.is_meta for t in tensors)
+
+
+_tables: dict[int, tuple[weakref.ref, tuple[int, ...] | None]] = {}
+
+
+def _table(a: torch.Tensor) -> tuple[int, ...] | None:
+    """(data_ptr, stride 0, stride 1, dim 1, dim 2, dtype code) of a [slots, rank|out, in|rank] table, or None
+    when the kernel cannot read it. Cached per tensor object: the pool's tables (and the layers' views of them)
+    live for the engine's life and are never reallocated, so this saves a dozen attribute reads per call."""
+    entry = _tables.get(id(a))
+    if entry is not None and entry[0]() is a:
+        return entry[1]
+    desc = (a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], a.shape[2], _DTYPES[a.dtype]) if _usable(a) else None
+    if len(_tables) > 4096:
+        _tables.clear()
+    _tables[id(a)] = (weakref.ref(a), desc)
+    return desc
+
+
+def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor]:
+    """Several shrinks over the same x in one pass (q/k/v, gate/up): the stacks share `in` and dtype (<= 8).
+
+    Semantics: for every stack s, t_s[i, :r] = x[i] @ A_s[slot[i], :r]^T in fp32 for slot[i] >= 0, where r is
+    the adapter's true rank (meta.seg_ranks_list; None = the padded rank); t_s[i] = 0 elsewhere.
+    x [T, in]; A_s [slots, max_rank_s, in] (a strided view of the pool table is fine); t_s [T, max_rank_s] fp32.
+    """
+    ts = [torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32) for a in a_stacks]
+    if not meta.has_lora or not ts:
+        return ts
+    lib = _kernels()
+    tables = [_table(a) for a in a_stacks]
+    if (lib is None or None in tables or len({d[5] for d in tables}) > 1 or len(a_stacks) > 8 or not _usable(x)
+            or x.shape[0] == 0):
+        return [shrink_reference(x, a, meta) for a in a_stacks]
+    segs, index = _segments(meta)
+    desc = []
+    for d, t in zip(tables, ts, strict=True):
+        desc += (d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
+    lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], tables[0][5],
+               segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
+    return ts
+
+
+def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
+    """Semantics: t[i, :r] = x[i] @ A[slot[i], :r]^T in fp32 for slot[i] >= 0 (r = the adapter's true rank),
+    t[i] = 0 otherwise. x [T, in] fp32/bf16, A [slots, max_rank, in], returns t [T, max_rank] fp32."""
+    t = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32)
+    if not meta.has_lora:
+        return t
+    lib = _kernels()
+    d = _table(a_stack)
+    if lib is None or d is None or x.shape[0] == 0 or not _usable(x):
+        return shrink_reference(x, a_stack, meta)
+    segs, index = _segments(meta)
+    lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], d[5], segs.data_ptr(), segs.shape[0], index,
+               torch.get_num_threads(), d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
+    return t
+
+
+def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
+               y: torch.Tensor) -> torch.Tensor:
+    """Semantics: y[i] += scale[slot[i]] * t[i, :r] @ B[slot[i], :, :r]^T for slot[i] >= 0, accumulated in fp32
+    and rounded once into y's dtype; rows with slot -1 untouched. t [T, max_rank] fp32, B [slots, out, max_rank],
+    scales [slots] fp32, y [T, out] fp32/bf16 updated in place and returned."""
+    if not meta.has_lora or y.shape[0] == 0:
+        return y
+    lib = _kernels()
+    d = _table(b_stack)
+    if (lib is None or d is None or t.dtype != torch.float32 or t.stride(-1) != 1 or not _usable(y)
+            or scales.dtype != torch.float32 or scales.is_cuda):
+        return expand_reference(t, b_stack, scales, meta, y)
+    segs, index = _segments(meta)
+    lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
+               y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(), segs.shape[0], index,
+               torch.get_num_threads())
+    return y

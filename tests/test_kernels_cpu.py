@@ -1,0 +1,170 @@
+"""The compiled CPU LoRA kernels (kernels/cpu.py) against kernels/reference.py and a per-token fp64 loop.
+
+Fresh random inputs every run; the seed is in every assertion message (rerun a failure with SEED=<n>).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from bench.workloads import sample_adapter_ids
+from kernels import cpu
+from kernels.meta import build_lora_meta
+from kernels.reference import expand_reference, shrink_reference
+
+# (atol, rtol) on t and on y; bf16 y is rounded once, so one bf16 ulp of |y| is the scale of the error
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
+POPULARITY = ["distinct", "uniform", "zipf:1.5", "identical", "skewed"]
+N_SLOTS = 8
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel falls back")
+
+
+def fresh_seed() -> int:
+    return int(os.environ.get("SEED") or np.random.SeedSequence().entropy % 10**9)
+
+
+def make_case(seed: int, n_tokens: int, max_rank: int, popularity: str, dtype: torch.dtype, grouped: bool,
+              mixed_ranks: bool, n_in: int = 96, n_out: int = 80, strided: bool = True):
+    """Slots (20% no adapter), x, A/B as strided views of [slots, layers, rank, ...] tables, scales, y0, ranks."""
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = sample_adapter_ids(popularity, n_tokens, N_SLOTS, rng)
+    ids = np.where(rng.random(n_tokens) < 0.2, -1, ids)
+    slots = torch.tensor(ids, dtype=torch.int32)
+    if grouped:
+        slots = torch.sort(slots, stable=True).values
+    ranks = [int(r) for r in rng.integers(1, max_rank + 1, N_SLOTS)] if mixed_ranks else None
+    layers, layer = (3, 1) if strided else (1, 0)
+    a_all = torch.randn(N_SLOTS, layers, max_rank, n_in, generator=g).to(dtype)
+    b_all = torch.randn(N_SLOTS, layers, n_out, max_rank, generator=g).to(dtype)
+    a, b = (a_all[:, layer], b_all[:, layer]) if strided else (a_all[:, 0].contiguous(), b_all[:, 0].contiguous())
+    x = torch.randn(n_tokens, n_in, generator=g).to(dtype)
+    y0 = torch.randn(n_tokens, n_out, generator=g).to(dtype)
+    scales = torch.rand(N_SLOTS, generator=g) + 0.5
+    return slots, x, a, b, scales, y0, ranks
+
+
+def loop_oracle(slots, x, a, b, scales, y0, ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp64 loop over each adapter's true rank: t [T, max_rank] and y [T, out]."""
+    t = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float64)
+    y = y0.double().clone()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            r = a.shape[1] if ranks is None else ranks[s]
+            t[i, :r] = a[s, :r].double() @ x[i].double()
+            y[i] += scales[s].double() * (b[s, :, :r].double() @ t[i, :r])
+    return t, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "ungrouped"])
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("n_tokens", [1, 7, 33, 256])
+@pytest.mark.parametrize("rank", [1, 4, 8, 16, 64])
+def test_cpu_kernel_matches_reference(rank: int, n_tokens: int, popularity: str, grouped: bool,
+                                      dtype: torch.dtype) -> None:
+    seed = fresh_seed()
+    mixed = rank > 1 and seed % 2 == 0  # half the draws: every slot its own true rank <= the padded rank
+    slots, x, a, b, scales, y0, ranks = make_case(seed, n_tokens, rank, popularity, dtype, grouped, mixed)
+    meta = build_lora_meta(slots, ranks)
+    why = f"seed={seed} rank={rank} T={n_tokens} {popularity} grouped={grouped} mixed_ranks={mixed} {dtype}"
+    atol, rtol = TOL[dtype]
+
+    t = cpu.cpu_shrink(x, a, meta)
+    t_ref = shrink_reference(x, a, meta)
+    assert t.dtype == torch.float32 and t.shape == t_ref.shape, why
+    torch.testing.assert_close(t, t_ref, atol=atol, rtol=rtol, msg=lambda m: f"shrink: {m}\n{why}")
+
+    y = y0.clone()
+    assert cpu.cpu_expand(t_ref, b, scales, meta, y) is y, why
+    y_ref = expand_reference(t_ref, b, scales, meta, y0.clone())
+    assert y.dtype == dtype, why
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * 10, rtol=rtol,
+                               msg=lambda m: f"expand: {m}\n{why}")
+
+    no_lora = slots < 0
+    assert torch.count_nonzero(t[no_lora]) == 0, why
+    assert torch.equal(y[no_lora], y0[no_lora]), f"slot -1 rows changed; {why}"
+    if dtype == torch.float32:  # an oracle independent of the reference
+        t64, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
+        torch.testing.assert_close(t.double(), t64, atol=1e-4, rtol=1e-4, msg=lambda m: f"shrink/loop: {m}\n{why}")
+        y_full = cpu.cpu_expand(t, b, scales, meta, y0.clone())
+        torch.testing.assert_close(y_full.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"expand/loop: {m}\n{why}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n_tokens", [1, 33, 256])
+def test_shrink_many_equals_separate_shrinks(n_tokens: int, dtype: torch.dtype) -> None:
+    """q/k/v in one call: three tables (strided and not) over the same x."""
+    seed = fresh_seed()
+    slots, x, a_q, _, _, _, ranks = make_case(seed, n_tokens, 16, "zipf:1.5", dtype, False, True)
+    g = torch.Generator().manual_seed(seed + 1)
+    a_k = torch.randn(N_SLOTS, 2, 16, x.shape[1], generator=g).to(dtype)[:, 1]
+    a_v = torch.randn(N_SLOTS, 16, x.shape[1], generator=g).to(dtype)
+    meta = build_lora_meta(slots, ranks)
+    many = cpu.cpu_shrink_many(x, [a_q, a_k, a_v], meta)
+    for got, a in zip(many, (a_q, a_k, a_v), strict=True):
+        torch.testing.assert_close(got, shrink_reference(x, a, meta), atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"{m}\nseed={seed} T={n_tokens} {dtype}")
+    assert [t.shape[1] for t in kernels.lora_shrink_many(x, [a_q, a_k, a_v], meta)] == [16, 16, 16]
+
+
+def test_thread_counts_agree() -> None:
+    """The work split depends on the thread count; the result does not (each t/y element has one writer)."""
+    seed = fresh_seed()
+    slots, x, a, b, scales, y0, ranks = make_case(seed, 33, 16, "skewed", torch.float32, True, True)
+    meta = build_lora_meta(slots, ranks)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            t = cpu.cpu_shrink(x, a, meta)
+            results.append((t, cpu.cpu_expand(t, b, scales, meta, y0.clone())))
+    finally:
+        torch.set_num_threads(before)
+    for t, y in results[1:]:
+        assert torch.equal(t, results[0][0]) and torch.equal(y, results[0][1]), f"seed={seed}"
+
+
+def test_no_lora_batch_and_contiguous_tables() -> None:
+    seed = fresh_seed()
+    meta = build_lora_meta(torch.tensor([-1, -1, -1], dtype=torch.int32))
+    x, y0 = torch.randn(3, 96), torch.randn(3, 80)
+    a, b = torch.randn(N_SLOTS, 4, 96), torch.randn(N_SLOTS, 80, 4)
+    assert torch.count_nonzero(kernels.lora_shrink(x, a, meta)) == 0
+    assert torch.equal(kernels.lora_expand(torch.ones(3, 4), b, torch.ones(N_SLOTS), meta, y0.clone()), y0)
+    slots, x, a, b, scales, y0, ranks = make_case(seed, 33, 8, "uniform", torch.float32, False, False, strided=False)
+    meta = build_lora_meta(slots, ranks)
+    y = cpu.cpu_expand(cpu.cpu_shrink(x, a, meta), b, scales, meta, y0.clone())
+    y_ref = expand_reference(shrink_reference(x, a, meta), b, scales, meta, y0.clone())
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed}")
+
+
+def test_uncompiled_dtype_falls_back_to_reference() -> None:
+    """fp16 (not compiled) and a table strided in its innermost dimension take the reference, same values."""
+    seed = fresh_seed()
+    slots, x, a, b, scales, y0, ranks = make_case(seed, 7, 8, "uniform", torch.float16, True, False)
+    meta = build_lora_meta(slots, ranks)
+    torch.testing.assert_close(cpu.cpu_shrink(x, a, meta), shrink_reference(x, a, meta), msg=f"seed={seed}")
+    slots, x, a, b, scales, y0, ranks = make_case(seed, 7, 8, "uniform", torch.float32, True, False)
+    a_t = a.transpose(1, 2).contiguous().transpose(1, 2)  # same values, stride(-1) != 1
+    assert a_t.stride(-1) != 1
+    torch.testing.assert_close(cpu.cpu_shrink(x, a_t, meta), shrink_reference(x, a, meta), msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("mode", ["cpu", "reference", "auto"])
+def test_dispatcher_modes_agree(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "MODE", mode)
+    seed = fresh_seed()
+    slots, x, a, b, scales, y0, ranks = make_case(seed, 33, 16, "zipf:1.5", torch.float32, True, True)
+    meta = build_lora_meta(slots, ranks)
+    y = kernels.lora_expand(kernels.lora_shrink(x, a, meta), b, scales, meta, y0.clone())
+    _, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
+    torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} mode={mode}")
