@@ -102,7 +102,7 @@ class SwitchboardServer:
         engine = Engine.create(model_cfg, engine_cfg, pool_cfg)
         try:
             Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-            registry = open_registry(Path(config.data_dir), engine.pool)
+            registry = open_registry(Path(config.data_dir), engine.pool, known_tenants=frozenset(tenants.tenants))
         except Exception:
             _close_pool(engine)
             raise

@@ -22,6 +22,7 @@ import grpc
 
 from server.adapters.errors import AdapterForbidden, AdapterNotFound
 from server.auth import caller
+from server.clip import clip
 from server.engine.request import (
     EngineStopped,
     FinishReason,
@@ -237,7 +238,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if not name:
             return None, ""
         if self.registry is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} not found (no adapter store)")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {clip(name)} not found (no adapter store)")
         try:
             resolved = self.registry.resolve(tenant, name)
         except AdapterNotFound as exc:
@@ -259,7 +260,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         messages = []
         for i, m in enumerate(req.messages):
             if m.role not in CHAT_ROLES:
-                raise _invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+                raise _invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {clip(m.role)}")
             messages.append({"role": m.role, "content": m.content})
         if sum(len(m["content"]) for m in messages) > limit:
             raise _invalid(f"the messages have more than {limit} characters (context limit "

@@ -14,7 +14,6 @@ Pickled weights (`adapter_model.bin`) are never read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from server.adapters import validation
 from server.adapters.weights import (
     AdapterKind,
     AdapterWeights,
@@ -61,37 +61,28 @@ def read_config(path: Path) -> dict:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise _fail(f"{CONFIG_FILE} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict) or "peft_type" not in cfg:
-        raise _fail(f"{CONFIG_FILE} has no peft_type")
-    return cfg
+    return validation.check_config(cfg_path.read_bytes())  # size, depth, field types before/after parsing
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, limits: validation.HeaderLimits | None = None) -> dict[str, torch.Tensor]:
     if (path / "adapter_model.bin").exists() and not (path / WEIGHTS_FILE).exists():
         raise _fail("pickled adapter_model.bin weights are refused; save with safetensors")
     if not (path / WEIGHTS_FILE).is_file():
         raise _fail(f"{WEIGHTS_FILE} is missing")
+    if limits is not None:  # names, dtypes, shapes, sizes against the base, before any tensor is read
+        validation.check_safetensors_header(path / WEIGHTS_FILE, limits)
     try:
         tensors = load_file(path / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError) as exc:
         raise _fail(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
-    for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise _fail(f"tensor {key} has non-float dtype {t.dtype}")
-        if not torch.isfinite(t).all():
-            raise _fail(f"tensor {key} contains NaN or Inf values")
-    return {k: t.float() for k, t in tensors.items()}
+    return {k: validation.check_finite(k, t, torch.float32) for k, t in tensors.items()}  # finite once converted
 
 
 def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_tokens: int) -> AdapterWeights:
     """Parse and validate a PEFT directory against the loaded base; raises AdapterFormatError."""
     path = Path(path)
     cfg = read_config(path)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, validation.HeaderLimits(args, max_lora_rank, max_virtual_tokens))
     kind_name = cfg["peft_type"]
     try:
         kind = AdapterKind(kind_name)
@@ -150,9 +141,9 @@ def _read_lora(cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, max
         raise _fail(f"LoRA rank r must be a positive integer, got {r!r}")
     if r > max_rank:
         raise _fail(f"LoRA rank {r} exceeds the server's maximum rank {max_rank}")
-    if not isinstance(alpha, int | float):
-        raise _fail(f"lora_alpha must be a number, got {alpha!r}")
+    alpha = validation.check_scale("lora_alpha", alpha)
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    validation.check_scale("the LoRA scale lora_alpha/r", scale)
     found = _module_tensors(tensors, args, ("lora_A", "lora_B"))
     a: dict[tuple[int, str], torch.Tensor] = {}
     b: dict[tuple[int, str], torch.Tensor] = {}

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from server.adapters.errors import AdapterRejected
 from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from server.clip import clip
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -100,25 +101,25 @@ def _member_file(member: tarfile.TarInfo) -> str | None:
     raw = member.name
     path = PurePosixPath(raw)
     if raw.startswith("/") or path.is_absolute() or re.match(r"^[A-Za-z]:", raw):
-        raise UploadRefused(f"absolute path {raw!r} in the tar")
+        raise UploadRefused(f"absolute path {clip(raw)} in the tar")
     parts = [p for p in path.parts if p not in ("", ".")]
     if ".." in parts or "\\" in raw:
-        raise UploadRefused(f"path {raw!r} in the tar leaves the adapter directory")
+        raise UploadRefused(f"path {clip(raw)} in the tar leaves the adapter directory")
     if member.issym() or member.islnk():
-        raise UploadRefused(f"link {raw!r} -> {member.linkname!r} in the tar; links are refused")
+        raise UploadRefused(f"link {clip(raw)} -> {clip(member.linkname)} in the tar; links are refused")
     if member.isdir():
         if len(parts) > 1:
-            raise UploadRefused(f"nested directory {raw!r} in the tar")
+            raise UploadRefused(f"nested directory {clip(raw)} in the tar")
         return None
     if not member.isreg():
-        raise UploadRefused(f"{raw!r} in the tar is not a regular file (device, FIFO ...); refused")
+        raise UploadRefused(f"{clip(raw)} in the tar is not a regular file (device, FIFO ...); refused")
     if not parts or len(parts) > 2:
-        raise UploadRefused(f"{raw!r}: adapter files must be at the top of the tar or under one directory")
+        raise UploadRefused(f"{clip(raw)}: adapter files must be at the top of the tar or under one directory")
     name = parts[-1]
     if name == "adapter_model.bin":
         raise UploadRefused("pickled adapter_model.bin weights are refused; save with safetensors")
     if name not in ADAPTER_FILES:
-        raise UploadRefused(f"unexpected file {raw!r} in the tar; only {' and '.join(ADAPTER_FILES)} are accepted")
+        raise UploadRefused(f"unexpected file {clip(raw)} in the tar; only {' and '.join(ADAPTER_FILES)} are accepted")
     return name
 
 
@@ -138,7 +139,7 @@ def extract_adapter_tar(tar_path: Path, dest: Path, *, max_bytes: int) -> Path:
                 seen.add(name)
                 src = tar.extractfile(member)
                 if src is None:
-                    raise UploadRefused(f"{member.name!r} cannot be read from the tar")
+                    raise UploadRefused(f"{clip(member.name)} cannot be read from the tar")
                 with src, open(dest / name, "wb") as out:
                     while chunk := src.read(_COPY_CHUNK):
                         total += len(chunk)
