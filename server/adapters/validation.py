@@ -234,9 +234,13 @@ def _check_entry_shape(key: str, shape: tuple[int, ...], limits: HeaderLimits) -
 
 def check_safetensors_header(path: Path, limits: HeaderLimits) -> int:
     """Check the header of the safetensors file at `path` (only the header is read); the data bytes it describes."""
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        header, data_bytes = read_safetensors_header(f, size)
+        return check_safetensors_stream(f, path.stat().st_size, limits)
+
+
+def check_safetensors_stream(f: BinaryIO, size: int, limits: HeaderLimits) -> int:
+    """The same check on a stream positioned at the start of a safetensors file of `size` bytes."""
+    header, data_bytes = read_safetensors_header(f, size)
     described = check_header_entries(header, data_bytes, limits)
     if described != data_bytes:
         raise _fail(f"adapter_model.safetensors is not a valid safetensors file: {data_bytes} data bytes, "
