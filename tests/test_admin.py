@@ -233,13 +233,14 @@ def test_bad_merges_get_clear_statuses(server, tiny_llama_dir) -> None:
     with server.client("acme") as acme:
         acme.upload_adapter(peft_adapter(tiny_llama_dir, seed=41), "x4")
         acme.upload_adapter(peft_adapter(tiny_llama_dir, seed=42, rank=2), "x2")
+        acme.upload_adapter(peft_adapter(tiny_llama_dir, seed=43), "x4b")
         for kwargs, code, words in [
             ({"sources": ["x4", "nope"]}, grpc.StatusCode.NOT_FOUND, "not found"),
             ({"sources": ["x4", "x2"]}, grpc.StatusCode.INVALID_ARGUMENT, "equal rank"),
             ({"sources": ["x4", "x2"], "method": "cat", "weights": [1.0]}, grpc.StatusCode.INVALID_ARGUMENT,
              "one weight per source"),
             ({"sources": ["x4", "x4"], "method": "ties"}, grpc.StatusCode.INVALID_ARGUMENT, "density"),
-            ({"sources": ["x4", "x4", "x4"], "method": "cat"}, grpc.StatusCode.INVALID_ARGUMENT, "maximum rank"),
+            ({"sources": ["x4", "x4b", "x2"], "method": "cat"}, grpc.StatusCode.INVALID_ARGUMENT, "maximum rank"),
             ({"sources": ["x4"], "method": "blend"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown"),
         ]:
             with pytest.raises(Exception) as exc:
@@ -247,7 +248,7 @@ def test_bad_merges_get_clear_statuses(server, tiny_llama_dir) -> None:
             assert exc.value.code == code and words in exc.value.message, (kwargs, exc.value)
         with pytest.raises(NotFound):
             acme.get_adapter("m")
-        for name in ("x4", "x2"):
+        for name in ("x4", "x2", "x4b"):
             acme.delete_adapter(name)
 
 
