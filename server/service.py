@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+MAX_MESSAGES = 1024  # chat messages per request (and never more than the context limit)
 CHARS_PER_TOKEN_BOUND = 32  # a prompt longer than this many chars per context token is refused untokenized
 DEFAULTS = SamplingParams()
 
@@ -62,6 +63,7 @@ class Prepared:
     request: GenerationRequest  # what the engine gets (request_id is tenant-scoped)
     request_id: str  # what the caller sees
     adapter_name: str  # "tenant/name" or "" for the base model
+    adapter_shared: bool = False
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -113,10 +115,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         started = time.monotonic()
         # never a caller-chosen label: an adapter name only once it resolved
         adapter_label, status = UNRESOLVED_LABEL if request.adapter else "", None
+        shared = False
         stats: dict = {}
         try:
             prepared = self._prepare(request, tenant, started)
-            adapter_label = prepared.adapter_name
+            adapter_label, shared = prepared.adapter_name, prepared.adapter_shared
             with self.limiter.slot(tenant):
                 self.metrics.in_flight.labels(tenant.name).inc()
                 try:
@@ -136,7 +139,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self.metrics.observe_request(
                 tenant.name, adapter_label, status, prompt_tokens=stats.get("prompt_tokens", 0),
                 completion_tokens=stats.get("completion_tokens", 0), queue_s=stats.get("queue_s"),
-                ttft_s=stats.get("ttft_s"), total_s=time.monotonic() - started,
+                ttft_s=stats.get("ttft_s"), total_s=time.monotonic() - started, shared=shared,
             )
 
     def _run(self, prepared: Prepared, context, stats: dict) -> Iterator[TokenEvent]:
@@ -204,14 +207,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if req.request_id and not _REQUEST_ID.match(req.request_id):
             raise _invalid(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces")
         sampling = self._sampling(req)
-        adapter_key, adapter_name = self._resolve_adapter(tenant, req.adapter)
+        adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
         ids = self._tokens(req, given[0])
         request_id = req.request_id or uuid.uuid4().hex
         gen = GenerationRequest(
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
             adapter=adapter_key, tenant=tenant.name, arrival_time=started,
         )
-        return Prepared(gen, request_id, adapter_name)
+        return Prepared(gen, request_id, adapter_name, shared)
 
     def _sampling(self, req: pb.GenerateRequest) -> SamplingParams:
         stop = []
@@ -234,9 +237,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise _invalid(str(exc)) from None
         return sampling
 
-    def _resolve_adapter(self, tenant: Tenant, name: str) -> tuple[str | None, str]:
+    def _resolve_adapter(self, tenant: Tenant, name: str) -> tuple[str | None, str, bool]:
         if not name:
-            return None, ""
+            return None, "", False
         if self.registry is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {clip(name)} not found (no adapter store)")
         try:
@@ -245,7 +248,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise RequestError(grpc.StatusCode.NOT_FOUND, _message(exc)) from None
         except AdapterForbidden as exc:
             raise RequestError(grpc.StatusCode.PERMISSION_DENIED, _message(exc)) from None
-        return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
+        return resolved.pool_key, f"{resolved.tenant}/{resolved.name}", resolved.shared
 
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
         if source == "token_ids":
@@ -257,6 +260,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                f"(context limit {self.engine.max_model_len} tokens)")
             with self._tokenizer_lock:
                 return list(self.engine.tokenizer.encode(req.prompt))
+        max_messages = min(MAX_MESSAGES, self.engine.max_model_len)  # every message renders to >= 1 token
+        if len(req.messages) > max_messages:
+            raise _invalid(f"{len(req.messages)} messages; at most {max_messages} are accepted")
         messages = []
         for i, m in enumerate(req.messages):
             if m.role not in CHAT_ROLES:
@@ -270,12 +276,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         tokenizer = self.engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise _invalid("this model has no chat template; send `prompt` or `token_ids` instead of `messages`")
-        with self._tokenizer_lock:
-            try:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
-                raise _invalid(f"the chat template refused the messages: {exc}") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        try:  # rendering is jinja, not the shared tokenizer: no lock held while it runs
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
+            raise _invalid(f"the chat template refused the messages: {clip(str(exc))}") from None
+        if len(rendered) > limit:
+            raise _invalid(f"the rendered chat has {len(rendered)} characters; the limit is {limit} "
+                           f"(context limit {self.engine.max_model_len} tokens)")
+        with self._tokenizer_lock:  # as apply_chat_template(tokenize=True) does: no special tokens added
+            return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def _coalesce(event: TokenEvent, handle) -> TokenEvent:

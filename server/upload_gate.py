@@ -12,6 +12,7 @@ few seconds held every gRPC worker and as many staging directories, indefinitely
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -31,7 +32,7 @@ class UploadStalled(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class UploadPacing:
     idle_timeout_s: float = 30.0  # longest wait for the next chunk
-    min_rate: float = 64 << 10  # bytes/s on average, after the grace period
+    min_rate: float = 64 << 10  # bytes/s on average, after the grace period (0: no rate rule, idle only)
     grace_s: float = 30.0  # head start before the average rate counts
 
 
@@ -97,7 +98,7 @@ def paced(chunks: Iterable, pacing: UploadPacing, size_of=lambda chunk: len(chun
     try:
         while True:
             now = clock()
-            rate_deadline = start + pacing.grace_s + received / pacing.min_rate
+            rate_deadline = start + pacing.grace_s + received / pacing.min_rate if pacing.min_rate > 0 else math.inf
             wait = min(pacing.idle_timeout_s, rate_deadline - now)
             try:
                 item = q.get(timeout=max(wait, 0.0)) if wait > 0 else q.get_nowait()

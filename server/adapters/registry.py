@@ -43,6 +43,7 @@ class ResolvedAdapter:
     name: str
     version: int
     tenant: str
+    shared: bool = False  # the version's visibility to other tenants (metrics never label private ones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,7 @@ class AdapterRegistry:
         """The newest version of `name` visible to `tenant` (pinned by its pool key)."""
         owner, short, versions = self._find(tenant, name)
         newest = versions[-1]
-        return ResolvedAdapter(pool_key(owner, short, newest.version), short, newest.version, owner)
+        return ResolvedAdapter(pool_key(owner, short, newest.version), short, newest.version, owner, newest.shared)
 
     def get(self, tenant, name: str) -> AdapterInfo:
         return self._info(self._find(tenant, name)[2])
