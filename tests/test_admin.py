@@ -319,9 +319,25 @@ def test_bad_merges_get_clear_statuses(server, tiny_llama_dir) -> None:
             ({"sources": ["x4", "x4"], "method": "ties"}, grpc.StatusCode.INVALID_ARGUMENT, "density"),
             ({"sources": ["x4", "x4b", "x2"], "method": "cat"}, grpc.StatusCode.INVALID_ARGUMENT, "maximum rank"),
             ({"sources": ["x4"], "method": "blend"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown"),
+            # issue 16 items 5, 7, 8 (on main: accepted, or UNKNOWN with a traceback)
+            ({"sources": ["x4"] * 5000}, grpc.StatusCode.INVALID_ARGUMENT, "at most 16 may be merged"),
+            ({"sources": ["x4", "x4"]}, grpc.StatusCode.INVALID_ARGUMENT, "given twice"),
+            ({"sources": ["x4", "acme/x4"]}, grpc.StatusCode.INVALID_ARGUMENT, "given twice"),
+            ({"sources": ["x4", "x4b"], "weights": [3e38, 1.0]}, grpc.StatusCode.INVALID_ARGUMENT,
+             "merge weights[0] = 3e+38 is out of range"),
+            ({"sources": ["x4", "x4b"], "weights": [float("nan"), 1.0]}, grpc.StatusCode.INVALID_ARGUMENT,
+             "merge weights[0] must be a finite number"),
+            ({"sources": ["x4", "x4b"], "weights": [float("inf"), 1.0], "method": "svd"},
+             grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+            ({"sources": ["x4", "x2"], "method": "svd", "target_rank": 7}, grpc.StatusCode.INVALID_ARGUMENT,
+             "exceeds the sources' combined rank 6"),
+            ({"sources": ["x4", "x4b"], "method": "ties", "density": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT,
+             "density"),
+            ({"sources": ["x4", "x4b"], "tenant": "ghost"}, grpc.StatusCode.PERMISSION_DENIED, "only the admin"),
         ]:
-            with pytest.raises(Exception) as exc:
+            with pytest.raises(Exception) as exc:  # noqa: PT011 - any client error; its code is checked below
                 acme.merge_adapters("m", **kwargs)
+                pytest.fail(f"accepted: {kwargs}"[:300])
             assert exc.value.code == code and words in exc.value.message, (kwargs, exc.value)
         with pytest.raises(NotFound):
             acme.get_adapter("m")
