@@ -88,8 +88,8 @@ class SwitchboardServer:
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(engine, registry, self.limiter, self.metrics), self._server)
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(registry=registry, config=config, engine=engine, metrics=self.metrics), self._server)
+        self.admin = AdminServicer(registry=registry, config=config, engine=engine, metrics=self.metrics)
+        admin_pb2_grpc.add_AdminServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
