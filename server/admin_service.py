@@ -13,12 +13,15 @@ from contextlib import contextmanager
 
 import grpc
 
-from server.adapters.errors import AdapterRejected
+from server.adapters.errors import AdapterRejected, WrongBaseModel
 from server.adapters.merge import MergeSpec, merge_stored
+from server.adapters.peft_format import AdapterFormatError, BaseModelMismatch
 from server.adapters.store import STAGING, StoreError
 from server.adapters.upload import UploadRefused, UploadSpool, check_sha256, extract_adapter_tar
+from server.adapters.validation import HeaderLimits, check_safetensors_stream
 from server.auth import caller
 from server.status import message_of, status_of
+from server.upload_gate import UploadGate, UploadPacing, paced
 from switchboard.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.config = config  # server.config.ServerConfig (upload size caps)
         self.engine = engine
         self.metrics = metrics
+        self.gate = UploadGate(getattr(config, "max_uploads_per_tenant", 2), getattr(config, "max_uploads", 8))
+        self.pacing = UploadPacing(getattr(config, "upload_idle_timeout_s", 30.0),
+                                   getattr(config, "upload_min_rate", 64 << 10),
+                                   getattr(config, "upload_rate_grace_s", 30.0))
 
     @contextmanager
     def _errors(self, context: grpc.ServicerContext, what: str):
@@ -68,17 +75,36 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             sha = check_sha256(meta.sha256)
             cfg = self.config
             staging = self.registry.store.root / STAGING
-            with UploadSpool(staging, max_bytes=cfg.max_upload_bytes, max_chunk_bytes=cfg.max_upload_chunk_bytes,
-                             expected_bytes=meta.total_bytes or None) as spool:
-                for chunk in chunks:
+            with self.gate.admit(caller(context).name), \
+                    UploadSpool(staging, max_bytes=cfg.max_upload_bytes, max_chunk_bytes=cfg.max_upload_chunk_bytes,
+                                expected_bytes=meta.total_bytes or None) as spool:
+                for chunk in paced(chunks, self.pacing):
                     if chunk.HasField("metadata"):
                         raise UploadRefused("metadata may only come in the first chunk")
                     spool.write(chunk.data)
                 payload = spool.finish(sha)
-                src = extract_adapter_tar(payload, spool.dir / "adapter", max_bytes=cfg.max_upload_bytes)
+                src = extract_adapter_tar(payload, spool.dir / "adapter", max_bytes=cfg.max_upload_bytes,
+                                          check_weights=self._weights_check())
                 info = self.registry.create(who, meta.name, src, shared=meta.shared)
             log.info("adapter %s/%s version %d uploaded", info.tenant, info.name, info.version)
             return _info_proto(info)
+
+    def _weights_check(self):
+        """The safetensors header check against the loaded base, run while the tar streams (None: no engine)."""
+        pool = getattr(self.engine, "pool", None)
+        if pool is None:
+            return None
+        limits = HeaderLimits(pool.args, pool.cfg.max_lora_rank, pool.cfg.max_virtual_tokens)
+
+        def check(stream, size: int) -> int:
+            try:
+                return check_safetensors_stream(stream, size, limits)
+            except BaseModelMismatch as exc:
+                raise WrongBaseModel(f"the adapter does not fit the loaded base model: {exc}") from None
+            except AdapterFormatError as exc:
+                raise AdapterRejected(str(exc)) from None
+
+        return check
 
     def ListAdapters(self, request: admin_pb2.ListAdaptersRequest, context):
         with self._errors(context, "listing adapters"):

@@ -93,8 +93,21 @@ class ServerConfig:
     max_upload_chunk_bytes: int = 4 << 20
     grace_period_s: float = 10.0
     grpc_workers: int = 128
+    # issue 16: uploads (per tenant / in all at once; idle and minimum-rate timeouts) and open services
+    max_uploads_per_tenant: int = 2
+    max_uploads: int = 8
+    upload_idle_timeout_s: float = 30.0
+    upload_min_rate: float = 64 << 10  # bytes/s on average after upload_rate_grace_s
+    upload_rate_grace_s: float = 30.0
+    max_open_streams: int = 16  # concurrent keyless streams (reflection, health Watch), all peers together
+    open_stream_idle_s: float = 60.0  # a keyless stream idle this long is ended
+    metrics_host: str = "127.0.0.1"  # /metrics is for the operator: loopback unless asked otherwise
 
     def __post_init__(self) -> None:
         require(0 <= self.port < 65536, f"port out of range: {self.port}")
         require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port out of range")
         require(self.per_tenant_concurrency > 0, "per_tenant_concurrency must be > 0")
+        require(0 < self.max_uploads_per_tenant <= self.max_uploads, "need 0 < max_uploads_per_tenant <= max_uploads")
+        require(self.upload_idle_timeout_s > 0 and self.upload_min_rate > 0 and self.upload_rate_grace_s >= 0,
+                 "upload timeouts and the minimum rate must be > 0")
+        require(self.max_open_streams > 0 and self.open_stream_idle_s > 0, "open-stream limits must be > 0")

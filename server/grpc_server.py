@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.admin_service import AdminServicer
-from server.auth import AuthInterceptor
+from server.auth import AuthInterceptor, OpenStreams
 from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
 from server.metrics import ServerMetrics
 from server.service import InferenceServicer
@@ -73,20 +73,23 @@ class SwitchboardServer:
         self._stopping = threading.Event()
         self.metrics_port: int | None = None
         message_cap = config.max_upload_chunk_bytes + (64 << 10)
+        # keyless streams (reflection, health Watch) get a small share of the workers, never all of them
+        self.open_streams = OpenStreams(config.max_open_streams, idle_s=config.open_stream_idle_s)
         # a generation holds a worker thread from arrival to its last token: enough workers for every
         # sequence the engine may hold (running + waiting) plus admin/health calls, so the engine's
         # bounded queue (with its clear RESOURCE_EXHAUSTED message) is the limit callers meet first
         workers = max(config.grpc_workers, engine.config.max_running + engine.config.max_waiting + 16)
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-worker"),
-            interceptors=[AuthInterceptor(tenants, on_reject=self.metrics.observe_unauthenticated)],
+            interceptors=[AuthInterceptor(tenants, on_reject=self.metrics.observe_unauthenticated,
+                                          open_streams=self.open_streams)],
             maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", message_cap), ("grpc.so_reuseport", 0)],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(engine, registry, self.limiter, self.metrics), self._server)
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(registry=registry, config=config, engine=engine, metrics=self.metrics), self._server)
+        self.admin = AdminServicer(registry=registry, config=config, engine=engine, metrics=self.metrics)
+        admin_pb2_grpc.add_AdminServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
@@ -102,7 +105,7 @@ class SwitchboardServer:
         engine = Engine.create(model_cfg, engine_cfg, pool_cfg)
         try:
             Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-            registry = open_registry(Path(config.data_dir), engine.pool)
+            registry = open_registry(Path(config.data_dir), engine.pool, known_tenants=frozenset(tenants.tenants))
         except Exception:
             _close_pool(engine)
             raise
@@ -120,7 +123,7 @@ class SwitchboardServer:
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {host_port(self.config.host, self.config.port)}: {exc}") from None
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._watch_engine, name="engine-watchdog", daemon=True).start()

@@ -1,8 +1,11 @@
 """Prometheus collectors for one server (a dedicated CollectorRegistry, so tests can run several servers).
 
 Label cardinality is bounded: `tenant` comes from the tenants file (a fixed set); `adapter` keeps its
-own value for the first `max_adapter_labels` adapter names seen and is "other" after that; the base
-model is "base". Engine gauges (running/waiting sequences, batch, KV, resident adapters) are read from
+own value for the first `max_adapter_labels` adapter names seen *per tenant* (so one tenant's many
+names never push another tenant's adapters into "other") and is "other" after that; the base model is
+"base". A series of tenant t names an adapter only when t owns it or it is shared: another tenant's
+private adapter (an admin using `alice/secret`) is "other". /metrics binds loopback unless the operator
+passes --metrics-host. Engine gauges (running/waiting sequences, batch, KV, resident adapters) are read from
 `Engine.stats()` at scrape time.
 """
 
@@ -24,23 +27,26 @@ UNRESOLVED_LABEL = "unresolved"  # a request naming an adapter that was not foun
 
 
 class AdapterLabels:
-    """Bounded adapter label values: the first `limit` names seen keep their own label."""
+    """Bounded adapter label values: per tenant, the first `limit` names seen keep their own label."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._seen: set[str] = set()
+        self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, adapter: str) -> str:
+    def __call__(self, adapter: str, tenant: str = "", shared: bool = True) -> str:
         if not adapter:
             return BASE_LABEL
         if adapter in (UNRESOLVED_LABEL, OTHER_LABEL):
             return adapter
+        if not shared and adapter.partition("/")[0] != tenant:  # never another tenant's private name
+            return OTHER_LABEL
         with self._lock:
-            if adapter in self._seen:
+            seen = self._seen.setdefault(tenant, set())
+            if adapter in seen:
                 return adapter
-            if len(self._seen) < self.limit:
-                self._seen.add(adapter)
+            if len(seen) < self.limit:
+                seen.add(adapter)
                 return adapter
         return OTHER_LABEL
 
@@ -96,15 +102,17 @@ class ServerMetrics:
             r.register(EngineCollector(engine_stats))
         self._http = None
 
-    def labels(self, tenant: str, adapter: str) -> tuple[str, str]:
-        return tenant, self.adapter_label(adapter)
+    def labels(self, tenant: str, adapter: str, shared: bool = True) -> tuple[str, str]:
+        return tenant, self.adapter_label(adapter, tenant, shared)
 
     def observe_request(
         self, tenant: str, adapter: str, status: str, *, prompt_tokens: int = 0, completion_tokens: int = 0,
         queue_s: float | None = None, ttft_s: float | None = None, total_s: float | None = None,
+        shared: bool = True,
     ) -> None:
-        """One finished request (any status); timings only for those that ran."""
-        t, a = self.labels(tenant, adapter)
+        """One finished request (any status); timings only for those that ran. `shared`: whether `adapter`
+        ("owner/name") is shared; a private one of another owner than `tenant` is labelled "other"."""
+        t, a = self.labels(tenant, adapter, shared)
         self.requests.labels(t, a, status).inc()
         if prompt_tokens:
             self.prompt_tokens.labels(t, a).inc(prompt_tokens)

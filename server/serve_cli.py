@@ -25,6 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default=d.host, help="address to bind; non-loopback needs --tenants")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 = any)")
+    p.add_argument("--metrics-host", default=d.metrics_host,
+                   help="address /metrics binds (default loopback: it names tenants and their adapters)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument("--data-dir", type=Path, default=d.data_dir, help="the adapter store lives here")
     p.add_argument("--tenants", type=Path, default=None, help="tenants TOML file (API key hashes)")
@@ -51,7 +53,7 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
                           max_model_len=args.max_model_len)
     pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank)
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
-                          data_dir=args.data_dir, tenants_file=args.tenants,
+                          metrics_host=args.metrics_host, data_dir=args.data_dir, tenants_file=args.tenants,
                           per_tenant_concurrency=args.per_tenant_concurrency, grace_period_s=args.grace_period)
     return model, engine, pool, server
 
@@ -98,7 +100,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         server.stop(0)
         return 1
-    print(how_to_call(server.target, server.metrics_port, args.host, keyed=not tenants.open), flush=True)
+    print(how_to_call(server.target, server.metrics_port, args.metrics_host, keyed=not tenants.open), flush=True)
     while not stop.wait(0.5):  # a timed wait so signal handlers run promptly
         pass
     print(f"shutting down: draining in-flight requests (up to {server_cfg.grace_period_s:g} s)", flush=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from server.auth import caller
+from server.clip import clip
 from server.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+MAX_MESSAGES = 1024  # chat messages per request (and never more than the context limit)
 CHARS_PER_TOKEN_BOUND = 32  # a prompt longer than this many chars per context token is refused untokenized
 DEFAULTS = SamplingParams()
 
@@ -50,6 +52,7 @@ class CallRecord:
     """What one call's metrics record: its final status and what the engine reported."""
 
     adapter_label: str  # never a caller-chosen string: an adapter name only once it resolved
+    shared: bool = False  # the adapter is shared (its name may appear in other tenants' metrics)
     status: str | None = None  # gRPC status name, once decided
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -67,6 +70,7 @@ class Prepared:
     request: GenerationRequest  # what the engine gets (request_id is tenant-scoped)
     request_id: str  # what the caller sees
     adapter_name: str  # "tenant/name" or "" for the base model
+    adapter_shared: bool = False
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -119,7 +123,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         record = CallRecord(adapter_label=UNRESOLVED_LABEL if request.adapter else "")
         try:
             prepared = self._prepare(request, tenant, started)
-            record.adapter_label = prepared.adapter_name
+            record.adapter_label, record.shared = prepared.adapter_name, prepared.adapter_shared
             with self.limiter.hold(tenant):
                 self.metrics.in_flight.labels(tenant.name).inc()
                 try:
@@ -139,7 +143,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self.metrics.observe_request(
                 tenant.name, record.adapter_label, record.status, prompt_tokens=record.prompt_tokens,
                 completion_tokens=record.completion_tokens, queue_s=record.queue_s, ttft_s=record.ttft_s,
-                total_s=time.monotonic() - started,
+                total_s=time.monotonic() - started, shared=record.shared,
             )
 
     def _run(self, prepared: Prepared, context, record: CallRecord) -> Iterator[TokenEvent]:
@@ -195,14 +199,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if req.request_id and not _REQUEST_ID.match(req.request_id):
             raise _invalid(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces")
         sampling = self._sampling(req)
-        adapter_key, adapter_name = self._resolve_adapter(tenant, req.adapter)
+        adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
         ids = self._tokens(req, given[0])
         request_id = req.request_id or uuid.uuid4().hex
         gen = GenerationRequest(
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
             adapter=adapter_key, tenant=tenant.name, arrival_time=started,
         )
-        return Prepared(gen, request_id, adapter_name)
+        return Prepared(gen, request_id, adapter_name, shared)
 
     def _sampling(self, req: pb.GenerateRequest) -> SamplingParams:
         stop = []
@@ -222,13 +226,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         sampling.validate(self.engine.config.max_new_tokens_limit)  # InvalidRequest -> INVALID_ARGUMENT
         return sampling
 
-    def _resolve_adapter(self, tenant: Tenant, name: str) -> tuple[str | None, str]:
+    def _resolve_adapter(self, tenant: Tenant, name: str) -> tuple[str | None, str, bool]:
         if not name:
-            return None, ""
+            return None, "", False
         if self.registry is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} not found (no adapter store)")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {clip(name)} not found (no adapter store)")
         resolved = self.registry.resolve(tenant, name)  # AdapterNotFound / AdapterForbidden: the status table
-        return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
+        return resolved.pool_key, f"{resolved.tenant}/{resolved.name}", resolved.shared
 
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
         if source == "token_ids":
@@ -240,10 +244,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                f"(context limit {self.engine.max_model_len} tokens)")
             with self._tokenizer_lock:
                 return list(self.engine.tokenizer.encode(req.prompt))
+        max_messages = min(MAX_MESSAGES, self.engine.max_model_len)  # every message renders to >= 1 token
+        if len(req.messages) > max_messages:
+            raise _invalid(f"{len(req.messages)} messages; at most {max_messages} are accepted")
         messages = []
         for i, m in enumerate(req.messages):
             if m.role not in CHAT_ROLES:
-                raise _invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+                raise _invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {clip(m.role)}")
             messages.append({"role": m.role, "content": m.content})
         if sum(len(m["content"]) for m in messages) > limit:
             raise _invalid(f"the messages have more than {limit} characters (context limit "
@@ -253,12 +260,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         tokenizer = self.engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise _invalid("this model has no chat template; send `prompt` or `token_ids` instead of `messages`")
-        with self._tokenizer_lock:
-            try:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
-                raise _invalid(f"the chat template refused the messages: {exc}") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        try:  # rendering is jinja, not the shared tokenizer: no lock held while it runs
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
+            raise _invalid(f"the chat template refused the messages: {clip(str(exc))}") from None
+        if len(rendered) > limit:
+            raise _invalid(f"the rendered chat has {len(rendered)} characters; the limit is {limit} "
+                           f"(context limit {self.engine.max_model_len} tokens)")
+        with self._tokenizer_lock:  # as apply_chat_template(tokenize=True) does: no special tokens added
+            return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def _coalesce(event: TokenEvent, handle) -> TokenEvent:

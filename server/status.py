@@ -12,6 +12,7 @@ from server.adapters.errors import AdapterForbidden, AdapterNotFound, AdapterRej
 from server.adapters.upload import UploadTooLarge
 from server.engine.request import EngineStopped, InvalidRequest, QueueFull, UnknownAdapterRequest
 from server.tenants import TenantBusy, TenantPermissionDenied
+from server.upload_gate import UploadBusy, UploadStalled
 
 Code = grpc.StatusCode
 
@@ -32,6 +33,8 @@ def invalid(message: str) -> RequestError:
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnknownAdapterRequest, Code.NOT_FOUND),  # an InvalidRequest naming an adapter deleted since it resolved
     (UploadTooLarge, Code.RESOURCE_EXHAUSTED),
+    (UploadBusy, Code.RESOURCE_EXHAUSTED),  # the tenant's (or the server's) concurrent uploads
+    (UploadStalled, Code.DEADLINE_EXCEEDED),  # an upload idle or slower than the minimum rate
     (WrongBaseModel, Code.FAILED_PRECONDITION),
     (AdapterRejected, Code.INVALID_ARGUMENT),
     (AdapterNotFound, Code.NOT_FOUND),

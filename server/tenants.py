@@ -25,10 +25,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.clip import clip
+
 ADMIN_TENANT = "admin"
 LOCAL_TENANT = "local"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # THE tenant name rule: tenants file, CLI, registry
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_tenant_name(name: object) -> str:
+    """`name` if it is a valid tenant name (1-64 of a-z 0-9 _ -, starting with a letter or digit); else ValueError."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"tenant name {clip(name)} is not allowed: use 1-64 characters from a-z 0-9 _ -, "
+                         "starting with a letter or digit")
+    return name
 
 
 class TenantsFileError(ValueError):
@@ -59,10 +69,10 @@ class Tenant:
             return self.name
         if not self.is_admin:
             raise TenantPermissionDenied(
-                f"tenant {self.name!r} may not act on tenant {requested!r}; only the admin tenant may"
+                f"tenant {self.name!r} may not act on tenant {clip(requested)}; only the admin tenant may"
             )
         if not _NAME.match(requested):
-            raise TenantPermissionDenied(f"{requested!r} is not a valid tenant name")
+            raise TenantPermissionDenied(f"{clip(requested)} is not a valid tenant name")
         return requested
 
 
@@ -101,7 +111,7 @@ class TenantDirectory:
         by_digest: dict[str, Tenant] = {}
         for name, entry in tenants.items():
             if not _NAME.match(name):
-                raise TenantsFileError(f"tenant name {name!r} must match {_NAME.pattern}")
+                raise TenantsFileError(f"tenant name {clip(name)} must match {_NAME.pattern}")
             if not isinstance(entry, dict):
                 raise TenantsFileError(f"[tenants.{name}] must be a table")
             extra = set(entry) - {"key_sha256", "max_concurrent"}
@@ -136,9 +146,12 @@ class TenantDirectory:
         """The caller's tenant from gRPC invocation metadata; raises Unauthenticated."""
         if self._by_digest is None:
             return Tenant(LOCAL_TENANT, is_admin=True)
-        header = next((v for k, v in metadata or () if k == "authorization"), None)
-        if header is None:
+        headers = [v for k, v in metadata or () if k == "authorization"]
+        if not headers:
             raise Unauthenticated("missing `authorization: Bearer <api key>` metadata")
+        if len(headers) > 1:  # which one would win is a proxy's choice, not ours: refuse the ambiguity
+            raise Unauthenticated(f"{len(headers)} authorization headers; send exactly one")
+        header = headers[0]
         if isinstance(header, bytes):
             header = header.decode("utf-8", "replace")
         scheme, _, key = header.strip().partition(" ")
@@ -182,6 +195,7 @@ def write_tenants_file(path: Path, keys: dict[str, str], limits: dict[str, int] 
     """Write a tenants file for plain keys {tenant: key} (used by tests and `python -m server.tenants new`)."""
     lines = []
     for name, key in keys.items():
+        check_tenant_name(name)
         lines += [f"[tenants.{name}]", f'key_sha256 = "{hash_key(key)}"']
         if limits and name in limits:
             lines.append(f"max_concurrent = {limits[name]}")
@@ -190,20 +204,47 @@ def write_tenants_file(path: Path, keys: dict[str, str], limits: dict[str, int] 
     return path
 
 
+def tenants_toml(keys: dict[str, str]) -> str:
+    """The TOML of a tenants file for plain keys {tenant: key}; names are checked (ValueError)."""
+    blocks = []
+    for name, key in keys.items():
+        check_tenant_name(name)  # a valid name is also a bare TOML key: no quoting needed
+        blocks.append(f'[tenants.{name}]\nkey_sha256 = "{hash_key(key)}"\n')
+    return "\n".join(blocks)
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m server.tenants",
+                                description="Print a tenants file (TOML) for new tenants, or hash a key.")
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("hash", help="print the sha256 digest of an API key")
+    h.add_argument("key")
+    n = sub.add_parser("new", help="print a tenants file for fresh keys (the keys go to stderr)")
+    n.add_argument("names", nargs="+", metavar="TENANT", help="tenant names (a-z 0-9 _ -; 'admin' has admin rights)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 2 and argv[0] == "hash":
-        print(hash_key(argv[1]))
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "hash":
+        print(hash_key(args.key))
         return 0
-    if len(argv) >= 2 and argv[0] == "new":
-        keys = {name: new_key() for name in argv[1:]}
-        for name, key in keys.items():
-            print(f"# {name}: {key}", file=sys.stderr)
-            print(f'[tenants.{name}]\nkey_sha256 = "{hash_key(key)}"\n')
-        return 0
-    print("usage: python -m server.tenants hash KEY | new TENANT [TENANT...]  (prints TOML; keys on stderr)",
-          file=sys.stderr)
-    return 2
+    if len(set(args.names)) != len(args.names):
+        print("error: a tenant name is given twice", file=sys.stderr)
+        return 2
+    try:
+        for name in args.names:
+            check_tenant_name(name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    keys = {name: new_key() for name in args.names}
+    for name, key in keys.items():
+        print(f"# {name}: {key}", file=sys.stderr)
+    print(tenants_toml(keys))
+    return 0
 
 
 if __name__ == "__main__":

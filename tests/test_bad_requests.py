@@ -45,6 +45,20 @@ CASES = [
      "messages[0].role must be one of system, user, assistant, got 'wizard'"),
     ("request_id with spaces", {"request_id": "my request"}, InvalidArgument, "request_id must be"),
     ("overlong request_id", {"request_id": "r" * 200}, InvalidArgument, "request_id must be 1-128"),
+    ("non-ASCII request_id", {"request_id": "été"}, InvalidArgument, "printable ASCII"),
+    ("NaN top_p", {"top_p": float("nan")}, InvalidArgument, "top_p must be in (0, 1]"),
+    # issue 16 item 9: a caller's long name is echoed clipped (on main: a transport error, the message
+    # exceeding gRPC's metadata limit)
+    ("10 KB adapter name", {"adapter": "a" * 10_000}, NotFound, "(9800 more characters)"),
+    ("10 KB owner/adapter", {"adapter": "o" * 5_000 + "/" + "n" * 5_000}, NotFound, "more characters"),
+    ("10 KB chat role", {"messages": [{"role": "r" * 10_000, "content": "hi"}], "token_ids": None},
+     InvalidArgument, "(9800 more characters)"),
+    # issue 16 item 6: the message count and the rendered length are bounded (on main: 500,000 empty
+    # messages passed the character limit and held the tokenizer lock for ~20 s)
+    ("5000 empty messages", {"messages": [{"role": "user", "content": ""}] * 5000, "token_ids": None},
+     InvalidArgument, "5000 messages; at most 512"),
+    ("rendered chat too long", {"messages": [{"role": "user", "content": "x" * 10}] * 500, "token_ids": None},
+     InvalidArgument, "the rendered chat has"),
 ]
 
 
@@ -71,6 +85,7 @@ def test_bad_request(client, fields, error, fragment):
         client.generate(**request)
     assert type(info.value) is error, info.value
     assert fragment in info.value.message
+    assert len(info.value.message) < 1000, "the message echoes too much of the request"  # issue 16 item 9
     with pytest.raises(error):  # the streaming call refuses it the same way
         list(client.stream(**request))
     assert client.generate(**GOOD).completion_tokens == 2  # and the server still serves
@@ -88,5 +103,6 @@ def test_refusals_are_counted_without_caller_chosen_labels(server, client):
     scrape = server.scrape()
     labels = {dict(ls)["adapter"] for n, ls in metric_values(scrape) if n == "switchboard_requests_total"}
     assert labels <= {"base", "unresolved"}  # "no-such-adapter" never became a label value
-    assert metric(scrape, "switchboard_requests_total", status="INVALID_ARGUMENT") >= 2 * (len(CASES) - 2)
+    assert metric(scrape, "switchboard_requests_total", status="INVALID_ARGUMENT") >= 2 * sum(
+        c[2] is InvalidArgument for c in CASES)
     assert metric(scrape, "switchboard_requests_total", adapter="unresolved", status="NOT_FOUND") >= 4

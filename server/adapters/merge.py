@@ -30,11 +30,14 @@ from safetensors.torch import save_file
 
 from server.adapters.errors import AdapterRejected
 from server.adapters.kinds.lora import LoraWeights
-from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError
+from server.adapters.validation import check_finite, check_scale
 from server.adapters.weights import AdapterWeights
+from server.clip import clip
 from server.model.args import PROJECTIONS
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+MAX_SOURCES = 16  # a merge reads every source whole: bounded work and memory (issue 16 item 5)
 _SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")
 _NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties")
 _PARENT = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for m in PROJECTIONS}
@@ -53,14 +56,26 @@ class MergeSpec:
             raise AdapterRejected(f"merge method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
         if n_sources < 1:
             raise AdapterRejected("a merge needs at least one source adapter")
+        if n_sources > MAX_SOURCES:
+            raise AdapterRejected(f"{n_sources} merge sources; at most {MAX_SOURCES} may be merged at once")
         if self.weights is not None and len(self.weights) != n_sources:
             raise AdapterRejected(f"{len(self.weights)} weights for {n_sources} sources; give one weight per source")
-        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
-            raise AdapterRejected("merge weights must be finite numbers")
+        for i, w in enumerate(self.weights or ()):
+            _scale_ok(f"weights[{i}]", w)
+        if self.density is not None:
+            _scale_ok("density", self.density)
         if self.method in _NEEDS_DENSITY and (self.density is None or not 0 < self.density <= 1):
             raise AdapterRejected(f"method {self.method} needs a density in (0, 1], got {self.density}")
         if self.target_rank is not None and self.target_rank < 1:
             raise AdapterRejected(f"target_rank must be >= 1, got {self.target_rank}")
+
+
+def _scale_ok(name: str, value: float) -> float:
+    """A finite merge number within validation's bounds, else AdapterRejected naming it."""
+    try:
+        return check_scale(f"merge {name}", value)
+    except AdapterFormatError as exc:
+        raise AdapterRejected(str(exc)) from None
 
 
 def merge_lora(sources: list[AdapterWeights], spec: MergeSpec) -> LoraWeights:
@@ -77,6 +92,9 @@ def merge_lora(sources: list[AdapterWeights], spec: MergeSpec) -> LoraWeights:
     if method in _SAME_RANK and len(set(ranks)) != 1:
         raise AdapterRejected(f"method {method} needs sources of equal rank, got ranks {ranks}; use cat or svd")
     rank = {"cat": sum(ranks), "svd": spec.target_rank or max(ranks)}.get(method, ranks[0])
+    if method == "svd" and rank > sum(ranks):
+        raise AdapterRejected(f"target_rank {rank} exceeds the sources' combined rank {sum(ranks)}: "
+                              "the merged update has no more directions than that")
     seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2**62, ()))
     gen = torch.Generator().manual_seed(seed)
     modules = sorted({k for lo in loras for k in lo.a}, key=lambda k: (k[0], PROJECTIONS.index(k[1])))
@@ -91,7 +109,14 @@ def merge_lora(sources: list[AdapterWeights], spec: MergeSpec) -> LoraWeights:
             b_out[key] = torch.zeros(b.shape[0], rank).index_copy_(1, torch.arange(b.shape[1]), b)
         elif method == "svd":
             delta = sum(w * lo.scale * (lo.b[key].float() @ lo.a[key].float()) for lo, w in present)
-            u, s, vh = torch.linalg.svd(delta, full_matrices=True)
+            if rank > min(delta.shape):
+                raise AdapterRejected(f"target_rank {rank} exceeds the size {min(delta.shape)} of layer {key[0]} "
+                                      f"{key[1]}")
+            try:
+                u, s, vh = torch.linalg.svd(delta, full_matrices=True)
+            except torch.linalg.LinAlgError as exc:
+                raise AdapterRejected(f"the SVD of layer {key[0]} {key[1]} did not converge ({exc}); "
+                                      "try another method or smaller weights") from None
             b_out[key] = (u[:, :rank] @ torch.diag(s[:rank])).contiguous()
             a_out[key] = vh[:rank].contiguous()
         else:
@@ -102,6 +127,11 @@ def merge_lora(sources: list[AdapterWeights], spec: MergeSpec) -> LoraWeights:
             b_out[key] = _combine(method, [lo.b[key].float() for lo, _ in present], wb, spec.density, gen)
     if rank < 1 or not a_out:
         raise AdapterRejected("the merge produced no LoRA weights")
+    try:  # weights within bounds can still multiply out of range: the result is checked like an upload
+        for (layer, module), t in [*a_out.items(), *b_out.items()]:
+            check_finite(f"merged layer {layer} {module}", t)
+    except AdapterFormatError as exc:
+        raise AdapterRejected(f"the merge result is out of range: {exc}") from None
     return LoraWeights(rank=rank, scale=1.0, a=a_out, b=b_out)
 
 
@@ -157,7 +187,13 @@ def merge_stored(registry, tenant, name: str, sources: list[str], spec: MergeSpe
     from server.adapters.store import STAGING
 
     spec.check(len(sources))
-    weights = [registry.read(tenant, src)[1] for src in sources]
+    read = [registry.read(tenant, src) for src in sources]
+    keys = [resolved.pool_key for resolved, _ in read]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:  # "x" and "owner/x" may name the same version
+            raise AdapterRejected(f"merge source {clip(sources[i])} is given twice (as {clip(sources[keys.index(key)])}"
+                                  f" too); use a weight instead of repeating a source")
+    weights = [w for _, w in read]
     merged = merge_lora(weights, spec)
     scratch = registry.store.root / STAGING / f"merge-{uuid.uuid4().hex}"
     try:

@@ -7,14 +7,13 @@ Pickled weights (`adapter_model.bin`) are never read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from server.adapters import kinds
+from server.adapters import kinds, validation
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch, ReadLimits
 from server.adapters.kinds.modules import WEIGHTS_FILE
 from server.adapters.weights import AdapterWeights
@@ -34,37 +33,28 @@ def read_config(path: Path) -> dict:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise _fail(f"{CONFIG_FILE} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict) or "peft_type" not in cfg:
-        raise _fail(f"{CONFIG_FILE} has no peft_type")
-    return cfg
+    return validation.check_config(cfg_path.read_bytes())  # size, depth, field types before/after parsing
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, limits: validation.HeaderLimits | None = None) -> dict[str, torch.Tensor]:
     if (path / "adapter_model.bin").exists() and not (path / WEIGHTS_FILE).exists():
         raise _fail("pickled adapter_model.bin weights are refused; save with safetensors")
     if not (path / WEIGHTS_FILE).is_file():
         raise _fail(f"{WEIGHTS_FILE} is missing")
+    if limits is not None:  # names, dtypes, shapes, sizes against the base, before any tensor is read
+        validation.check_safetensors_header(path / WEIGHTS_FILE, limits)
     try:
         tensors = load_file(path / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError) as exc:
         raise _fail(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
-    for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise _fail(f"tensor {key} has non-float dtype {t.dtype}")
-        if not torch.isfinite(t).all():
-            raise _fail(f"tensor {key} contains NaN or Inf values")
-    return {k: t.float() for k, t in tensors.items()}
+    return {k: validation.check_finite(k, t, torch.float32) for k, t in tensors.items()}  # finite once converted
 
 
 def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_tokens: int) -> AdapterWeights:
     """Parse and validate a PEFT directory against the loaded base; raises AdapterFormatError."""
     path = Path(path)
     cfg = read_config(path)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, validation.HeaderLimits(args, max_lora_rank, max_virtual_tokens))
     kind = kinds.by_peft_type(cfg["peft_type"])
     payload = kind.read(cfg, tensors, args, ReadLimits(max_lora_rank, max_virtual_tokens))
     return AdapterWeights(kind=kind.name, config=cfg, payload=payload, base_model=cfg.get("base_model_name_or_path"))

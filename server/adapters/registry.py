@@ -1,8 +1,12 @@
 """The adapter registry: names, versions and visibility over the on-disk store and the engine's pool.
 
-Naming: adapter names are per tenant. `resolve(t, "foo")` is tenant t's own "foo", else the one
-*shared* "foo" of another tenant; `resolve(t, "owner/foo")` is that tenant's "foo", allowed when
-owner == t, the adapter is shared, or t is an admin. The pool key of a version is
+Naming: adapter names are per tenant. `resolve(t, "foo")` is tenant t's own "foo", else a *shared*
+"foo" of another tenant: when several tenants share a "foo", the one that has been shared the longest
+without a break (the oldest version of its newest run of shared versions; ties by owner name), so a name
+that works keeps working when another tenant later shares the same name. `resolve(t, "owner/foo")` is
+that tenant's "foo", allowed when owner == t, the adapter is shared, or t is an admin. Writes name a
+tenant that exists: the tenant name rule is server.tenants' and, given `known_tenants`, the tenant is in
+the tenants file. The pool key of a version is
 `tenant/name@version`: a new version serves new requests while running sequences keep theirs.
 Every version stays registered in the pool (on disk, loaded on demand) until the adapter is deleted,
 so a key handed out by `resolve` stays usable while a newer version is uploaded.
@@ -21,6 +25,8 @@ from server.adapters.peft_format import AdapterFormatError, BaseModelMismatch
 from server.adapters.pool import AdapterMeta, AdapterPool
 from server.adapters.store import AdapterStore, StoredVersion, StoreError, check_name
 from server.adapters.weights import AdapterWeights
+from server.clip import clip
+from server.tenants import check_tenant_name
 
 __all__ = ["AdapterForbidden", "AdapterInfo", "AdapterNotFound", "AdapterRegistry", "AdapterRejected",
            "ResolvedAdapter", "WrongBaseModel", "pool_key"]
@@ -38,6 +44,7 @@ class ResolvedAdapter:
     name: str
     version: int
     tenant: str
+    shared: bool = False  # the version's visibility to other tenants (metrics never label private ones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,9 @@ class AdapterRegistry:
     """Thread-safe. Writers of one adapter name are serialized; readers never wait on disk I/O."""
 
     def __init__(self, store: AdapterStore, pool: AdapterPool, validate: Validator, *,
-                 admin_tenants: frozenset[str] = frozenset({"admin"})) -> None:
+                 admin_tenants: frozenset[str] = frozenset({"admin"}),
+                 known_tenants: frozenset[str] | None = None) -> None:
+        self.known_tenants = known_tenants  # None = any validly named tenant may own adapters
         self.store = store
         self.pool = pool
         self.validate = validate
@@ -96,39 +105,39 @@ class AdapterRegistry:
                 owner, _, short = name.partition("/")
                 versions = self._visible.get((owner, short))
                 if not versions:
-                    raise AdapterNotFound(f"adapter {name!r} not found")
+                    raise AdapterNotFound(f"adapter {clip(name)} not found")
                 if owner != me and not versions[-1].shared and not self._is_admin(tenant):
-                    raise AdapterForbidden(f"adapter {name!r} belongs to tenant {owner!r} and is not shared")
+                    raise AdapterForbidden(f"adapter {clip(name)} belongs to tenant {clip(owner)} and is not shared")
                 return owner, short, list(versions)
             own = self._visible.get((me, name))
             if own:
                 return me, name, list(own)
-            shared = sorted(owner for (owner, n), v in self._visible.items() if n == name and v and v[-1].shared)
+            shared = sorted((_shared_since(v), owner) for (owner, n), v in self._visible.items()
+                            if n == name and v and v[-1].shared)
         if not shared:
-            raise AdapterNotFound(f"adapter {name!r} not found")
-        if len(shared) > 1:
-            raise AdapterNotFound(f"adapter {name!r} is shared by several tenants ({', '.join(shared)}); "
-                                  f"name one as owner/{name}")
-        return self._find(tenant, f"{shared[0]}/{name}")
+            raise AdapterNotFound(f"adapter {clip(name)} not found")
+        return self._find(tenant, f"{shared[0][1]}/{name}")
 
     def _owned(self, tenant, name: str) -> tuple[str, str]:
         """The (owner, name) a write addresses: own names, or `owner/name` for admins."""
         me, _ = _who(tenant)
         owner, short = (name.partition("/")[0], name.partition("/")[2]) if "/" in name else (me, name)
         if owner != me and not self._is_admin(tenant):
-            raise AdapterForbidden(f"tenant {me!r} may not write adapters of tenant {owner!r}")
+            raise AdapterForbidden(f"tenant {clip(me)} may not write adapters of tenant {clip(owner)}")
         try:
-            check_name("tenant", owner)
+            check_tenant_name(owner)
             check_name("adapter", short)
         except ValueError as exc:
             raise AdapterRejected(str(exc)) from None
+        if self.known_tenants is not None and owner not in self.known_tenants:
+            raise AdapterRejected(f"there is no tenant {clip(owner)} in the tenants file")
         return owner, short
 
     def resolve(self, tenant, name: str) -> ResolvedAdapter:
         """The newest version of `name` visible to `tenant` (pinned by its pool key)."""
         owner, short, versions = self._find(tenant, name)
         newest = versions[-1]
-        return ResolvedAdapter(pool_key(owner, short, newest.version), short, newest.version, owner)
+        return ResolvedAdapter(pool_key(owner, short, newest.version), short, newest.version, owner, newest.shared)
 
     def get(self, tenant, name: str) -> AdapterInfo:
         return self._info(self._find(tenant, name)[2])
@@ -181,7 +190,7 @@ class AdapterRegistry:
             with self._lock:
                 versions = self._visible.pop((owner, short), None)
             if not versions:
-                raise AdapterNotFound(f"adapter {name!r} not found")
+                raise AdapterNotFound(f"adapter {clip(name)} not found")
             for stored in versions:
                 self.pool.unregister(pool_key(owner, short, stored.version))
             self.store.delete(owner, short)
@@ -223,9 +232,20 @@ class AdapterRegistry:
         )
 
 
-def open_registry(data_dir: Path, pool: AdapterPool, *, admin_tenants: frozenset[str] = frozenset({"admin"})
-                  ) -> AdapterRegistry:
+def _shared_since(versions: list[StoredVersion]) -> float:
+    """When the newest run of shared versions began (created_at of its oldest version)."""
+    since = versions[-1].created_at
+    for v in reversed(versions):
+        if not v.shared:
+            break
+        since = v.created_at
+    return since
+
+
+def open_registry(data_dir: Path, pool: AdapterPool, *, admin_tenants: frozenset[str] = frozenset({"admin"}),
+                  known_tenants: frozenset[str] | None = None) -> AdapterRegistry:
     """The registry over `data_dir/adapters`, validating with the pool's reader (the loaded base's checks)."""
     if pool.reader is None:
         raise ValueError("the pool has no adapter reader")
-    return AdapterRegistry(AdapterStore(Path(data_dir) / "adapters"), pool, pool.reader, admin_tenants=admin_tenants)
+    return AdapterRegistry(AdapterStore(Path(data_dir) / "adapters"), pool, pool.reader, admin_tenants=admin_tenants,
+                           known_tenants=known_tenants)

@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.clip import clip
+
 MANIFEST = "manifest.json"
 DELETED_THROUGH = "deleted_through"
 STAGING = ".staging"
@@ -45,7 +47,7 @@ def check_name(kind: str, value: str) -> None:
     """Tenant and adapter names: 1-64 of [A-Za-z0-9._-], starting with a letter or digit."""
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(
-            f"{kind} name {value!r} is not allowed: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            f"{kind} name {clip(value)} is not allowed: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
         )
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_expand, lora_shrink
+from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
@@ -124,9 +125,9 @@ class LoraKind(AdapterKind):
             raise AdapterFormatError(f"LoRA rank r must be a positive integer, got {r!r}")
         if r > limits.max_lora_rank:
             raise AdapterFormatError(f"LoRA rank {r} exceeds the server's maximum rank {limits.max_lora_rank}")
-        if not isinstance(alpha, int | float):
-            raise AdapterFormatError(f"lora_alpha must be a number, got {alpha!r}")
+        alpha = validation.check_scale("lora_alpha", alpha)
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        validation.check_scale("the LoRA scale lora_alpha/r", scale)
         a: dict[tuple[int, str], torch.Tensor] = {}
         b: dict[tuple[int, str], torch.Tensor] = {}
         for (layer, module, suffix), t in module_tensors(tensors, args, ("lora_A", "lora_B")).items():

@@ -1,0 +1,293 @@
+"""Soak test: a server under mixed hostile and friendly traffic for a long time; resources must stay flat.
+
+    python -m bench.soak --duration-s 1800 --plot soak.png --json soak.json     # the 30-minute run
+    python -m bench.soak --duration-s 150 --model tests-tiny ...                # a short run
+
+An in-process server (the one `python -m server serve` builds) with several tenants, each with its own
+LoRA adapters and one shared; client threads generate (streams, unary, adapters and base), cancel
+streams after their first chunk, send 1 ms deadlines; every `--swap-every-s` each adapter gets a new
+version uploaded (hot swap) and a scratch adapter is deleted and re-made; every `--bad-every-s` a bad
+request or upload from a fixed table is sent. Every call's status must be one its action allows
+(`unexpected` counts the others). Sampled every `--sample-s`: RSS, open file descriptors, threads,
+staging bytes, KV blocks in use, running/waiting sequences. "Flat": the last quarter's mean minus the
+first quarter's (after warm-up) within `--rss-slack-mb` / 8 fds / 8 threads, and at the end (traffic
+stopped, drained) no KV block held, no staging file left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OK, CANCELLED, DEADLINE = "OK", "CANCELLED", "DEADLINE_EXCEEDED"
+BAD_REQUESTS = [  # (what, generate kwargs, the status it must get)
+    ("NaN temperature", {"token_ids": [5, 6], "temperature": float("nan")}, "INVALID_ARGUMENT"),
+    ("unknown adapter", {"token_ids": [5, 6], "adapter": "nope" * 50}, "NOT_FOUND"),
+    ("huge max_new_tokens", {"token_ids": [5, 6], "max_new_tokens": 10**9}, "INVALID_ARGUMENT"),
+    ("too many messages", {"messages": [{"role": "user", "content": ""}] * 3000}, "INVALID_ARGUMENT"),
+    ("token beyond vocab", {"token_ids": [5, 10**8]}, "INVALID_ARGUMENT"),
+]
+
+
+@dataclass
+class Sample:
+    t_s: float
+    rss_mb: float
+    fds: int
+    threads: int
+    staging_bytes: int
+    kv_blocks_used: int
+    running: int
+    waiting: int
+    calls: int
+
+
+@dataclass
+class Report:
+    duration_s: float
+    calls: dict[str, int] = field(default_factory=dict)  # "action status" -> count
+    unexpected: list[str] = field(default_factory=list)  # the first few, with their messages
+    unexpected_count: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    drift: dict[str, float] = field(default_factory=dict)
+    end: dict[str, int] = field(default_factory=dict)
+    flat: bool = False
+    load: str = ""
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.report: Report | None = None
+        self.total = 0
+
+    def record(self, action: str, status: str, allowed: set[str], message: str = "") -> None:
+        with self.lock:
+            key = f"{action} {status}"
+            self.report.calls[key] = self.report.calls.get(key, 0) + 1
+            self.total += 1
+            if status not in allowed:
+                self.report.unexpected_count += 1
+                if len(self.report.unexpected) < 20:
+                    self.report.unexpected.append(f"{key}: {message[:200]}")
+
+
+def _status(call) -> tuple[str, str]:
+    try:
+        call()
+        return OK, ""
+    except Exception as exc:  # SwitchboardError (clients) or grpc.RpcError (raw stubs)
+        code = getattr(exc, "code", None)
+        code = code() if callable(code) else code
+        return (code.name if code is not None else type(exc).__name__), str(exc)
+
+
+def _stream_then_cancel(client, **kw) -> None:
+    stream = client.stream(**kw)
+    next(stream)
+    stream.close()
+
+
+def _generate(c, **kw) -> None:
+    c.generate(**kw)
+
+
+def _stream_all(c, **kw) -> None:
+    list(c.stream(**kw))
+
+
+def worker(srv, tenant: str, adapters: list[str], tally: Tally, stop: threading.Event, seed: int) -> None:
+    rng = random.Random(seed)
+    with srv.client(tenant, timeout=60) as c:
+        while not stop.is_set():
+            kw = {"token_ids": [rng.randrange(5, 1000) for _ in range(rng.randint(2, 24))],
+                  "adapter": rng.choice(["", *adapters])}
+            roll = rng.random()
+            if roll < 0.45:
+                action, allowed, fn, kw["max_new_tokens"] = "generate", {OK}, _generate, rng.randint(1, 12)
+            elif roll < 0.7:
+                action, allowed, fn = "stream", {OK}, _stream_all
+                kw.update(max_new_tokens=8, temperature=0.8, seed=rng.randrange(1 << 30))
+            elif roll < 0.85:
+                action, allowed, fn = "cancel", {OK}, _stream_then_cancel
+                kw.update(max_new_tokens=64, ignore_eos=True)
+            else:
+                action, allowed, fn = "deadline", {DEADLINE, OK}, _generate
+                kw.update(max_new_tokens=32, ignore_eos=True, timeout=0.001)
+            status, message = _status(lambda f=fn, k=kw: f(c, **k))
+            tally.record(action, status, allowed, message)
+
+
+def swapper(srv, tenants: list[str], paths: list[Path], every_s: float, tally: Tally, stop: threading.Event) -> None:
+    """Hot swaps: a new version of every adapter; the scratch adapter deleted and re-made."""
+    i = 0
+    while not stop.wait(every_s):
+        for tenant in tenants:
+            with srv.client(tenant, timeout=120) as c:
+                for name in ("own", "tool") if tenant == tenants[0] else ("own",):
+                    i += 1
+                    status, msg = _status(lambda n=name: c.upload_adapter(paths[i % len(paths)], n,  # noqa: B023
+                                                                          shared=n == "tool"))
+                    tally.record("upload", status, {OK}, msg)
+                status, msg = _status(lambda: c.delete_adapter("scratch"))
+                tally.record("delete", status, {OK, "NOT_FOUND"}, msg)
+                path = paths[i % len(paths)]
+                status, msg = _status(lambda p=path: c.upload_adapter(p, "scratch"))
+                tally.record("upload", status, {OK}, msg)
+
+
+def bad_sender(srv, tenant: str, every_s: float, tally: Tally, stop: threading.Event) -> None:
+    from switchboard.v1 import admin_pb2, admin_pb2_grpc
+
+    k = 0
+    with srv.client(tenant, timeout=60) as c, srv.client(None, timeout=10) as anonymous, \
+            grpc.insecure_channel(srv.target) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        while not stop.wait(every_s):
+            k += 1
+            what, kwargs, want = BAD_REQUESTS[k % len(BAD_REQUESTS)]
+            status, msg = _status(lambda kw=kwargs: c.generate(**kw))  # noqa: B023
+            tally.record(f"bad:{what}", status, {want}, msg)
+            if k % 3 == 0:  # a keyless call, and an upload whose bytes do not match its sha256
+                status, msg = _status(lambda: anonymous.list_adapters())
+                tally.record("bad:no key", status, {"UNAUTHENTICATED"}, msg)
+                data = os.urandom(4096)
+                meta = admin_pb2.UploadMetadata(name="junk", sha256=hashlib.sha256(b"x").hexdigest())
+                chunks = [admin_pb2.UploadChunk(metadata=meta), admin_pb2.UploadChunk(data=data)]
+                status, msg = _status(lambda ch=chunks: stub.UploadAdapter(  # noqa: B023
+                    iter(ch), metadata=(("authorization", f"Bearer {srv.keys[tenant]}"),), timeout=30))
+                tally.record("bad:upload", status, {"INVALID_ARGUMENT"}, msg)
+
+
+def sample(srv, started: float, tally: Tally) -> Sample:
+    import psutil
+
+    proc = psutil.Process()
+    staging = srv.registry.store.root / ".staging"
+    size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.exists() else 0
+    s = srv.engine.stats()
+    return Sample(round(time.monotonic() - started, 1), proc.memory_info().rss / 2**20, proc.num_fds(),
+                  proc.num_threads(), size, s.kv_blocks_used, s.running, s.waiting, tally.total)
+
+
+def judge(report: Report, rss_slack_mb: float) -> None:
+    samples = report.samples[1:-1] or report.samples  # under traffic: not the warm-up one, not the final one
+    q = max(1, len(samples) // 4)
+    first, last = samples[:q], samples[-q:]
+    mean = lambda xs, f: sum(getattr(x, f) for x in xs) / len(xs)  # noqa: E731
+    report.drift = {f: round(mean(last, f) - mean(first, f), 2) for f in ("rss_mb", "fds", "threads")}
+    report.flat = (report.drift["rss_mb"] <= rss_slack_mb and report.drift["fds"] <= 8 and report.drift["threads"] <= 8
+                   and report.end.get("kv_blocks_used", 1) == 0 and report.end.get("staging_bytes", 1) == 0)
+
+
+def run(model_dir: Path, *, duration_s: float, tenants: int = 3, workers_per_tenant: int = 2, swap_every_s: float = 60,
+        bad_every_s: float = 3, sample_s: float = 5, rss_slack_mb: float = 64, seed: int = 0,
+        quantize: bool = False, adapter_paths: list[Path] | None = None) -> Report:
+    from bench.peft_peers import make_lora_adapters
+    from tests.server_utils import running_server
+
+    names = [f"t{i}" for i in range(tenants)]
+    paths = adapter_paths or make_lora_adapters(model_dir, Path(tempfile.mkdtemp(prefix="soak-")), 4, rank=4, seed=seed)
+    tally = Tally()
+    tally.report = report = Report(duration_s=duration_s)
+    with running_server(model_dir, tenants=names, quantize=quantize) as srv:
+        for i, t in enumerate(names):
+            with srv.client(t, timeout=120) as c:
+                c.upload_adapter(paths[i % len(paths)], "own")
+                if i == 0:
+                    c.upload_adapter(paths[-1], "tool", shared=True)
+        stop = threading.Event()
+        threads = [threading.Thread(target=worker, daemon=True,
+                                    args=(srv, t, ["own", "tool"], tally, stop, seed * 1000 + i * 10 + j))
+                   for i, t in enumerate(names) for j in range(workers_per_tenant)]
+        threads += [threading.Thread(target=swapper, args=(srv, names, paths, swap_every_s, tally, stop), daemon=True),
+                    threading.Thread(target=bad_sender, args=(srv, names[-1], bad_every_s, tally, stop), daemon=True)]
+        started = time.monotonic()
+        for th in threads:
+            th.start()
+        while time.monotonic() - started < duration_s:
+            report.samples.append(sample(srv, started, tally))
+            time.sleep(min(sample_s, max(0.0, duration_s - (time.monotonic() - started))))
+        stop.set()
+        for th in threads:
+            th.join(timeout=120)
+        time.sleep(1.0)  # the engine frees the last cancelled sequences at its next steps
+        end = sample(srv, started, tally)
+        report.samples.append(end)
+        report.end = {"kv_blocks_used": end.kv_blocks_used, "staging_bytes": end.staging_bytes,
+                      "running": end.running, "waiting": end.waiting}
+    report.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    judge(report, rss_slack_mb)
+    return report
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s.t_s / 60 for s in report.samples]
+    fields = [("rss_mb", "RSS (MB)"), ("fds", "open fds"), ("threads", "threads"),
+              ("staging_bytes", "staging (bytes)"), ("kv_blocks_used", "KV blocks used"), ("calls", "calls done")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharex=True)
+    for ax, (f, label) in zip(axes.flat, fields, strict=True):
+        ax.plot(t, [getattr(s, f) for s in report.samples], marker=".")
+        ax.set_title(label)
+        ax.set_xlabel("minutes")
+    fig.suptitle(f"soak {report.duration_s / 60:.1f} min: {sum(report.calls.values())} calls, "
+                 f"{report.unexpected_count} unexpected, flat={report.flat} (load {report.load})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration-s", type=float, default=1800)
+    p.add_argument("--model", default=None, help="HF dir (default: the embedded default model)")
+    p.add_argument("--tenants", type=int, default=3)
+    p.add_argument("--workers-per-tenant", type=int, default=2)
+    p.add_argument("--swap-every-s", type=float, default=60)
+    p.add_argument("--bad-every-s", type=float, default=3)
+    p.add_argument("--sample-s", type=float, default=10)
+    p.add_argument("--rss-slack-mb", type=float, default=64)
+    p.add_argument("--quantize", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    from server.model.checkpoint import resolve_model_dir
+
+    report = run(Path(a.model) if a.model else resolve_model_dir(None), duration_s=a.duration_s, tenants=a.tenants,
+                 workers_per_tenant=a.workers_per_tenant, swap_every_s=a.swap_every_s, bad_every_s=a.bad_every_s,
+                 sample_s=a.sample_s, rss_slack_mb=a.rss_slack_mb, seed=a.seed, quantize=a.quantize)
+    first, last = report.samples[1] if len(report.samples) > 1 else report.samples[0], report.samples[-1]
+    print(f"soak: {report.duration_s:.0f} s, {sum(report.calls.values())} calls, {report.unexpected_count} unexpected; "
+          f"RSS {first.rss_mb:.0f} -> {last.rss_mb:.0f} MB, fds {first.fds} -> {last.fds}, threads {first.threads} -> "
+          f"{last.threads}; drift {report.drift}; end {report.end}; flat={report.flat}; load {report.load}")
+    for line in report.unexpected:
+        print("  unexpected:", line)
+    print(json.dumps(report.calls, indent=1, sort_keys=True))
+    if a.json:
+        a.json.write_text(json.dumps(asdict(report), indent=1))
+    if a.plot:
+        plot(report, a.plot)
+    return 0 if report.flat and report.unexpected_count == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
