@@ -55,6 +55,13 @@ class ToyScaleKind(AdapterKind):
             raise AdapterFormatError("a toy adapter holds exactly one tensor 'output_scale' of shape [1]")
         return float(tensors["output_scale"][0])
 
+    def check_tensor_header(self, key, shape, args, limits) -> bool:
+        if key != "output_scale":
+            return False
+        if shape != (1,):
+            raise AdapterFormatError(f"output_scale has shape {shape}; it must be [1]")
+        return True
+
     def tensors(self, payload: float) -> list[torch.Tensor]:
         return [torch.tensor([payload])]
 

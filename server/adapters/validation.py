@@ -25,7 +25,8 @@ from typing import BinaryIO
 
 import torch
 
-from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch
+from server.adapters import kinds
+from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
 from server.clip import clip
 from server.model.args import PROJECTIONS, ModelArgs
 
@@ -53,6 +54,10 @@ class HeaderLimits:
     args: ModelArgs
     max_lora_rank: int
     max_virtual_tokens: int
+
+    @property
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(self.max_lora_rank, self.max_virtual_tokens)
 
 
 def _fail(msg: str) -> Exception:
@@ -210,6 +215,8 @@ def _check_entry_shape(key: str, shape: tuple[int, ...], limits: HeaderLimits) -
         return
     m = _KEY.match(key)
     if m is None:
+        if any(kind.check_tensor_header(key, shape, args, limits.read_limits) for kind in kinds.registered()):
+            return  # a tensor of a kind with keys of its own (its read() checks it again)
         raise _fail(f"unexpected tensor {clip(key)} (only the seven projections of decoder layers are served)")
     layer, parent, module, suffix = int(m[1]), m[2], m[3], m[4]
     if module not in PROJECTIONS or _PARENT[module] != parent:

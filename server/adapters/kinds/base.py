@@ -4,6 +4,7 @@ A kind is data plus a small dispatch (no class tower: one base class with defaul
 generic parts use it at five moments of an adapter's life:
 
   read      peft_format.read_adapter -> kind.read(cfg, tensors, args, limits)   validate, normalize
+            (before that, kind.check_tensor_header bounds its tensors from the safetensors header alone)
   describe  the registry records kind.describe(payload) with each stored version
   slots     the pool: kind.new_tables(...) once; per load tables.stage / ensure / fill / clear
   admit     the engine: kind.layout(n) at submit (context entries it adds), kind.cached_prefix at admission
@@ -84,6 +85,13 @@ class AdapterKind:
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> object:
         """The normalized payload; raises AdapterFormatError / BaseModelMismatch with a reason."""
         raise NotImplementedError
+
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """Before any tensor is read (server/adapters/validation.py): True when `key` is one of this kind's own
+        tensors and `shape` fits the base; raise AdapterFormatError / BaseModelMismatch when it is its key with
+        a bad shape; False when it is not its key. The PEFT module keys (lora_A/B, ia3_l) and
+        prompt_embeddings are checked by validation itself."""
+        return False
 
     def tensors(self, payload: object) -> list[torch.Tensor]:
         """Every tensor the payload holds (host-memory accounting)."""
