@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-
 GREEDY_EPSILON = 1e-5  # temperatures below this are greedy (dividing by them overflows fp32)
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024
@@ -99,7 +98,8 @@ class SamplingParams:
         if not math.isfinite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
             raise InvalidRequest(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise InvalidRequest(f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens}")
+            raise InvalidRequest(
+                f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
