@@ -41,22 +41,22 @@ class AsyncSwitchboardClient:
                        token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                        stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
-                       timeout: float | None = None) -> GenerateResult:
+                       timeout: float | None = None, **sampling) -> GenerateResult:
         request = build.generate_request(
             prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-            request_id=request_id)
+            request_id=request_id, **sampling)
         return GenerateResult.from_proto(await self._call(self._inference.Generate, request, timeout))
 
     async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                      token_ids: list[int] | None = None, adapter: str = "", max_new_tokens: int = 64,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                      stop: list[str | bytes] | None = None, ignore_eos: bool = False, request_id: str = "",
-                     timeout: float | None = None) -> AsyncIterator[StreamChunk]:
+                     timeout: float | None = None, **sampling) -> AsyncIterator[StreamChunk]:
         request = build.generate_request(
             prompt, messages=messages, token_ids=token_ids, adapter=adapter, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-            request_id=request_id)
+            request_id=request_id, **sampling)
         call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
         try:
             async for chunk in call:

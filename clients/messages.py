@@ -17,9 +17,13 @@ def generate_request(
     prompt: str | None = None, *, messages: list[dict] | None = None, token_ids: list[int] | None = None,
     adapter: str = "", max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
     seed: int | None = None, stop: list[str | bytes] | None = None, ignore_eos: bool = False,
-    request_id: str = "",
+    request_id: str = "", min_p: float | None = None, presence_penalty: float | None = None,
+    frequency_penalty: float | None = None, repetition_penalty: float | None = None,
+    logit_bias: dict[int, float] | None = None, min_tokens: int | None = None, logprobs: bool = False,
+    top_logprobs: int | None = None,
 ) -> inference_pb2.GenerateRequest:
-    """A GenerateRequest; the server validates every value (bad ones come back as InvalidArgument)."""
+    """A GenerateRequest; the server validates every value (bad ones come back as InvalidArgument).
+    Unset (None) optional sampling values take the server's defaults."""
     req = inference_pb2.GenerateRequest(
         adapter=adapter, prompt=prompt or "", token_ids=token_ids or [], max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, ignore_eos=ignore_eos, request_id=request_id,
@@ -29,6 +33,14 @@ def generate_request(
         req.messages.add(role=m.get("role", ""), content=m.get("content", ""))
     if seed is not None:
         req.seed = seed
+    optional = {"min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "top_logprobs": top_logprobs}
+    for name, value in optional.items():
+        if value is not None:
+            setattr(req, name, value)
+    for token, bias in (logit_bias or {}).items():
+        req.logit_bias[int(token)] = bias
+    req.logprobs = logprobs
     return req
 
 
