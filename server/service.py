@@ -8,7 +8,6 @@ A cancelled call or an expired deadline aborts the engine sequence (its KV is fr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import re
@@ -30,6 +29,7 @@ from server.engine.request import (
     QueueFull,
     SamplingParams,
     TokenEvent,
+    merge_events,
 )
 from server.metrics import UNRESOLVED_LABEL, ServerMetrics
 from server.tenants import ConcurrencyLimiter, Tenant, TenantBusy
@@ -298,16 +298,7 @@ def _coalesce(event: TokenEvent, handle) -> TokenEvent:
             merged.append(handle.get(timeout=0))
         except queue.Empty:
             break
-    if len(merged) == 1:
-        return event
-    last = merged[-1]
-    return dataclasses.replace(
-        last, token_ids=tuple(t for e in merged for t in e.token_ids), text="".join(e.text for e in merged),
-        logprobs=tuple(x for e in merged for x in e.logprobs),
-        top_logprobs=tuple(x for e in merged for x in e.top_logprobs),
-        queue_s=event.queue_s if event.queue_s is not None else last.queue_s,
-        ttft_s=event.ttft_s if event.ttft_s is not None else last.ttft_s,
-    )
+    return merge_events(merged)
 
 
 def _message(exc: Exception) -> str:

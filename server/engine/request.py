@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -142,6 +144,21 @@ class TokenEvent:
     ttft_s: float | None = None  # arrival -> first token (set on the first event)
 
 
+def merge_events(events: list[TokenEvent]) -> TokenEvent:
+    """Consecutive events of one request as one (tokens, text and logprobs concatenated; the first
+    event's timings, the last one's state): what a consumer that fell behind the engine sends."""
+    if len(events) == 1:
+        return events[0]
+    first, last = events[0], events[-1]
+    return dataclasses.replace(
+        last, token_ids=tuple(t for e in events for t in e.token_ids), text="".join(e.text for e in events),
+        logprobs=tuple(x for e in events for x in e.logprobs),
+        top_logprobs=tuple(x for e in events for x in e.top_logprobs),
+        queue_s=first.queue_s if first.queue_s is not None else last.queue_s,
+        ttft_s=first.ttft_s if first.ttft_s is not None else last.ttft_s,
+    )
+
+
 class RequestHandle:
     """Consumer side of one request. Iterate it (blocking) or call get(timeout)."""
 
@@ -149,9 +166,18 @@ class RequestHandle:
         self.request_id = request_id
         self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         self.done = False
+        self._listener: Callable[[], None] | None = None
 
     def put(self, event: TokenEvent) -> None:  # called by the engine thread
         self._events.put(event)
+        listener = self._listener
+        if listener is not None:
+            listener()
+
+    def set_listener(self, listener: Callable[[], None] | None) -> None:
+        """Call `listener()` (from the engine thread) after each put, e.g. to wake an asyncio consumer;
+        events queued before it was set are not signalled: check with get(timeout=0) after setting it."""
+        self._listener = listener
 
     def get(self, timeout: float | None = None) -> TokenEvent:
         """Next event; raises queue.Empty on timeout."""
