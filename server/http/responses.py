@@ -45,6 +45,9 @@ class TokenText:
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
 
+    def as_ids(self, token: int) -> str:
+        return f"token_id:{token}"
+
     def __call__(self, token: int) -> str:
         text = self._cache.get(token)
         if text is None:
@@ -54,7 +57,7 @@ class TokenText:
         return text
 
 
-def chat_logprobs(tokens: list[int], logprobs: list[float], tops: list, text: TokenText) -> dict:
+def chat_logprobs(tokens: list[int], logprobs: list[float], tops: list, text) -> dict:
     def entry(t: int, lp: float) -> dict:
         s = text(t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
@@ -67,7 +70,7 @@ def chat_logprobs(tokens: list[int], logprobs: list[float], tops: list, text: To
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(tokens: list[int], logprobs: list[float], tops: list, text: TokenText,
+def completion_logprobs(tokens: list[int], logprobs: list[float], tops: list, text,
                         offset: int = 0) -> dict:
     strings = [text(t) for t in tokens]
     offsets = []

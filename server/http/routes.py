@@ -183,6 +183,7 @@ class OpenAIApi:
 
     async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts) -> Response:
         choices = [Choice() for _ in call.handles]
+        text_of = self.token_text.as_ids if parsed.tokens_as_ids else self.token_text
         checked = time.monotonic()
         async for item in events(call.handles):
             if item is None or time.monotonic() - checked > DISCONNECT_CHECK_S:
@@ -204,12 +205,12 @@ class OpenAIApi:
             text = "".join(c.text)
             if parsed.chat:
                 body = {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs, self.token_text)
+                        "logprobs": chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs, text_of)
                         if parsed.logprobs else None, "finish_reason": c.finish_reason}
             else:
                 prefix = self.engine.tokenizer.decode(prompts[i // parsed.n]) if parsed.echo else ""
                 body = {"index": i, "text": prefix + text, "finish_reason": c.finish_reason,
-                        "logprobs": completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, self.token_text,
+                        "logprobs": completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, text_of,
                                                         len(prefix)) if parsed.logprobs else None}
             out.append(body)
         prompt_tokens = sum(len(p) for p in prompts)
@@ -222,6 +223,7 @@ class OpenAIApi:
                 yield sse(envelope.wrap([{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}], True, None, with_usage))
         offsets = [0] * len(call.handles)
+        text_of = self.token_text.as_ids if parsed.tokens_as_ids else self.token_text
         async for item in events(call.handles):
             if item is None:
                 if not self.engine.alive:
@@ -242,7 +244,7 @@ class OpenAIApi:
             finish = str(event.finish_reason) if event.finished else None
             lp = None
             if parsed.logprobs:
-                args = (list(event.token_ids), list(event.logprobs), list(event.top_logprobs), self.token_text)
+                args = (list(event.token_ids), list(event.logprobs), list(event.top_logprobs), text_of)
                 lp = chat_logprobs(*args) if parsed.chat else completion_logprobs(*args, offsets[i])
             offsets[i] += len(event.text)
             choice = ({"index": i, "delta": {"content": event.text} if event.text else {}, "logprobs": lp,

@@ -37,6 +37,7 @@ class ParsedRequest:
     logprobs: bool
     top_logprobs: int
     echo: bool
+    tokens_as_ids: bool  # vLLM's `return_tokens_as_token_ids`: logprob tokens as "token_id:N"
 
 
 def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
@@ -230,7 +231,7 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
     echo = _boolean(body, "echo") if not chat else False
     return ParsedRequest(chat=chat, model=model, adapter=adapter or None, prompts=prompts, messages=messages,
                          sampling=sampling, n=n, stream=stream, include_usage=include_usage, logprobs=logprobs,
-                         top_logprobs=top, echo=echo)
+                         top_logprobs=top, echo=echo, tokens_as_ids=_boolean(body, "return_tokens_as_token_ids"))
 
 
 def _top_k(body: dict) -> int:
