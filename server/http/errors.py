@@ -75,5 +75,6 @@ def from_exception(exc: BaseException, param: str | None = None) -> ApiError:
     message = str(exc.args[0]) if exc.args else str(exc)
     for cls, kind in EXCEPTION_TABLE:
         if isinstance(exc, cls):
-            return ApiError(kind, message, param if kind is not NOT_FOUND else "model")
+            named = param if kind is BAD_REQUEST else "model" if kind in (NOT_FOUND, FORBIDDEN) else None
+            return ApiError(kind, message, named)
     return ApiError(INTERNAL, f"internal error ({type(exc).__name__}): {message}")
