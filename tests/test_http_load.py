@@ -101,3 +101,18 @@ def test_20_mid_stream_disconnects_leave_kv_use_at_zero(server):
     assert metric(scrape, "switchboard_requests_in_flight", tenant="acme") == 0
     assert metric(scrape, "switchboard_requests_total", tenant="acme", status="CANCELLED") >= 20
     assert server.http.api.active_calls == 0
+
+
+def test_load_test_drives_the_openai_api(server, tmp_path):
+    """bench.load_test --protocol openai against the live HTTP API: every request completes, tokens counted."""
+    from bench import load_test
+
+    out = tmp_path / "openai.json"
+    rc = load_test.main(["--protocol", "openai", "--target", f"127.0.0.1:{server.http.port}",
+                         "--api-key", server.grpc.keys["acme"], "--num-requests", "16", "--concurrency", "4",
+                         "--prompt-len", "uniform:4-12", "--output-len", "fixed:6", "--no-progress",
+                         "--json", str(out)])
+    report = json.loads(out.read_text())
+    run = report["runs"][0]
+    assert rc == 0 and run["errors"] == {} and report["protocol"] == "openai"
+    assert run["completed"] == 16 and run["output_tokens"] == 16 * 6 and run["itl_ms"]["p50"] > 0
