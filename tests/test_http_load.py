@@ -116,3 +116,23 @@ def test_load_test_drives_the_openai_api(server, tmp_path):
     run = report["runs"][0]
     assert rc == 0 and run["errors"] == {} and report["protocol"] == "openai"
     assert run["completed"] == 16 and run["output_tokens"] == 16 * 6 and run["itl_ms"]["p50"] > 0
+
+
+def test_unary_clients_that_disconnect_abort_their_sequences(server):
+    engine = server.grpc.engine
+    cancelled = metric(server.grpc.scrape(), "switchboard_requests_total", tenant="acme", status="CANCELLED")
+    socks = []
+    for _ in range(3):
+        body = json.dumps({"model": MODEL_ID, "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.http.port), timeout=60)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {server.grpc.keys['acme']}\r\n".encode()
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        socks.append(sock)
+    wait_until(lambda: engine.stats().running == 3, timeout=30, what="three unary requests running")
+    for sock in socks:
+        sock.close()
+    wait_until(lambda: engine.stats().running == 0, timeout=30, what="the unary requests aborted")
+    scrape = server.grpc.scrape()
+    assert metric(scrape, "switchboard_kv_blocks_used") == 0
+    assert metric(scrape, "switchboard_requests_total", tenant="acme", status="CANCELLED") == cancelled + 3

@@ -61,6 +61,8 @@ def test_chat_unary_and_stream_equal_grpc(client, grpc_client):
                                                  stream=True, stream_options={"include_usage": True},
                                                  extra_body={"ignore_eos": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert not any("\ufffd" in d for d in deltas) or "\ufffd" in want.text  # never a split character
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.completion_tokens
@@ -78,6 +80,9 @@ def test_completions_unary_and_stream_equal_grpc(client, grpc_client):
                                            extra_body={"ignore_eos": True}))
     assert "".join(p.choices[0].text for p in parts) == want.text
     assert parts[-1].choices[0].finish_reason == "length"
+    echoed = client.completions.create(model="base", prompt=prompt, max_tokens=10, temperature=0, echo=True,
+                                       extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == prompt + want.text
     # token-id prompts and lists of prompts: one choice per prompt, in order
     many = client.completions.create(model="base", prompt=[PROMPT_IDS, [11, 12, 13]], max_tokens=4, temperature=0,
                                      extra_body={"ignore_eos": True})
@@ -249,3 +254,13 @@ def test_health_and_grpc_logprobs(server, grpc_client):
     assert [x.token_id for x in res.logprobs] == res.token_ids and all(len(x.top) == 2 for x in res.logprobs)
     chunks = list(grpc_client.stream(token_ids=PROMPT_IDS, max_new_tokens=3, ignore_eos=True, logprobs=True))
     assert [x.logprob for c in chunks for x in c.logprobs] == pytest.approx([x.logprob for x in res.logprobs])
+    biased = grpc_client.generate(token_ids=PROMPT_IDS, max_new_tokens=3, ignore_eos=True, logit_bias={77: 100.0})
+    assert biased.token_ids == [77, 77, 77] and not grpc_client.generate(token_ids=PROMPT_IDS).logprobs
+    from clients import InvalidArgument
+
+    for bad, fragment in (({"top_logprobs": 30}, "top_logprobs"), ({"presence_penalty": 5.0}, "presence_penalty"),
+                          ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"min_p": 2.0}, "min_p"),
+                          ({"logit_bias": {10**8: 1.0}}, "logit_bias"), ({"logit_bias": {5: 1000.0}}, "logit_bias"),
+                          ({"min_tokens": 100, "max_new_tokens": 4}, "min_tokens")):
+        with pytest.raises(InvalidArgument, match=fragment):
+            grpc_client.generate(token_ids=PROMPT_IDS, **{"max_new_tokens": 4, **bad})
