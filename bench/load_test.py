@@ -330,7 +330,8 @@ def spawned_server(args: argparse.Namespace):
                                        args.adapters, rank=args.adapter_rank, seed=args.seed)
             seconds = upload_adapters(srv.target, None, {f"{args.adapter_prefix}{i}": p for i, p in enumerate(paths)})
             print(f"uploaded {len(paths)} adapters in {seconds:.1f} s to {srv.target}", flush=True)
-        args.target = srv.target if args.protocol == "grpc" else f"127.0.0.1:{http_port}"
+        args.grpc_target, args.http_target = srv.target, f"127.0.0.1:{http_port}"
+        args.target = srv.target if args.protocol == "grpc" else args.http_target
         yield srv
 
 
