@@ -41,7 +41,7 @@ RUN make install PYTHON="${PYTHON}" \
     && .venv/bin/python -c "from server.model.checkpoint import resolve_model_dir; print(resolve_model_dir(None))"
 
 VOLUME ["/data"]
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 
 # grpc.health.v1 through the client CLI (needs no API key); exit 0 only when SERVING
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
@@ -50,5 +50,6 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
 # a non-loopback bind needs a tenants file (mount one at /config/tenants.toml); SIGTERM drains in-flight requests
 # (8 s grace: inside `docker stop`'s default 10 s)
 STOPSIGNAL SIGTERM
-CMD ["/app/.venv/bin/python", "-m", "server", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", \
+CMD ["/app/.venv/bin/python", "-m", "server", "serve", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", \
+     "--metrics-port", "9090", \
      "--data-dir", "/data", "--tenants", "/config/tenants.toml", "--grace-period", "8"]

@@ -1,8 +1,9 @@
 # Switchboard: two commands set up a fresh machine (see README):
-#   make run     install into .venv, then run the engine on the embedded default model (PROMPT=...)
+#   make run     install into .venv, then serve the embedded default model: gRPC on $(HOST):$(PORT), the
+#                OpenAI-compatible HTTP API on $(HOST):$(HTTP_PORT), metrics on $(METRICS_PORT); prints how to call it
 #   make test    install into .venv, then run the whole test suite (what CI runs)
-# make serve starts the gRPC server on $(HOST):$(PORT) (metrics on $(METRICS_PORT)); make bench runs the
-# engine throughput benchmark (the others: bench/*.py, see bench/RESULTS.md for their commands).
+# make serve is the same as make run; make generate runs one prompt through the engine without a server
+# (PROMPT=...); make bench runs the engine throughput benchmark (the others: bench/*.py, see bench/RESULTS.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,10 +11,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9090
+HTTP_PORT ?= 8000
 
 PROMPT ?= Write a haiku about a switchboard operator.
 
-.PHONY: install run serve test lint proto bench clean
+.PHONY: install run serve generate test lint proto bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,11 +32,13 @@ install: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m server.protogen
 
-run: install
-	$(PY) -m server generate --prompt "$(PROMPT)" --max-new-tokens 96
+run: serve
 
 serve: install
-	$(PY) -m server serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m server serve --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+generate: install
+	$(PY) -m server generate --prompt "$(PROMPT)" --max-new-tokens 96
 
 test: install
 	$(PY) -m ruff check .

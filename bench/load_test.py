@@ -8,8 +8,9 @@
 
 Open loop (--rate/--rates): requests are sent at the times of a Poisson or gamma(cv) process whatever
 the server's state. Closed loop (--concurrency): that many clients each send their next request when
-the previous one ends. Every request streams (GenerateStream): TTFT is the first token-carrying chunk,
-inter-token latencies the gaps between chunks. Prompts are random token ids (exact prompt lengths, no
+the previous one ends. Every request streams (GenerateStream, or with --protocol openai a streaming
+/v1/completions through bench/openai_stream.py): TTFT is the first token-carrying chunk, inter-token
+latencies the gaps between chunks. Prompts are random token ids (exact prompt lengths, no
 tokenizer needed); everything random comes from --seed.
 """
 
@@ -113,7 +114,10 @@ async def send_one(client, req: PlannedRequest, w: Workload, run_tag: str, timeo
                     rec.ttft_s = now
                 rec.token_times_s.append(now)
                 rec.output_tokens += len(chunk.token_ids)
-                rec.output_token_ids.extend(chunk.token_ids)
+                rec.output_token_ids.extend(t for t in chunk.token_ids if t >= 0)
+            counted = getattr(chunk, "completion_tokens", 0) if chunk.finished else 0
+            if counted:  # the server's own count (the openai path's only exact one)
+                rec.output_tokens = max(rec.output_tokens, counted)
         rec.e2e_s = time.perf_counter() - start
         if rec.output_tokens == 0:
             rec.error, rec.error_message = "NO_TOKENS", "the stream ended without a token"
@@ -204,7 +208,11 @@ def parse_list(text: str, cast) -> list:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="127.0.0.1:50051")
+    ap.add_argument("--target", default=None,
+                    help="HOST:PORT of the gRPC server (default 127.0.0.1:50051) or, with --protocol openai, of its "
+                         "HTTP API (default 127.0.0.1:8000)")
+    ap.add_argument("--protocol", choices=("grpc", "openai"), default="grpc",
+                    help="grpc: Inference.GenerateStream; openai: streaming /v1/completions (token-id prompts)")
     ap.add_argument("--api-key", default=None)
     load = ap.add_mutually_exclusive_group()
     load.add_argument("--rate", type=float, help="open loop at this many requests/s")
@@ -254,7 +262,13 @@ async def run_from_args(args: argparse.Namespace, client=None) -> dict:
     else:
         points = [("concurrency", c) for c in (args.concurrency or [8])]
     own_client = client is None
-    if own_client:
+    if args.target is None:
+        args.target = "127.0.0.1:8000" if args.protocol == "openai" else "127.0.0.1:50051"
+    if own_client and args.protocol == "openai":
+        from bench.openai_stream import OpenAIStreamClient
+
+        client = OpenAIStreamClient(f"http://{args.target}", api_key=args.api_key)
+    elif own_client:
         from clients import AsyncSwitchboardClient
 
         client = AsyncSwitchboardClient(args.target, api_key=args.api_key)
@@ -278,6 +292,7 @@ async def run_from_args(args: argparse.Namespace, client=None) -> dict:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "target": args.target,
+        "protocol": args.protocol,
         "workload": asdict(w) | {"adapters": len(w.adapters)},
         "sweep": points[0][0],
         "runs": runs,
@@ -297,6 +312,7 @@ async def run_from_args(args: argparse.Namespace, client=None) -> dict:
 @contextmanager
 def spawned_server(args: argparse.Namespace):
     """--spawn-server: a server subprocess with --adapters random LoRA adapters uploaded; sets args.target."""
+    import socket
     import tempfile
 
     from bench.peft_peers import make_lora_adapters
@@ -304,14 +320,18 @@ def spawned_server(args: argparse.Namespace):
     from server.model.checkpoint import resolve_model_dir
 
     concurrency = max(args.concurrency or [64])
+    with socket.socket() as probe:  # a free port for the HTTP API (its banner line is not parsed here)
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
     with server_subprocess(quantize=args.quantize, device_slots=args.device_slots, max_lora_rank=args.adapter_rank,
-                           max_running=concurrency) as srv:
+                           max_running=concurrency, extra=("--http-port", str(http_port))) as srv:
         if args.adapters:
             paths = make_lora_adapters(resolve_model_dir(None), Path(tempfile.mkdtemp(prefix="load-test-")),
                                        args.adapters, rank=args.adapter_rank, seed=args.seed)
             seconds = upload_adapters(srv.target, None, {f"{args.adapter_prefix}{i}": p for i, p in enumerate(paths)})
             print(f"uploaded {len(paths)} adapters in {seconds:.1f} s to {srv.target}", flush=True)
-        args.target = srv.target
+        args.grpc_target, args.http_target = srv.target, f"127.0.0.1:{http_port}"
+        args.target = srv.target if args.protocol == "grpc" else args.http_target
         yield srv
 
 

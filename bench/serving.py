@@ -40,7 +40,7 @@ def server_subprocess(*, quantize: bool, device_slots: int, max_lora_rank: int, 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-server-"))
     log_path = data_dir / "server.log"
     cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", "--no-metrics",
-           "--data-dir", str(data_dir / "data"), "--device-slots", str(device_slots),
+           "--http-port", "0", "--data-dir", str(data_dir / "data"), "--device-slots", str(device_slots),
            "--max-lora-rank", str(max_lora_rank), "--max-running", str(max_running), *extra]
     if not quantize:
         cmd.append("--no-quantize")

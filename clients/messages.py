@@ -31,6 +31,14 @@ class GenerateOptions(TypedDict, total=False):
     stop: list[str | bytes]
     ignore_eos: bool
     request_id: str
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: dict[int, float]  # token id -> added to its logit
+    min_tokens: int
+    logprobs: bool  # the sampled token's log-probability on every token
+    top_logprobs: int  # and the k most likely alternatives
 
 
 def generate_request(prompt: str | None = None, **options: Unpack[GenerateOptions]) -> inference_pb2.GenerateRequest:
@@ -49,6 +57,12 @@ def generate_request(prompt: str | None = None, **options: Unpack[GenerateOption
         req.messages.add(role=m.get("role", ""), content=m.get("content", ""))
     if o.get("seed") is not None:
         req.seed = o["seed"]
+    for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs"):
+        if o.get(name) is not None:
+            setattr(req, name, o[name])
+    for token, bias in (o.get("logit_bias") or {}).items():
+        req.logit_bias[int(token)] = bias
+    req.logprobs = bool(o.get("logprobs", False))
     return req
 
 

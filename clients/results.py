@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # under the model's raw distribution
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+    @classmethod
+    def list_from_proto(cls, items) -> list[TokenLogprob]:
+        return [cls(x.token_id, x.logprob, [(t.token_id, t.logprob) for t in x.top]) for x in items]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,13 +29,15 @@ class GenerateResult:
     ttft_ms: float
     total_ms: float
     request_id: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
 
     @classmethod
     def from_proto(cls, r) -> GenerateResult:
         return cls(text=r.text, token_ids=list(r.token_ids), finish_reason=r.finish_reason,
                    prompt_tokens=r.usage.prompt_tokens, completion_tokens=r.usage.completion_tokens,
                    adapter_name=r.adapter.name, adapter_version=r.adapter.version, queue_ms=r.timings.queue_ms,
-                   ttft_ms=r.timings.ttft_ms, total_ms=r.timings.total_ms, request_id=r.request_id)
+                   ttft_ms=r.timings.ttft_ms, total_ms=r.timings.total_ms, request_id=r.request_id,
+                   logprobs=TokenLogprob.list_from_proto(r.logprobs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +54,15 @@ class StreamChunk:
     ttft_ms: float  # on the first and the last chunk
     total_ms: float  # on the last chunk
     request_id: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token_ids entry, when asked for
 
     @classmethod
     def from_proto(cls, c) -> StreamChunk:
         return cls(text=c.text, token_ids=list(c.token_ids), finished=c.finished, finish_reason=c.finish_reason,
                    prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
                    adapter_name=c.adapter.name, adapter_version=c.adapter.version, queue_ms=c.timings.queue_ms,
-                   ttft_ms=c.timings.ttft_ms, total_ms=c.timings.total_ms, request_id=c.request_id)
+                   ttft_ms=c.timings.ttft_ms, total_ms=c.timings.total_ms, request_id=c.request_id,
+                   logprobs=TokenLogprob.list_from_proto(c.logprobs))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
-"""`python -m server serve`: the gRPC server (Inference + Admin + health + reflection) and /metrics.
+"""`python -m server serve`: the gRPC server (Inference + Admin + health + reflection), the OpenAI-compatible
+HTTP API (--http-port, same engine, tenants and metrics) and /metrics, in one process.
 
-SIGTERM / SIGINT: report NOT_SERVING, refuse new calls, let in-flight requests finish for
+SIGTERM / SIGINT: report NOT_SERVING, answer 503 to new HTTP requests, let in-flight requests finish for
 --grace-period seconds (then cancel them), stop the engine, exit 0.
 """
 
@@ -11,10 +12,14 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
 from server.tenants import TenantsFileError
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -24,6 +29,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--host", default=d.host, help="address to bind; non-loopback needs --tenants")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                   help="OpenAI-compatible HTTP API port, on --host (0 = any free port)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
+    p.add_argument("--model-id", default=None,
+                   help="the base model's id in the HTTP API (default: the model's directory/file name)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 = any)")
     p.add_argument("--metrics-host", default=d.metrics_host,
                    help="address /metrics binds (default loopback: it names tenants and their adapters)")
@@ -58,12 +68,34 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
     return model, engine, pool, server
 
 
-def how_to_call(target: str, metrics_port: int | None, host: str, keyed: bool) -> str:
+def model_id(args: argparse.Namespace) -> str:
+    if args.model_id:
+        return args.model_id
+    return Path(args.model).stem if args.model else DEFAULT_MODEL_ID
+
+
+def how_to_call(target: str, metrics_port: int | None, host: str, keyed: bool, http_url: str | None = None,
+                model: str = DEFAULT_MODEL_ID) -> str:
     key = " --api-key $SWITCHBOARD_API_KEY" if keyed else ""
+    api_key = "$SWITCHBOARD_API_KEY" if keyed else "none"
     lines = [
-        f"Switchboard is serving on {target}" + (f"; metrics at http://{host}:{metrics_port}/metrics"
-                                                 if metrics_port is not None else ""),
+        f"Switchboard is serving on {target}" + (f"; OpenAI API at {http_url}/v1" if http_url else "")
+        + (f"; metrics at http://{host}:{metrics_port}/metrics" if metrics_port is not None else ""),
         "Try:",
+    ]
+    if http_url:
+        lines += [
+            f"  # the openai client (pip install openai); `model` = {model!r}, 'base', or an adapter name",
+            f"  .venv/bin/python -c \"from openai import OpenAI; c = OpenAI(base_url='{http_url}/v1', "
+            f"api_key='{api_key}'); print(c.chat.completions.create(model='{model}', "
+            "messages=[{'role': 'user', 'content': 'Name three colors.'}], max_tokens=32)"
+            ".choices[0].message.content)\"",
+            f"  curl -s {http_url}/v1/chat/completions -H 'Content-Type: application/json'"
+            + (" -H \"Authorization: Bearer $SWITCHBOARD_API_KEY\"" if keyed else "")
+            + f" -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+            "\"content\": \"Name three colors.\"}], \"max_tokens\": 32}'",
+        ]
+    lines += [
         f'  .venv/bin/python -m clients --target {target}{key} generate "Name three colors." --max-new-tokens 32',
         f'  .venv/bin/python -m clients --target {target}{key} stream "Write a haiku about a switchboard."',
         f"  .venv/bin/python -m clients --target {target} health",
@@ -94,16 +126,31 @@ def main(argv: list[str]) -> int:
     except (ModelNotFound, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    http = None
     try:
         server.start()
+        if not args.no_http:
+            from server.http.app import HttpServer
+
+            http = HttpServer(server.engine, server.registry, server.tenants, server.limiter, server.metrics,
+                              model_id(args), args.host, args.http_port)
+            http.start()
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         server.stop(0)
         return 1
-    print(how_to_call(server.target, server.metrics_port, args.metrics_host, keyed=not tenants.open), flush=True)
+    print(how_to_call(server.target, server.metrics_port, args.metrics_host, keyed=not tenants.open,
+                      http_url=http.url if http else None, model=model_id(args)), flush=True)
     while not stop.wait(0.5):  # a timed wait so signal handlers run promptly
         pass
-    print(f"shutting down: draining in-flight requests (up to {server_cfg.grace_period_s:g} s)", flush=True)
-    server.stop()
+    grace = server_cfg.grace_period_s
+    print(f"shutting down: draining in-flight requests (up to {grace:g} s)", flush=True)
+    started = time.monotonic()
+    if http is not None:  # HTTP answers 503 from now on; its in-flight requests finish on the running engine
+        http.begin_drain()
+        http.wait_idle(grace)
+    server.stop(max(0.0, grace - (time.monotonic() - started)))
+    if http is not None:
+        http.stop(0)
     print("stopped", flush=True)
     return 0

@@ -8,7 +8,6 @@ A cancelled call or an expired deadline aborts the engine sequence (its KV is fr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import re
@@ -27,6 +26,7 @@ from server.engine.request import (
     GenerationRequest,
     SamplingParams,
     TokenEvent,
+    merge_events,
 )
 from server.metrics import UNRESOLVED_LABEL, ServerMetrics
 from server.status import RequestError, invalid, message_of, status_of
@@ -85,25 +85,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     # ---- RPCs ----------------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        text, token_ids, last, first = [], [], None, None
+        text, token_ids, logprobs, last, first = [], [], [], None, None
         prepared = None
         for prepared, event in self._serve(request, context):  # noqa: B007 - used after the loop
             first = first or event
             text.append(event.text)
             token_ids += event.token_ids
+            logprobs += _logprobs(event)
             last = event
         if last is None:  # _serve aborted the call
             return pb.GenerateResponse()
         return pb.GenerateResponse(
             request_id=prepared.request_id, text="".join(text), token_ids=token_ids,
             finish_reason=str(last.finish_reason), usage=_usage(last), adapter=_adapter(prepared, last),
-            timings=_timings(prepared, first, final=True),
+            timings=_timings(prepared, first, final=True), logprobs=logprobs,
         )
 
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
         first = True
         for prepared, event in self._serve(request, context):
-            chunk = pb.GenerateChunk(request_id=prepared.request_id, text=event.text, token_ids=event.token_ids)
+            chunk = pb.GenerateChunk(request_id=prepared.request_id, text=event.text, token_ids=event.token_ids,
+                                     logprobs=_logprobs(event))
             if first:
                 chunk.timings.CopyFrom(_timings(prepared, event, final=event.finished))
                 first_event, first = event, False
@@ -222,8 +224,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             top_k=req.top_k if req.HasField("top_k") else DEFAULTS.top_k,
             seed=req.seed if req.HasField("seed") else None,
             stop=tuple(stop), ignore_eos=req.ignore_eos,
+            min_p=req.min_p if req.HasField("min_p") else DEFAULTS.min_p,
+            presence_penalty=req.presence_penalty if req.HasField("presence_penalty") else DEFAULTS.presence_penalty,
+            frequency_penalty=(req.frequency_penalty if req.HasField("frequency_penalty")
+                               else DEFAULTS.frequency_penalty),
+            repetition_penalty=(req.repetition_penalty if req.HasField("repetition_penalty")
+                                else DEFAULTS.repetition_penalty),
+            logit_bias=tuple(sorted(req.logit_bias.items())),
+            min_tokens=req.min_tokens if req.HasField("min_tokens") else DEFAULTS.min_tokens,
+            logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs if req.HasField("top_logprobs") else DEFAULTS.top_logprobs,
         )
-        sampling.validate(self.engine.config.max_new_tokens_limit)  # InvalidRequest -> INVALID_ARGUMENT
+        sampling.validate(self.engine.config.max_new_tokens_limit, self.engine.args.vocab_size)  # -> INVALID_ARGUMENT
         return sampling
 
     def _resolve_adapter(self, tenant: Tenant, name: str) -> tuple[str | None, str, bool]:
@@ -280,14 +292,7 @@ def _coalesce(event: TokenEvent, handle) -> TokenEvent:
             merged.append(handle.get(timeout=0))
         except queue.Empty:
             break
-    if len(merged) == 1:
-        return event
-    last = merged[-1]
-    return dataclasses.replace(
-        last, token_ids=tuple(t for e in merged for t in e.token_ids), text="".join(e.text for e in merged),
-        queue_s=event.queue_s if event.queue_s is not None else last.queue_s,
-        ttft_s=event.ttft_s if event.ttft_s is not None else last.ttft_s,
-    )
+    return merge_events(merged)
 
 
 DEADLINE_SLACK_S = 0.05  # a client cancels at its own deadline, which can reach us just before ours
@@ -298,6 +303,14 @@ def _gone_status(context) -> str:
     if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED.name
     return grpc.StatusCode.CANCELLED.name
+
+
+def _logprobs(event: TokenEvent) -> list[pb.TokenLogprob]:
+    if not event.logprobs:
+        return []
+    tops = event.top_logprobs or ((),) * len(event.logprobs)
+    return [pb.TokenLogprob(token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=a, logprob=b) for a, b in top])
+            for t, lp, top in zip(event.token_ids, event.logprobs, tops, strict=True)]
 
 
 def _usage(event: TokenEvent) -> pb.Usage:

@@ -11,7 +11,7 @@ import grpc
 from server.adapters.errors import AdapterForbidden, AdapterNotFound, AdapterRejected, WrongBaseModel
 from server.adapters.upload import UploadTooLarge
 from server.engine.request import EngineStopped, InvalidRequest, QueueFull, UnknownAdapterRequest
-from server.tenants import TenantBusy, TenantPermissionDenied
+from server.tenants import TenantBusy, TenantPermissionDenied, Unauthenticated
 from server.upload_gate import UploadBusy, UploadStalled
 
 Code = grpc.StatusCode
@@ -31,6 +31,7 @@ def invalid(message: str) -> RequestError:
 
 
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (Unauthenticated, Code.UNAUTHENTICATED),  # (gRPC refuses these in its auth interceptor already)
     (UnknownAdapterRequest, Code.NOT_FOUND),  # an InvalidRequest naming an adapter deleted since it resolved
     (UploadTooLarge, Code.RESOURCE_EXHAUSTED),
     (UploadBusy, Code.RESOURCE_EXHAUSTED),  # the tenant's (or the server's) concurrent uploads

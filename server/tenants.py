@@ -173,6 +173,10 @@ class ConcurrencyLimiter:
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def in_flight(self, tenant: str) -> int:
+        with self._lock:
+            return self._in_flight.get(tenant, 0)
+
     @contextmanager
     def hold(self, tenant: Tenant):
         """One of the tenant's concurrent requests for the duration of the block; TenantBusy when at its limit."""

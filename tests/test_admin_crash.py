@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_server(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--port", "0", "--no-metrics",
-           "--data-dir", str(data_dir), "--no-quantize", "--max-lora-rank", "8", "--device-slots", "4"]
+           "--http-port", "0", "--data-dir", str(data_dir), "--no-quantize", "--max-lora-rank", "8",
+           "--device-slots", "4"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120

@@ -77,7 +77,7 @@ def test_upload_payload_is_a_tar_of_the_two_peft_files(tmp_path):
 
 def test_serve_process_prints_how_to_call_and_drains_on_sigterm(tiny_llama_dir, tmp_path):
     cmd = [sys.executable, "-m", "server", "serve", "--model", str(tiny_llama_dir), "--no-quantize", "--port", "0",
-           "--metrics-port", "0", "--data-dir", str(tmp_path / "data"), "--grace-period", "20"]
+           "--metrics-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data"), "--grace-period", "20"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

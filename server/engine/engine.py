@@ -235,14 +235,17 @@ class Engine:
             logits, sampled = self.runner.run(scheduled)
             if self.on_logits is not None:
                 self.on_logits(sampled, logits)
-            tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
+            out = sample(logits, sampled, self.args.eos_token_ids)
         except Exception as exc:  # a failed step fails its sequences, never the engine
             log.exception("engine step failed")
             for seq, _ in scheduled:
                 self._finish(seq, FinishReason.ERROR, error=f"internal error: {exc}")
             return
-        for seq, token in zip(sampled, tokens, strict=True):
-            event = self.post.on_token(seq, token)
+        for i, seq in enumerate(sampled):
+            if out.errors[i] is not None:  # only this row could not be sampled (e.g. NaN logits)
+                self._finish(seq, FinishReason.ERROR, error=out.errors[i])
+                continue
+            event = self.post.on_token(seq, out.tokens[i], out.logprobs[i], out.top_logprobs[i])
             if event.finished:
                 self._finish(seq, event.finish_reason, event=event)
             else:

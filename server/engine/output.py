@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from server.engine.request import FinishReason, TokenEvent
@@ -13,7 +14,8 @@ class Postprocessor:
         self.eos = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
 
-    def on_token(self, seq: Sequence, token: int) -> TokenEvent:
+    def on_token(self, seq: Sequence, token: int, logprob: float | None = None,
+                 top_logprobs: list[tuple[int, float]] | None = None) -> TokenEvent:
         params = seq.request.sampling
         seq.output_ids.append(token)
         first = seq.first_token_time is None
@@ -24,7 +26,8 @@ class Postprocessor:
             reason = FinishReason.STOP
         else:
             seq.text += seq.detok.push(token)
-            reason = self._stop_string(seq)
+            if len(seq.output_ids) >= params.min_tokens:  # stop strings wait for min_tokens, as in vLLM
+                reason = self._stop_string(seq)
         if reason is None and (
             len(seq.output_ids) >= params.max_new_tokens or seq.context_len >= self.max_model_len
         ):
@@ -33,7 +36,10 @@ class Postprocessor:
         visible = max(seq.emitted_chars, len(seq.text) - hold)
         delta = seq.text[seq.emitted_chars : visible]
         seq.emitted_chars = visible
-        return self._event(seq, (token,), delta, reason, first=first)
+        event = self._event(seq, (token,), delta, reason, first=first)
+        if logprob is None:
+            return event
+        return dataclasses.replace(event, logprobs=(logprob,), top_logprobs=(tuple(top_logprobs or ()),))
 
     def _stop_string(self, seq: Sequence) -> FinishReason | None:
         stops = seq.request.sampling.stop

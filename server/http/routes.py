@@ -1,0 +1,273 @@
+"""The endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+A generation's way: Bearer key -> tenant (server.tenants, as gRPC) -> body parsed and validated (schemas)
+-> `model` (or the extra `adapter` field) resolved through the adapter registry -> tokens (chat template
+for chat) -> tenant slot -> len(prompts) * n engine sequences submitted together (choice i of a seeded
+request uses seed + i) -> events (bridge) -> one JSON response, or SSE chunks as OpenAI streams them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.adapters.errors import AdapterForbidden, AdapterNotFound
+from server.engine.request import FinishReason, GenerationRequest
+from server.http import schemas
+from server.http.bridge import events
+from server.http.calls import Call, EventStream
+from server.http.errors import INTERNAL, NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
+from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
+from server.metrics import UNRESOLVED_LABEL
+from server.tenants import Unauthenticated
+
+MAX_BODY_BYTES = 8 << 20
+CHARS_PER_TOKEN_BOUND = 32  # as the gRPC path: a prompt longer than this per context token is refused untokenized
+BASE_ALIASES = ("base", "")
+DISCONNECT_CHECK_S = 0.5
+
+
+class OpenAIApi:
+    def __init__(self, engine, registry, tenants, limiter, metrics, model_id: str) -> None:
+        self.engine, self.registry, self.tenants = engine, registry, tenants
+        self.limiter, self.metrics, self.model_id = limiter, metrics, model_id
+        self.token_text = TokenText(engine.tokenizer)
+        self.draining = False
+        self.active_calls = 0
+
+    # ---- endpoints ------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        ok = self.engine.alive and not self.draining
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            tenant = self._auth(request)
+        except ApiError as exc:
+            return exc.response()
+        data = [{"id": self.model_id, "object": "model", "created": 0, "owned_by": "switchboard", "kind": "base",
+                 "root": self.model_id, "parent": None}]
+        for info in self.registry.list(tenant) if self.registry is not None else ():
+            full = f"{info.tenant}/{info.name}"
+            ids = [full]
+            try:
+                if self.registry.resolve(tenant, info.name).tenant == info.tenant:
+                    ids.insert(0, info.name)  # the short name means this adapter for this caller
+            except (AdapterNotFound, AdapterForbidden):
+                pass
+            data += [{"id": i, "object": "model", "created": int(info.created_at), "owned_by": info.tenant,
+                      "root": full, "parent": self.model_id, "kind": info.kind, "version": info.version,
+                      "shared": info.shared} for i in ids]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    # ---- one generation -------------------------------------------------------------------------
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        call = None
+        try:
+            if self.draining:
+                raise ApiError(UNAVAILABLE, "the server is shutting down; retry on another replica")
+            tenant = self._auth(request)
+            call = Call(self, tenant, UNRESOLVED_LABEL)
+            parsed = schemas.parse(await self._json(request), chat=chat, vocab_size=self.engine.args.vocab_size,
+                                   max_new_tokens_limit=self.engine.config.max_new_tokens_limit)
+            adapter_key, call.adapter_label = self._resolve(tenant, parsed)
+            prompts = self._tokenize(parsed)
+            call.hold_slot()
+            call.submit(self._requests(tenant, parsed, prompts, adapter_key))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error object
+            error = from_exception(exc, "messages" if chat else "prompt")
+            if call is not None:
+                call.close(error.kind.grpc_status)
+            return error.response()
+        envelope = Envelope(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, parsed.model, chat)
+        if parsed.stream:
+            return EventStream(self._stream(call, parsed, envelope), call)
+        try:
+            return await self._unary(request, call, parsed, envelope, prompts)
+        except ApiError as exc:
+            call.close(exc.kind.grpc_status)
+            return exc.response()
+        finally:
+            call.close("CANCELLED")
+
+    def _auth(self, request: Request):
+        header = request.headers.get("authorization")
+        try:
+            return self.tenants.authenticate([("authorization", header)] if header is not None else [])
+        except Unauthenticated as exc:
+            self.metrics.observe_unauthenticated("http")
+            message = str(exc).replace("metadata", "header")
+            raise ApiError(from_exception(exc).kind, message) from None
+
+    async def _json(self, request: Request) -> object:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise invalid(f"the request body has {declared} bytes; the limit is {MAX_BODY_BYTES}")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise invalid(f"the request body has {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise invalid(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+    def _resolve(self, tenant, parsed: schemas.ParsedRequest) -> tuple[str | None, str]:
+        name, param = (parsed.adapter, "adapter") if parsed.adapter is not None else (parsed.model, "model")
+        if name == self.model_id or name in BASE_ALIASES:
+            return None, ""
+        if self.registry is None:
+            raise ApiError(NOT_FOUND, f"The model '{name}' does not exist (this server has no adapter store)", param)
+        try:
+            resolved = self.registry.resolve(tenant, name)
+        except (AdapterNotFound, AdapterForbidden) as exc:
+            error = from_exception(exc)
+            raise ApiError(error.kind, f"The model '{name}' is not available: {error.message}", param) from None
+        return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
+
+    def _tokenize(self, parsed: schemas.ParsedRequest) -> list[list[int]]:
+        tokenizer, max_len, vocab = self.engine.tokenizer, self.engine.max_model_len, self.engine.args.vocab_size
+        limit = max_len * CHARS_PER_TOKEN_BOUND
+        if parsed.chat:
+            if sum(len(m["content"]) for m in parsed.messages) > limit:
+                raise invalid(f"the messages have more than {limit} characters (context limit {max_len} tokens)",
+                              "messages")
+            if not getattr(tokenizer, "chat_template", None):
+                raise invalid("this model has no chat template; use /v1/completions", "messages")
+            try:
+                ids = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - the template itself may refuse (e.g. roles out of order)
+                raise invalid(f"the chat template refused the messages: {exc}", "messages") from None
+            prompts = [list(ids["input_ids"] if hasattr(ids, "keys") else ids)]
+        else:
+            prompts = []
+            for p in parsed.prompts:
+                if isinstance(p, str):
+                    if len(p) > limit:
+                        raise invalid(f"the prompt has {len(p)} characters; the limit is {limit}", "prompt")
+                    p = list(tokenizer.encode(p))
+                bad = next((t for t in p if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise invalid(f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})", "prompt")
+                prompts.append(p)
+        for ids in prompts:
+            if len(ids) >= max_len:
+                raise invalid(f"the prompt has {len(ids)} tokens; the context limit is {max_len}, leaving no room "
+                              "to generate", "messages" if parsed.chat else "prompt", "context_length_exceeded")
+        return prompts
+
+    def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None
+                  ) -> list[GenerationRequest]:
+        base = uuid.uuid4().hex
+        started = time.monotonic()
+        out = []
+        for p_index, ids in enumerate(prompts):
+            sampling = schemas.finalize(parsed.sampling, len(ids), self.engine.max_model_len,
+                                        self.engine.config.max_new_tokens_limit)
+            for i in range(parsed.n):
+                seed = None if sampling.seed is None else (sampling.seed + i) % 2**63  # choice i: seed + i
+                out.append(GenerationRequest(
+                    request_id=f"{tenant.name}/http-{base}-{p_index * parsed.n + i}", prompt_token_ids=tuple(ids),
+                    sampling=sampling if i == 0 else _with_seed(sampling, seed), adapter=adapter_key,
+                    tenant=tenant.name, arrival_time=started))
+        return out
+
+    async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts) -> Response:
+        choices = [Choice() for _ in call.handles]
+        text_of = self.token_text.as_ids if parsed.tokens_as_ids else self.token_text
+        checked = time.monotonic()
+        async for item in events(call.handles):
+            if item is None or time.monotonic() - checked > DISCONNECT_CHECK_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    call.close("CANCELLED")
+                    return Response(status_code=499)
+                if not self.engine.alive:
+                    raise ApiError(UNAVAILABLE, "the engine is not running")
+            if item is None:
+                continue
+            i, event = item
+            call.observe(i, event)
+            _raise_if_failed(event)
+            choices[i].add(event)
+        call.close("OK")
+        out = []
+        for i, c in enumerate(choices):
+            text = "".join(c.text)
+            if parsed.chat:
+                body = {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs, text_of)
+                        if parsed.logprobs else None, "finish_reason": c.finish_reason}
+            else:
+                prefix = self.engine.tokenizer.decode(prompts[i // parsed.n]) if parsed.echo else ""
+                body = {"index": i, "text": prefix + text, "finish_reason": c.finish_reason,
+                        "logprobs": completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, text_of,
+                                                        len(prefix)) if parsed.logprobs else None}
+            out.append(body)
+        prompt_tokens = sum(len(p) for p in prompts)
+        return JSONResponse(envelope.wrap(out, chunk=False, usage_=usage(prompt_tokens, call.completion_tokens)))
+
+    async def _stream(self, call: Call, parsed, envelope: Envelope):
+        with_usage = parsed.include_usage
+        if parsed.chat:
+            for i in range(len(call.handles)):
+                yield sse(envelope.wrap([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}], True, None, with_usage))
+        offsets = [0] * len(call.handles)
+        text_of = self.token_text.as_ids if parsed.tokens_as_ids else self.token_text
+        async for item in events(call.handles):
+            if item is None:
+                if not self.engine.alive:
+                    yield sse(ApiError(UNAVAILABLE, "the engine is not running").body())
+                    call.close("UNAVAILABLE")
+                    return
+                continue
+            i, event = item
+            call.observe(i, event)
+            try:
+                _raise_if_failed(event)
+            except ApiError as exc:  # mid-stream: an error event, as vLLM sends it, then the stream ends
+                yield sse(exc.body())
+                call.close(exc.kind.grpc_status)
+                return
+            if not (event.text or event.finished or (parsed.logprobs and event.token_ids)):
+                continue
+            finish = str(event.finish_reason) if event.finished else None
+            lp = None
+            if parsed.logprobs:
+                args = (list(event.token_ids), list(event.logprobs), list(event.top_logprobs), text_of)
+                lp = chat_logprobs(*args) if parsed.chat else completion_logprobs(*args, offsets[i])
+            offsets[i] += len(event.text)
+            choice = ({"index": i, "delta": {"content": event.text} if event.text else {}, "logprobs": lp,
+                       "finish_reason": finish} if parsed.chat else
+                      {"index": i, "text": event.text, "logprobs": lp, "finish_reason": finish})
+            yield sse(envelope.wrap([choice], True, None, with_usage))
+        if with_usage:
+            prompt_tokens = sum(len(r.prompt_token_ids) for r in call.requests[:: parsed.n])
+            yield sse(envelope.wrap([], True, usage(prompt_tokens, call.completion_tokens)))
+        call.close("OK")
+        yield sse("[DONE]")
+
+
+def _raise_if_failed(event) -> None:
+    if not event.finished:
+        return
+    if event.finish_reason is FinishReason.ABORT:
+        raise ApiError(UNAVAILABLE, "the request was aborted: the server is shutting down")
+    if event.finish_reason is FinishReason.ERROR:
+        raise ApiError(INTERNAL, event.error or "the engine failed this request")
+
+
+def _with_seed(sampling, seed: int | None):
+    import dataclasses
+
+    return dataclasses.replace(sampling, seed=seed)
