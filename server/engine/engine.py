@@ -252,6 +252,7 @@ class Engine:
                 self._finish(seq, FinishReason.ERROR, error=f"internal error: {exc}")
             return
         for seq, token in zip(sampled, tokens, strict=True):
+            self.scheduler.waiting.on_tokens(seq, 1)  # the fairness counters (server.engine.fairness)
             event = self.post.on_token(seq, token)
             if event.finished:
                 self._finish(seq, event.finish_reason, event=event)
