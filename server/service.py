@@ -2,7 +2,8 @@
 
 A request's way through: authenticated tenant (server.auth) -> `_prepare` (exactly one of prompt /
 messages / token_ids, sampling values, stop strings, adapter resolved through the registry, chat
-template) -> per-tenant concurrency slot -> `Engine.submit` -> TokenEvents -> response or chunks.
+template) -> per-tenant concurrency slot -> quotas (server.quotas: requests and tokens per minute) ->
+`Engine.submit` -> TokenEvents -> response or chunks -> usage record (server.usage).
 A cancelled call or an expired deadline aborts the engine sequence (its KV is freed at the next step).
 """
 
@@ -32,6 +33,7 @@ from server.engine.request import (
     TokenEvent,
 )
 from server.metrics import UNRESOLVED_LABEL, ServerMetrics
+from server.quotas import QuotaExceeded, Quotas
 from server.tenants import ConcurrencyLimiter, Tenant, TenantBusy
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc
@@ -65,7 +67,9 @@ class Prepared:
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, engine, registry, limiter: ConcurrencyLimiter, metrics: ServerMetrics,
-                 poll_s: float = 0.25) -> None:
+                 poll_s: float = 0.25, quotas: Quotas | None = None, usage=None) -> None:
+        self.quotas = quotas
+        self.usage = usage  # server.usage.UsageRecorder or None
         self.engine = engine
         self.registry = registry  # server.adapters.registry.AdapterRegistry, or None (base model only)
         self.limiter = limiter
@@ -117,6 +121,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             prepared = self._prepare(request, tenant, started)
             adapter_label = prepared.adapter_name
             with self.limiter.slot(tenant):
+                if self.quotas is not None:
+                    self.quotas.admit(tenant.name, tenant.limits, len(prepared.request.prompt_token_ids))
+                    stats["quota"] = True
                 self.metrics.in_flight.labels(tenant.name).inc()
                 try:
                     for event in self._run(prepared, context, stats):
@@ -130,8 +137,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except TenantBusy as exc:
             status = grpc.StatusCode.RESOURCE_EXHAUSTED.name
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except QuotaExceeded as exc:
+            status = grpc.StatusCode.RESOURCE_EXHAUSTED.name
+            self.metrics.observe_throttled(tenant.name, exc.limit)
+            if exc.retry_after_header is not None:
+                context.set_trailing_metadata((("retry-after", exc.retry_after_header),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finally:  # also when gRPC stops iterating a stream whose call ended (cancelled, deadline)
             status = stats.get("status") or status or _gone_status(context)
+            self._account(tenant, adapter_label, stats)
             self.metrics.observe_request(
                 tenant.name, adapter_label, status, prompt_tokens=stats.get("prompt_tokens", 0),
                 completion_tokens=stats.get("completion_tokens", 0), queue_s=stats.get("queue_s"),
@@ -275,6 +289,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
                 raise _invalid(f"the chat template refused the messages: {exc}") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+    def _account(self, tenant: Tenant, adapter: str, stats: dict) -> None:
+        """What a request that reached the engine consumed: completion tokens against its tokens-per-minute
+        bucket, and a usage record (the same counts as the response's `usage`)."""
+        if "prompt_tokens" not in stats:
+            return
+        if stats.get("quota") and self.quotas is not None:
+            self.quotas.charge_completion(tenant.name, tenant.limits, stats.get("completion_tokens", 0))
+        if self.usage is not None:
+            self.usage.record(tenant.name, adapter if adapter != UNRESOLVED_LABEL else "",
+                              stats["prompt_tokens"], stats.get("completion_tokens", 0))
 
 
 def _coalesce(event: TokenEvent, handle) -> TokenEvent:
