@@ -4,7 +4,7 @@ The oracle is the `usage` field of every response the clients received: after 20
 tenants, unary and streaming, base model and an adapter, different lengths) and a SIGKILL, the restarted
 server's totals lie between the usage of the responses finished a second before the kill (the flusher
 writes every 0.5 s: at most the last second is lost) and the sum of all of them; once a flush had time to
-run before the kill they are equal, row for row.
+run before the kill they are equal. SIGHUP on the way: a broken tenants file is refused, a good one rotates a key.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from clients import SwitchboardClient
-from clients.errors import PermissionDenied
+from clients.errors import PermissionDenied, Unauthenticated
 from server.tenants import hash_key, new_key
 from server.usage import UsageRecorder
 from tests.adapter_files import peft_adapter
+from tests.server_utils import wait_until
 from tests.test_admin_crash import start_server
 
 
@@ -54,6 +55,15 @@ def _tenants_file(path: Path, keys: dict[str, str]) -> Path:
 
 def _start(model_dir: Path, data_dir: Path, tenants: Path):
     return start_server(model_dir, data_dir, "--tenants", str(tenants))
+
+
+def _works(target: str, key: str) -> bool:
+    with SwitchboardClient(target, api_key=key) as c:
+        try:
+            c.list_adapters()
+            return True
+        except Unauthenticated:
+            return False
 
 
 def _totals(target: str, admin_key: str) -> Counter:
@@ -131,6 +141,16 @@ def test_usage_survives_sigkill_and_equals_the_responses(tiny_llama_dir: Path, t
             with pytest.raises(PermissionDenied):
                 bob.get_usage(tenant="acme")
             r = bob.generate(token_ids=[11, 12, 13], max_new_tokens=5)
+        # SIGHUP re-reads the tenants file: a broken one is refused (old keys keep working), a good one rotates
+        (tmp_path / "tenants.toml").write_text("[tenants.bob]\nkey_sha256 = 'nope'\n")
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert _totals(target, keys["admin"])[("bob", "", "requests")] == got[("bob", "", "requests")] + 1
+        rotated = {**keys, "bob": new_key()}
+        _tenants_file(tenants, rotated)
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_until(lambda: _works(target, rotated["bob"]), timeout=10, what="the rotated key after SIGHUP")
+        assert not _works(target, keys["bob"])
         time.sleep(1.2)  # more than two flush intervals: nothing may be lost now
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
