@@ -25,6 +25,30 @@ from server.metrics import LATENCY_BUCKETS
 from tests.server_utils import running_server, wait_until
 
 PROMETHEUS = shutil.which("prometheus")
+DASHBOARD = Path(__file__).resolve().parents[1] / "bench" / "grafana" / "switchboard.json"
+
+
+def dashboard_queries() -> list[str]:
+    """The Grafana dashboard's PromQL, with its variables filled in as Grafana would."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [t["expr"].replace("$__rate_interval", "1m").replace("$tenant", ".*")
+            for p in panels for t in p["targets"]]
+
+
+def test_dashboard_names_only_metrics_we_export() -> None:
+    import re
+
+    from server.engine.engine import EngineStats
+    from server.engine.fairness import TenantService
+    from server.metrics import ServerMetrics
+
+    m = ServerMetrics(lambda: EngineStats(1, 2, 3, 4, 5, 6, 7, 8, 9),
+                      fairness=lambda: {"acme": TenantService(1.0, 2.0, 3, 4, 5)})
+    m.observe_request("acme", "", "OK", prompt_tokens=3, completion_tokens=4, queue_s=0.1, ttft_s=0.2, total_s=0.3)
+    m.observe_throttled("acme", "tokens_per_minute")
+    exported = {s.name for family in m.registry.collect() for s in family.samples}
+    used = {n for q in dashboard_queries() for n in re.findall(r"\bswitchboard_[a-z_]+", q)}
+    assert used and used <= exported, f"the dashboard names metrics we do not export: {sorted(used - exported)}"
 
 
 def _free_port() -> int:
@@ -135,3 +159,5 @@ def test_prometheus_scrapes_token_counters_and_ttft_quantiles(tiny_llama_dir: Pa
                 got = float(result[0]["value"][1])
                 want = prometheus_quantile(q, ttfts[tenant])
                 assert got == pytest.approx(want, rel=1e-6), f"{tenant} p{int(q * 100)}: {got} vs {want} {ttfts}"
+        for promql in dashboard_queries():  # every dashboard panel's query is valid PromQL over our series
+            _query(base, promql)
