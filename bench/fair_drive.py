@@ -56,7 +56,8 @@ class Trace:
         return np.array([s.get(tenant, 0.0) for s in self.service])
 
     def ttft_steps(self, tenant: str) -> list[int]:
-        return [r.first_token_step - r.arrival_step for r in self.requests
+        """Engine steps from arrival to the first token, counting the step that produced it (1 = no wait)."""
+        return [r.first_token_step - r.arrival_step + 1 for r in self.requests
                 if r.tenant == tenant and r.first_token_step is not None]
 
     def ttft_s(self, tenant: str) -> list[float]:
