@@ -290,7 +290,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 raise _invalid(f"the chat template refused the messages: {exc}") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-
     def _account(self, tenant: Tenant, adapter: str, stats: dict) -> None:
         """What a request that reached the engine consumed: completion tokens against its tokens-per-minute
         bucket, and a usage record (the same counts as the response's `usage`)."""

@@ -125,3 +125,33 @@ def test_weights_divide_the_counter_and_fcfs_keeps_arrival_order() -> None:
     assert f.preemption_victim(seqs) is seqs[-1]
     with pytest.raises(ValueError):
         WaitingQueue("lottery")
+
+
+def test_vtc_preempts_from_the_tenant_most_ahead_and_outputs_are_unchanged(tiny_llama_dir: Path) -> None:
+    """A KV budget too small for every running sequence: each victim is the newest candidate of the candidate
+    tenant with the largest counter, and every request still completes with exactly its tokens."""
+    cfg = EngineConfig(scheduling="vtc", max_batch_tokens=64, kv_blocks=12, kv_block_size=8, max_waiting=1000)
+    engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), cfg)
+    waiting = engine.scheduler.waiting
+    choices: list[tuple[list[Sequence], dict[str, float], Sequence | None]] = []
+    original = waiting.preemption_victim
+
+    def victim(candidates: list[Sequence]) -> Sequence | None:
+        chosen = original(candidates)
+        choices.append((list(candidates), dict(waiting.counters), chosen))
+        return chosen
+
+    waiting.preemption_victim = victim
+    loads = [TenantLoad("a", rate=0.5), TenantLoad("b", rate=0.25)]
+    trace = drive(engine, loads, 250, seed=5, shape=Shape(prompt_len=(10, 30), new_tokens=(16, 24)))
+    assert engine.scheduler.preemptions > 0, "the KV budget should force preemptions"
+    for candidates, counters, chosen in choices:
+        if not candidates:
+            assert chosen is None
+            continue
+        top = max(counters.get(s.request.tenant, 0.0) for s in candidates)
+        newest_of_top = [s for s in candidates if counters.get(s.request.tenant, 0.0) == top][-1]
+        assert chosen is newest_of_top, (counters, [s.request_id for s in candidates], chosen.request_id)
+    assert {c[2].request.tenant for c in choices if c[2] is not None} == {"a", "b"}  # not always the same one
+    done = [r for r in trace.requests if r.finish_step is not None]
+    assert done and all(r.completion_tokens == r.max_new_tokens for r in done)
