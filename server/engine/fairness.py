@@ -55,11 +55,12 @@ class WaitingQueue:
         self._generated: dict[str, int] = {}
         self._last_left = 0.0  # counter of the last tenant whose backlog emptied
         self._n = 0  # waiting sequences (read by other threads: Engine.submit, stats)
+        self._waiting: dict[str, int] = {}  # tenant -> waiting sequences
 
     # ---- queue ---------------------------------------------------------------------------------
     def push(self, seq: Sequence) -> None:
         """A new arrival (back of its tenant's queue); lifts the tenant's counter if it becomes backlogged."""
-        self._n += 1
+        self._count(seq, 1)
         if self.policy == "fcfs":
             self._fifo.append(seq)
             return
@@ -73,7 +74,7 @@ class WaitingQueue:
     def push_front(self, seq: Sequence) -> None:
         """A sequence going back (preempted, or not admitted this step): the front of its tenant's queue,
         no counter lift (it was already counted as waiting or running)."""
-        self._n += 1
+        self._count(seq, 1)
         if self.policy == "fcfs":
             self._fifo.appendleft(seq)
             return
@@ -83,16 +84,23 @@ class WaitingQueue:
         """FCFS: the oldest. VTC: the head of the backlogged tenant with the smallest counter."""
         if not self:
             return None
-        self._n -= 1
         if self.policy == "fcfs":
-            return self._fifo.popleft()
+            seq = self._fifo.popleft()
+            self._count(seq, -1)
+            return seq
         tenant = min(self._by_tenant, key=self._rank)
         queue = self._by_tenant[tenant]
         seq = queue.popleft()
+        self._count(seq, -1)
         if not queue:
             del self._by_tenant[tenant]
             self._last_left = self.counters.get(tenant, 0.0)
         return seq
+
+    def _count(self, seq: Sequence, delta: int) -> None:
+        tenant = _tenant(seq)
+        self._waiting[tenant] = self._waiting.get(tenant, 0) + delta
+        self._n += delta
 
     def _rank(self, tenant: str) -> tuple[float, float]:
         return self.counters.get(tenant, 0.0), self._by_tenant[tenant][0].request.arrival_time
@@ -101,13 +109,13 @@ class WaitingQueue:
         """Take `seq` out of the queue (ValueError when it is not waiting)."""
         if self.policy == "fcfs":
             self._fifo.remove(seq)
-            self._n -= 1
+            self._count(seq, -1)
             return
         queue = self._by_tenant.get(_tenant(seq))
         if queue is None:
             raise ValueError(f"{seq.request_id} is not waiting")
         queue.remove(seq)
-        self._n -= 1
+        self._count(seq, -1)
         if not queue:
             del self._by_tenant[_tenant(seq)]
 
@@ -169,13 +177,7 @@ class WaitingQueue:
 
     def snapshot(self) -> dict[str, TenantService]:
         """Per-tenant counters and service so far (any thread; copies taken atomically under the GIL)."""
-        waiting: dict[str, int] = {}
-        if self.policy == "vtc":
-            waiting = {t: len(q) for t, q in list(self._by_tenant.items())}
-        else:
-            for seq in list(self._fifo):
-                waiting[_tenant(seq)] = waiting.get(_tenant(seq), 0) + 1
-        counters, service = dict(self.counters), dict(self.service)
+        waiting, counters, service = dict(self._waiting), dict(self.counters), dict(self.service)
         prompt, generated = dict(self._prompt), dict(self._generated)
         return {t: TenantService(counters.get(t, 0.0), service.get(t, 0.0), prompt.get(t, 0), generated.get(t, 0),
                                  waiting.get(t, 0)) for t in sorted(set(service) | set(counters) | set(waiting))}
