@@ -20,11 +20,11 @@ from clients.errors import (
     Unauthenticated,
     Unavailable,
 )
-from clients.results import AdapterInfo, GenerateResult, StreamChunk
+from clients.results import AdapterInfo, GenerateResult, StreamChunk, UsageReport, UsageRow
 from clients.sync import SwitchboardClient
 
 __all__ = [
     "AdapterInfo", "AsyncSwitchboardClient", "Cancelled", "DeadlineExceeded", "FailedPrecondition",
     "GenerateResult", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "StreamChunk",
-    "SwitchboardClient", "SwitchboardError", "Unauthenticated", "Unavailable",
+    "SwitchboardClient", "SwitchboardError", "Unauthenticated", "Unavailable", "UsageReport", "UsageRow",
 ]

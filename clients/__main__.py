@@ -1,4 +1,4 @@
-"""`python -m clients {generate,stream,health,adapters} ...`: the command line on top of the client library.
+"""`python -m clients {generate,stream,health,adapters,usage,reload-tenants} ...`: the command line.
 
 Target and key: --target HOST:PORT (env SWITCHBOARD_TARGET, default 127.0.0.1:50051) and --api-key KEY
 (env SWITCHBOARD_API_KEY). Exit status: 0 ok, 1 the server refused (its status and message on stderr),
@@ -77,6 +77,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--shared", action="store_true")
     p.add_argument("--tenant", default="")
+    p = sub.add_parser("usage", help="tokens and requests per tenant, adapter and minute (admin: every tenant)")
+    _common(p, defaults=False)
+    p.add_argument("--tenant", default="")
+    p.add_argument("--from", dest="start", type=float, default=0, help="unix seconds (default: the beginning)")
+    p.add_argument("--to", dest="end", type=float, default=0, help="unix seconds, exclusive (default: now)")
+    p.add_argument("--json", action="store_true", help="every row as JSON (default: a table and the totals)")
+    p = sub.add_parser("reload-tenants", help="admin: the server re-reads its tenants file")
+    _common(p, defaults=False)
     return parser.parse_args(argv)
 
 
@@ -93,6 +101,17 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 def _print_json(obj) -> None:
     print(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, indent=2))
+
+
+def _print_usage(report) -> None:
+    import time
+
+    print(f"{'minute (UTC)':17} {'tenant':16} {'adapter':28} {'prompt':>9} {'completion':>10} {'requests':>8}")
+    for r in report.rows:
+        minute = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.minute))
+        print(f"{minute:17} {r.tenant:16} {r.adapter or '(base)':28} {r.prompt_tokens:9d} {r.completion_tokens:10d} "
+              f"{r.requests:8d}")
+    print(f"{'total':63} {report.prompt_tokens:9d} {report.completion_tokens:10d} {report.requests:8d}")
 
 
 def run(args: argparse.Namespace, client: SwitchboardClient) -> int:
@@ -120,6 +139,16 @@ def run(args: argparse.Namespace, client: SwitchboardClient) -> int:
                     sys.stdout.write("\n")
                     print(f"[{chunk.finish_reason}; {chunk.completion_tokens} tokens; ttft {chunk.ttft_ms:.0f} ms, "
                           f"total {chunk.total_ms:.0f} ms]", file=sys.stderr)
+        return 0
+    if args.command == "usage":
+        report = client.get_usage(args.tenant, int(args.start), int(args.end))
+        if args.json:
+            _print_json(report)
+        else:
+            _print_usage(report)
+        return 0
+    if args.command == "reload-tenants":
+        print("tenants in force: " + ", ".join(client.reload_tenants()))
         return 0
     action = args.action
     if action == "list":

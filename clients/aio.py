@@ -12,7 +12,7 @@ import grpc.aio
 from clients import messages as build
 from clients.errors import from_rpc_error
 from clients.messages import GenerateOptions
-from clients.results import AdapterInfo, GenerateResult, StreamChunk
+from clients.results import AdapterInfo, GenerateResult, StreamChunk, UsageReport
 from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
 from clients.sync import CHANNEL_OPTIONS
 
@@ -84,6 +84,15 @@ class AsyncSwitchboardClient:
         request = build.merge_request(name, sources, method=method, weights=weights, density=density,
                                       target_rank=target_rank, seed=seed, shared=shared, tenant=tenant)
         return AdapterInfo.from_proto(await self._call(self._admin.MergeAdapters, request, timeout))
+
+    async def get_usage(self, tenant: str = "", start: int = 0, end: int = 0) -> UsageReport:
+        """Usage per tenant, adapter and minute in [start, end) unix seconds (0 = open); admin: every tenant's."""
+        return UsageReport.from_proto(await self._call(self._admin.GetUsage, admin_pb2.GetUsageRequest(
+            tenant=tenant, from_unix=start, to_unix=end)))
+
+    async def reload_tenants(self) -> list[str]:
+        """Admin: the server re-reads its tenants file; the tenants now in force."""
+        return list((await self._call(self._admin.ReloadTenants, admin_pb2.ReloadTenantsRequest())).tenants)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -8,10 +8,11 @@ import grpc
 class SwitchboardError(Exception):
     """A call failed; `code` is the gRPC status code, `message` the server's explanation."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # the server's `retry-after` hint (quotas), seconds
 
 
 class Unauthenticated(SwitchboardError): ...
@@ -59,4 +60,14 @@ def from_rpc_error(exc: grpc.RpcError) -> SwitchboardError:
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
     code = code or grpc.StatusCode.UNKNOWN
-    return _BY_CODE.get(code, SwitchboardError)(code, details or code.name)
+    return _BY_CODE.get(code, SwitchboardError)(code, details or code.name, _retry_after(exc))
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The `retry-after` trailing metadata (seconds) of a failed call, if the server sent one."""
+    try:
+        trailing = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+        value = next((v for k, v in trailing or () if k == "retry-after"), None)
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -84,3 +84,27 @@ class AdapterInfo:
         return cls(name=a.name, tenant=a.tenant, version=a.version, versions=list(a.versions), kind=a.kind,
                    rank=a.rank, target_modules=list(a.target_modules), size_bytes=a.size_bytes,
                    created_at=a.created_at, shared=a.shared, residency=a.residency)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    tenant: str
+    adapter: str  # "owner/name", "" for the base model
+    minute: int  # unix seconds of the minute's start
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    rows: list[UsageRow]
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+
+    @classmethod
+    def from_proto(cls, r) -> UsageReport:
+        rows = [UsageRow(x.tenant, x.adapter, x.minute, x.prompt_tokens, x.completion_tokens, x.requests)
+                for x in r.rows]
+        return cls(rows, r.prompt_tokens, r.completion_tokens, r.requests)

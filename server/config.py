@@ -58,10 +58,16 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     max_new_tokens_limit: int = 4096
     idle_sleep_s: float = 0.002
+    scheduling: str = "fcfs"  # waiting-queue policy: fcfs | vtc (server.engine.fairness)
+    w_in: float = 1.0  # VTC cost of a prompt token
+    w_out: float = 2.0  # VTC cost of a generated token
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):
             require(getattr(self, name) > 0, f"{name} must be > 0")
+        require(self.scheduling in ("fcfs", "vtc"), f"scheduling must be fcfs or vtc, got {self.scheduling!r}")
+        require(self.w_in >= 0 and self.w_out >= 0 and self.w_in + self.w_out > 0,
+                 "w_in and w_out must be >= 0 and not both 0")
         require(self.max_new_tokens_limit > 0, "max_new_tokens_limit must be > 0")
         require(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1")
 

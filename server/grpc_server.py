@@ -20,8 +20,10 @@ from server.admin_service import AdminServicer
 from server.auth import AuthInterceptor, OpenStreams
 from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
 from server.metrics import ServerMetrics
+from server.quotas import Quotas
 from server.service import InferenceServicer
 from server.tenants import ConcurrencyLimiter, TenantDirectory
+from server.usage import UsageRecorder
 from switchboard.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,12 @@ class SwitchboardServer:
         self.registry = registry
         self.tenants = tenants
         self.config = config
-        self.metrics = ServerMetrics(engine.stats)
+        waiting = engine.scheduler.waiting  # the fairness queue: tenant weights in, per-tenant service out
+        waiting.set_weights(tenants.weights())
+        self.metrics = ServerMetrics(engine.stats, fairness=waiting.snapshot)
+        self.quotas = Quotas()
+        self.usage = UsageRecorder(Path(config.data_dir) / "usage.sqlite")
+        self._reload_lock = threading.Lock()
         self.limiter = ConcurrencyLimiter(config.per_tenant_concurrency)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.port: int | None = None
@@ -87,8 +94,11 @@ class SwitchboardServer:
             options=[("grpc.max_receive_message_length", message_cap), ("grpc.so_reuseport", 0)],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(engine, registry, self.limiter, self.metrics), self._server)
-        self.admin = AdminServicer(registry=registry, config=config, engine=engine, metrics=self.metrics)
+            InferenceServicer(engine, registry, self.limiter, self.metrics, quotas=self.quotas, usage=self.usage),
+            self._server)
+        self.admin = AdminServicer(registry=registry, config=config, engine=engine, metrics=self.metrics,
+                                   usage=self.usage, tenants=tenants,
+                                   reload=self.reload_tenants if config.tenants_file else None)
         admin_pb2_grpc.add_AdminServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -110,6 +120,20 @@ class SwitchboardServer:
             _close_pool(engine)
             raise
         return cls(engine, registry, tenants, config)
+
+    def reload_tenants(self) -> list[str]:
+        """Re-read the tenants file (SIGHUP, Admin.ReloadTenants): new keys, weights and quotas apply to calls
+        from now on; running requests keep theirs. Raises TenantsFileError (the old file stays in force)."""
+        if self.config.tenants_file is None:
+            from server.tenants import TenantsFileError
+
+            raise TenantsFileError("the server runs without a tenants file")
+        with self._reload_lock:
+            fresh = TenantDirectory.from_file(self.config.tenants_file)
+            self.tenants.replace_with(fresh)
+            self.engine.scheduler.waiting.set_weights(fresh.weights())
+        log.warning("tenants file %s reloaded: %s", self.config.tenants_file, ", ".join(fresh.tenants))
+        return list(fresh.tenants)
 
     @property
     def target(self) -> str:
@@ -149,6 +173,7 @@ class SwitchboardServer:
         self.engine.shutdown(drain_timeout_s=0.0)
         _close_pool(self.engine)
         self.metrics.stop()
+        self.usage.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)

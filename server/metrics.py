@@ -6,7 +6,8 @@ names never push another tenant's adapters into "other") and is "other" after th
 "base". A series of tenant t names an adapter only when t owns it or it is shared: another tenant's
 private adapter (an admin using `alice/secret`) is "other". /metrics binds loopback unless the operator
 passes --metrics-host. Engine gauges (running/waiting sequences, batch, KV, resident adapters) are read from
-`Engine.stats()` at scrape time.
+`Engine.stats()` at scrape time, and so are the per-tenant fairness counters (the scheduler's
+`WaitingQueue.snapshot()`: VTC counter, service, tokens in/out, waiting sequences).
 """
 
 from __future__ import annotations
@@ -79,8 +80,38 @@ class EngineCollector:
         yield CounterMetricFamily("switchboard_preemptions", "sequences preempted for KV space", value=s.preemptions)
 
 
+class FairnessCollector:
+    """Scrape-time per-tenant series from a `() -> {tenant: TenantService}` callable (tenants: a fixed set)."""
+
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self.snapshot = snapshot
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        snap = self.snapshot()
+        families = (
+            (CounterMetricFamily, "switchboard_tenant_service", "weighted tokens served (w_in*prompt + w_out*output)",
+             "service"),
+            (GaugeMetricFamily, "switchboard_tenant_vtc_counter", "the tenant's virtual token counter (VTC)",
+             "counter"),
+            (CounterMetricFamily, "switchboard_tenant_scheduled_prompt_tokens", "prompt tokens admitted",
+             "prompt_tokens"),
+            (CounterMetricFamily, "switchboard_tenant_scheduled_output_tokens", "tokens generated",
+             "generated_tokens"),
+            (GaugeMetricFamily, "switchboard_tenant_waiting_sequences", "sequences waiting", "waiting"),
+        )
+        for cls, name, doc, attr in families:
+            family = cls(name, doc, labels=["tenant"])
+            for tenant, s in snap.items():
+                family.add_metric([tenant], getattr(s, attr))
+            yield family
+
+
 class ServerMetrics:
-    def __init__(self, engine_stats: Callable[[], object] | None = None, max_adapter_labels: int = 32) -> None:
+    def __init__(self, engine_stats: Callable[[], object] | None = None, max_adapter_labels: int = 32,
+                 fairness: Callable[[], dict] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.adapter_label = AdapterLabels(max_adapter_labels)
         r = self.registry
@@ -98,8 +129,12 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("switchboard_prompt_tokens", "prompt tokens of served requests", ta, registry=r)
         self.generated_tokens = Counter("switchboard_generated_tokens", "tokens generated", ta, registry=r)
+        self.throttled = Counter("switchboard_throttled_requests", "requests refused over a tenant quota",
+                                 ["tenant", "limit"], registry=r)
         if engine_stats is not None:
             r.register(EngineCollector(engine_stats))
+        if fairness is not None:
+            r.register(FairnessCollector(fairness))
         self._http = None
 
     def labels(self, tenant: str, adapter: str, shared: bool = True) -> tuple[str, str]:
@@ -126,6 +161,9 @@ class ServerMetrics:
             self.e2e.labels(t, a).observe(total_s)
             if ttft_s is not None and completion_tokens > 1:
                 self.tpot.labels(t, a).observe((total_s - ttft_s) / (completion_tokens - 1))
+
+    def observe_throttled(self, tenant: str, limit: str) -> None:
+        self.throttled.labels(tenant, limit).inc()
 
     def observe_unauthenticated(self, method: str) -> None:
         self.requests.labels(UNAUTHENTICATED_LABEL, OTHER_LABEL, "UNAUTHENTICATED").inc()

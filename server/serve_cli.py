@@ -2,12 +2,14 @@
 HTTP API (--http-port, same engine, tenants and metrics) and /metrics, in one process.
 
 SIGTERM / SIGINT: report NOT_SERVING, answer 503 to new HTTP requests, let in-flight requests finish for
---grace-period seconds (then cancel them), stop the engine, exit 0.
+--grace-period seconds (then cancel them), stop the engine, exit 0. SIGHUP: re-read the tenants file
+(keys, weights, quotas; a broken file is refused with the reason on stderr and the old one stays).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -52,6 +54,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-lora-rank", type=int, default=AdapterPoolConfig().max_lora_rank)
     p.add_argument("--per-tenant-concurrency", type=int, default=d.per_tenant_concurrency)
     p.add_argument("--grace-period", type=float, default=d.grace_period_s, help="seconds to drain on SIGTERM")
+    p.add_argument("--scheduling", choices=["vtc", "fcfs"], default=None,
+                   help="waiting-queue policy (default: vtc when the tenants file has more than one tenant)")
+    p.add_argument("--w-in", type=float, default=e.w_in, help="VTC cost of a prompt token")
+    p.add_argument("--w-out", type=float, default=e.w_out, help="VTC cost of a generated token")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -60,7 +66,8 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
     model = ModelConfig(path=args.model, quantize=not args.no_quantize, dtype=args.dtype, device=args.device)
     engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
                           max_batch_tokens=args.max_batch_tokens, kv_blocks=args.kv_blocks,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, scheduling=args.scheduling or "fcfs",
+                          w_in=args.w_in, w_out=args.w_out)
     pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank)
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
                           metrics_host=args.metrics_host, data_dir=args.data_dir, tenants_file=args.tenants,
@@ -113,12 +120,16 @@ def main(argv: list[str]) -> int:
     try:
         model_cfg, engine_cfg, pool_cfg, server_cfg = configs(args)
         tenants = load_tenants(server_cfg)  # before loading the model: a refused bind fails fast
+        if args.scheduling is None:  # fair scheduling as soon as there is more than one tenant to be fair between
+            engine_cfg = dataclasses.replace(engine_cfg, scheduling="vtc" if len(tenants.tenants) > 1 else "fcfs")
     except (ConfigError, TenantsFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
     from server.model.checkpoint import ModelNotFound
 
     try:
@@ -133,7 +144,7 @@ def main(argv: list[str]) -> int:
             from server.http.app import HttpServer
 
             http = HttpServer(server.engine, server.registry, server.tenants, server.limiter, server.metrics,
-                              model_id(args), args.host, args.http_port)
+                              model_id(args), args.host, args.http_port, quotas=server.quotas, usage=server.usage)
             http.start()
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -142,7 +153,14 @@ def main(argv: list[str]) -> int:
     print(how_to_call(server.target, server.metrics_port, args.metrics_host, keyed=not tenants.open,
                       http_url=http.url if http else None, model=model_id(args)), flush=True)
     while not stop.wait(0.5):  # a timed wait so signal handlers run promptly
-        pass
+        if hup.is_set():
+            hup.clear()
+            try:
+                names = server.reload_tenants()
+                print(f"tenants file reloaded: {', '.join(names)}", flush=True)
+            except TenantsFileError as exc:
+                print(f"error: tenants file not reloaded, the old one stays in force: {exc}", file=sys.stderr,
+                      flush=True)
     grace = server_cfg.grace_period_s
     print(f"shutting down: draining in-flight requests (up to {grace:g} s)", flush=True)
     started = time.monotonic()

@@ -2,7 +2,8 @@
 
 A request's way through: authenticated tenant (server.auth) -> `_prepare` (exactly one of prompt /
 messages / token_ids, sampling values, stop strings, adapter resolved through the registry, chat
-template) -> per-tenant concurrency slot -> `Engine.submit` -> TokenEvents -> response or chunks.
+template) -> per-tenant concurrency slot -> quotas (server.quotas: requests and tokens per minute) ->
+`Engine.submit` -> TokenEvents -> response or chunks -> usage record (server.usage).
 A cancelled call or an expired deadline aborts the engine sequence (its KV is freed at the next step).
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +29,8 @@ from server.engine.request import (
     merge_events,
 )
 from server.metrics import UNRESOLVED_LABEL, ServerMetrics
+from server.prompting import PromptTokenizer
+from server.quotas import QuotaExceeded, Quotas
 from server.status import RequestError, invalid, message_of, status_of
 from server.tenants import ConcurrencyLimiter, Tenant
 from switchboard.v1 import inference_pb2 as pb
@@ -39,8 +41,6 @@ log = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
-MAX_MESSAGES = 1024  # chat messages per request (and never more than the context limit)
-CHARS_PER_TOKEN_BOUND = 32  # a prompt longer than this many chars per context token is refused untokenized
 DEFAULTS = SamplingParams()
 
 
@@ -58,8 +58,11 @@ class CallRecord:
     completion_tokens: int = 0
     queue_s: float | None = None
     ttft_s: float | None = None
+    reached_engine: bool = False  # an event came back: tokens were consumed
+    quota_charged: bool = False  # the prompt was charged to the tenant's token bucket
 
     def saw(self, event: TokenEvent) -> None:
+        self.reached_engine = True
         self.queue_s = self.queue_s if self.queue_s is not None else event.queue_s
         self.ttft_s = self.ttft_s if self.ttft_s is not None else event.ttft_s
         self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
@@ -75,13 +78,15 @@ class Prepared:
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, engine, registry, limiter: ConcurrencyLimiter, metrics: ServerMetrics,
-                 poll_s: float = 0.25) -> None:
+                 poll_s: float = 0.25, quotas: Quotas | None = None, usage=None) -> None:
+        self.quotas = quotas
+        self.usage = usage  # server.usage.UsageRecorder or None
         self.engine = engine
         self.registry = registry  # server.adapters.registry.AdapterRegistry, or None (base model only)
         self.limiter = limiter
         self.metrics = metrics
         self.poll_s = poll_s  # how often a waiting worker re-checks that its call is alive
-        self._tokenizer_lock = threading.Lock()
+        self.prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len)
 
     # ---- RPCs ----------------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
@@ -127,6 +132,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             prepared = self._prepare(request, tenant, started)
             record.adapter_label, record.shared = prepared.adapter_name, prepared.adapter_shared
             with self.limiter.hold(tenant):
+                if self.quotas is not None:
+                    self.quotas.admit(tenant.name, tenant.limits, len(prepared.request.prompt_token_ids))
+                    record.quota_charged = True
                 self.metrics.in_flight.labels(tenant.name).inc()
                 try:
                     for event in self._run(prepared, context, record):
@@ -139,9 +147,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if code is None:
                 raise
             record.status = code.name
+            if isinstance(exc, QuotaExceeded):
+                self.metrics.observe_throttled(tenant.name, exc.limit)
+                if exc.retry_after_header is not None:
+                    context.set_trailing_metadata((("retry-after", exc.retry_after_header),))
             context.abort(code, message_of(exc))
         finally:  # also when gRPC stops iterating a stream whose call ended (cancelled, deadline)
             record.status = record.status or _gone_status(context)
+            self._account(tenant, record)
             self.metrics.observe_request(
                 tenant.name, record.adapter_label, record.status, prompt_tokens=record.prompt_tokens,
                 completion_tokens=record.completion_tokens, queue_s=record.queue_s, ttft_s=record.ttft_s,
@@ -249,38 +262,32 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
         if source == "token_ids":
             return list(req.token_ids)  # the engine checks the vocabulary range and the context limit
-        limit = self.engine.max_model_len * CHARS_PER_TOKEN_BOUND
         if source == "prompt":
-            if len(req.prompt) > limit:
-                raise _invalid(f"the prompt has {len(req.prompt)} characters; the limit is {limit} "
-                               f"(context limit {self.engine.max_model_len} tokens)")
-            with self._tokenizer_lock:
-                return list(self.engine.tokenizer.encode(req.prompt))
-        max_messages = min(MAX_MESSAGES, self.engine.max_model_len)  # every message renders to >= 1 token
-        if len(req.messages) > max_messages:
-            raise _invalid(f"{len(req.messages)} messages; at most {max_messages} are accepted")
+            return self.prompts.encode(req.prompt)
+        self.prompts.check_message_count(len(req.messages))
         messages = []
         for i, m in enumerate(req.messages):
             if m.role not in CHAT_ROLES:
                 raise _invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {clip(m.role)}")
             messages.append({"role": m.role, "content": m.content})
-        if sum(len(m["content"]) for m in messages) > limit:
-            raise _invalid(f"the messages have more than {limit} characters (context limit "
-                           f"{self.engine.max_model_len} tokens)")
         if not messages[-1]["content"] and len(messages) == 1:
             raise _invalid("the prompt is empty: messages[0].content is empty")
-        tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise _invalid("this model has no chat template; send `prompt` or `token_ids` instead of `messages`")
-        try:  # rendering is jinja, not the shared tokenizer: no lock held while it runs
-            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
-            raise _invalid(f"the chat template refused the messages: {clip(str(exc))}") from None
-        if len(rendered) > limit:
-            raise _invalid(f"the rendered chat has {len(rendered)} characters; the limit is {limit} "
-                           f"(context limit {self.engine.max_model_len} tokens)")
-        with self._tokenizer_lock:  # as apply_chat_template(tokenize=True) does: no special tokens added
-            return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return self.prompts.chat(messages, "send `prompt` or `token_ids` instead of `messages`")
+
+    @property
+    def _tokenizer_lock(self):
+        return self.prompts.lock
+
+    def _account(self, tenant: Tenant, record: CallRecord) -> None:
+        """What a request that reached the engine consumed: completion tokens against its tokens-per-minute
+        bucket, and a usage record (the same counts as the response's `usage`)."""
+        if not record.reached_engine:
+            return
+        if record.quota_charged and self.quotas is not None:
+            self.quotas.charge_completion(tenant.name, tenant.limits, record.completion_tokens)
+        if self.usage is not None:
+            adapter = record.adapter_label if record.adapter_label != UNRESOLVED_LABEL else ""
+            self.usage.record(tenant.name, adapter, record.prompt_tokens, record.completion_tokens)
 
 
 def _coalesce(event: TokenEvent, handle) -> TokenEvent:

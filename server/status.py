@@ -11,6 +11,7 @@ import grpc
 from server.adapters.errors import AdapterForbidden, AdapterNotFound, AdapterRejected, WrongBaseModel
 from server.adapters.upload import UploadTooLarge
 from server.engine.request import EngineStopped, InvalidRequest, QueueFull, UnknownAdapterRequest
+from server.quotas import QuotaExceeded
 from server.tenants import TenantBusy, TenantPermissionDenied, Unauthenticated
 from server.upload_gate import UploadBusy, UploadStalled
 
@@ -42,6 +43,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterForbidden, Code.PERMISSION_DENIED),
     (TenantPermissionDenied, Code.PERMISSION_DENIED),
     (TenantBusy, Code.RESOURCE_EXHAUSTED),
+    (QuotaExceeded, Code.RESOURCE_EXHAUSTED),  # tokens/requests per minute, stored adapters/bytes
     (QueueFull, Code.RESOURCE_EXHAUSTED),
     (EngineStopped, Code.UNAVAILABLE),
     (InvalidRequest, Code.INVALID_ARGUMENT),

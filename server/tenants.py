@@ -8,6 +8,8 @@ The tenants file (TOML) stores only sha256 hashes of keys:
     [tenants.acme]
     key_sha256 = ["3a7bd3e2360a3d29...", "..."]
     max_concurrent = 16                  # optional; default ServerConfig.per_tenant_concurrency
+    weight = 2.0                         # optional: VTC share, and quotas (server/quotas.py):
+    tokens_per_minute = 20000            #   tokens_per_minute, requests_per_minute, max_adapters, max_adapter_bytes
 
 `python -m server.tenants hash KEY` prints the digest of a key. Without a tenants file (loopback
 only) every caller is the single tenant "local", with admin rights, and no key is needed.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.clip import clip
+from server.quotas import LIMIT_FIELDS, TenantLimits, parse_limits
 
 ADMIN_TENANT = "admin"
 LOCAL_TENANT = "local"
@@ -62,6 +65,7 @@ class Tenant:
     name: str
     is_admin: bool = False
     max_concurrent: int | None = None  # None = the server default
+    limits: TenantLimits = TenantLimits()  # VTC weight and quotas (server/quotas.py)
 
     def act_as(self, requested: str) -> str:
         """The tenant a call acts on: the caller's own unless `requested` names another (admin only)."""
@@ -90,6 +94,19 @@ class TenantDirectory:
     def __init__(self, by_digest: dict[str, Tenant] | None) -> None:
         self._by_digest = by_digest  # None = open loopback mode (single local tenant)
         self.tenants = sorted({t.name for t in (by_digest or {}).values()}) or [LOCAL_TENANT]
+        self._by_name = {t.name: t for t in (by_digest or {}).values()}
+
+    def by_name(self, name: str) -> Tenant | None:
+        return self._by_name.get(name)
+
+    def weights(self) -> dict[str, float]:
+        return {name: t.limits.weight for name, t in self._by_name.items()}
+
+    def replace_with(self, other: TenantDirectory) -> None:
+        """Take `other`'s tenants (a reload): calls authenticated from now on see them; running ones keep theirs."""
+        if self.open != other.open:
+            raise TenantsFileError("a reload cannot switch between open (no tenants file) and keyed mode")
+        self._by_digest, self.tenants, self._by_name = other._by_digest, other.tenants, other._by_name
 
     @property
     def open(self) -> bool:
@@ -114,7 +131,7 @@ class TenantDirectory:
                 raise TenantsFileError(f"tenant name {clip(name)} must match {_NAME.pattern}")
             if not isinstance(entry, dict):
                 raise TenantsFileError(f"[tenants.{name}] must be a table")
-            extra = set(entry) - {"key_sha256", "max_concurrent"}
+            extra = set(entry) - {"key_sha256", "max_concurrent", "weight", *LIMIT_FIELDS}
             if extra:
                 raise TenantsFileError(f"[tenants.{name}] has unknown keys {sorted(extra)}")
             digests = entry.get("key_sha256")
@@ -124,7 +141,11 @@ class TenantDirectory:
             limit = entry.get("max_concurrent")
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise TenantsFileError(f"[tenants.{name}] max_concurrent must be an integer >= 1")
-            tenant = Tenant(name, is_admin=name == ADMIN_TENANT, max_concurrent=limit)
+            try:
+                limits = parse_limits(f"tenants.{name}", entry)
+            except ValueError as exc:
+                raise TenantsFileError(str(exc)) from None
+            tenant = Tenant(name, is_admin=name == ADMIN_TENANT, max_concurrent=limit, limits=limits)
             for digest in digests:
                 digest = str(digest).lower()
                 if not _DIGEST.match(digest):

@@ -31,7 +31,8 @@ def running_http_server(model_dir, **kwargs):
 
     with running_server(model_dir, **kwargs) as s:
         srv = s.server
-        http = HttpServer(srv.engine, srv.registry, srv.tenants, srv.limiter, srv.metrics, MODEL_ID, "127.0.0.1", 0)
+        http = HttpServer(srv.engine, srv.registry, srv.tenants, srv.limiter, srv.metrics, MODEL_ID, "127.0.0.1", 0,
+                          quotas=srv.quotas, usage=srv.usage)
         http.start()
         try:
             yield RunningHttp(s, http, f"{http.url}/v1")

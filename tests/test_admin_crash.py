@@ -22,10 +22,11 @@ from tests.peft_adapters import ALL_PROJ
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`python -m server serve` in a child process (extra: more flags); (process, target) once it serves."""
     cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--port", "0", "--no-metrics",
            "--http-port", "0", "--data-dir", str(data_dir), "--no-quantize", "--max-lora-rank", "8",
-           "--device-slots", "4"]
+           "--device-slots", "4", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120

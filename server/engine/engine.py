@@ -245,6 +245,7 @@ class Engine:
             if out.errors[i] is not None:  # only this row could not be sampled (e.g. NaN logits)
                 self._finish(seq, FinishReason.ERROR, error=out.errors[i])
                 continue
+            self.scheduler.waiting.on_tokens(seq, 1)  # the fairness counters (server.engine.fairness)
             event = self.post.on_token(seq, out.tokens[i], out.logprobs[i], out.top_logprobs[i])
             if event.finished:
                 self._finish(seq, event.finish_reason, event=event)

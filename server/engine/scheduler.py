@@ -2,21 +2,22 @@
 no engine code, and hands back what it could not admit for the engine to fail.
 
 Running sequences go first (decodes and unfinished prefill chunks), then waiting ones are admitted
-FIFO while the step's token budget, the running limit, the KV budget and the adapter pin allow. A
-prompt larger than the remaining budget is prefilled in chunks. When the KV cache cannot grow a
-running sequence, the newest running sequence is preempted (its blocks freed, it goes back to the
-front of the queue and is recomputed later): a request that does not fit waits, it never crashes the
-engine.
+in the queue policy's order (FCFS, or VTC across tenants: server.engine.fairness) while the step's
+token budget, the running limit, the KV budget and the adapter pin allow. A prompt
+larger than the remaining budget is prefilled in chunks. When the KV cache cannot grow a running
+sequence, one is preempted (FCFS: the newest; VTC: the newest of the tenant most ahead; its blocks
+freed, it goes back to the front of the queue and is recomputed later): a request that does not fit
+waits, it never crashes the engine.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from server.config import EngineConfig
+from server.engine.fairness import WaitingQueue
 from server.engine.kv_cache import KVCache
 from server.engine.sequence import SeqStatus, Sequence
 
@@ -43,12 +44,12 @@ class Scheduler:
         self.kv = kv
         self.pin = pin
         self.unpin = unpin
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitingQueue(cfg.scheduling, cfg.w_in, cfg.w_out)  # FCFS or VTC (server.engine.fairness)
         self.running: list[Sequence] = []
         self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,7 +76,7 @@ class Scheduler:
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running:
-            seq = self.waiting.popleft()
+            seq = self.waiting.pop_next()
             need = self.kv.blocks_needed(0, seq.context_len + 1)
             if not self.kv.can_allocate(need):
                 skipped.append(seq)
@@ -90,18 +91,20 @@ class Scheduler:
                     skipped.append(seq)
                 continue
             seq.status = SeqStatus.RUNNING
+            self.waiting.on_admit(seq, len(seq.prompt_ids) if seq.first_scheduled is None else 0)
             seq.mark_scheduled()
             self.running.append(seq)
             n = min(seq.pending, budget)
             plan.scheduled.append((seq, n))
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        for seq in reversed(skipped):
+            self.waiting.push_front(seq)
 
     def _grow(self, seq: Sequence, context_len: int, keep: set[Sequence]) -> bool:
-        """Make room for `seq` by preempting the newest sequences not scheduled in this step."""
+        """Make room for `seq` by preempting sequences not scheduled in this step (the queue policy picks)."""
         need = self.kv.blocks_needed(len(seq.blocks), context_len)
         while not self.kv.can_allocate(need):
-            victim = next((s for s in reversed(self.running) if s is not seq and s not in keep), None)
+            victim = self.waiting.preemption_victim([s for s in self.running if s is not seq and s not in keep])
             if victim is None:
                 return False
             self.preempt(victim)
@@ -114,7 +117,7 @@ class Scheduler:
         self.unpin(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.push_front(seq)
         self.preemptions += 1
 
     def finish(self, seq: Sequence) -> None:

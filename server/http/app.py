@@ -47,8 +47,8 @@ def build_app(api: OpenAIApi) -> Starlette:
 
 class HttpServer:
     def __init__(self, engine, registry, tenants, limiter, metrics, model_id: str, host: str = "127.0.0.1",
-                 port: int = 8000) -> None:
-        self.api = OpenAIApi(engine, registry, tenants, limiter, metrics, model_id)
+                 port: int = 8000, quotas=None, usage=None) -> None:
+        self.api = OpenAIApi(engine, registry, tenants, limiter, metrics, model_id, quotas, usage)
         self.host = host
         self.requested_port = port
         self.port: int | None = None

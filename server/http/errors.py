@@ -47,9 +47,11 @@ BY_GRPC_STATUS: dict[str, ErrorKind] = {
 
 
 class ApiError(Exception):
-    def __init__(self, kind: ErrorKind, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.retry_after = retry_after  # seconds, when the cause says how long (a quota); else RETRY_AFTER_S
         self.message = message
         self.param = param
         self.code = code or kind.code
@@ -58,7 +60,8 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.kind.status in (429, 503) else None
+        wait = self.retry_after or str(RETRY_AFTER_S)
+        headers = {"Retry-After": wait} if self.kind.status in (429, 503) else None
         return JSONResponse(self.body(), status_code=self.kind.status, headers=headers)
 
 
@@ -76,4 +79,4 @@ def from_exception(exc: BaseException, param: str | None = None) -> ApiError:
     if kind is None:
         return ApiError(INTERNAL, f"internal error ({type(exc).__name__}): {message}")
     named = param if kind is BAD_REQUEST else "model" if kind in (NOT_FOUND, FORBIDDEN) else None
-    return ApiError(kind, message, named)
+    return ApiError(kind, message, named, retry_after=getattr(exc, "retry_after_header", None))

@@ -16,26 +16,29 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.adapters.errors import AdapterForbidden, AdapterNotFound
-from server.engine.request import FinishReason, GenerationRequest
+from server.engine.request import FinishReason, GenerationRequest, InvalidRequest
 from server.http import schemas
 from server.http.bridge import events
 from server.http.calls import Call, EventStream
 from server.http.errors import INTERNAL, NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
 from server.metrics import UNRESOLVED_LABEL
+from server.prompting import PromptTokenizer
 from server.tenants import Unauthenticated
 
 MAX_BODY_BYTES = 8 << 20
-CHARS_PER_TOKEN_BOUND = 32  # as the gRPC path: a prompt longer than this per context token is refused untokenized
 BASE_ALIASES = ("base", "")
 DISCONNECT_CHECK_S = 0.5
 
 
 class OpenAIApi:
-    def __init__(self, engine, registry, tenants, limiter, metrics, model_id: str) -> None:
+    def __init__(self, engine, registry, tenants, limiter, metrics, model_id: str, quotas=None, usage=None) -> None:
         self.engine, self.registry, self.tenants = engine, registry, tenants
         self.limiter, self.metrics, self.model_id = limiter, metrics, model_id
+        self.quotas = quotas  # server.quotas.Quotas shared with gRPC, or None
+        self.usage = usage  # server.usage.UsageRecorder shared with gRPC, or None
         self.token_text = TokenText(engine.tokenizer)
+        self.prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len)  # shared bounds and lock with gRPC
         self.draining = False
         self.active_calls = 0
 
@@ -135,26 +138,20 @@ class OpenAIApi:
         return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
 
     def _tokenize(self, parsed: schemas.ParsedRequest) -> list[list[int]]:
-        tokenizer, max_len, vocab = self.engine.tokenizer, self.engine.max_model_len, self.engine.args.vocab_size
-        limit = max_len * CHARS_PER_TOKEN_BOUND
+        max_len, vocab = self.engine.max_model_len, self.engine.args.vocab_size
         if parsed.chat:
-            if sum(len(m["content"]) for m in parsed.messages) > limit:
-                raise invalid(f"the messages have more than {limit} characters (context limit {max_len} tokens)",
-                              "messages")
-            if not getattr(tokenizer, "chat_template", None):
-                raise invalid("this model has no chat template; use /v1/completions", "messages")
             try:
-                ids = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
-            except Exception as exc:  # noqa: BLE001 - the template itself may refuse (e.g. roles out of order)
-                raise invalid(f"the chat template refused the messages: {exc}", "messages") from None
-            prompts = [list(ids["input_ids"] if hasattr(ids, "keys") else ids)]
+                prompts = [self.prompts.chat(parsed.messages, "use /v1/completions")]
+            except InvalidRequest as exc:
+                raise invalid(str(exc), "messages") from None
         else:
             prompts = []
             for p in parsed.prompts:
                 if isinstance(p, str):
-                    if len(p) > limit:
-                        raise invalid(f"the prompt has {len(p)} characters; the limit is {limit}", "prompt")
-                    p = list(tokenizer.encode(p))
+                    try:
+                        p = self.prompts.encode(p)
+                    except InvalidRequest as exc:
+                        raise invalid(str(exc), "prompt") from None
                 bad = next((t for t in p if not 0 <= t < vocab), None)
                 if bad is not None:
                     raise invalid(f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})", "prompt")
