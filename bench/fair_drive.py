@@ -1,7 +1,7 @@
 """Drive an Engine step by step with several tenants' arrivals: deterministic, counted in engine steps.
 
 Used by the fairness tests (tests/test_fairness.py) and bench/fairness.py, so what is tested is what is
-measured. No step-loop thread: arrivals are submitted between steps, `Engine.admit_submitted()` then
+measured. No step-loop thread: arrivals are submitted between steps, `Engine.take_submitted()` then
 `Engine.step()` run on the caller's thread, and every request's first-token step is recorded.
 """
 
@@ -93,7 +93,7 @@ def drive(engine, loads: list[TenantLoad], steps: int, seed: int = 0, shape: Sha
                 rec = RequestTrace(load.name, step, time.perf_counter(), p, m)
                 trace.requests.append(rec)
                 live[rid] = (handle, rec)
-        engine.admit_submitted()
+        engine.take_submitted()
         engine.step()
         now = time.perf_counter()
         for rid, (handle, rec) in list(live.items()):
@@ -114,7 +114,7 @@ def drive(engine, loads: list[TenantLoad], steps: int, seed: int = 0, shape: Sha
     trace.wall_s = time.perf_counter() - started
     for rid in live:  # leave the engine empty for the next run
         engine.abort(rid)
-    engine.admit_submitted()
+    engine.take_submitted()
     return trace
 
 

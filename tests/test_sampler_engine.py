@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
+from server.adapters.peft_format import read_adapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.engine.request import FinishReason, GenerationRequest, SamplingParams
@@ -66,15 +65,14 @@ def test_nan_logits_fail_only_their_sequence(engine):
 
 
 def test_an_adapter_that_overflows_to_nan_fails_alone(engine, tiny_llama_dir, tmp_path):
-    """Finite but huge LoRA weights (the reader refuses NaN/inf ones): the activations overflow to inf and NaN."""
+    """Finite but huge LoRA weights: the activations overflow to inf and NaN. The reader refuses such files (issue 16
+    item 7), so the weights are handed to the pool directly, as a future bug past the reader would."""
     src = peft_adapter(tiny_llama_dir, "lora", rank=4, seed=81)
-    dst = tmp_path / "nan-lora"
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "adapter_model.safetensors")
-    for key in [k for k in tensors if "lora_" in k]:
-        tensors[key] = torch.full_like(tensors[key], 1e30)
-    save_file(tensors, dst / "adapter_model.safetensors")
-    engine.pool.register("nan-lora", dst)
+    weights = read_adapter(src, engine.args, 64, 16)
+    for table in (weights.payload.a, weights.payload.b):
+        for key in table:
+            table[key] = torch.full_like(table[key], 1e30)
+    engine.pool.register("nan-lora", weights)
     want = alone(engine, (11, 12, 13), PARAMS, "healthy-2")
     bad = engine.submit(GenerationRequest("nan-adapter", (5, 6, 7), PARAMS, adapter="nan-lora"))
     good = engine.submit(GenerationRequest("healthy-c", (11, 12, 13), PARAMS))
