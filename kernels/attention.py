@@ -12,7 +12,9 @@ softmax and accumulation, out in q's dtype. Context indices 0..n_prefix-1 may ho
 are ordinary context. `paged_attention_reference` is the oracle (per sequence: gather its context, SDPA);
 `paged_attention` is the compiled CPU kernel (kernels/csrc/attention.cpp: online softmax over the block table,
 parallel over (sequence, kv head, query block), decode contexts split across threads when there are few
-sequences), with the reference as its explicit fallback (CUDA tensors, fp16, a machine without a compiler).
+sequences) for decode rows and short chunks; a chunk of SDPA_MIN_Q or more query rows goes to torch's SDPA over
+its own gathered context (a prefill costs what its sequence costs, with a GEMM-based kernel, measured faster
+there). The reference is the explicit fallback (CUDA tensors, fp16, a machine without a compiler).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 from kernels.build import extension
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# a sequence with this many query rows or more (a prefill chunk) runs torch SDPA over its own context; 0 = never
+# (measured: the kernel wins below ~8-16 rows at contexts 128..2048, SDPA's GEMMs above)
+SDPA_MIN_Q = 16
 _UNSET = object()
 _lib = _UNSET
 
@@ -93,21 +98,26 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     q [T, H, D], k_cache/v_cache [kv_slots, KVH, D] (one layer), returns out [T, H, D] in q's dtype."""
     out = torch.empty_like(q)
-    heads, kv_heads = q.shape[1], k_cache.shape[1]
     for b in range(meta.num_seqs):
-        lo, hi = meta.q_starts_list[b], meta.q_starts_list[b + 1]
-        if hi == lo:
-            continue
-        slots = context_slots(meta, b).to(k_cache.device)
-        keys = k_cache[slots].float().transpose(0, 1)  # [KVH, ctx, D]
-        values = v_cache[slots].float().transpose(0, 1)
-        ctx = slots.shape[0]
-        pos = torch.arange(ctx - (hi - lo), ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]  # [q_len, ctx]
-        o = F.scaled_dot_product_attention(q[lo:hi].float().transpose(0, 1), keys, values, attn_mask=mask,
-                                           scale=scale, enable_gqa=heads != kv_heads)
-        out[lo:hi] = o.transpose(0, 1).to(q.dtype)
+        _sequence_sdpa(q, k_cache, v_cache, meta, scale, b, out)
     return out
+
+
+def _sequence_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
+                   scale: float, b: int, out: torch.Tensor) -> None:
+    """out[sequence b's rows] = causal SDPA (fp32) of its queries over its own context, gathered from the cache."""
+    lo, hi = meta.q_starts_list[b], meta.q_starts_list[b + 1]
+    if hi == lo:
+        return
+    slots = context_slots(meta, b).to(k_cache.device)
+    keys = k_cache[slots].float().transpose(0, 1)[None]  # [1, KVH, ctx, D] (4-D: torch's fused CPU kernel)
+    values = v_cache[slots].float().transpose(0, 1)[None]
+    ctx = slots.shape[0]
+    pos = torch.arange(ctx - (hi - lo), ctx, device=q.device)
+    mask = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]  # [q_len, ctx]
+    o = F.scaled_dot_product_attention(q[lo:hi].float().transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                       scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1])
+    out[lo:hi] = o[0].transpose(0, 1).to(q.dtype)
 
 
 def _kernels():
@@ -148,7 +158,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                       v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), _DTYPES[k_cache.dtype],
                       k_cache.shape[0], out.data_ptr(), out.stride(0), out.stride(1),
                       meta.q_starts.data_ptr(), meta.context_lens.data_ptr(), tables.data_ptr(), tables.stride(0),
-                      meta.num_seqs, meta.block_size, heads, kv_heads, dim, float(scale), torch.get_num_threads())
+                      meta.num_seqs, meta.block_size, heads, kv_heads, dim, float(scale), SDPA_MIN_Q,
+                      torch.get_num_threads())
     if n < 0:
         raise ValueError(f"a block table entry lies outside the cache ({k_cache.shape[0]} slots)")
+    for b in range(meta.num_seqs):  # long prefill chunks: SDPA over the sequence's own context (0 = never)
+        if 0 < SDPA_MIN_Q <= meta.q_starts_list[b + 1] - meta.q_starts_list[b]:
+            _sequence_sdpa(q, k_cache, v_cache, meta, scale, b, out)
     return out

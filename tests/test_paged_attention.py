@@ -104,16 +104,21 @@ CASES = {
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
                          [(9, 3, 64, 16), (8, 8, 32, 32), (8, 1, 128, 16), (4, 2, 64, 1)],
                          ids=["gqa3", "mha", "mqa", "block1"])
+@pytest.mark.parametrize("route", ["hybrid", "kernel-only"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_reference_and_dense(case: str, heads: int, kv_heads: int, dim: int, block_size: int,
-                                            dtype: torch.dtype) -> None:
+def test_kernel_matches_reference_and_dense(case: str, route: str, heads: int, kv_heads: int, dim: int,
+                                            block_size: int, dtype: torch.dtype,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """hybrid: long prefill chunks take per-sequence SDPA (the default); kernel-only: every row takes the kernel."""
+    if route == "kernel-only":
+        monkeypatch.setattr(att, "SDPA_MIN_Q", 0)
     seed = fresh_seed()
     seqs = CASES[case]
     if block_size == 1:
         seqs = [(min(q, 64), min(c, 300)) for q, c in seqs]  # one slot per block: keep the tables short
     q, k_cache, v_cache, meta, dense = make_case(seed, seqs, heads, kv_heads, dim, block_size, dtype)
     scale = dim**-0.5
-    why = f"seed={seed} {case} H={heads} KVH={kv_heads} D={dim} bs={block_size} {dtype}"
+    why = f"seed={seed} {case} {route} H={heads} KVH={kv_heads} D={dim} bs={block_size} {dtype}"
     out = paged_attention(q, k_cache, v_cache, meta, scale)
     assert out.dtype == dtype and out.shape == q.shape, why
     assert torch.isfinite(out).all(), f"read outside a context (NaN); {why}"

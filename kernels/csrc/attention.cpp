@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "avx512_rows.h"
 #include "common.h"
 
 namespace {
@@ -42,6 +44,27 @@ inline float dotf(const float* a, const float* b, int64_t n) {
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// exp(x) for x <= 0 (a score minus the running max): Cephes' expf polynomial with a power-of-two scale,
+// written so the compiler vectorizes it (std::exp does not); ~1 ulp, and ~1e-38 rather than 0 below -87.
+#pragma omp declare simd
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return y * scale;
 }
 
 inline void store_row(char* dst, int64_t dt, const float* src, float mul, int64_t n) {
@@ -89,7 +112,10 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
     const int64_t page = i0 / bs, i1 = std::min(hi, (page + 1) * bs), n = i1 - i0;
     const int64_t blk = table[page];
     if (blk < 0 || (blk + 1) * bs > g.n_slots) return false;
-    for (int64_t i = 0; i < n; ++i) {  // this page's key / value rows (fp32 in place, bf16 converted)
+    // this page's key / value rows (fp32 read in place, bf16 converted); consecutive slots of a page are
+    // evenly spaced, which the 16-key score path relies on
+    const int64_t k_row_bytes = g.kv_dt == sb::F32 ? g.k_s0 * 4 : D * 4;
+    for (int64_t i = 0; i < n; ++i) {
       const int64_t slot = blk * bs + (i0 + i) % bs;
       const char* kr = g.k + (slot * g.k_s0 + w.kvh * g.k_s1) * kvsz;
       const char* vr = g.v + (slot * g.v_s0 + w.kvh * g.v_s1) * kvsz;
@@ -108,11 +134,14 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
       const int64_t valid = std::min(i1, pos + 1) - i0;  // causal: keys at context index <= pos
       if (valid <= 0) continue;
       const float* qv = qf.data() + q * D;
+      int64_t i = 0;
+#ifdef SB_HAVE_AVX512
+      for (; i + 16 <= valid; i += 16)  // 16 keys of the page at a time, one vector of scores
+        sb::dot16_rows(reinterpret_cast<const char*>(kp[i]), k_row_bytes, sb::F32, D, qv, s.data() + i);
+#endif
+      for (; i < valid; ++i) s[i] = dotf(qv, kp[i], D);
       float mx = m[q];
-      for (int64_t i = 0; i < valid; ++i) {
-        s[i] = dotf(qv, kp[i], D);
-        mx = std::max(mx, s[i]);
-      }
+      for (int64_t i = 0; i < valid; ++i) mx = std::max(mx, s[i]);
       float* a = acc.data() + q * D;
       if (mx > m[q]) {
         const float alpha = std::exp(m[q] - mx);  // exp(-inf) = 0 on the first page
@@ -122,9 +151,13 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
         m[q] = mx;
       }
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t i = 0; i < valid; ++i) {
-        const float e = std::exp(s[i] - mx);
-        sum += e;
+        s[i] = exp_neg(s[i] - mx);
+        sum += s[i];
+      }
+      for (int64_t i = 0; i < valid; ++i) {
+        const float e = s[i];
         const float* vr = vp[i];
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) a[d] += e * vr[d];
@@ -136,7 +169,9 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
   return true;
 }
 
-int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t n_threads) {
+// Sequences with skip_q or more query rows (0 = none) are left to the caller (long prefill chunks: a GEMM-based
+// SDPA over their own context beats this row-at-a-time kernel there).
+int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64_t n_threads) {
   const int64_t G = g.heads / g.kv_heads, D = g.dim;
   std::vector<Item> items;
   int64_t decode_items = 0, max_ctx = 0;
@@ -154,6 +189,7 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t n_threads) {
   std::vector<int64_t> part_owner;  // part -> seq * kv_heads + kvh (parts of one owner are consecutive)
   for (int64_t b = 0; b < n_seqs; ++b) {
     const int64_t q_len = g.q_starts[b + 1] - g.q_starts[b], ctx = g.ctx_lens[b];
+    if (skip_q > 0 && q_len >= skip_q) continue;
     for (int64_t kvh = 0; kvh < g.kv_heads; ++kvh) {
       if (q_len == 1 && splits > 1 && ctx >= 2 * SPLIT_MIN) {
         const int64_t n = std::min(splits, ctx / SPLIT_MIN);
@@ -229,14 +265,14 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t n_threads) {
 }
 
 // attention(q, q_s0, q_s1, q_dt, k, k_s0, k_s1, v, v_s0, v_s1, kv_dt, n_slots, out, o_s0, o_s1, q_starts,
-//           ctx_lens, tables, table_ld, n_seqs, block_size, heads, kv_heads, dim, scale, n_threads)
+//           ctx_lens, tables, table_ld, n_seqs, block_size, heads, kv_heads, dim, scale, skip_q, n_threads)
 PyObject* py_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 26) return sb::arg_error("attention: 26 arguments");
-  int64_t v[26];
+  if (nargs != 27) return sb::arg_error("attention: 27 arguments");
+  int64_t v[27];
   if (!sb::read_ints(args, 24, v)) return nullptr;
   const double scale = PyFloat_AsDouble(args[24]);
   if (scale == -1.0 && PyErr_Occurred()) return nullptr;
-  if (!sb::read_ints(args + 25, 1, v + 25)) return nullptr;
+  if (!sb::read_ints(args + 25, 2, v + 25)) return nullptr;
   Geometry g{reinterpret_cast<const char*>(v[0]), reinterpret_cast<const char*>(v[4]),
              reinterpret_cast<const char*>(v[7]), reinterpret_cast<char*>(v[12]),
              v[1], v[2], v[5], v[6], v[8], v[9], v[13], v[14], v[3], v[10], v[11],
@@ -246,7 +282,7 @@ PyObject* py_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return sb::arg_error("attention: bad geometry (heads % kv_heads, block_size 1..1024)");
   int64_t n;
   Py_BEGIN_ALLOW_THREADS
-  n = paged_attention(g, v[19], v[25]);
+  n = paged_attention(g, v[19], v[25], v[26]);
   Py_END_ALLOW_THREADS
   return PyLong_FromLongLong(n);
 }
