@@ -13,8 +13,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from bench.attention_today import padded_gather_attention
 from kernels import attention as att
 from kernels.attention import build_paged_attention_meta, paged_attention, paged_attention_reference
 
@@ -67,27 +67,6 @@ def dense_oracle(q, dense, seqs, scale) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def padded_oracle(q, k_cache, v_cache, meta, scale) -> torch.Tensor:
-    """Today's model path (server/model/llama.py Attention.forward + runner._attention_meta), NaN-free cache."""
-    q_lens = torch.tensor([meta.q_starts_list[b + 1] - meta.q_starts_list[b] for b in range(meta.num_seqs)])
-    rows = [att.context_slots(meta, b) for b in range(meta.num_seqs)]
-    kv_max, q_max = max(r.shape[0] for r in rows), int(q_lens.max())
-    kv_slots = torch.zeros(meta.num_seqs, kv_max, dtype=torch.int64)
-    for i, row in enumerate(rows):
-        kv_slots[i, : row.shape[0]] = row
-    j = torch.arange(q_max)
-    valid = j[None, :] < q_lens[:, None]
-    index = torch.where(valid, (torch.cumsum(q_lens, 0) - q_lens)[:, None] + j[None, :], 0)
-    starts = meta.context_lens - q_lens
-    q_pos = torch.where(valid, starts[:, None] + j[None, :], 0)
-    mask = (torch.arange(kv_max)[None, None, :] <= q_pos[:, :, None])[:, None]
-    keys = torch.nan_to_num(k_cache)[kv_slots].transpose(1, 2).float()
-    values = torch.nan_to_num(v_cache)[kv_slots].transpose(1, 2).float()
-    out = F.scaled_dot_product_attention(q.float()[index].transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k_cache.shape[1])
-    return out.transpose(1, 2)[valid]
-
-
 DECODE_MIX = [(1, c) for c in (1, 2, 7, 16, 17, 100, 513, 1024, 4096)]
 CASES = {
     "decode-mixed": DECODE_MIX,
@@ -129,7 +108,7 @@ def test_kernel_matches_reference_and_dense(case: str, route: str, heads: int, k
     torch.testing.assert_close(out.double(), oracle, atol=tol, rtol=0, msg=lambda m: f"vs dense: {m}\n{why}")
     torch.testing.assert_close(ref.double(), oracle, atol=tol, rtol=0, msg=lambda m: f"ref vs dense: {m}\n{why}")
     if dtype == torch.float32 and max(c for _, c in seqs) <= 1024:
-        padded = padded_oracle(q, k_cache, v_cache, meta, scale)
+        padded = padded_gather_attention(q, torch.nan_to_num(k_cache), torch.nan_to_num(v_cache), meta, scale)
         torch.testing.assert_close(out, padded, atol=tol, rtol=0, msg=lambda m: f"vs today's path: {m}\n{why}")
 
 

@@ -31,7 +31,7 @@ struct Geometry {
 };
 
 struct Item {
-  int64_t seq, kvh, r0, r1;  // query rows [r0, r1) of the sequence
+  int64_t seq, kvh, nkv, r0, r1;  // kv heads [kvh, kvh + nkv), query rows [r0, r1) of the sequence
   int64_t c0, c1;            // context range [c0, c1) this item covers (all of it unless split)
   int64_t part;              // index into the split partials, -1 = writes `out` directly
   int64_t cost;
@@ -80,11 +80,16 @@ inline void store_row(char* dst, int64_t dt, const float* src, float mul, int64_
 
 // One item: online softmax over context [c0, min(c1, pos + 1)) for each query row x group head.
 // Leaves per-query (max, sum, acc) in m/l/acc; returns false on a block table entry outside the cache.
-bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vector<float>& acc,
-              std::vector<float>& m, std::vector<float>& l, std::vector<float>& kbuf, std::vector<float>& vbuf,
-              std::vector<float>& s) {
-  const int64_t G = g.heads / g.kv_heads, D = g.dim, bs = g.block_size;
-  const int64_t rows = w.r1 - w.r0, nq = rows * G;
+struct Scratch {
+  std::vector<float> qf, acc, m, l, kbuf, vbuf, s;
+  std::vector<const float*> kp, vp;
+};
+
+// Queries of an item are numbered q = row * (nkv * G) + hh, hh = the head's offset from the item's first head.
+bool run_item(const Geometry& g, const Item& w, Scratch& sc) {
+  const int64_t G = g.heads / g.kv_heads, D = g.dim, bs = g.block_size, hg = w.nkv * G;
+  const int64_t rows = w.r1 - w.r0, nq = rows * hg;
+  std::vector<float>&qf = sc.qf, &acc = sc.acc, &m = sc.m, &l = sc.l, &kbuf = sc.kbuf, &vbuf = sc.vbuf, &s = sc.s;
   const int64_t q_len = g.q_starts[w.seq + 1] - g.q_starts[w.seq];
   const int64_t first = g.ctx_lens[w.seq] - q_len;  // context index of query row 0
   const int64_t qsz = sb::elem_size(g.q_dt), kvsz = sb::elem_size(g.kv_dt);
@@ -94,20 +99,20 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
   l.assign(nq, 0.f);
   for (int64_t j = 0; j < rows; ++j) {
     const int64_t tok = g.q_starts[w.seq] + w.r0 + j;
-    for (int64_t h = 0; h < G; ++h) {
+    for (int64_t h = 0; h < hg; ++h) {
       const char* src = g.q + (tok * g.q_s0 + (w.kvh * G + h) * g.q_s1) * qsz;
-      float* dst = qf.data() + (j * G + h) * D;
+      float* dst = qf.data() + (j * hg + h) * D;
       sb::load_row(src, g.q_dt, D, dst);
       for (int64_t d = 0; d < D; ++d) dst[d] *= g.scale;
     }
   }
   const int64_t hi = std::min(w.c1, first + w.r1);  // keys needed: [c0, hi)
   const int32_t* table = g.tables + w.seq * g.table_ld;
-  kbuf.resize(bs * D);
-  vbuf.resize(bs * D);
+  kbuf.resize(w.nkv * bs * D);
+  vbuf.resize(w.nkv * bs * D);
   s.resize(bs);
-  const float* kp[1024];
-  const float* vp[1024];
+  sc.kp.resize(w.nkv * bs);
+  sc.vp.resize(w.nkv * bs);
   for (int64_t i0 = w.c0; i0 < hi;) {
     const int64_t page = i0 / bs, i1 = std::min(hi, (page + 1) * bs), n = i1 - i0;
     const int64_t blk = table[page];
@@ -115,22 +120,26 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
     // this page's key / value rows (fp32 read in place, bf16 converted); consecutive slots of a page are
     // evenly spaced, which the 16-key score path relies on
     const int64_t k_row_bytes = g.kv_dt == sb::F32 ? g.k_s0 * 4 : D * 4;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t slot = blk * bs + (i0 + i) % bs;
-      const char* kr = g.k + (slot * g.k_s0 + w.kvh * g.k_s1) * kvsz;
-      const char* vr = g.v + (slot * g.v_s0 + w.kvh * g.v_s1) * kvsz;
-      if (g.kv_dt == sb::F32) {
-        kp[i] = reinterpret_cast<const float*>(kr);
-        vp[i] = reinterpret_cast<const float*>(vr);
-      } else {
-        sb::load_row(kr, g.kv_dt, D, kbuf.data() + i * D);
-        sb::load_row(vr, g.kv_dt, D, vbuf.data() + i * D);
-        kp[i] = kbuf.data() + i * D;
-        vp[i] = vbuf.data() + i * D;
+    for (int64_t lh = 0; lh < w.nkv; ++lh) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t slot = blk * bs + (i0 + i) % bs, at = lh * bs + i;
+        const char* kr = g.k + (slot * g.k_s0 + (w.kvh + lh) * g.k_s1) * kvsz;
+        const char* vr = g.v + (slot * g.v_s0 + (w.kvh + lh) * g.v_s1) * kvsz;
+        if (g.kv_dt == sb::F32) {
+          sc.kp[at] = reinterpret_cast<const float*>(kr);
+          sc.vp[at] = reinterpret_cast<const float*>(vr);
+        } else {
+          sb::load_row(kr, g.kv_dt, D, kbuf.data() + at * D);
+          sb::load_row(vr, g.kv_dt, D, vbuf.data() + at * D);
+          sc.kp[at] = kbuf.data() + at * D;
+          sc.vp[at] = vbuf.data() + at * D;
+        }
       }
     }
     for (int64_t q = 0; q < nq; ++q) {
-      const int64_t pos = first + w.r0 + q / G;
+      const int64_t pos = first + w.r0 + q / hg;
+      const float* const* kp = sc.kp.data() + ((q % hg) / G) * bs;
+      const float* const* vp = sc.vp.data() + ((q % hg) / G) * bs;
       const int64_t valid = std::min(i1, pos + 1) - i0;  // causal: keys at context index <= pos
       if (valid <= 0) continue;
       const float* qv = qf.data() + q * D;
@@ -150,6 +159,10 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
         for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
         m[q] = mx;
       }
+#ifdef SB_HAVE_AVX512
+      l[q] += sb::exp_sub_sum(s.data(), valid, mx);
+      sb::axpy_rows(a, D, s.data(), vp, valid);
+#else
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t i = 0; i < valid; ++i) {
@@ -163,6 +176,7 @@ bool run_item(const Geometry& g, const Item& w, std::vector<float>& qf, std::vec
         for (int64_t d = 0; d < D; ++d) a[d] += e * vr[d];
       }
       l[q] += sum;
+#endif
     }
     i0 = i1;
   }
@@ -180,7 +194,15 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64
     decode_items += q_len == 1;
     max_ctx = std::max(max_ctx, g.ctx_lens[b]);
   }
-  // few sequences, long contexts: split each decode row's context so every thread has work
+  // enough (sequence, query block) units for every thread: an item takes all kv heads of its rows (the cache's
+  // slot rows are read whole and in order); otherwise one kv head per item, and with few sequences and long
+  // contexts each decode row's context is split across threads as well
+  int64_t units = 0;
+  for (int64_t b = 0; b < n_seqs; ++b) {
+    const int64_t q_len = g.q_starts[b + 1] - g.q_starts[b];
+    if (!(skip_q > 0 && q_len >= skip_q)) units += ceil_div(q_len, QB);
+  }
+  const bool all_heads = units >= 2 * n_threads;
   const int64_t base_items = n_seqs * g.kv_heads;
   int64_t splits = 1;
   if (base_items < 2 * n_threads && decode_items > 0)
@@ -190,19 +212,26 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64
   for (int64_t b = 0; b < n_seqs; ++b) {
     const int64_t q_len = g.q_starts[b + 1] - g.q_starts[b], ctx = g.ctx_lens[b];
     if (skip_q > 0 && q_len >= skip_q) continue;
+    if (all_heads) {
+      for (int64_t r0 = 0; r0 < q_len; r0 += QB) {
+        const int64_t r1 = std::min(q_len, r0 + QB);
+        items.push_back({b, 0, g.kv_heads, r0, r1, 0, ctx, -1, (r1 - r0) * (ctx - q_len + r1)});
+      }
+      continue;
+    }
     for (int64_t kvh = 0; kvh < g.kv_heads; ++kvh) {
       if (q_len == 1 && splits > 1 && ctx >= 2 * SPLIT_MIN) {
         const int64_t n = std::min(splits, ctx / SPLIT_MIN);
         const int64_t step = ceil_div(ceil_div(ctx, n), g.block_size) * g.block_size;
         for (int64_t c0 = 0; c0 < ctx; c0 += step) {
-          items.push_back({b, kvh, 0, 1, c0, std::min(ctx, c0 + step), n_parts++, std::min(step, ctx - c0)});
+          items.push_back({b, kvh, 1, 0, 1, c0, std::min(ctx, c0 + step), n_parts++, std::min(step, ctx - c0)});
           part_owner.push_back(b * g.kv_heads + kvh);
         }
         continue;
       }
       for (int64_t r0 = 0; r0 < q_len; r0 += QB) {
         const int64_t r1 = std::min(q_len, r0 + QB);
-        items.push_back({b, kvh, r0, r1, 0, ctx, -1, (r1 - r0) * (ctx - q_len + r1)});
+        items.push_back({b, kvh, 1, r0, r1, 0, ctx, -1, (r1 - r0) * (ctx - q_len + r1)});
       }
     }
   }
@@ -213,27 +242,27 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64
   const int64_t osz = sb::elem_size(g.q_dt);
 #pragma omp parallel num_threads(n_threads) if (n_items > 1 && n_threads > 1)
   {
-    std::vector<float> qf, acc, m, l, kbuf, vbuf, s;
+    Scratch sc;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item& w = items[it];
-      if (!run_item(g, w, qf, acc, m, l, kbuf, vbuf, s)) {
+      if (!run_item(g, w, sc)) {
         ok = false;
         continue;
       }
-      const int64_t rows = w.r1 - w.r0;
+      const int64_t rows = w.r1 - w.r0, hg = w.nkv * G;
       for (int64_t j = 0; j < rows; ++j) {
-        for (int64_t h = 0; h < G; ++h) {
-          const int64_t q = j * G + h;
-          if (w.part >= 0) {
+        for (int64_t h = 0; h < hg; ++h) {
+          const int64_t q = j * hg + h;
+          if (w.part >= 0) {  // split items have one kv head: h < G
             float* p = parts.data() + (w.part * G + h) * (D + 2);
-            p[0] = m[q];
-            p[1] = l[q];
-            std::copy(acc.data() + q * D, acc.data() + (q + 1) * D, p + 2);
+            p[0] = sc.m[q];
+            p[1] = sc.l[q];
+            std::copy(sc.acc.data() + q * D, sc.acc.data() + (q + 1) * D, p + 2);
           } else {
             const int64_t tok = g.q_starts[w.seq] + w.r0 + j;
-            store_row(g.out + (tok * g.o_s0 + (w.kvh * G + h) * g.o_s1) * osz, g.q_dt, acc.data() + q * D,
-                      1.f / l[q], D);
+            store_row(g.out + (tok * g.o_s0 + (w.kvh * G + h) * g.o_s1) * osz, g.q_dt, sc.acc.data() + q * D,
+                      1.f / sc.l[q], D);
           }
         }
       }
