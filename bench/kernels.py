@@ -7,7 +7,8 @@ distinct / uniform / zipf:1.5 / skewed / identical. Compares our paths (on CPU t
 compiled CPU kernel, on CUDA Triton), a loop over tokens, and gather+bmm; reports achieved GB/s of
 adapter-weight + activation traffic against the measured copy bandwidth. On CPU also the LoRA work of a
 whole decode step (7 projections x 30 layers, cache-cold), with and without fused q/k/v and gate/up
-shrinks. Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
+shrinks, and one layer's paged attention (kernels/attention.py) against today's padded gather + SDPA.
+Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
 or NF4 with --nf4),
 each with its own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model.
 """
@@ -144,6 +145,38 @@ def step_rows(repeats: int, layers: int = 30, rank: int = 16, n_adapters: int = 
         yield f"| {label} | {sec * 1e3:.1f} | {weight_bytes / sec / 1e9:.1f} | {cpu_sec * 1e3:.1f} |"
 
 
+def attention_rows(repeats: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, block_size: int = 16):
+    """One layer's attention (SmolLM2-135M's heads) over the paged cache: the new kernel vs today's padded gather."""
+    from bench.attention_today import padded_gather_attention
+    from kernels.attention import build_paged_attention_meta, paged_attention
+
+    yield (f"| attention, one layer ({heads} heads, {kv_heads} kv heads, dim {dim}, block {block_size}), "
+           f"{torch.get_num_threads()} threads | paged kernel (ms) | K/V GB/s | today's padded gather (ms) | ratio |")
+    yield "|---|---:|---:|---:|---:|"
+    cases = [("decode 32 x 512", [(1, 512)] * 32), ("decode 32 x 2048", [(1, 2048)] * 32),
+             ("decode 8 x 4096", [(1, 4096)] * 8), ("decode 1 x 4096 + 31 x 64", [(1, 4096)] + [(1, 64)] * 31),
+             ("prefill 1 x 512", [(512, 512)]), ("prefill chunk 256 of 2048 + 31 decodes x 64",
+                                                 [(256, 2048)] + [(1, 64)] * 31)]
+    g = torch.Generator().manual_seed(0)
+    for label, seqs in cases:
+        need = [-(-ctx // block_size) for _, ctx in seqs]
+        order = torch.randperm(sum(need), generator=g).tolist()  # blocks scattered over the cache
+        tables, used = [], 0
+        for n in need:
+            tables.append(order[used : used + n] + [-1] * (max(need) - n))
+            used += n
+        k_cache = torch.randn(sum(need) * block_size, kv_heads, dim, generator=g)
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(sum(q for q, _ in seqs), heads, dim, generator=g)
+        meta = build_paged_attention_meta([q for q, _ in seqs], [c for _, c in seqs], tables, block_size)
+        t_new = timed(lambda q=q, k=k_cache, v=v_cache, meta=meta: paged_attention(q, k, v, meta, dim**-0.5), repeats)
+        t_old = timed(lambda q=q, k=k_cache, v=v_cache, meta=meta: padded_gather_attention(q, k, v, meta, dim**-0.5),
+                      max(1, repeats // 4))
+        kv_bytes = 2 * sum(c for _, c in seqs) * kv_heads * dim * 4
+        yield (f"| {label} | {t_new * 1e3:.2f} | {kv_bytes / t_new / 1e9:.1f} | {t_old * 1e3:.2f} | "
+               f"{t_old / t_new:.1f}x |")
+
+
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -206,6 +239,7 @@ def main() -> None:
     parts = [] if args.skip_ops else [op_rows(args.device, args.repeats)]
     if not args.skip_ops and not args.device.startswith("cuda"):
         parts.append(step_rows(max(3, args.repeats // 4)))
+        parts.append(attention_rows(max(3, args.repeats // 4)))
     if not args.skip_engine:
         parts.append(engine_rows(args.repeats, args.nf4))
     for part in parts:

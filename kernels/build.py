@@ -32,9 +32,15 @@ from types import ModuleType
 import torch  # noqa: F401  (loads torch's libgomp first, so the kernels bind to it)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
 _loaded: dict[str, ModuleType | None] = {}
 build_seconds: dict[str, float] = {}  # name -> seconds the build took in this process (0 = cache hit)
+
+
+def march() -> str:
+    """`-march=` target: the build machine's CPU unless SWITCHBOARD_CPU_MARCH says otherwise (e.g. x86-64-v3 to
+    build and test the AVX2 paths on an AVX-512 machine)."""
+    return os.environ.get("SWITCHBOARD_CPU_MARCH", "native")
 
 
 def cache_dir() -> Path:
@@ -44,12 +50,11 @@ def cache_dir() -> Path:
 
 def _cpu_signature() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features", "model name")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return os.uname().machine
+        return os.uname().machine
+    keys = ("model name", "flags", "Features")
+    return "\n".join(next((ln for ln in lines if ln.startswith(k)), "") for k in keys) + os.uname().machine
 
 
 def _compiler() -> str | None:
@@ -84,8 +89,9 @@ def _build(name: str) -> Path:
     if not (Path(include) / "Python.h").exists():
         raise RuntimeError(f"no Python.h under {include} (install the Python development headers)")
     sources = [CSRC / f"{name}.cpp", *sorted(CSRC.glob("*.h"))]
+    flags = [*FLAGS, f"-march={march()}"]
     h = hashlib.sha256()
-    for part in (*[p.read_bytes() for p in sources], " ".join(FLAGS).encode(), cxx.encode(), _cpu_signature().encode(),
+    for part in (*[p.read_bytes() for p in sources], " ".join(flags).encode(), cxx.encode(), _cpu_signature().encode(),
                  include.encode(), str(sysconfig.get_config_var("EXT_SUFFIX")).encode()):
         h.update(part)
     out = cache_dir() / f"{name}-{h.hexdigest()[:16]}.so"
@@ -97,7 +103,7 @@ def _build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, "-I", str(CSRC), "-I", include, str(sources[0]), "-o", tmp],
+        proc = subprocess.run([cxx, *flags, "-I", str(CSRC), "-I", include, str(sources[0]), "-o", tmp],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")

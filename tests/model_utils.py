@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.attention import build_paged_attention_meta
 from server.config import ModelConfig
 from server.engine.kv_cache import KVCache
 from server.model.batch import AttentionMeta, ForwardBatch
@@ -15,13 +16,8 @@ from server.model.loader import LoadedModel, load_model
 def single_sequence_batch(n: int) -> ForwardBatch:
     """A prefill of one sequence of n tokens at KV slots 0..n-1 (input_ids filled in by the caller)."""
     idx = torch.arange(n)
-    attn = AttentionMeta(
-        kv_write_slots=idx,
-        query_index=idx[None, :],
-        query_valid=torch.ones(1, n, dtype=torch.bool),
-        kv_slots=idx[None, :],
-        mask=(idx[None, :] <= idx[:, None])[None, None],
-    )
+    blocks = list(range(-(-n // 16)))  # our_logits' cache: block_size 16, block b holds slots 16b..16b+15
+    attn = AttentionMeta(kv_write_slots=idx, paged=build_paged_attention_meta([n], [n], [blocks], 16))
     return ForwardBatch(input_ids=idx, positions=idx, attention=attn, logits_index=idx[-1:])
 
 

@@ -168,3 +168,43 @@ def test_dispatcher_modes_agree(mode: str, monkeypatch: pytest.MonkeyPatch) -> N
     y = kernels.lora_expand(kernels.lora_shrink(x, a, meta), b, scales, meta, y0.clone())
     _, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
     torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} mode={mode}")
+
+
+PORTABLE_CHECK = """
+import torch
+from kernels import attention, cpu
+from kernels.meta import build_lora_meta
+from kernels.reference import expand_reference, shrink_reference
+from tests.test_kernels_cpu import make_case
+from tests.test_paged_attention import make_case as attention_case
+seed = {seed}
+for dtype in (torch.float32, torch.bfloat16):
+    for rank, n, grouped in ((16, 33, True), (64, 7, False), (5, 256, True)):
+        slots, x, a, b, scales, y0, ranks = make_case(seed, n, rank, "skewed", dtype, grouped, rank != 16)
+        meta = build_lora_meta(slots, ranks)
+        t = cpu.cpu_shrink(x, a, meta)
+        torch.testing.assert_close(t, shrink_reference(x, a, meta), atol=1e-4, rtol=1e-4)
+        y = cpu.cpu_expand(t, b, scales, meta, y0.clone())
+        y_ref = expand_reference(t, b, scales, meta, y0.clone())
+        torch.testing.assert_close(y.float(), y_ref.float(), atol=0.3 if dtype == torch.bfloat16 else 1e-3, rtol=3e-2)
+    q, k, v, meta, _ = attention_case(seed, [(1, 700), (5, 300), (1, 17)], 9, 3, 64, 16, dtype)
+    out = attention.paged_attention(q, k, v, meta, 0.125)
+    ref = attention.paged_attention_reference(q, k, v, meta, 0.125)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1.6e-2 if dtype == torch.bfloat16 else 2e-5, rtol=0)
+assert cpu.available() and attention.available()
+print("portable ok")
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
+def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
+    """The kernels built for x86-64-v3 (AVX2, none of the AVX-512 paths) in a fresh cache, in a subprocess."""
+    import subprocess
+    import sys
+
+    seed = fresh_seed()
+    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": "x86-64-v3", "SWITCHBOARD_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(seed=seed)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 2, "both libraries built into the fresh cache"

@@ -1,4 +1,4 @@
-// AVX-512 helper for expand: 16 rows of B (rank-long, contiguous) dotted with one t row, sums in one vector.
+// AVX-512 helpers: 16 rows dotted with one vector (LoRA expand, attention scores), exp, and row accumulation.
 #pragma once
 #include <cstdint>
 
@@ -43,6 +43,65 @@ inline void dot16_rows(const char* b, int64_t ld_bytes, int64_t dt, int64_t r, c
     for (int i = 0; i < 16; ++i) s[i] = _mm512_fmadd_ps(load16(b + i * ld_bytes + k * esz, dt, mask), tv, s[i]);
   }
   _mm512_storeu_ps(out, reduce16(s));
+}
+
+// exp(x) for x <= 0, 16 lanes: the same Cephes polynomial as attention.cpp's scalar exp_neg.
+inline __m512 exp16_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fmadd_ps(fx, _mm512_set1_ps(2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, x), _mm512_set1_ps(1.0f));
+  const __m512i n = _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127));
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
+}
+
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xffff)
+                         : remaining <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+// s[0:n] = exp(s[0:n] - mx) in place; returns their sum.
+inline float exp_sub_sum(float* s, int64_t n, float mx) {
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), m)));
+    _mm512_mask_storeu_ps(s + i, k, e);
+    total = _mm512_add_ps(total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// a[0:D] += sum_i e[i] * v[i][0:D]: four register accumulators per 64 features, one pass over the n rows.
+inline void axpy_rows(float* a, int64_t D, const float* e, const float* const* v, int64_t n) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const __mmask16 k0 = tail_mask(D - d0), k1 = tail_mask(D - d0 - 16), k2 = tail_mask(D - d0 - 32),
+                    k3 = tail_mask(D - d0 - 48);
+    __m512 a0 = _mm512_maskz_loadu_ps(k0, a + d0), a1 = _mm512_maskz_loadu_ps(k1, a + d0 + 16);
+    __m512 a2 = _mm512_maskz_loadu_ps(k2, a + d0 + 32), a3 = _mm512_maskz_loadu_ps(k3, a + d0 + 48);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 w = _mm512_set1_ps(e[i]);
+      const float* r = v[i] + d0;
+      a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k0, r), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k1, r + 16), a1);
+      a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k2, r + 32), a2);
+      a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k3, r + 48), a3);
+    }
+    _mm512_mask_storeu_ps(a + d0, k0, a0);
+    _mm512_mask_storeu_ps(a + d0 + 16, k1, a1);
+    _mm512_mask_storeu_ps(a + d0 + 32, k2, a2);
+    _mm512_mask_storeu_ps(a + d0 + 48, k3, a3);
+  }
 }
 
 }  // namespace sb

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.attention import build_paged_attention_meta
 from server.adapters import kinds
 from server.adapters.kinds import ChunkView, ContextLayout
 from server.adapters.slots import AdapterTables
@@ -27,7 +28,6 @@ class StepLayout:
     positions: list[int] = field(default_factory=list)  # [T] context index = RoPE position
     starts: list[int] = field(default_factory=list)  # [B] first context index computed this step
     write_slots: list[torch.Tensor] = field(default_factory=list)  # B x [n] KV slots the new tokens fill
-    kv_rows: list[torch.Tensor] = field(default_factory=list)  # B x [start + n] KV slots of the whole context
     logits_index: list[int] = field(default_factory=list)  # [S] flat token whose logits are sampled
     sampled: list[Sequence] = field(default_factory=list)  # [S]
     chunks: dict[str, list[ChunkView]] = field(default_factory=dict)  # adapter kind -> its sequences' chunks
@@ -74,7 +74,6 @@ class ModelRunner:
             out.positions.extend(range(start, start + n))
             out.starts.append(start)
             out.write_slots.append(self.kv.kv_slots(seq.blocks, start, start + n))
-            out.kv_rows.append(self.kv.kv_slots(seq.blocks, 0, start + n))
             if start + n == seq.context_len:
                 out.logits_index.append(offset + n - 1)
                 out.sampled.append(seq)
@@ -95,24 +94,12 @@ class ModelRunner:
         return adapters
 
     def _attention_meta(self, scheduled: list[tuple[Sequence, int]], layout: StepLayout) -> AttentionMeta:
-        b = len(scheduled)
-        q_lens = torch.tensor([n for _, n in scheduled])
-        q_max = int(q_lens.max())
-        kv_max = max(int(r.shape[0]) for r in layout.kv_rows)
-        kv_slots = torch.zeros(b, kv_max, dtype=torch.int64)
-        for i, row in enumerate(layout.kv_rows):
-            kv_slots[i, : row.shape[0]] = row
-        j = torch.arange(q_max)
-        query_valid = j[None, :] < q_lens[:, None]  # [B, q_max]
-        flat_starts = torch.cumsum(q_lens, 0) - q_lens
-        query_index = torch.where(query_valid, flat_starts[:, None] + j[None, :], 0)
-        q_pos = torch.where(query_valid, torch.tensor(layout.starts)[:, None] + j[None, :], 0)  # [B, q_max]
-        mask = torch.arange(kv_max)[None, None, :] <= q_pos[:, :, None]  # [B, q_max, kv_max]
-        dev = self.device
+        """Once per step, shared by every layer: where the new K/V go, and each sequence's block table."""
+        q_lens = [n for _, n in scheduled]
+        context_lens = [start + n for start, n in zip(layout.starts, q_lens, strict=True)]
+        width = max(len(seq.blocks) for seq, _ in scheduled)
+        tables = [seq.blocks + [-1] * (width - len(seq.blocks)) for seq, _ in scheduled]
         return AttentionMeta(
-            kv_write_slots=torch.cat(layout.write_slots).to(dev),
-            query_index=query_index.to(dev),
-            query_valid=query_valid.to(dev),
-            kv_slots=kv_slots.to(dev),
-            mask=mask[:, None].to(dev),
+            kv_write_slots=torch.cat(layout.write_slots).to(self.device),
+            paged=build_paged_attention_meta(q_lens, context_lens, tables, self.kv.block_size),
         )

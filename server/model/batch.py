@@ -1,8 +1,8 @@
 """The per-step batch description that the runner fills and every layer reads.
 
 One `ForwardBatch` describes a mix of prefill chunks and single decode tokens of many sequences,
-each possibly with its own adapter. Tokens are laid out sequence after sequence ("flat"); the
-attention metadata pads them per sequence for one batched attention call.
+each possibly with its own adapter. Tokens are laid out sequence after sequence ("flat"); attention
+reads each sequence's context from the paged KV cache in place through its block table.
 
 Adapters reach the model only as `StepAdapter`s: one object per adapter kind present in the step,
 called at the model's three application points (input embeddings, a projection's input, a
@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.attention import PagedAttentionMeta
+
 
 @dataclass(slots=True)
 class AttentionMeta:
     kv_write_slots: torch.Tensor  # [T] int64 flat KV-cache slot each token's K/V is written to
-    query_index: torch.Tensor  # [B, q_max] int64 index into the T tokens (padding points at token 0)
-    query_valid: torch.Tensor  # [B, q_max] bool
-    kv_slots: torch.Tensor  # [B, kv_max] int64 KV-cache slots of each sequence's context (padded with 0)
-    mask: torch.Tensor  # [B, 1, q_max, kv_max] bool, True = attend (causal over the context)
+    paged: PagedAttentionMeta  # each sequence's query rows, context length and block table (read in place)
 
 
 class StepAdapter:

@@ -2,7 +2,7 @@
 
 A single forward serves a mix of prefill chunks and decode tokens of many sequences, each with
 its own adapter: projections route tokens to adapters (layers.Projection), attention reads every
-sequence's context from the paged KV cache in one batched call.
+sequence's context from the paged KV cache in place (kernels/attention.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import paged_attention
 from server.model.args import ModelArgs
 from server.model.batch import AttentionMeta, ForwardBatch, StepAdapter
 from server.model.layers import Projection, RMSNorm, Rotary
@@ -40,14 +41,7 @@ class Attention(nn.Module):
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         k_cache[attn.kv_write_slots] = k.to(k_cache.dtype)
         v_cache[attn.kv_write_slots] = v.to(v_cache.dtype)
-        keys = k_cache[attn.kv_slots].transpose(1, 2)  # [B, kv_heads, kv_max, head_dim]
-        values = v_cache[attn.kv_slots].transpose(1, 2)
-        queries = q[attn.query_index].transpose(1, 2)  # [B, heads, q_max, head_dim]
-        out = F.scaled_dot_product_attention(
-            queries, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn.mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        out = out.transpose(1, 2)[attn.query_valid]  # [T, heads, head_dim], flat token order
+        out = paged_attention(q, k_cache, v_cache, attn.paged, self.scale)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), adapters)
 
 

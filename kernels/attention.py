@@ -1,0 +1,168 @@
+"""Paged attention: a step's query tokens against each sequence's context, read in place from the paged KV cache.
+
+Semantics (both paths): sequence b owns query tokens q[q_starts[b]:q_starts[b+1]] (q_len_b of them, flat,
+sequence after sequence) and a context of context_lens[b] tokens (including this step's), whose index i lives
+at cache slot block_tables[b, i // block_size] * block_size + i % block_size. Query row j of sequence b sits at
+context index p = context_lens[b] - q_len_b + j and attends causally to context indices 0..p:
+
+    out[t, h] = sum_i softmax_i(scale * q[t, h] . K[slot(i), h // group]) V[slot(i), h // group],  i <= p
+
+with group = heads / kv_heads (GQA: query head h reads kv head h // group, as HF's repeat_kv), fp32
+softmax and accumulation, out in q's dtype. Context indices 0..n_prefix-1 may hold prefix-tuning K/V: they
+are ordinary context. `paged_attention_reference` is the oracle (per sequence: gather its context, SDPA);
+`paged_attention` is the compiled CPU kernel (kernels/csrc/attention.cpp: online softmax over the block table,
+parallel over (sequence, kv head, query block), decode contexts split across threads when there are few
+sequences) for decode rows and short chunks; a chunk of SDPA_MIN_Q or more query rows goes to torch's SDPA over
+its own gathered context (a prefill costs what its sequence costs, with a GEMM-based kernel, measured faster
+there). The reference is the explicit fallback (CUDA tensors, fp16, a machine without a compiler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.build import extension
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# a sequence with this many query rows or more (a prefill chunk) runs torch SDPA over its own context; 0 = never
+# (measured: the kernel wins below ~8-16 rows at contexts 128..2048, SDPA's GEMMs above)
+SDPA_MIN_Q = 16
+_UNSET = object()
+_lib = _UNSET
+
+
+@dataclass(slots=True)
+class PagedAttentionMeta:
+    q_starts: torch.Tensor  # [B + 1] int64, host: sequence b's query tokens are q[q_starts[b]:q_starts[b+1]]
+    context_lens: torch.Tensor  # [B] int64, host: kv length of each sequence, this step's tokens included
+    block_tables: torch.Tensor  # [B, max_blocks] int32, host: cache block of each context block, -1 = none
+    block_size: int
+    q_starts_list: list[int]  # the same, as host lists (the reference loops over sequences without syncs)
+    context_lens_list: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.q_starts_list[-1]
+
+
+def build_paged_attention_meta(q_lens: Sequence[int], context_lens: Sequence[int],
+                               block_tables: Sequence[Sequence[int]] | torch.Tensor, block_size: int,
+                               num_blocks: int | None = None) -> PagedAttentionMeta:
+    """Checked metadata for one step (built once per step on the host, shared by every layer).
+
+    Raises ValueError on a query longer than its context, a context its block table does not cover, or (given
+    num_blocks, the cache's block count) a block id outside the cache."""
+    if block_size <= 0 or block_size > 1024:
+        raise ValueError(f"block_size must be in 1..1024, got {block_size}")
+    if len(q_lens) != len(context_lens):
+        raise ValueError(f"{len(q_lens)} query lengths for {len(context_lens)} contexts")
+    tables = torch.as_tensor(block_tables, dtype=torch.int32).reshape(len(q_lens), -1).contiguous()
+    for b, (q_len, ctx) in enumerate(zip(q_lens, context_lens, strict=True)):
+        if q_len < 0 or ctx < q_len:
+            raise ValueError(f"sequence {b}: {q_len} query tokens for a context of {ctx}")
+        needed = -(-ctx // block_size)
+        if needed > tables.shape[1] or (needed and int(tables[b, :needed].min()) < 0):
+            raise ValueError(f"sequence {b}: context {ctx} needs {needed} blocks; its block table has fewer")
+        if num_blocks is not None and needed and int(tables[b, :needed].max()) >= num_blocks:
+            raise ValueError(f"sequence {b}: block id {int(tables[b, :needed].max())} >= {num_blocks} blocks")
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + int(q_len))
+    return PagedAttentionMeta(
+        q_starts=torch.tensor(starts, dtype=torch.int64),
+        context_lens=torch.tensor(list(context_lens), dtype=torch.int64),
+        block_tables=tables,
+        block_size=block_size,
+        q_starts_list=starts,
+        context_lens_list=[int(c) for c in context_lens],
+    )
+
+
+def context_slots(meta: PagedAttentionMeta, b: int) -> torch.Tensor:
+    """[context_len] int64 cache slots of sequence b's context, in context order."""
+    i = torch.arange(meta.context_lens_list[b])
+    return meta.block_tables[b, i // meta.block_size].long() * meta.block_size + i % meta.block_size
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: PagedAttentionMeta, scale: float) -> torch.Tensor:
+    """The oracle: per sequence, gather its context through the block table and run causal SDPA in fp32.
+
+    q [T, H, D], k_cache/v_cache [kv_slots, KVH, D] (one layer), returns out [T, H, D] in q's dtype."""
+    out = torch.empty_like(q)
+    for b in range(meta.num_seqs):
+        _sequence_sdpa(q, k_cache, v_cache, meta, scale, b, out)
+    return out
+
+
+def _sequence_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
+                   scale: float, b: int, out: torch.Tensor) -> None:
+    """out[sequence b's rows] = causal SDPA (fp32) of its queries over its own context, gathered from the cache."""
+    lo, hi = meta.q_starts_list[b], meta.q_starts_list[b + 1]
+    if hi == lo:
+        return
+    slots = context_slots(meta, b).to(k_cache.device)
+    keys = k_cache[slots].float().transpose(0, 1)[None]  # [1, KVH, ctx, D] (4-D: torch's fused CPU kernel)
+    values = v_cache[slots].float().transpose(0, 1)[None]
+    ctx = slots.shape[0]
+    pos = torch.arange(ctx - (hi - lo), ctx, device=q.device)
+    mask = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]  # [q_len, ctx]
+    o = F.scaled_dot_product_attention(q[lo:hi].float().transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                       scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1])
+    out[lo:hi] = o[0].transpose(0, 1).to(q.dtype)
+
+
+def _kernels():
+    global _lib
+    if _lib is _UNSET:
+        _lib = extension("attention")
+    return _lib
+
+
+def available() -> bool:
+    """True when the compiled kernel is usable on this machine (builds it on first call)."""
+    return _kernels() is not None
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
+                    scale: float) -> torch.Tensor:
+    """Semantics: as paged_attention_reference (module docstring), computed in place from the paged cache.
+
+    q [T, H, D] fp32/bf16, k_cache/v_cache [kv_slots, KVH, D] fp32/bf16 (one layer, same dtype),
+    returns out [T, H, D] in q's dtype. Raises ValueError on shapes that do not fit together."""
+    t, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if k_cache.shape != v_cache.shape or k_cache.shape[2] != dim or heads % kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k_cache.shape)} / v {tuple(v_cache.shape)}")
+    if t != meta.num_tokens:
+        raise ValueError(f"q has {t} tokens, the metadata {meta.num_tokens}")
+    lib = _kernels()
+    tensors = (q, k_cache, v_cache)
+    if (lib is None or any(x.dtype not in _DTYPES or x.stride(-1) != 1 or x.is_cuda for x in tensors)
+            or k_cache.dtype != v_cache.dtype):
+        return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if t == 0:
+        return out
+    tables = meta.block_tables
+    n = lib.attention(q.data_ptr(), q.stride(0), q.stride(1), _DTYPES[q.dtype],
+                      k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+                      v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), _DTYPES[k_cache.dtype],
+                      k_cache.shape[0], out.data_ptr(), out.stride(0), out.stride(1),
+                      meta.q_starts.data_ptr(), meta.context_lens.data_ptr(), tables.data_ptr(), tables.stride(0),
+                      meta.num_seqs, meta.block_size, heads, kv_heads, dim, float(scale), SDPA_MIN_Q,
+                      torch.get_num_threads())
+    if n < 0:
+        raise ValueError(f"a block table entry lies outside the cache ({k_cache.shape[0]} slots)")
+    for b in range(meta.num_seqs):  # long prefill chunks: SDPA over the sequence's own context (0 = never)
+        if 0 < SDPA_MIN_Q <= meta.q_starts_list[b + 1] - meta.q_starts_list[b]:
+            _sequence_sdpa(q, k_cache, v_cache, meta, scale, b, out)
+    return out
