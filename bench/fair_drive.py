@@ -47,7 +47,7 @@ class RequestTrace:
 @dataclass
 class Trace:
     tenants: list[str]
-    service: list[dict[str, float]] = field(default_factory=list)  # per step: tenant -> service so far
+    service: list[dict[str, float]] = field(default_factory=list)  # per step: tenant -> service in this run
     requests: list[RequestTrace] = field(default_factory=list)
     steps: int = 0
     wall_s: float = 0.0
@@ -72,6 +72,7 @@ def drive(engine, loads: list[TenantLoad], steps: int, seed: int = 0, shape: Sha
     waiting = engine.scheduler.waiting
     waiting.set_weights({load.name: load.weight for load in loads})
     trace = Trace([load.name for load in loads])
+    before = {t: s.service for t, s in waiting.snapshot().items()}  # service is counted from this run's start
     owed = {load.name: 0.0 for load in loads}
     live: dict[str, tuple] = {}  # request_id -> (handle, RequestTrace)
     started = time.perf_counter()
@@ -109,7 +110,7 @@ def drive(engine, loads: list[TenantLoad], steps: int, seed: int = 0, shape: Sha
                     rec.finish_step = step
                     del live[rid]
                     break
-        trace.service.append({t: s.service for t, s in waiting.snapshot().items()})
+        trace.service.append({t: s.service - before.get(t, 0.0) for t, s in waiting.snapshot().items()})
     trace.steps = steps
     trace.wall_s = time.perf_counter() - started
     for rid in live:  # leave the engine empty for the next run

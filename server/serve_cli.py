@@ -75,6 +75,11 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
     return model, engine, pool, server
 
 
+def default_scheduling(tenant_names: list[str]) -> str:
+    """VTC as soon as there is more than one tenant to be fair between, else FCFS (the same order for one)."""
+    return "vtc" if len(tenant_names) > 1 else "fcfs"
+
+
 def model_id(args: argparse.Namespace) -> str:
     if args.model_id:
         return args.model_id
@@ -120,8 +125,8 @@ def main(argv: list[str]) -> int:
     try:
         model_cfg, engine_cfg, pool_cfg, server_cfg = configs(args)
         tenants = load_tenants(server_cfg)  # before loading the model: a refused bind fails fast
-        if args.scheduling is None:  # fair scheduling as soon as there is more than one tenant to be fair between
-            engine_cfg = dataclasses.replace(engine_cfg, scheduling="vtc" if len(tenants.tenants) > 1 else "fcfs")
+        if args.scheduling is None:
+            engine_cfg = dataclasses.replace(engine_cfg, scheduling=default_scheduling(tenants.tenants))
     except (ConfigError, TenantsFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

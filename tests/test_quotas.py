@@ -166,3 +166,29 @@ def test_reload_rotates_keys_changes_quotas_and_refuses_a_broken_file(keyed) -> 
             acme2.generate(token_ids=[5, 6], max_new_tokens=2)
         with pytest.raises(PermissionDenied):
             acme2.reload_tenants()
+
+
+def test_scheduling_flags_and_default() -> None:
+    from server.serve_cli import configs, default_scheduling, parse_args
+
+    assert default_scheduling(["admin", "acme"]) == "vtc" and default_scheduling(["local"]) == "fcfs"
+    _, engine, _, _ = configs(parse_args(["--scheduling", "vtc", "--w-in", "0.5", "--w-out", "3"]))
+    assert (engine.scheduling, engine.w_in, engine.w_out) == ("vtc", 0.5, 3.0)
+    assert configs(parse_args([]))[1].scheduling == "fcfs"  # main() then applies default_scheduling
+
+
+def test_usage_cli_prints_the_callers_usage(keyed, capsys) -> None:
+    import json
+
+    from clients.__main__ import main as cli
+
+    srv, _, keys = keyed
+    with srv.client("other") as other:
+        r = other.generate(token_ids=[7, 8, 9], max_new_tokens=3, ignore_eos=True)
+    assert cli(["--target", srv.target, "--api-key", keys["other"], "usage", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["prompt_tokens"], report["completion_tokens"], report["requests"]) == (3, r.completion_tokens, 1)
+    assert {row["tenant"] for row in report["rows"]} == {"other"}
+    assert cli(["--target", srv.target, "--api-key", keys["admin"], "usage"]) == 0
+    table = capsys.readouterr().out
+    assert "other" in table and table.strip().splitlines()[-1].split()[1:] == ["3", "3", "1"]
