@@ -36,6 +36,15 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--logit-bias", action="append", default=None, metavar="TOKEN=BIAS",
+                   help="add BIAS to token id TOKEN's logit (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=None)
+    p.add_argument("--logprobs", action="store_true", help="return the tokens' logprobs (with --json)")
+    p.add_argument("--top-logprobs", type=int, default=None)
     p.add_argument("--request-id", default="")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
@@ -91,12 +100,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
-                  request_id=args.request_id)
+                  request_id=args.request_id, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                  frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                  logit_bias=_logit_bias(args.logit_bias), min_tokens=args.min_tokens, logprobs=args.logprobs,
+                  top_logprobs=args.top_logprobs)
     if args.raw:
         return dict(prompt=args.prompt, **kwargs)
     chat = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     return dict(messages=chat, **kwargs)
+
+
+def _logit_bias(items: list[str] | None) -> dict[int, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        token, sep, bias = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(token)] = float(bias)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes TOKEN=BIAS (a token id and a number), got {item!r}") from None
+    return out
 
 
 def _print_json(obj) -> None:

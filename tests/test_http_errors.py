@@ -165,14 +165,19 @@ def test_routes_and_methods(server):
     assert status == 404 and body["error"]["code"] == "not_found"
 
 
-def test_tenant_limit_is_429_with_retry_after(server):
+def open_stream(server, tenant: str, max_tokens: int):
+    """(connection, response) of a streaming completion that is running (its first event read by the caller)."""
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=60)
-    long = {**COMP, "max_tokens": 400, "ignore_eos": True, "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(long), {
-        "Content-Type": "application/json", "Authorization": f"Bearer {server.grpc.keys['solo']}"})
-    resp = conn.getresponse()
+    body = {**COMP, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {
+        "Content-Type": "application/json", "Authorization": f"Bearer {server.grpc.keys[tenant]}"})
+    return conn, conn.getresponse()
+
+
+def test_tenant_limit_is_429_with_retry_after(server):
+    conn, resp = open_stream(server, "solo", 400)
     assert resp.status == 200 and resp.readline().startswith(b"data: ")
     try:
         status, body, headers = post(server, "completions", COMP, tenant="solo")
@@ -193,13 +198,7 @@ def test_exception_table():
 
 
 def test_draining_is_503_and_in_flight_requests_finish(server):
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=60)
-    long = {**COMP, "max_tokens": 60, "ignore_eos": True, "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(long), {
-        "Content-Type": "application/json", "Authorization": f"Bearer {server.grpc.keys['acme']}"})
-    resp = conn.getresponse()
+    conn, resp = open_stream(server, "acme", 60)
     lines = [resp.readline()]
     server.http.begin_drain()
     try:

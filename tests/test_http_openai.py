@@ -83,6 +83,9 @@ def test_completions_unary_and_stream_equal_grpc(client, grpc_client):
     echoed = client.completions.create(model="base", prompt=prompt, max_tokens=10, temperature=0, echo=True,
                                        extra_body={"ignore_eos": True})
     assert echoed.choices[0].text == prompt + want.text
+    streamed = client.completions.create(model="base", prompt=prompt, max_tokens=10, temperature=0, echo=True,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert "".join(p.choices[0].text for p in streamed) == prompt + want.text
     # token-id prompts and lists of prompts: one choice per prompt, in order
     many = client.completions.create(model="base", prompt=[PROMPT_IDS, [11, 12, 13]], max_tokens=4, temperature=0,
                                      extra_body={"ignore_eos": True})

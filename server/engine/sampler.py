@@ -10,9 +10,11 @@ Semantics, for row i with params p (all as tensor ops over the [S, V] logits; no
     l[t]        += logit_bias[t]
     l[eos]       = -inf while len(output) < min_tokens
     greedy (temperature < GREEDY_EPSILON): argmax(l)
-    otherwise:   q = softmax(l / T) restricted to top_k, top_p (nucleus, keeps the first) and min_p * max(q);
-                 a draw from the row's own generator, so a seeded request gives the same tokens whatever else
-                 is in the batch.
+    otherwise:   p = softmax(l / T) over the top_k largest, entries below min_p * max(p) dropped, then the
+                 nucleus (top_p: the smallest prefix of the sorted p whose mass reaches top_p; keeps the first);
+                 token = argmax(p / e) with e ~ Exp(1) drawn from the row's own generator (an exact draw from
+                 p / sum(p), as vLLM samples), so a seeded request gives the same tokens whatever else is in the
+                 batch.
 A row whose logits are not finite (NaN, +inf, or no finite entry), or whose processed distribution has no
 mass, is reported in `errors` and gets token -1; the other rows are unaffected.
 """
@@ -50,6 +52,10 @@ def _counts(rows: list[list[int]] | list[tuple[int, ...]], vocab: int, device: t
     return counts[:, :vocab]
 
 
+def needs_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0 or bool(p.logit_bias)
+
+
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[tuple[int, ...]],
                     outputs: list[list[int]]) -> torch.Tensor:
     """Repetition / frequency / presence penalties and logit_bias on logits [S, V] (a new tensor)."""
@@ -78,93 +84,115 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
 
 
 def filter_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """probs [S, V]: softmax(logits / T) with top-k, top-p and min-p applied per row, renormalized."""
-    S, V = logits.shape
+    """Unnormalized probs [R, V]: softmax(logits / T) with top-k, min-p and top-p applied per row (dropped = 0)."""
+    R, V = logits.shape
     device = logits.device
     temp = torch.tensor([max(p.temperature, 1e-5) for p in params], dtype=torch.float32, device=device)
     scaled = logits / temp[:, None]
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [S, V]
-    k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=device)
-    rank = torch.arange(V, device=device)[None, :]
-    drop = rank >= k[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-    drop |= (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]  # keeps the first token always
-    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
-    drop |= probs < (min_p * probs[:, 0])[:, None]
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(1, order, probs)
+    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    if any(ks):
+        values = torch.topk(scaled, max(ks), dim=-1).values  # [R, kmax], descending
+        idx = torch.tensor([max(k, 1) - 1 for k in ks], device=device)
+        kth = values.gather(1, idx[:, None])  # [R, 1]
+        kth = torch.where(torch.tensor(ks, device=device)[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    min_p = [p.min_p for p in params]
+    if any(min_p):
+        floor = torch.tensor(min_p, dtype=torch.float32, device=device) * probs.max(dim=-1).values
+        probs = probs.masked_fill(probs < floor[:, None], 0.0)
+    nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        rows = torch.tensor(nucleus, dtype=torch.int64, device=device)
+        sub = probs.index_select(0, rows)
+        sorted_p, order = torch.sort(sub, dim=-1, descending=True)
+        top_p = torch.tensor([params[j].top_p for j in nucleus], dtype=torch.float32, device=device)
+        mass = sorted_p.sum(dim=-1, keepdim=True)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p[:, None] * mass  # keeps the first token
+        sub = sub.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs.index_copy(0, rows, sub)
+    return probs
 
 
-def _row_errors(logits: torch.Tensor) -> list[str | None]:
-    nan = torch.isnan(logits).any(dim=-1)
-    pos_inf = torch.isposinf(logits).any(dim=-1)
-    none_finite = ~torch.isfinite(logits).any(dim=-1)
+def _row_errors(logits: torch.Tensor, row_max: torch.Tensor) -> list[str | None]:
+    """A message per row whose logits are NaN anywhere, +inf anywhere, or nowhere finite: exactly the rows
+    whose max (row_max [S]) is NaN, +inf or -inf."""
     errors: list[str | None] = [None] * logits.shape[0]
-    if bool((nan | pos_inf | none_finite).any()):
-        for i in torch.nonzero(nan | pos_inf | none_finite).flatten().tolist():
-            what = "NaN" if nan[i] else "+inf" if pos_inf[i] else "no finite"
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        for i in torch.nonzero(bad).flatten().tolist():
+            row = logits[i]
+            what = "NaN" if torch.isnan(row).any() else "+inf" if torch.isposinf(row).any() else "no finite"
             errors[i] = f"the model produced {what} logits for this sequence (a broken adapter or overflow)"
     return errors
+
+
+NO_MASS = "no token has probability mass after the penalties and logit_bias"
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...] = ()) -> SampleOutput:
     """One token per row of logits [S, V] (fp32), row i for seqs[i]; see the module docstring."""
     S, V = logits.shape
     logits = logits.float()
+    device = logits.device
     params = [s.request.sampling for s in seqs]
-    errors = _row_errors(logits)
+    row_max, row_argmax = logits.max(dim=-1)  # [S], [S]: one pass gives the health check and the greedy tokens
+    errors = _row_errors(logits, row_max)
     ok = [i for i in range(S) if errors[i] is None]
     tokens: list[int] = [-1] * S
     logprobs: list[float | None] = [None] * S
     top: list[list[tuple[int, float]] | None] = [None] * S
     if not ok:
         return SampleOutput(tokens, logprobs, top, errors)
-    rows = torch.tensor(ok, dtype=torch.int64, device=logits.device)
-    raw = logits.index_select(0, rows) if len(ok) < S else logits  # [R, V]
+    raw = logits if len(ok) == S else logits.index_select(0, torch.tensor(ok, device=device))  # [R, V]
     ps = [params[i] for i in ok]
-    processed = apply_penalties(raw, ps, [seqs[i].prompt_ids for i in ok], [seqs[i].output_ids for i in ok])
+    processed = raw
+    if any(needs_penalties(p) for p in ps):
+        processed = apply_penalties(raw, ps, [seqs[i].prompt_ids for i in ok], [seqs[i].output_ids for i in ok])
     eos = [e for e in eos_token_ids if 0 <= e < V]
     hold = [j for j, i in enumerate(ok) if len(seqs[i].output_ids) < ps[j].min_tokens]
     if eos and hold:
-        hold_rows = torch.tensor(hold, dtype=torch.int64, device=logits.device)
-        eos_cols = torch.tensor(eos, dtype=torch.int64, device=logits.device)
+        processed = processed.clone() if processed is raw else processed
+        hold_rows = torch.tensor(hold, dtype=torch.int64, device=device)
+        eos_cols = torch.tensor(eos, dtype=torch.int64, device=device)
         processed[hold_rows[:, None], eos_cols[None, :]] = float("-inf")
-    chosen = processed.argmax(dim=-1)  # [R] greedy rows keep this
+    if processed is raw:  # greedy rows keep these
+        chosen = row_argmax if len(ok) == S else row_argmax.index_select(0, torch.tensor(ok, device=device))
+        dead = torch.zeros(len(ok), dtype=torch.bool, device=device)
+    else:
+        best, chosen = processed.max(dim=-1)
+        dead = ~torch.isfinite(best)  # every entry masked to -inf
     random_rows = [j for j, p in enumerate(ps) if not p.greedy]
     if random_rows:
-        sub = torch.tensor(random_rows, dtype=torch.int64, device=logits.device)
-        probs = filter_probs(processed.index_select(0, sub), [ps[j] for j in random_rows])  # [Rr, V]
-        bad = ~torch.isfinite(probs).all(dim=-1)
+        every = len(random_rows) == len(ok)
+        sub = torch.tensor(random_rows, dtype=torch.int64, device=device)
+        picked_logits = processed if every else processed.index_select(0, sub)
+        probs = filter_probs(picked_logits, [ps[j] for j in random_rows])  # [Rr, V]
+        # e = -log(u), u ~ U[0, 1) from the row's generator: Exp(1) (u = 0 gives inf: that token is never drawn)
+        uniform = torch.empty(len(random_rows), V)
         for n, j in enumerate(random_rows):
-            if bad[n]:
-                errors[ok[j]] = "no token has probability mass after the penalties and logit_bias"
-                continue
-            drawn = torch.multinomial(probs[n], 1, generator=seqs[ok[j]].generator)
-            chosen[j] = drawn[0]
-    if not torch.isfinite(processed.gather(1, chosen[:, None])).all():
-        for j, i in enumerate(ok):
-            if errors[i] is None and not torch.isfinite(processed[j, chosen[j]]):
-                errors[i] = "no token has probability mass after the penalties and logit_bias"
-    chosen_list = chosen.tolist()
+            torch.rand(V, generator=seqs[ok[j]].generator, out=uniform[n])
+        noise = uniform.to(device).log_().neg_().clamp_(min=1e-20)
+        drawn = (probs / noise).argmax(dim=-1)
+        mass = probs.sum(dim=-1)
+        no_mass = ~(mass > 0) | ~torch.isfinite(mass)
+        chosen = drawn if every else chosen.index_copy(0, sub, drawn)
+        dead = no_mass if every else dead.index_copy(0, sub, no_mass)
+    chosen_list, dead_list = chosen.tolist(), dead.tolist()
     for j, i in enumerate(ok):
-        if errors[i] is None:
+        if dead_list[j]:
+            errors[i] = NO_MASS
+        else:
             tokens[i] = int(chosen_list[j])
     want = [j for j, p in enumerate(ps) if p.wants_logprobs and errors[ok[j]] is None]
     if want:
-        sub = torch.tensor(want, dtype=torch.int64, device=logits.device)
+        sub = torch.tensor(want, dtype=torch.int64, device=device)
         lp = torch.log_softmax(raw.index_select(0, sub), dim=-1)  # [W, V] of the raw distribution
         picked = lp.gather(1, chosen.index_select(0, sub)[:, None]).squeeze(1).tolist()
         k = max(ps[j].top_logprobs for j in want)
-        top_vals, top_ids = (lp.topk(k, dim=-1) if k else (None, None))
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
         for n, j in enumerate(want):
             logprobs[ok[j]] = float(picked[n])
             kj = ps[j].top_logprobs
-            if kj:
-                top[ok[j]] = list(zip(top_ids[n, :kj].tolist(), top_vals[n, :kj].tolist(), strict=True))
-            else:
-                top[ok[j]] = []
+            top[ok[j]] = list(zip(top_ids[n, :kj].tolist(), top_vals[n, :kj].tolist(), strict=True)) if kj else []
     return SampleOutput(tokens, logprobs, top, errors)

@@ -220,6 +220,12 @@ class OpenAIApi:
                 yield sse(envelope.wrap([{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}], True, None, with_usage))
         offsets = [0] * len(call.handles)
+        if parsed.echo:  # completions: the prompt's text first, as its own chunk per choice
+            for i, req in enumerate(call.requests):
+                prefix = self.engine.tokenizer.decode(list(req.prompt_token_ids))
+                offsets[i] = len(prefix)
+                yield sse(envelope.wrap([{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}],
+                                        True, None, with_usage))
         text_of = self.token_text.as_ids if parsed.tokens_as_ids else self.token_text
         async for item in events(call.handles):
             if item is None:
