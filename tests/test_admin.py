@@ -366,8 +366,10 @@ def test_cli_adapters_commands(server, tiny_llama_dir, capsys) -> None:
     assert run("upload", str(src), "--name", "cli-a", "--shared")["versions"] == [1, 2]
     assert run("get", "cli-a")["shared"] is True
     assert "cli-a" in [a["name"] for a in run("list")]
-    merged = run("merge", "cli-m", "--sources", "cli-a", "cli-a", "--method", "cat", "--weights", "0.5", "0.5")
+    run("upload", str(peft_adapter(tiny_llama_dir, seed=92)), "--name", "cli-b")  # a source twice is refused
+    merged = run("merge", "cli-m", "--sources", "cli-a", "cli-b", "--method", "cat", "--weights", "0.5", "0.5")
     assert merged["rank"] == 8
+    run("delete", "cli-b")
     run("delete", "cli-a")
     run("delete", "cli-m")
     assert cli(["adapters", "get", *common, "cli-a"]) != 0
