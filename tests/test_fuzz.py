@@ -44,7 +44,10 @@ def _auth(srv):
 
 
 texts = st.text(max_size=300) | st.sampled_from(["", " ", "\x00", "é" * 10, "a" * 20_000, "<|im_start|>"])
-floats = st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32) | st.sampled_from([1e-40, 0.0, 1.0])
+floats = st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32) | st.sampled_from([0.0, 1.0, 1e-3])
+# issue 16 item 1 (the sampler, not this branch): a temperature in (0, ~1e-30) fails the whole step with INTERNAL;
+# test_tiny_temperature_fails_alone below is the strict xfail that flips when it is fixed: then drop this filter.
+temperatures = floats.filter(lambda t: t is None or not 0 < abs(t) < 1e-6)
 roles = st.sampled_from(["user", "system", "assistant", "x", "r" * 10_000]) | st.text(max_size=20)
 messages = st.lists(st.builds(inference_pb2.ChatMessage, role=roles, content=texts), max_size=8)
 
@@ -62,8 +65,8 @@ def generate_requests(draw):
         req.messages.extend(draw(messages))
     if source == "token_ids":
         req.token_ids.extend(draw(st.lists(st.integers(-2**31, 2**31 - 1) | st.integers(0, 2000), max_size=40)))
-    for name in ("temperature", "top_p"):
-        value = draw(floats)
+    for name, values in (("temperature", temperatures), ("top_p", floats)):
+        value = draw(values)
         if value is not None:
             setattr(req, name, value)
     if draw(st.booleans()):
@@ -101,6 +104,15 @@ def test_every_request_gets_a_defined_status(server, req, stream):
             code, details = _call(lambda: stub.Generate(req, metadata=_auth(server), timeout=60))
     assert code in REQUEST_STATUSES, (code, details)
     assert len(details) < 1000, details[:300]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 1 (sampler): a tiny temperature fails its whole batch")
+def test_tiny_temperature_fails_alone(server):
+    req = inference_pb2.GenerateRequest(prompt="0", max_new_tokens=3, temperature=1e-40)
+    with grpc.insecure_channel(server.target) as channel:
+        code, details = _call(lambda: inference_pb2_grpc.InferenceStub(channel).Generate(
+            req, metadata=_auth(server), timeout=60))
+    assert code in REQUEST_STATUSES, (code, details)
 
 
 def _tar(members) -> bytes:
