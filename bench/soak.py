@@ -9,7 +9,8 @@ streams after their first chunk, send 1 ms deadlines; every `--swap-every-s` eac
 version uploaded (hot swap) and a scratch adapter is deleted and re-made; every `--bad-every-s` a bad
 request or upload from a fixed table is sent. Every call's status must be one its action allows
 (`unexpected` counts the others). Sampled every `--sample-s`: RSS, open file descriptors, threads,
-staging bytes, KV blocks in use, running/waiting sequences. "Flat": the last quarter's mean minus the
+staging bytes, KV blocks in use, running/waiting sequences (the adapter host cache is capped at
+`--host-cache-mb`, so it fills during warm-up). "Flat": the last quarter's mean minus the
 first quarter's (after warm-up) within `--rss-slack-mb` / 8 fds / 8 threads, and at the end (traffic
 stopped, drained) no KV block held, no staging file left.
 """
@@ -196,15 +197,19 @@ def judge(report: Report, rss_slack_mb: float) -> None:
 
 def run(model_dir: Path, *, duration_s: float, tenants: int = 3, workers_per_tenant: int = 2, swap_every_s: float = 60,
         bad_every_s: float = 3, sample_s: float = 5, rss_slack_mb: float = 64, seed: int = 0,
-        quantize: bool = False, adapter_paths: list[Path] | None = None) -> Report:
+        quantize: bool = False, adapter_paths: list[Path] | None = None, host_cache_mb: int = 64) -> Report:
     from bench.peft_peers import make_lora_adapters
+    from server.config import AdapterPoolConfig
     from tests.server_utils import running_server
 
     names = [f"t{i}" for i in range(tenants)]
     paths = adapter_paths or make_lora_adapters(model_dir, Path(tempfile.mkdtemp(prefix="soak-")), 4, rank=4, seed=seed)
     tally = Tally()
     tally.report = report = Report(duration_s=duration_s)
-    with running_server(model_dir, tenants=names, quantize=quantize) as srv:
+    # every hot swap adds versions that stay in the host LRU up to its byte cap: a small cap reaches its
+    # plateau within the warm-up, so growth past it is a leak, not the cache filling
+    pool_cfg = AdapterPoolConfig(host_cache_bytes=host_cache_mb << 20)
+    with running_server(model_dir, tenants=names, quantize=quantize, pool_cfg=pool_cfg) as srv:
         for i, t in enumerate(names):
             with srv.client(t, timeout=120) as c:
                 c.upload_adapter(paths[i % len(paths)], "own")
@@ -266,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-s", type=float, default=10)
     p.add_argument("--rss-slack-mb", type=float, default=64)
     p.add_argument("--quantize", action="store_true")
+    p.add_argument("--host-cache-mb", type=int, default=64, help="the adapter pool's host LRU cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -274,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run(Path(a.model) if a.model else resolve_model_dir(None), duration_s=a.duration_s, tenants=a.tenants,
                  workers_per_tenant=a.workers_per_tenant, swap_every_s=a.swap_every_s, bad_every_s=a.bad_every_s,
-                 sample_s=a.sample_s, rss_slack_mb=a.rss_slack_mb, seed=a.seed, quantize=a.quantize)
+                 sample_s=a.sample_s, rss_slack_mb=a.rss_slack_mb, seed=a.seed, quantize=a.quantize,
+                 host_cache_mb=a.host_cache_mb)
     first, last = report.samples[1] if len(report.samples) > 1 else report.samples[0], report.samples[-1]
     print(f"soak: {report.duration_s:.0f} s, {sum(report.calls.values())} calls, {report.unexpected_count} unexpected; "
           f"RSS {first.rss_mb:.0f} -> {last.rss_mb:.0f} MB, fds {first.fds} -> {last.fds}, threads {first.threads} -> "
