@@ -47,9 +47,10 @@ EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["/app/.venv/bin/python", "-m", "clients", "--target", "127.0.0.1:50051", "--timeout", "5", "health"]
 
-# a non-loopback bind needs a tenants file (mount one at /config/tenants.toml); SIGTERM drains in-flight requests
+# a non-loopback bind needs a tenants file (mount one at /config/tenants.toml); /metrics is published on 9090
+# for the operator's scraper (do not expose it publicly: it names tenants); SIGTERM drains in-flight requests
 # (8 s grace: inside `docker stop`'s default 10 s)
 STOPSIGNAL SIGTERM
 CMD ["/app/.venv/bin/python", "-m", "server", "serve", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", \
-     "--metrics-port", "9090", \
+     "--metrics-port", "9090", "--metrics-host", "0.0.0.0", \
      "--data-dir", "/data", "--tenants", "/config/tenants.toml", "--grace-period", "8"]
