@@ -8,7 +8,7 @@
   only pins it. A slot being filled belongs to no running sequence, so nothing reads it meanwhile; the
   new module tables the copy may create are only ever added, never replaced.
 - Device slots are fixed in number; the least recently used adapter that no running or waiting sequence
-  needs is evicted. Host copies are kept within `host_cache_bytes` the same way.
+  needs is evicted. Host copies are kept within `host_cache_bytes` the same way (host_cache.py).
 - Every kind takes a slot (prompt/prefix kinds keep nothing on the device but are accounted the same).
 Entry states and their transitions: server/adapters/residency.py.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from server.adapters.errors import AdapterNotFound
+from server.adapters.host_cache import HostCache
 from server.adapters.kinds import ReadLimits
 from server.adapters.residency import AdapterMeta, Entry, EntryState, Lease, PoolStats, Source
 from server.adapters.slots import AdapterTables
@@ -58,8 +59,7 @@ class AdapterPool:
         self._entries: dict[str, Entry] = {}
         self._slot_owner: list[str | None] = [None] * cfg.device_slots
         self._lru: OrderedDict[str, None] = OrderedDict()  # IN_SLOT keys, least recent first
-        self._host_lru: OrderedDict[str, None] = OrderedDict()  # host copies, least recent first
-        self._host_bytes = 0
+        self._host = HostCache(cfg.host_cache_bytes)
         self._lock = threading.RLock()
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._loader: threading.Thread | None = None
@@ -145,7 +145,7 @@ class AdapterPool:
         with self._lock:
             entry = self._live(key)
             if entry.weights is not None:
-                self._host_lru.move_to_end(key)
+                self._host.touch(key)
                 return entry.weights
             source = entry.source
         weights = self.tables.staged(self._read(source))
@@ -174,7 +174,7 @@ class AdapterPool:
                 return None
             entry.pins += 1
             self._lru.move_to_end(key)
-            self._host_lru.move_to_end(key)
+            self._host.touch(key)
             return Lease(key, entry.adapter_slot, entry.weights, entry.version)
 
     def release(self, key: str) -> None:
@@ -191,7 +191,7 @@ class AdapterPool:
 
     def stats(self) -> PoolStats:
         with self._lock:
-            return PoolStats(len(self._entries), len(self._host_lru), self._host_bytes, self.resident(), self.loads,
+            return PoolStats(len(self._entries), len(self._host), self._host.bytes, self.resident(), self.loads,
                              self.disk_loads, self.max_slot_copy_s)
 
     def close(self) -> None:
@@ -298,29 +298,8 @@ class AdapterPool:
         return entry
 
     def _set_host(self, key: str, entry: Entry, weights: AdapterWeights) -> None:
-        entry.weights = weights
-        entry.nbytes = weights.nbytes()
         entry.meta = entry.meta or AdapterMeta.of(weights)
-        self._host_bytes += entry.nbytes
-        self._host_lru[key] = None
-        self._host_lru.move_to_end(key)
-        self._trim_host()
-
-    def _trim_host(self) -> None:
-        """ON_HOST -> ON_DISK for the least recently used idle copies while over the host budget."""
-        for key in list(self._host_lru):
-            if self._host_bytes <= self.cfg.host_cache_bytes:
-                return
-            entry = self._entries[key]
-            if entry.state is EntryState.ON_HOST and entry.idle:
-                self._drop_host(key, entry)
-                entry.state = EntryState.ON_DISK
-
-    def _drop_host(self, key: str, entry: Entry) -> None:
-        if entry.weights is not None:
-            self._host_bytes -= entry.nbytes
-            entry.weights, entry.nbytes = None, 0
-        self._host_lru.pop(key, None)
+        self._host.put(key, entry, weights, self._entries)
 
     def _free_slot(self) -> int | None:
         for slot, owner in enumerate(self._slot_owner):
@@ -348,7 +327,7 @@ class AdapterPool:
             entry.state = EntryState.ON_HOST
         entry.adapter_slot = None
         self._lru.pop(key, None)
-        self._trim_host()
+        self._host.trim(self._entries)
 
     def _drop_if_retired(self, key: str, entry: Entry) -> None:
         if entry.retired and entry.idle:
@@ -357,5 +336,5 @@ class AdapterPool:
     def _drop(self, key: str) -> None:
         entry = self._entries[key]
         self._evict(key, entry)
-        self._drop_host(key, entry)
+        self._host.drop(key, entry)
         del self._entries[key]
