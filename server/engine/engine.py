@@ -32,6 +32,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.scheduler import Admission, Scheduler
 from server.engine.sequence import IncrementalDetokenizer, Sequence
+from server.engine.siblings import SiblingForks
 from server.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Engine:
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
         self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter)
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
+        self.siblings = SiblingForks()
         self.post = Postprocessor(self.args.eos_token_ids, self.max_model_len)
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -94,23 +96,37 @@ class Engine:
 
     # ---- caller side (any thread) -------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> RequestHandle:
-        seq = self._make_sequence(req)
+        return self.submit_group([req])[0]
+
+    def submit_group(self, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+        """Several requests at once, all or none. A request with an earlier one's prompt and adapter is its sibling
+        (one of n choices): the prompt is computed once and its KV blocks shared (server/engine/siblings.py)."""
+        seqs = [self._make_sequence(req) for req in reqs]
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
-            if req.request_id in self._by_id:
-                raise InvalidRequest(f"request_id {req.request_id!r} is already in flight")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_waiting:
+            ids = [s.request_id for s in seqs]
+            dup = next((i for n, i in enumerate(ids) if i in self._by_id or i in ids[:n]), None)
+            if dup is not None:
+                raise InvalidRequest(f"request_id {dup!r} is already in flight")
+            queued = len(self._inbox) + len(self.scheduler.waiting) + self.siblings.held
+            if queued + len(seqs) > self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
-            if req.adapter is not None:
-                try:  # keeps the adapter version alive for this request and starts loading it off the loop
-                    self.pool.reserve(req.adapter)
-                except UnknownAdapter:
-                    raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
-            self._by_id[req.request_id] = seq
-            self._inbox.append(seq)
+            reserved: list[str] = []
+            try:  # keeps each adapter version alive for its request and starts loading it off the loop
+                for req in reqs:
+                    if req.adapter is not None:
+                        self.pool.reserve(req.adapter)
+                        reserved.append(req.adapter)
+            except UnknownAdapter:
+                for key in reserved:
+                    self.pool.unreserve(key)
+                raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
+            for seq in seqs:
+                self._by_id[seq.request_id] = seq
+            self._inbox.extend(self.siblings.group(seqs))
             self._lock.notify()
-        return seq.handle
+        return [seq.handle for seq in seqs]
 
     @property
     def alive(self) -> bool:
@@ -125,7 +141,7 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting) + len(self._inbox),
+            waiting=len(self.scheduler.waiting) + len(self._inbox) + self.siblings.held,
             kv_blocks_used=self.kv.used_blocks,
             kv_blocks_total=self.kv.num_blocks,
             batch_size=self._last_batch[0],
@@ -233,6 +249,10 @@ class Engine:
         self.steps += 1
         try:
             logits, sampled = self.runner.run(scheduled)
+            forked = self.siblings.fork(sampled, self.kv, self.scheduler, self.pool)
+            if forked:  # siblings sample their first token from their parent's logits row
+                logits = torch.cat([logits, logits[[row for _, row in forked]]])
+                sampled = sampled + [sibling for sibling, _ in forked]
             if self.on_logits is not None:
                 self.on_logits(sampled, logits)
             out = sample(logits, sampled, self.args.eos_token_ids)
@@ -280,6 +300,8 @@ class Engine:
         if seq.request_id not in self._by_id:
             return
         self.scheduler.finish(seq)
+        for sibling in self.siblings.drop(seq):  # a parent that ends before its prompt completed
+            self.scheduler.add(sibling)
         del self._by_id[seq.request_id]
         if seq.request.adapter is not None:
             self.pool.unreserve(seq.request.adapter)

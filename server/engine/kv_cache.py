@@ -1,7 +1,10 @@
 """Paged KV cache: fixed blocks of `block_size` token slots shared by all layers.
 
-A sequence owns a list of blocks (its block table); the slot of context index i is
-`blocks[i // block_size] * block_size + i % block_size`. The budget is fixed in config; the
+A sequence holds a list of blocks (its block table); the slot of context index i is
+`blocks[i // block_size] * block_size + i % block_size`. Blocks are reference-counted: sibling
+sequences (several choices of one prompt) share the prompt's full blocks (`share`), and a block
+returns to the free list when its last holder frees it. A shared block is never written: only the
+partially filled tail block is written again, and a fork copies it (`copy_block`). The budget is fixed in config; the
 scheduler asks `can_allocate` before admitting or growing a sequence.
 """
 
@@ -20,6 +23,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, slots, kv_heads, head_dim]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._refs: list[int] = [0] * num_blocks  # holders of each block
 
     @property
     def used_blocks(self) -> int:
@@ -35,11 +39,32 @@ class KVCache:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"KV cache exhausted: need {n} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Let go of `blocks` (the list is emptied); each returns to the free list with its last holder."""
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
         blocks.clear()
+
+    def share(self, blocks: list[int]) -> list[int]:
+        """Another holder of `blocks` (full blocks that are never written again)."""
+        for b in blocks:
+            self._refs[b] += 1
+        return list(blocks)
+
+    def copy_block(self, src: int) -> int:
+        """A new block holding a copy of `src`'s K/V in every layer."""
+        (dst,) = self.allocate(1)
+        bs = self.block_size
+        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
+        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+        return dst
 
     def kv_slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         """KV-cache slots [end-start] int64 of context indices start..end-1."""

@@ -56,8 +56,7 @@ class Call:
                 raise
             self.quota_charged = True
         self.requests = requests
-        for req in requests:
-            self.handles.append(self.api.engine.submit(req))
+        self.handles = self.api.engine.submit_group(requests)  # n choices of a prompt share its KV
 
     def observe(self, index: int, event) -> None:
         self.reached_engine = True
