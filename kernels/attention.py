@@ -134,7 +134,9 @@ def available() -> bool:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
                     scale: float) -> torch.Tensor:
-    """Semantics: as paged_attention_reference (module docstring), computed in place from the paged cache.
+    """Semantics: out[t, h] = sum_{i <= p(t)} softmax_i(scale * q[t, h] . K[slot_b(i), h // group]) V[slot_b(i), ...]
+    for query token t of sequence b at context index p(t) = context_lens[b] - q_len_b + (t - q_starts[b]), where
+    slot_b(i) = block_tables[b, i // block_size] * block_size + i % block_size (fp32 softmax and accumulation).
 
     q [T, H, D] fp32/bf16, k_cache/v_cache [kv_slots, KVH, D] fp32/bf16 (one layer, same dtype),
     returns out [T, H, D] in q's dtype. Raises ValueError on shapes that do not fit together."""
