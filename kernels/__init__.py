@@ -1,10 +1,11 @@
-"""LoRA segmented-gather kernels: Triton on CUDA, the compiled CPU kernel on CPU, the torch reference on demand.
+"""LoRA segmented-gather kernels (Triton on CUDA, the compiled CPU kernel on CPU) and paged attention.
 
 `SWITCHBOARD_KERNELS` is read once, at import, into `MODE`: `auto` (default: Triton for CUDA tensors, the
 CPU kernel otherwise), `triton` (Triton everywhere; tests run it on CPU with TRITON_INTERPRET=1), `cpu`
 (the CPU kernel), `reference` (kernels/reference.py). Tests switch paths by setting `kernels.MODE`.
 Triton is imported only when its path is taken. A batch with no LoRA token (`meta.has_lora` False)
-launches nothing.
+launches nothing. `paged_attention` (kernels/attention.py) is the compiled CPU kernel, or the per-sequence
+SDPA reference under `reference` and for CUDA tensors.
 
 Note: this package shares its name with the PyPI `kernels` package that transformers and
 bitsandbytes probe for; it deliberately has no `get_kernel` and no distribution metadata, so those
@@ -17,11 +18,14 @@ import os
 
 import torch
 
+from kernels import attention as _attention
+from kernels.attention import PagedAttentionMeta, build_paged_attention_meta
 from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many
 from kernels.meta import LoraBatchMeta, build_lora_meta
 from kernels.reference import SlotViews, expand_reference, shrink_reference
 
-__all__ = ["MODE", "LoraBatchMeta", "SlotViews", "build_lora_meta", "lora_expand", "lora_shrink", "lora_shrink_many"]
+__all__ = ["MODE", "LoraBatchMeta", "PagedAttentionMeta", "SlotViews", "build_lora_meta", "build_paged_attention_meta",
+           "lora_expand", "lora_shrink", "lora_shrink_many", "paged_attention"]
 
 MODES = ("auto", "triton", "cpu", "reference")
 MODE = os.environ.get("SWITCHBOARD_KERNELS", "auto").strip().lower() or "auto"
@@ -78,3 +82,12 @@ def lora_expand(
 
         return sgmv_expand(t, b_stack, scales, meta, y)
     return expand_reference(t, b_stack, scales, meta, y, b_views)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
+                    scale: float) -> torch.Tensor:
+    """Semantics: kernels/attention.py (causal attention of each sequence's query rows over its own paged context;
+    q [T, H, D], k_cache/v_cache [kv_slots, KVH, D] one layer, out [T, H, D] in q's dtype)."""
+    if MODE == "reference":
+        return _attention.paged_attention_reference(q, k_cache, v_cache, meta, scale)
+    return _attention.paged_attention(q, k_cache, v_cache, meta, scale)

@@ -65,24 +65,33 @@ def build_paged_attention_meta(q_lens: Sequence[int], context_lens: Sequence[int
     if len(q_lens) != len(context_lens):
         raise ValueError(f"{len(q_lens)} query lengths for {len(context_lens)} contexts")
     tables = torch.as_tensor(block_tables, dtype=torch.int32).reshape(len(q_lens), -1).contiguous()
-    for b, (q_len, ctx) in enumerate(zip(q_lens, context_lens, strict=True)):
-        if q_len < 0 or ctx < q_len:
-            raise ValueError(f"sequence {b}: {q_len} query tokens for a context of {ctx}")
-        needed = -(-ctx // block_size)
-        if needed > tables.shape[1] or (needed and int(tables[b, :needed].min()) < 0):
-            raise ValueError(f"sequence {b}: context {ctx} needs {needed} blocks; its block table has fewer")
-        if num_blocks is not None and needed and int(tables[b, :needed].max()) >= num_blocks:
-            raise ValueError(f"sequence {b}: block id {int(tables[b, :needed].max())} >= {num_blocks} blocks")
-    starts = [0]
-    for q_len in q_lens:
-        starts.append(starts[-1] + int(q_len))
+    q = torch.as_tensor(list(q_lens), dtype=torch.int64)
+    ctx = torch.as_tensor(list(context_lens), dtype=torch.int64)
+    bad = torch.nonzero((q < 0) | (ctx < q)).flatten()
+    if bad.numel():
+        b = int(bad[0])
+        raise ValueError(f"sequence {b}: {int(q[b])} query tokens for a context of {int(ctx[b])}")
+    needed = (ctx + block_size - 1) // block_size  # [B] blocks each context spans
+    short = torch.nonzero(needed > tables.shape[1]).flatten()
+    in_use = torch.arange(tables.shape[1])[None, :] < needed[:, None]  # [B, max_blocks]
+    missing = torch.nonzero((in_use & (tables < 0)).any(1)).flatten()
+    if short.numel() or missing.numel():
+        b = int(torch.cat([short, missing]).min())
+        raise ValueError(f"sequence {b}: context {int(ctx[b])} needs {int(needed[b])} blocks; its table has fewer")
+    if num_blocks is not None:
+        outside = in_use & (tables >= num_blocks)
+        if outside.any():
+            b = int(torch.nonzero(outside.any(1)).flatten()[0])
+            raise ValueError(f"sequence {b}: block id {int(tables[b][in_use[b]].max())} >= {num_blocks} blocks")
+    starts = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
+    torch.cumsum(q, 0, out=starts[1:])
     return PagedAttentionMeta(
-        q_starts=torch.tensor(starts, dtype=torch.int64),
-        context_lens=torch.tensor(list(context_lens), dtype=torch.int64),
+        q_starts=starts,
+        context_lens=ctx,
         block_tables=tables,
         block_size=block_size,
-        q_starts_list=starts,
-        context_lens_list=[int(c) for c in context_lens],
+        q_starts_list=starts.tolist(),
+        context_lens_list=ctx.tolist(),
     )
 
 
@@ -134,7 +143,9 @@ def available() -> bool:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
                     scale: float) -> torch.Tensor:
-    """Semantics: as paged_attention_reference (module docstring), computed in place from the paged cache.
+    """Semantics: out[t, h] = sum_{i <= p(t)} softmax_i(scale * q[t, h] . K[slot_b(i), h // group]) V[slot_b(i), ...]
+    for query token t of sequence b at context index p(t) = context_lens[b] - q_len_b + (t - q_starts[b]), where
+    slot_b(i) = block_tables[b, i // block_size] * block_size + i % block_size (fp32 softmax and accumulation).
 
     q [T, H, D] fp32/bf16, k_cache/v_cache [kv_slots, KVH, D] fp32/bf16 (one layer, same dtype),
     returns out [T, H, D] in q's dtype. Raises ValueError on shapes that do not fit together."""

@@ -132,7 +132,7 @@ def test_thread_counts_and_context_splits_agree(threads: int) -> None:
 def test_bad_metadata_is_refused() -> None:
     with pytest.raises(ValueError, match="query tokens for a context"):
         build_paged_attention_meta([5], [3], [[0]], 16)
-    with pytest.raises(ValueError, match="needs 2 blocks"):
+    with pytest.raises(ValueError, match="needs 2 blocks; its table has fewer"):
         build_paged_attention_meta([1], [20], [[0, -1]], 16)
     with pytest.raises(ValueError, match="block id 7"):
         build_paged_attention_meta([1], [20], [[0, 7]], 16, num_blocks=4)
@@ -157,3 +157,16 @@ def test_fp16_falls_back_to_reference() -> None:
     q, k_cache, v_cache, meta, dense = make_case(seed, seqs, 4, 2, 32, 16, torch.float16)
     out = paged_attention(q, k_cache, v_cache, meta, 0.2)
     torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.2), msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_dispatcher(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kernels
+
+    monkeypatch.setattr(kernels, "MODE", mode)
+    seed = fresh_seed()
+    seqs = [(1, 100), (20, 20), (3, 50)]
+    q, k_cache, v_cache, meta, dense = make_case(seed, seqs, 6, 2, 32, 16, torch.float32)
+    out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.3)
+    torch.testing.assert_close(out.double(), dense_oracle(q, dense, seqs, 0.3), atol=2e-5, rtol=0,
+                               msg=lambda m: f"{m}\nseed={seed} mode={mode}")

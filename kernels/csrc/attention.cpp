@@ -78,14 +78,14 @@ inline void store_row(char* dst, int64_t dt, const float* src, float mul, int64_
   }
 }
 
-// One item: online softmax over context [c0, min(c1, pos + 1)) for each query row x group head.
-// Leaves per-query (max, sum, acc) in m/l/acc; returns false on a block table entry outside the cache.
-struct Scratch {
+struct Scratch {  // one per thread, reused across its items
   std::vector<float> qf, acc, m, l, kbuf, vbuf, s;
   std::vector<const float*> kp, vp;
 };
 
-// Queries of an item are numbered q = row * (nkv * G) + hh, hh = the head's offset from the item's first head.
+// One item: online softmax over context [c0, min(c1, pos + 1)) for each of its query rows x heads, leaving
+// per-query (max, sum, acc) in the scratch; false on a block table entry outside the cache. Queries are
+// numbered q = row * (nkv * G) + hh, hh = the head's offset from the item's first head.
 bool run_item(const Geometry& g, const Item& w, Scratch& sc) {
   const int64_t G = g.heads / g.kv_heads, D = g.dim, bs = g.block_size, hg = w.nkv * G;
   const int64_t rows = w.r1 - w.r0, nq = rows * hg;
