@@ -23,7 +23,7 @@ ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX} \
     DEBIAN_FRONTEND=noninteractive
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make ca-certificates \
+    && apt-get install -y --no-install-recommends make ca-certificates g++ \
     && if ! command -v "${PYTHON}" >/dev/null; then \
          apt-get install -y --no-install-recommends python3 python3-venv python3-pip; fi \
     && "${PYTHON}" -c "import sys, venv; assert sys.version_info >= (3, 11), sys.version" \

@@ -91,3 +91,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if MODE == "reference":
         return _attention.paged_attention_reference(q, k_cache, v_cache, meta, scale)
     return _attention.paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+def warm_up(device: torch.device) -> None:
+    """Build or load the compiled CPU kernels (a one-time compile of a few seconds, then cached) before serving."""
+    if device.type == "cpu":
+        from kernels import attention, cpu
+
+        cpu.available()
+        attention.available()

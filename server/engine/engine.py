@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from server.adapters.peft_format import read_adapter
 from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
@@ -192,6 +193,7 @@ class Engine:
     # ---- the step loop (engine thread) --------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            kernels.warm_up(self.model.device)  # build / load the compiled kernels now, not inside the first step
             self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
             self._thread.start()
 
