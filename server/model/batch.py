@@ -42,6 +42,12 @@ class StepAdapter:
         """y [T, out] base output (x [T, in] its original input) -> the projection's output."""
         return y
 
+    def project_outputs(self, x: torch.Tensor, ys: list[torch.Tensor], layer: int, modules: tuple[str, ...]
+                        ) -> list[torch.Tensor]:
+        """Several projections of the same input x (q/k/v, gate/up) at once; the same math as project_output on
+        each (a kind may share work between them, e.g. one pass over x)."""
+        return [self.project_output(x, y, layer, m) for y, m in zip(ys, modules, strict=True)]
+
 
 @dataclass(slots=True)
 class ForwardBatch:

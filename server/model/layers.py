@@ -72,6 +72,24 @@ class Rotary(nn.Module):
         return x * cos + rotated * sin
 
 
+def project_group(projections: tuple[Projection, ...], x: torch.Tensor, adapters: list[StepAdapter]
+                  ) -> list[torch.Tensor]:
+    """[p(x, adapters) for p in projections] for projections of one input (q/k/v, gate/up), with the adapters'
+    output hooks called once for the group (StepAdapter.project_outputs)."""
+    if not adapters:
+        return [p.base(x) for p in projections]
+    ys = []
+    for p in projections:
+        x_in = x
+        for adapter in adapters:
+            x_in = adapter.project_input(x_in, p.layer, p.name)
+        ys.append(p.base(x_in))
+    layer, names = projections[0].layer, tuple(p.name for p in projections)
+    for adapter in adapters:
+        ys = adapter.project_outputs(x, ys, layer, names)
+    return ys
+
+
 class Projection(nn.Module):
     """A base linear (NF4 or dense) with the step's adapters at its input and output.
 

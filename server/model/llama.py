@@ -14,7 +14,7 @@ from torch import nn
 from kernels.attention import paged_attention
 from server.model.args import ModelArgs
 from server.model.batch import AttentionMeta, ForwardBatch, StepAdapter
-from server.model.layers import Projection, RMSNorm, Rotary
+from server.model.layers import Projection, RMSNorm, Rotary, project_group
 
 
 class Attention(nn.Module):
@@ -34,9 +34,10 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         t = h.shape[0]
-        q = self.q_proj(h, adapters).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(h, adapters).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h, adapters).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = project_group((self.q_proj, self.k_proj, self.v_proj), h, adapters)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         cos, sin = cos_sin
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         k_cache[attn.kv_write_slots] = k.to(k_cache.dtype)
@@ -53,7 +54,8 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
 
     def forward(self, x: torch.Tensor, adapters: list[StepAdapter]) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapters)) * self.up_proj(x, adapters), adapters)
+        gate, up = project_group((self.gate_proj, self.up_proj), x, adapters)
+        return self.down_proj(F.silu(gate) * up, adapters)
 
 
 class DecoderLayer(nn.Module):

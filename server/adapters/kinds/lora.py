@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_expand, lora_shrink
+from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_expand, lora_shrink, lora_shrink_many
 from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
@@ -110,8 +110,26 @@ class LoraStep(StepAdapter):
         if module not in self.tables.a:
             return y
         a_views, b_views = self.tables.views(layer, module)
-        t = lora_shrink(x, a_views.stack, self.meta, a_views)
+        return self.apply_delta(lora_shrink(x, a_views.stack, self.meta, a_views), y, layer, module)
+
+    def apply_delta(self, t: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        """y += scale * t @ B^T for the LoRA tokens (t [T, max_rank] fp32 from the shrink); kinds built on LoRA
+        (DoRA) override this step only."""
+        b_views = self.tables.views(layer, module)[1]
         return lora_expand(t, b_views.stack, self.tables.scale, self.meta, y, b_views)
+
+    def project_outputs(self, x: torch.Tensor, ys: list[torch.Tensor], layer: int, modules: tuple[str, ...]
+                        ) -> list[torch.Tensor]:
+        """q/k/v (or gate/up) of one input: one shrink pass over x for all their A tables (lora_shrink_many)."""
+        present = [i for i, m in enumerate(modules) if m in self.tables.a]
+        if len(present) < 2:
+            return super().project_outputs(x, ys, layer, modules)
+        views = [self.tables.views(layer, modules[i]) for i in present]
+        ts = lora_shrink_many(x, [a.stack for a, _ in views], self.meta)
+        ys = list(ys)
+        for i, t in zip(present, ts, strict=True):
+            ys[i] = self.apply_delta(t, ys[i], layer, modules[i])
+        return ys
 
 
 class LoraKind(AdapterKind):
