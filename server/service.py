@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from server import grpc_messages as msg
 from server.auth import caller
 from server.clip import clip
 from server.engine.request import (
@@ -96,30 +97,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             first = first or event
             text.append(event.text)
             token_ids += event.token_ids
-            logprobs += _logprobs(event)
+            logprobs += msg.logprobs(event)
             last = event
         if last is None:  # _serve aborted the call
             return pb.GenerateResponse()
         return pb.GenerateResponse(
             request_id=prepared.request_id, text="".join(text), token_ids=token_ids,
-            finish_reason=str(last.finish_reason), usage=_usage(last), adapter=_adapter(prepared, last),
-            timings=_timings(prepared, first, final=True), logprobs=logprobs,
+            finish_reason=str(last.finish_reason), usage=msg.usage(last),
+            adapter=msg.adapter(prepared.adapter_name, last),
+            timings=msg.timings(prepared.request.arrival_time, first, final=True), logprobs=logprobs,
         )
 
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
         first = True
         for prepared, event in self._serve(request, context):
             chunk = pb.GenerateChunk(request_id=prepared.request_id, text=event.text, token_ids=event.token_ids,
-                                     logprobs=_logprobs(event))
+                                     logprobs=msg.logprobs(event))
             if first:
-                chunk.timings.CopyFrom(_timings(prepared, event, final=event.finished))
+                chunk.timings.CopyFrom(msg.timings(prepared.request.arrival_time, event, final=event.finished))
                 first_event, first = event, False
             if event.finished:
                 chunk.finished = True
                 chunk.finish_reason = str(event.finish_reason)
-                chunk.usage.CopyFrom(_usage(event))
-                chunk.adapter.CopyFrom(_adapter(prepared, event))
-                chunk.timings.CopyFrom(_timings(prepared, first_event, final=True))
+                chunk.usage.CopyFrom(msg.usage(event))
+                chunk.adapter.CopyFrom(msg.adapter(prepared.adapter_name, event))
+                chunk.timings.CopyFrom(msg.timings(prepared.request.arrival_time, first_event, final=True))
             yield chunk
 
     # ---- one call's life -----------------------------------------------------------------------
@@ -310,30 +312,3 @@ def _gone_status(context) -> str:
     if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED.name
     return grpc.StatusCode.CANCELLED.name
-
-
-def _logprobs(event: TokenEvent) -> list[pb.TokenLogprob]:
-    if not event.logprobs:
-        return []
-    tops = event.top_logprobs or ((),) * len(event.logprobs)
-    return [pb.TokenLogprob(token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=a, logprob=b) for a, b in top])
-            for t, lp, top in zip(event.token_ids, event.logprobs, tops, strict=True)]
-
-
-def _usage(event: TokenEvent) -> pb.Usage:
-    return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-
-
-def _adapter(prepared: Prepared, event: TokenEvent) -> pb.AdapterRef:
-    return pb.AdapterRef(name=prepared.adapter_name, version=event.adapter_version or 0)
-
-
-def _timings(prepared: Prepared, first: TokenEvent | None, final: bool) -> pb.Timings:
-    t = pb.Timings()
-    if first is not None and first.queue_s is not None:
-        t.queue_ms = first.queue_s * 1e3
-    if first is not None and first.ttft_s is not None:
-        t.ttft_ms = first.ttft_s * 1e3
-    if final:
-        t.total_ms = (time.monotonic() - prepared.request.arrival_time) * 1e3
-    return t
