@@ -65,6 +65,6 @@ def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_to
     path = Path(path)
     cfg = read_config(path)
     tensors = read_tensors(path)
-    kind = kinds.by_peft_type(cfg["peft_type"])
+    kind = kinds.by_config(cfg)
     payload = kind.read(cfg, tensors, args, ReadLimits(max_lora_rank, max_virtual_tokens))
     return AdapterWeights(kind=kind.name, config=cfg, payload=payload, base_model=cfg.get("base_model_name_or_path"))

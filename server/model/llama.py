@@ -99,6 +99,20 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.device
 
+    def base_weight(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projection `module` of `layer` as dense fp32: weight [out, in] (dequantized when NF4) and bias [out] or
+        None. For adapter tables derived from the base; a copy, so callers may keep it off the model's device."""
+        block = self.layers[layer]
+        proj = getattr(block.self_attn, module, None) or getattr(block.mlp, module, None)
+        if not isinstance(proj, Projection):
+            raise KeyError(f"layer {layer} has no projection {module!r}")
+        base = proj.base
+        dense = base.dense_weight if hasattr(base, "dense_weight") else (lambda: base.weight)
+        with torch.no_grad():
+            weight = dense().detach().float().clone()
+            bias = None if getattr(base, "bias", None) is None else base.bias.detach().float().clone()
+        return weight, bias
+
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         for adapter in batch.adapters:
