@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from server.model.checkpoint import resolve_model_dir
 from server.trainer.base import load_base, load_tokenizer
+from server.trainer.bitfit import attach_bitfit
 from server.trainer.checkpoint import (
     TrainState,
     clear_checkpoints,
@@ -118,6 +119,8 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.
 
 def build_model(cfg: TrainConfig, model_dir: Path):
     base = load_base(model_dir, quantized=cfg.method == "qlora", device=cfg.device)
+    if cfg.method == "bitfit":  # not a PEFT method: zero-initialised bias deltas (server/trainer/bitfit.py)
+        return attach_bitfit(base, tuple(cfg.resolved("targets")), str(model_dir))
     peft_cfg = build_peft_config(cfg.method, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
                                  targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
                                  encoder_hidden=cfg.resolved("encoder_hidden"))
