@@ -89,3 +89,92 @@ def bitfit_logits(base: torch.nn.Module, adapter_dir: Path, ids: list[int]) -> t
     model = with_biases(base, load_file(adapter_dir / "adapter_model.safetensors"))
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+# ---- bottleneck adapters: AdapterHub's saved layout, and an independent oracle via forward hooks ----
+HOULSBY = {"architecture": "bottleneck", "mh_adapter": True, "output_adapter": True, "reduction_factor": 16,
+           "non_linearity": "swish", "original_ln_before": False, "original_ln_after": True,
+           "residual_before_ln": True, "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False,
+           "init_weights": "bert", "is_parallel": False, "scaling": 1.0, "use_gating": False, "phm_layer": False,
+           "dropout": 0.0, "inv_adapter": None, "leave_out": [], "stochastic_depth": 0.0}  # DoubleSeqBnConfig
+PFEIFFER = {**HOULSBY, "mh_adapter": False, "non_linearity": "relu", "original_ln_before": True}  # SeqBnConfig
+LOCATIONS = {"attention": "attention_adapters", "mlp": "output_adapters"}
+
+
+def write_bottleneck_adapter(base_dir: Path, out: Path, config: dict, *, seed: int, name: str = "bn") -> Path:
+    """What AdapterHub's `model.save_adapter(out, name)` writes (adapter_config.json + adapter.safetensors),
+    with random non-zero weights."""
+    cfg = json.loads((base_dir / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    size = max(1, int(hidden // config["reduction_factor"]))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    blocks = (["attention"] if config.get("mh_adapter") else []) + (["mlp"] if config.get("output_adapter") else [])
+    for i in range(layers):
+        for block in blocks:
+            p = f"model.layers.{i}.{LOCATIONS[block]}.adapters.{name}"
+            tensors[f"{p}.adapter_down.0.weight"] = 0.3 * torch.randn(size, hidden, generator=g)
+            tensors[f"{p}.adapter_down.0.bias"] = 0.1 * torch.randn(size, generator=g)
+            tensors[f"{p}.adapter_up.weight"] = 0.3 * torch.randn(hidden, size, generator=g)
+            tensors[f"{p}.adapter_up.bias"] = 0.1 * torch.randn(hidden, generator=g)
+    out.mkdir(parents=True, exist_ok=True)
+    full = {"config": config, "hidden_size": hidden, "model_type": cfg.get("model_type", "llama"), "name": name,
+            "model_class": "LlamaForCausalLM", "model_name": str(base_dir), "version": "adapters.1.2.0"}
+    (out / "adapter_config.json").write_text(json.dumps(full))
+    save_file(tensors, out / "adapter.safetensors")
+    return out
+
+
+def _adapterhub_block(a: torch.Tensor, r: torch.Tensor, cfg: dict, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The new hidden state after one placement, following AdapterHub's Adapter.pre_forward / forward /
+    post_forward with layer_norm=None (how its Llama layer calls them)."""
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "swish": torch.nn.functional.silu,
+           "silu": torch.nn.functional.silu}[cfg["non_linearity"]]
+    if cfg["residual_before_ln"] is True:
+        residual = a
+    hidden = a + r if cfg["original_ln_before"] else a
+    if not cfg["residual_before_ln"]:
+        residual = hidden
+    down = act(hidden @ w["adapter_down.0.weight"].T + w["adapter_down.0.bias"])
+    up = (down @ w["adapter_up.weight"].T + w["adapter_up.bias"]) * cfg["scaling"]
+    output = up + residual
+    return output + r if cfg["original_ln_after"] else output
+
+
+def bottleneck_logits(base: torch.nn.Module, adapter_dir: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' model with the adapter applied by forward hooks on each decoder layer's self_attn / mlp."""
+    from safetensors.torch import load_file
+
+    full = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg, name = full["config"], full["name"]
+    weights = load_file(adapter_dir / "adapter.safetensors")
+    model = copy.deepcopy(base)
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(key, seen=seen):
+            def hook(module, args, kwargs):
+                seen[key] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        handles.append(layer.register_forward_pre_hook(keep("attention"), with_kwargs=True))
+        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(keep("mlp"), with_kwargs=True))
+        for block, module in (("attention", layer.self_attn), ("mlp", layer.mlp)):
+            prefix = f"model.layers.{i}.{LOCATIONS[block]}.adapters.{name}."
+            w = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            if not w:
+                continue
+
+            def apply(module, args, output, block=block, w=w, seen=seen):
+                a = output[0] if isinstance(output, tuple) else output
+                r = seen[block]
+                new = _adapterhub_block(a, r, cfg, w) - r  # the layer adds r back
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+
+            handles.append(module.register_forward_hook(apply))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    for h in handles:
+        h.remove()
+    return logits

@@ -1,8 +1,9 @@
 """Read and validate PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
 
 The files are read here; what they mean is each kind's business (server/adapters/kinds/: lora, ia3,
-virtual for prompt tuning and P-tuning, prefix), chosen by the config's `peft_type`.
-Pickled weights (`adapter_model.bin`) are never read.
+virtual for prompt tuning and P-tuning, prefix, ...), chosen by `kinds.by_config` (the config's `peft_type`,
+or an AdapterHub `adapter_config.json`, whose architecture sits under "config" and whose weights are
+`adapter.safetensors`). Pickled weights (`adapter_model.bin`, `pytorch_adapter.bin`) are never read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from server.adapters.weights import AdapterWeights
 from server.model.args import ModelArgs
 
 CONFIG_FILE = "adapter_config.json"
+ADAPTERHUB_WEIGHTS_FILE = "adapter.safetensors"  # the AdapterHub `adapters` library's safetensors name
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "AdapterFormatError", "BaseModelMismatch", "read_adapter", "read_config",
            "read_tensors"]
@@ -38,20 +40,24 @@ def read_config(path: Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict) or "peft_type" not in cfg:
-        raise _fail(f"{CONFIG_FILE} has no peft_type")
+    if not isinstance(cfg, dict) or ("peft_type" not in cfg and not isinstance(cfg.get("config"), dict)):
+        raise _fail(f"{CONFIG_FILE} has no peft_type (nor an AdapterHub \"config\")")
     return cfg
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if (path / "adapter_model.bin").exists() and not (path / WEIGHTS_FILE).exists():
-        raise _fail("pickled adapter_model.bin weights are refused; save with safetensors")
-    if not (path / WEIGHTS_FILE).is_file():
+    weights = path / WEIGHTS_FILE
+    if not weights.exists() and (path / ADAPTERHUB_WEIGHTS_FILE).exists():
+        weights = path / ADAPTERHUB_WEIGHTS_FILE
+    for pickled in ("adapter_model.bin", "pytorch_adapter.bin"):
+        if (path / pickled).exists() and not weights.exists():
+            raise _fail(f"pickled {pickled} weights are refused; save with safetensors")
+    if not weights.is_file():
         raise _fail(f"{WEIGHTS_FILE} is missing")
     try:
-        tensors = load_file(path / WEIGHTS_FILE)
+        tensors = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _fail(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+        raise _fail(f"{weights.name} is not a valid safetensors file: {exc}") from None
     for key, t in tensors.items():
         if not t.is_floating_point():
             raise _fail(f"tensor {key} has non-float dtype {t.dtype}")

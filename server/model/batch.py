@@ -5,8 +5,9 @@ each possibly with its own adapter. Tokens are laid out sequence after sequence 
 attention metadata pads them per sequence for one batched attention call.
 
 Adapters reach the model only as `StepAdapter`s: one object per adapter kind present in the step,
-called at the model's three application points (input embeddings, a projection's input, a
-projection's output). The model never knows which kinds exist (server/adapters/kinds/ does).
+called at the model's application points (input embeddings, a projection's input, a projection's
+output, a decoder sub-block's output before it joins the residual stream). The model never knows which
+kinds exist (server/adapters/kinds/ does).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class StepAdapter:
     def project_output(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """y [T, out] base output (x [T, in] its original input) -> the projection's output."""
         return y
+
+    def block_output(self, residual: torch.Tensor, out: torch.Tensor, layer: int, block: str) -> torch.Tensor:
+        """out [T, hidden] the output of sub-block `block` ("attention" or "mlp") of `layer`, residual [T, hidden]
+        the stream it is added to (the sub-block's input before its norm) -> what is added: the layer computes
+        residual + block_output(residual, out). Called for each adapter in turn, each changing its own rows."""
+        return out
 
 
 @dataclass(slots=True)

@@ -63,14 +63,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """h += attention(norm(h)); h += mlp(norm(h)), each sub-block's output passed through the adapters'
+    block_output hook (server/model/batch.py) before it joins the residual stream."""
+
     def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
         super().__init__()
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
+        self.layer = attn.o_proj.layer  # this decoder layer's index
 
     def forward(self, h, cos_sin, attn, adapters, k_cache, v_cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, attn, adapters, k_cache, v_cache)
-        return h + self.mlp(self.post_attention_layernorm(h), adapters)
+        out = self.self_attn(self.input_layernorm(h), cos_sin, attn, adapters, k_cache, v_cache)
+        for adapter in adapters:
+            out = adapter.block_output(h, out, self.layer, "attention")
+        h = h + out
+        out = self.mlp(self.post_attention_layernorm(h), adapters)
+        for adapter in adapters:
+            out = adapter.block_output(h, out, self.layer, "mlp")
+        return h + out
 
 
 class LlamaModel(nn.Module):

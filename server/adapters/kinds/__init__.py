@@ -17,6 +17,7 @@ from server.adapters.kinds.base import (
     SlotTables,
 )
 from server.adapters.kinds.bitfit import BitFitKind
+from server.adapters.kinds.bottleneck import BottleneckKind
 from server.adapters.kinds.dora import DoraKind
 from server.adapters.kinds.ia3 import IA3Kind
 from server.adapters.kinds.lora import LoraKind
@@ -75,3 +76,4 @@ register(VirtualTokenKind("PROMPT_TUNING"))
 register(VirtualTokenKind("P_TUNING"))
 register(PrefixKind())
 register(BitFitKind())
+register(BottleneckKind())
