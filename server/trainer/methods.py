@@ -3,7 +3,8 @@
 Every method writes an adapter our server reads unchanged (server/adapters/peft_format.py): LoRA on the
 seven projections (no bias, no DoRA), prompt / P-tuning / prefix virtual tokens, IA3 on k/v/down_proj.
 KIND_METHODS are served by kinds beyond PEFT's own loading: DoRA (a PEFT LoRA directory with use_dora, served
-by the DORA kind) and BitFit (our BITFIT format, trained by server/trainer/bitfit.py, not by PEFT).
+by the DORA kind), BitFit (our BITFIT format, server/trainer/bitfit.py) and bottleneck adapters (AdapterHub's
+layout, server/trainer/bottleneck.py); the last two are not PEFT methods.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ METHODS: dict[str, MethodDefaults] = {
 KIND_METHODS: dict[str, MethodDefaults] = {
     "dora": MethodDefaults(lr=1e-3, steps=30),
     "bitfit": MethodDefaults(lr=1e-2, steps=60),
+    "bottleneck": MethodDefaults(lr=1e-3, steps=40),
 }
 ALL_METHODS: dict[str, MethodDefaults] = {**METHODS, **KIND_METHODS}
 
@@ -75,8 +77,8 @@ def build_peft_config(
 ) -> PeftConfig:
     """The PEFT config for `method` (task CAUSAL_LM) with the given hyper-parameters."""
     method_defaults(method)
-    if method == "bitfit":
-        raise ValueError("bitfit is not a PEFT method (server/trainer/bitfit.py trains it)")
+    if method in ("bitfit", "bottleneck"):
+        raise ValueError(f"{method} is not a PEFT method (server/trainer/{method}.py trains it)")
     if method in ("lora", "qlora", "dora"):
         check_targets(targets, "LoRA")
         return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
