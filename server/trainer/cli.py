@@ -82,9 +82,9 @@ def upload(output_dir: Path, target: str, api_key: str | None, name: str):
     from server.trainer.loop import ADAPTER_FILES
 
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
-        for f in ADAPTER_FILES[:3]:
+        for f in ADAPTER_FILES[:3]:  # AdapterHub's adapter.safetensors travels under the upload's weights name
             if (output_dir / f).exists():
-                shutil.copy2(output_dir / f, Path(tmp) / f)
+                shutil.copy2(output_dir / f, Path(tmp) / (ADAPTER_FILES[0] if f == ADAPTER_FILES[1] else f))
         with SwitchboardClient(target, api_key) as client:
             return client.upload_adapter(tmp, name=name)
 
