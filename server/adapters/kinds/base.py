@@ -95,6 +95,13 @@ class AdapterKind:
         """The normalized payload; raises AdapterFormatError / BaseModelMismatch with a reason."""
         raise NotImplementedError
 
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """Before any tensor is read (server/adapters/validation.py): True when `key` is one of this kind's own
+        tensors and `shape` fits the base; raise AdapterFormatError / BaseModelMismatch when it is its key with
+        a bad shape; False when it is not its key. The PEFT module keys (lora_A/B, ia3_l) and
+        prompt_embeddings are checked by validation itself."""
+        return False
+
     def tensors(self, payload: object) -> list[torch.Tensor]:
         """Every tensor the payload holds (host-memory accounting)."""
         raise NotImplementedError

@@ -122,6 +122,19 @@ class BitFitKind(AdapterKind):
                                          f"{sorted(present)}")
         return BitFitWeights(biases)
 
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """One bias vector, from the safetensors header alone: True when `key` is ours and fits the base."""
+        if BASE_PARAM_KEY.match(key) is None:
+            return False
+        (layer, module, _), _t = next(iter(module_tensors({key: torch.empty(0)}, args, ("bias",),
+                                                         BASE_PARAM_KEY).items()))
+        _, n_out = args.projection_shape(module)
+        if len(shape) != 1:
+            raise AdapterFormatError(f"bias of layer {layer} {module} has shape {shape}; it must be a vector")
+        if shape[0] != n_out:
+            raise BaseModelMismatch(f"bias of layer {layer} {module} has {shape[0]} features; the base has {n_out}")
+        return True
+
     def tensors(self, payload: BitFitWeights) -> list[torch.Tensor]:
         return list(payload.biases.values())
 

@@ -271,6 +271,26 @@ class BottleneckKind(AdapterKind):
         return BottleneckWeights(c["size"], c["activation"], c["scaling"], c["original_ln_before"],
                                  c["original_ln_after"], c["residual_before_ln"], blocks)
 
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """Bounds from the safetensors header alone (read() checks the exact size against the config)."""
+        m = _KEY.match(key)
+        if m is None:
+            return False
+        layer, part, what = int(m[1]), m[4], m[5]
+        if layer >= args.num_layers:
+            raise BaseModelMismatch(f"tensor {key!r} addresses layer {layer}; the base has {args.num_layers} layers")
+        h = args.hidden_size
+        down = part.startswith("adapter_down")
+        if what == "bias":
+            ok = len(shape) == 1 and (shape[0] <= limits.max_lora_rank if down else shape[0] == h)
+        else:
+            size = shape[0] if down else shape[-1]
+            ok = len(shape) == 2 and (shape[1] if down else shape[0]) == h and 1 <= size <= limits.max_lora_rank
+        if not ok:
+            raise AdapterFormatError(f"{part}.{what} of layer {layer} has shape {shape}; hidden size {h} and a "
+                                     f"bottleneck of at most {limits.max_lora_rank} are served")
+        return True
+
     def tensors(self, payload: BottleneckWeights) -> list[torch.Tensor]:
         return [t for ts in payload.blocks.values() for t in ts]
 

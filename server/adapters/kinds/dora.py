@@ -17,6 +17,7 @@ Tables (per targeted module, created on first use), besides LoRA's (server/adapt
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ from server.adapters.kinds.modules import module_tensors
 from server.model.args import ModelArgs
 
 MAGNITUDE = "lora_magnitude_vector"
+_MAGNITUDE_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
+                            r"lora_magnitude_vector(?:\.weight)?$")
 
 
 @dataclass(slots=True)
@@ -154,6 +157,25 @@ class DoraKind(LoraKind):
             missing = sorted(set(lora.a) ^ set(magnitude))
             raise AdapterFormatError(f"every DoRA module needs lora_A, lora_B and {MAGNITUDE}; unmatched: {missing}")
         return DoraWeights(lora, magnitude)
+
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """The magnitude vectors, from the safetensors header alone (lora_A / lora_B are checked as LoRA's)."""
+        m = _MAGNITUDE_KEY.match(key)
+        if m is None:
+            return False
+        layer, module = int(m[1]), m[2]
+        if layer >= args.num_layers:
+            raise BaseModelMismatch(f"tensor {key!r} addresses layer {layer}; the base has {args.num_layers} layers")
+        try:
+            _, n_out = args.projection_shape(module)
+        except KeyError:
+            raise AdapterFormatError(f"unknown target module {module!r} in {key!r}") from None
+        if len(shape) != 1:
+            raise AdapterFormatError(f"{MAGNITUDE} of layer {layer} {module} has shape {shape}; it must be a vector")
+        if shape[0] != n_out:
+            raise BaseModelMismatch(f"{MAGNITUDE} of layer {layer} {module} has {shape[0]} features; "
+                                    f"the base has {n_out}")
+        return True
 
     def tensors(self, payload: DoraWeights) -> list[torch.Tensor]:
         return [*super().tensors(payload.lora), *payload.magnitude.values()]
