@@ -1,6 +1,7 @@
 """In-context learning vs parameter-efficient tuning on a shipped task, with the default model.
 
-    .venv/bin/python bench/methods.py [--task topic] [--methods lora qlora prompt p_tuning prefix ia3]
+    .venv/bin/python bench/methods.py [--task topic] [--methods lora qlora prompt p_tuning prefix ia3 dora bitfit
+                                      bottleneck]
                                       [--k 4] [--orderings 4] [--threads 1] [--out bench/RESULTS.md]
 
 One table: zero-shot (dense and NF4 base), few-shot in context with k examples (random selection per
@@ -8,7 +9,8 @@ row; nearest-neighbour selection by cosine of the base model's mean-pooled input
 random set under several orderings: min / mean / max), and each tuning method trained with its default
 settings (exact-match on the held-out split, trainable parameters, adapter file size, training time).
 For every tuned adapter it also serves the test prompts through our engine and counts how many greedy
-completions equal PEFT's. Results are cached per row in --cache (JSON) so a rerun skips finished rows.
+completions equal PEFT's (for bitfit / bottleneck, which PEFT cannot load: the trained model's). Results are
+cached per row in --cache (JSON) so a rerun skips finished rows.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from server.trainer.config import TrainConfig  # noqa: E402
 from server.trainer.data import Example  # noqa: E402
 from server.trainer.evaluate import engine_greedy, evaluate, max_new_tokens_for  # noqa: E402
 from server.trainer.loop import load_splits, train  # noqa: E402
-from server.trainer.methods import METHODS  # noqa: E402
+from server.trainer.methods import ALL_METHODS as METHODS  # noqa: E402  (PEFT's + dora, bitfit, bottleneck)
 
 
 def shot_ids(e: Example, eos_id: int, sep: list[int]) -> list[int]:

@@ -1,8 +1,9 @@
 """Read and validate PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
 
 The files are read here; what they mean is each kind's business (server/adapters/kinds/: lora, ia3,
-virtual for prompt tuning and P-tuning, prefix), chosen by the config's `peft_type`.
-Pickled weights (`adapter_model.bin`) are never read.
+virtual for prompt tuning and P-tuning, prefix, ...), chosen by `kinds.by_config` (the config's `peft_type`,
+or an AdapterHub `adapter_config.json`, whose architecture sits under "config" and whose weights are
+`adapter.safetensors`). Pickled weights (`adapter_model.bin`, `pytorch_adapter.bin`) are never read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from server.adapters.weights import AdapterWeights
 from server.model.args import ModelArgs
 
 CONFIG_FILE = "adapter_config.json"
+ADAPTERHUB_WEIGHTS_FILE = "adapter.safetensors"  # the AdapterHub `adapters` library's safetensors name
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "AdapterFormatError", "BaseModelMismatch", "read_adapter", "read_config",
            "read_tensors"]
@@ -36,25 +38,36 @@ def read_config(path: Path) -> dict:
     return validation.check_config(cfg_path.read_bytes())  # size, depth, field types before/after parsing
 
 
-def read_tensors(path: Path, limits: validation.HeaderLimits | None = None) -> dict[str, torch.Tensor]:
-    if (path / "adapter_model.bin").exists() and not (path / WEIGHTS_FILE).exists():
-        raise _fail("pickled adapter_model.bin weights are refused; save with safetensors")
-    if not (path / WEIGHTS_FILE).is_file():
+def weights_file(path: Path) -> Path:
+    """The adapter's safetensors file: PEFT's name, else AdapterHub's; pickled weights are refused."""
+    weights = path / WEIGHTS_FILE
+    if not weights.exists() and (path / ADAPTERHUB_WEIGHTS_FILE).exists():
+        weights = path / ADAPTERHUB_WEIGHTS_FILE
+    for pickled in ("adapter_model.bin", "pytorch_adapter.bin"):
+        if (path / pickled).exists() and not weights.exists():
+            raise _fail(f"pickled {pickled} weights are refused; save with safetensors")
+    if not weights.is_file():
         raise _fail(f"{WEIGHTS_FILE} is missing")
+    return weights
+
+
+def read_tensors(path: Path, limits: validation.HeaderLimits | None = None) -> dict[str, torch.Tensor]:
+    weights = weights_file(path)
     if limits is not None:  # names, dtypes, shapes, sizes against the base, before any tensor is read
-        validation.check_safetensors_header(path / WEIGHTS_FILE, limits)
+        validation.check_safetensors_header(weights, limits)
     try:
-        tensors = load_file(path / WEIGHTS_FILE)
+        tensors = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _fail(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+        raise _fail(f"{weights.name} is not a valid safetensors file: {exc}") from None
     return {k: validation.check_finite(k, t, torch.float32) for k, t in tensors.items()}  # finite once converted
 
 
 def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_tokens: int) -> AdapterWeights:
-    """Parse and validate a PEFT directory against the loaded base; raises AdapterFormatError."""
+    """Parse and validate a PEFT (or AdapterHub) directory against the loaded base; raises AdapterFormatError."""
     path = Path(path)
     cfg = read_config(path)
+    kind = kinds.by_config(cfg)
+    kind.check_config(cfg)  # options it cannot serve are refused before any tensor is read
     tensors = read_tensors(path, validation.HeaderLimits(args, max_lora_rank, max_virtual_tokens))
-    kind = kinds.by_peft_type(cfg["peft_type"])
     payload = kind.read(cfg, tensors, args, ReadLimits(max_lora_rank, max_virtual_tokens))
     return AdapterWeights(kind=kind.name, config=cfg, payload=payload, base_model=cfg.get("base_model_name_or_path"))

@@ -11,6 +11,7 @@ import torch
 
 from server.adapters import kinds
 from server.adapters.kinds import ReadLimits, SlotTables
+from server.adapters.kinds.base import BaseWeights
 from server.adapters.weights import AdapterWeights
 from server.model.args import ModelArgs
 
@@ -25,6 +26,11 @@ class AdapterTables:
             tables = kind.new_tables(args, num_slots, limits, dtype, device)
             if tables is not None:
                 self.by_kind[kind.name] = tables
+
+    def bind_base(self, base: BaseWeights) -> None:
+        """Give every kind's tables the served model's base weights (the runner calls this once, before any fill)."""
+        for tables in self.by_kind.values():
+            tables.bind_base(base)
 
     def ensure(self, weights: AdapterWeights) -> None:
         """Create the tables `weights` needs, so that filling its slot adds none (the pool calls this under its

@@ -108,8 +108,8 @@ def _bounded_json(raw: bytes, what: str, limit: int) -> object:
 def check_config(raw: bytes) -> dict:
     """adapter_config.json bytes -> the config dict; size, depth and the types of the fields we read checked."""
     cfg = _bounded_json(raw, "adapter_config.json", MAX_CONFIG_BYTES)
-    if not isinstance(cfg, dict) or "peft_type" not in cfg:
-        raise _fail("adapter_config.json has no peft_type")
+    if not isinstance(cfg, dict) or ("peft_type" not in cfg and not isinstance(cfg.get("config"), dict)):
+        raise _fail("adapter_config.json has no peft_type (nor an AdapterHub \"config\")")
     for field, types in _FIELD_TYPES.items():
         value = cfg.get(field)
         if value is None:

@@ -39,6 +39,7 @@ class ModelRunner:
         self.kv = kv
         self.tables = tables
         self.device = model.device
+        tables.bind_base(model.base_weight)  # slot tables derived from the base (e.g. weight norms) read it at fill
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Logits [S, vocab] fp32 for the sampled sequences (those whose context is now complete).

@@ -5,8 +5,9 @@ each possibly with its own adapter. Tokens are laid out sequence after sequence 
 reads each sequence's context from the paged KV cache in place through its block table.
 
 Adapters reach the model only as `StepAdapter`s: one object per adapter kind present in the step,
-called at the model's three application points (input embeddings, a projection's input, a
-projection's output). The model never knows which kinds exist (server/adapters/kinds/ does).
+called at the model's application points (input embeddings, a projection's input, a projection's
+output, a decoder sub-block's output before it joins the residual stream). The model never knows which
+kinds exist (server/adapters/kinds/ does).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class StepAdapter:
         """Several projections of the same input x (q/k/v, gate/up) at once; the same math as project_output on
         each (a kind may share work between them, e.g. one pass over x)."""
         return [self.project_output(x, y, layer, m) for y, m in zip(ys, modules, strict=True)]
+    def block_output(self, residual: torch.Tensor, out: torch.Tensor, layer: int, block: str) -> torch.Tensor:
+        """out [T, hidden] the output of sub-block `block` ("attention" or "mlp") of `layer`, residual [T, hidden]
+        the stream it is added to (the sub-block's input before its norm) -> what is added: the layer computes
+        residual + block_output(residual, out). Called for each adapter in turn, each changing its own rows."""
+        return out
 
 
 @dataclass(slots=True)

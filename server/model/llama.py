@@ -59,14 +59,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """h += attention(norm(h)); h += mlp(norm(h)), each sub-block's output passed through the adapters'
+    block_output hook (server/model/batch.py) before it joins the residual stream."""
+
     def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
         super().__init__()
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
+        self.layer = attn.o_proj.layer  # this decoder layer's index
 
     def forward(self, h, cos_sin, attn, adapters, k_cache, v_cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, attn, adapters, k_cache, v_cache)
-        return h + self.mlp(self.post_attention_layernorm(h), adapters)
+        out = self.self_attn(self.input_layernorm(h), cos_sin, attn, adapters, k_cache, v_cache)
+        for adapter in adapters:
+            out = adapter.block_output(h, out, self.layer, "attention")
+        h = h + out
+        out = self.mlp(self.post_attention_layernorm(h), adapters)
+        for adapter in adapters:
+            out = adapter.block_output(h, out, self.layer, "mlp")
+        return h + out
 
 
 class LlamaModel(nn.Module):
@@ -94,6 +104,20 @@ class LlamaModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.device
+
+    def base_weight(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projection `module` of `layer` as dense fp32: weight [out, in] (dequantized when NF4) and bias [out] or
+        None. For adapter tables derived from the base; a copy, so callers may keep it off the model's device."""
+        block = self.layers[layer]
+        proj = getattr(block.self_attn, module, None) or getattr(block.mlp, module, None)
+        if not isinstance(proj, Projection):
+            raise KeyError(f"layer {layer} has no projection {module!r}")
+        base = proj.base
+        dense = base.dense_weight if hasattr(base, "dense_weight") else (lambda: base.weight)
+        with torch.no_grad():
+            weight = dense().detach().float().clone()
+            bias = None if getattr(base, "bias", None) is None else base.bias.detach().float().clone()
+        return weight, bias
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]

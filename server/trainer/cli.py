@@ -16,14 +16,14 @@ import tempfile
 from pathlib import Path
 
 from server.config import ConfigError
-from server.trainer.methods import METHODS
+from server.trainer.methods import ALL_METHODS
 from server.trainer.tasks import TASKS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server.trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=list(METHODS), help="what to train")
+    p.add_argument("--method", choices=list(ALL_METHODS), help="what to train")
     p.add_argument("--output-dir", type=Path, required=True, help="the PEFT adapter dir (+ checkpoints/)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", choices=list(TASKS), help="a shipped task (its train and test splits)")
@@ -43,6 +43,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--targets", nargs="+", help="LoRA / IA3 target modules")
     p.add_argument("--virtual-tokens", type=int, help="prompt / P-tuning / prefix virtual tokens")
     p.add_argument("--encoder-hidden", type=int, help="P-tuning prompt encoder width")
+    p.add_argument("--bottleneck", choices=["houlsby", "pfeiffer"], default="pfeiffer",
+                   help="bottleneck variant: houlsby (after attention and feed-forward) or pfeiffer (feed-forward)")
+    p.add_argument("--reduction-factor", type=float, default=16.0, help="bottleneck size = hidden / this")
+    p.add_argument("--non-linearity", choices=["relu", "gelu", "silu"], help="bottleneck activation")
     p.add_argument("--n-train", type=int, default=256, help="shipped task: training rows")
     p.add_argument("--n-test", type=int, default=48, help="shipped task: held-out rows")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +71,8 @@ def config_from_args(args: argparse.Namespace):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_length=args.max_length, rank=args.rank, alpha=args.alpha,
         targets=tuple(args.targets) if args.targets else None, virtual_tokens=args.virtual_tokens,
-        encoder_hidden=args.encoder_hidden, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
+        encoder_hidden=args.encoder_hidden, bottleneck=args.bottleneck, reduction_factor=args.reduction_factor,
+        non_linearity=args.non_linearity, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
         device=args.device, progress=not args.no_progress)
 
 
@@ -77,8 +82,9 @@ def upload(output_dir: Path, target: str, api_key: str | None, name: str):
     from server.trainer.loop import ADAPTER_FILES
 
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
-        for f in ADAPTER_FILES[:2]:
-            shutil.copy2(output_dir / f, Path(tmp) / f)
+        for f in ADAPTER_FILES[:3]:  # AdapterHub's adapter.safetensors travels under the upload's weights name
+            if (output_dir / f).exists():
+                shutil.copy2(output_dir / f, Path(tmp) / (ADAPTER_FILES[0] if f == ADAPTER_FILES[1] else f))
         with SwitchboardClient(target, api_key) as client:
             return client.upload_adapter(tmp, name=name)
 

@@ -37,6 +37,9 @@ class TrainConfig:
     targets: tuple[str, ...] | None = None
     virtual_tokens: int | None = None
     encoder_hidden: int | None = None
+    bottleneck: str = "pfeiffer"  # --method bottleneck: houlsby (after attention and feed-forward) | pfeiffer
+    reduction_factor: float = 16.0  # bottleneck size = hidden // reduction_factor
+    non_linearity: str | None = None  # relu | gelu | silu; None = the variant's (houlsby: swish, pfeiffer: relu)
     seed: int = 0
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 20  # checkpoint period in steps; 0 = only the final adapter
@@ -55,6 +58,9 @@ class TrainConfig:
         require(self.max_length > 1, "max_length must be > 1")
         require(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")
         require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        require(self.bottleneck in ("houlsby", "pfeiffer"), "bottleneck must be houlsby or pfeiffer")
+        require(self.reduction_factor > 0, "reduction_factor must be > 0")
+        require(self.non_linearity in (None, "relu", "gelu", "silu"), "non_linearity must be relu, gelu or silu")
 
     def resolved(self, name: str):
         """The value in force: the flag when given, else the method's default."""

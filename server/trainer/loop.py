@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from server.model.checkpoint import resolve_model_dir
 from server.trainer.base import load_base, load_tokenizer
+from server.trainer.bitfit import attach_bitfit
+from server.trainer.bottleneck import attach_bottleneck
 from server.trainer.checkpoint import (
     TrainState,
     clear_checkpoints,
@@ -39,7 +41,8 @@ from server.trainer.methods import build_peft_config, init_prefix_from_base
 from server.trainer.tasks import task_splits
 
 log = logging.getLogger(__name__)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # weights land before config
+# weights land before config; adapter.safetensors: AdapterHub's name (bottleneck adapters)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter.safetensors", "adapter_config.json", "README.md")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -118,6 +121,11 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.
 
 def build_model(cfg: TrainConfig, model_dir: Path):
     base = load_base(model_dir, quantized=cfg.method == "qlora", device=cfg.device)
+    if cfg.method == "bitfit":  # not a PEFT method: zero-initialised bias deltas (server/trainer/bitfit.py)
+        return attach_bitfit(base, tuple(cfg.resolved("targets")), str(model_dir))
+    if cfg.method == "bottleneck":  # AdapterHub-layout bottleneck adapters (server/trainer/bottleneck.py)
+        torch.manual_seed(cfg.seed)
+        return attach_bottleneck(base, cfg.bottleneck, cfg.reduction_factor, cfg.non_linearity, str(model_dir))
     peft_cfg = build_peft_config(cfg.method, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
                                  targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
                                  encoder_hidden=cfg.resolved("encoder_hidden"))
@@ -134,12 +142,16 @@ def save_adapter(model, output_dir: Path) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        weights = next(tmp / f for f in ADAPTER_FILES[:2] if (tmp / f).exists())
+        for name in ADAPTER_FILES[:2]:  # a weights file of another format left by an earlier run would be read first
+            if name != weights.name:
+                (output_dir / name).unlink(missing_ok=True)
         for name in ADAPTER_FILES:
             if (tmp / name).exists():
                 os.replace(tmp / name, output_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return (output_dir / ADAPTER_FILES[0]).stat().st_size
+    return (output_dir / weights.name).stat().st_size
 
 
 def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None = None) -> TrainResult:

@@ -2,6 +2,9 @@
 
 Every method writes an adapter our server reads unchanged (server/adapters/peft_format.py): LoRA on the
 seven projections (no bias, no DoRA), prompt / P-tuning / prefix virtual tokens, IA3 on k/v/down_proj.
+KIND_METHODS are served by kinds beyond PEFT's own loading: DoRA (a PEFT LoRA directory with use_dora, served
+by the DORA kind), BitFit (our BITFIT format, server/trainer/bitfit.py) and bottleneck adapters (AdapterHub's
+layout, server/trainer/bottleneck.py); the last two are not PEFT methods.
 """
 
 from __future__ import annotations
@@ -49,11 +52,24 @@ METHODS: dict[str, MethodDefaults] = {
     "ia3": MethodDefaults(lr=3e-2, steps=80, targets=IA3_TARGETS),
 }
 
+KIND_METHODS: dict[str, MethodDefaults] = {
+    "dora": MethodDefaults(lr=1e-3, steps=30),
+    "bitfit": MethodDefaults(lr=1e-2, steps=60),
+    "bottleneck": MethodDefaults(lr=1e-3, steps=40),
+}
+ALL_METHODS: dict[str, MethodDefaults] = {**METHODS, **KIND_METHODS}
+
 
 def method_defaults(method: str) -> MethodDefaults:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method]
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+    return ALL_METHODS[method]
+
+
+def check_targets(targets: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(targets) - set(PROJECTIONS))
+    if unknown:
+        raise ValueError(f"{what} targets {unknown} are not projections the server adapts: {PROJECTIONS}")
 
 
 def build_peft_config(
@@ -61,12 +77,12 @@ def build_peft_config(
 ) -> PeftConfig:
     """The PEFT config for `method` (task CAUSAL_LM) with the given hyper-parameters."""
     method_defaults(method)
-    if method in ("lora", "qlora"):
-        unknown = sorted(set(targets) - set(PROJECTIONS))
-        if unknown:
-            raise ValueError(f"LoRA targets {unknown} are not projections the server adapts: {PROJECTIONS}")
+    if method in ("bitfit", "bottleneck"):
+        raise ValueError(f"{method} is not a PEFT method (server/trainer/{method}.py trains it)")
+    if method in ("lora", "qlora", "dora"):
+        check_targets(targets, "LoRA")
         return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
-                          task_type="CAUSAL_LM")
+                          use_dora=method == "dora", task_type="CAUSAL_LM")
     if method == "prompt":
         # initialised from embeddings of random vocabulary tokens: on the scale the model expects
         return PromptTuningConfig(num_virtual_tokens=virtual_tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,

@@ -1,7 +1,8 @@
 """The registered adapter kinds. Adding a kind = one module implementing `AdapterKind` + one line below.
 
 Order matters where kinds meet in one projection: their hooks run in registration order (IA3's input
-and output scaling, then LoRA's addition), each on the rows of its own sequences only.
+and output scaling, then LoRA's addition), each on the rows of its own sequences only. Reading picks the
+first kind whose `accepts(cfg)` is true (LoRA and DoRA share peft_type LORA; use_dora tells them apart).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from server.adapters.kinds.base import (
     ReadLimits,
     SlotTables,
 )
+from server.adapters.kinds.bitfit import BitFitKind
+from server.adapters.kinds.bottleneck import BottleneckKind
+from server.adapters.kinds.dora import DoraKind
 from server.adapters.kinds.ia3 import IA3Kind
 from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.prefix import PrefixKind
 from server.adapters.kinds.virtual import VirtualTokenKind
 
 __all__ = ["AdapterFormatError", "AdapterKind", "BaseModelMismatch", "ChunkView", "ContextLayout", "ReadLimits",
-           "SlotTables", "by_name", "by_peft_type", "register", "registered", "unregister"]
+           "SlotTables", "by_config", "by_name", "by_peft_type", "register", "registered", "unregister"]
 
 _KINDS: dict[str, AdapterKind] = {}
 
@@ -49,6 +53,14 @@ def by_name(name: str) -> AdapterKind:
         raise AdapterFormatError(f"adapter kind {name!r} is not served; served: {', '.join(_KINDS)}") from None
 
 
+def by_config(cfg: dict) -> AdapterKind:
+    """The kind that reads this adapter_config.json (several kinds may share a peft_type, e.g. LoRA and DoRA)."""
+    for kind in _KINDS.values():
+        if kind.accepts(cfg):
+            return kind
+    return by_peft_type(str(cfg.get("peft_type")))
+
+
 def by_peft_type(peft_type: str) -> AdapterKind:
     for kind in _KINDS.values():
         if peft_type in kind.peft_types:
@@ -59,6 +71,9 @@ def by_peft_type(peft_type: str) -> AdapterKind:
 
 register(IA3Kind())
 register(LoraKind())
+register(DoraKind())
 register(VirtualTokenKind("PROMPT_TUNING"))
 register(VirtualTokenKind("P_TUNING"))
 register(PrefixKind())
+register(BitFitKind())
+register(BottleneckKind())

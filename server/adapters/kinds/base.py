@@ -25,6 +25,9 @@ from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
 Staging = Callable[[torch.Tensor], torch.Tensor]  # host tensor -> table dtype, contiguous, pinned on CUDA
+# (layer, module) -> the base projection's dense weight [out, in] fp32 (dequantized on an NF4 model) and its
+# bias [out] fp32 or None: what kinds whose slot tables derive from the base (e.g. a weight norm) read at fill
+BaseWeights = Callable[[int, str], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class AdapterFormatError(ValueError):
@@ -77,14 +80,24 @@ class SlotTables:
     def clear(self, slot: int) -> None:
         """Reset `slot` to "no adapter"."""
 
+    def bind_base(self, base: BaseWeights) -> None:
+        """Called once, before any fill, with the served model's base weights (tables that need none ignore it)."""
+
 
 class AdapterKind:
     name: str = ""  # stored with each version and shown to users, e.g. "LORA"
     peft_types: tuple[str, ...] = ()  # adapter_config.json peft_type values this kind reads
 
+    def accepts(self, cfg: dict) -> bool:
+        """Whether this kind reads an adapter_config.json (by default: its peft_type is one of ours)."""
+        return cfg.get("peft_type") in self.peft_types
+
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> object:
         """The normalized payload; raises AdapterFormatError / BaseModelMismatch with a reason."""
         raise NotImplementedError
+
+    def check_config(self, cfg: dict) -> None:
+        """Refuse a config this kind cannot serve (AdapterFormatError naming the option), before any tensor is read."""
 
     def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
         """Before any tensor is read (server/adapters/validation.py): True when `key` is one of this kind's own

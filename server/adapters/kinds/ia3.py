@@ -91,6 +91,9 @@ class IA3Kind(AdapterKind):
     name = "IA3"
     peft_types = ("IA3",)
 
+    def check_config(self, cfg: dict) -> None:
+        check_served_options(cfg)
+
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> IA3Weights:
         check_served_options(cfg)
         ff = cfg.get("feedforward_modules") or []

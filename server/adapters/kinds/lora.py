@@ -136,6 +136,12 @@ class LoraKind(AdapterKind):
     name = "LORA"
     peft_types = ("LORA",)
 
+    def accepts(self, cfg: dict) -> bool:
+        return cfg.get("peft_type") == "LORA" and not cfg.get("use_dora")  # use_dora: server/adapters/kinds/dora.py
+
+    def check_config(self, cfg: dict) -> None:
+        check_served_options(cfg)
+
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> LoraWeights:
         check_served_options(cfg)
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")

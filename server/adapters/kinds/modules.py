@@ -11,8 +11,11 @@ from server.model.args import PROJECTIONS, ModelArgs
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 _MODULE_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_A|lora_B|ia3_l)(?:\.weight)?$"
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+    r"(lora_A|lora_B|ia3_l|lora_magnitude_vector)(?:\.weight)?$"
 )
+# keys named like the base model's own parameters (BitFit): model.layers.<i>.<self_attn|mlp>.<proj>.bias
+BASE_PARAM_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(bias)$")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # options we do not serve, with the value that means "off"
@@ -20,12 +23,13 @@ _UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "layers_to_transform
                 "alpha_pattern": {}, "layer_replication": None, "trainable_token_indices": None}
 
 
-def module_tensors(tensors: dict[str, torch.Tensor], args: ModelArgs, suffixes: tuple[str, ...]
-                   ) -> dict[tuple[int, str, str], torch.Tensor]:
-    """(layer, module, suffix) -> tensor, refusing keys that address anything else."""
+def module_tensors(tensors: dict[str, torch.Tensor], args: ModelArgs, suffixes: tuple[str, ...],
+                   pattern: re.Pattern[str] = _MODULE_KEY) -> dict[tuple[int, str, str], torch.Tensor]:
+    """(layer, module, suffix) -> tensor, refusing keys that address anything else (`pattern`: PEFT's key names
+    by default; groups layer, parent, module, suffix)."""
     out: dict[tuple[int, str, str], torch.Tensor] = {}
     for key, t in tensors.items():
-        m = _MODULE_KEY.match(key)
+        m = pattern.match(key)
         if m is None:
             raise AdapterFormatError(
                 f"unexpected tensor {key!r} (only the seven projections of decoder layers are served)")

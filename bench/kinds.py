@@ -1,0 +1,162 @@
+"""Decode-step cost of the adapter kinds of issue 14: 32 sequences on 32 distinct adapters of one kind vs base.
+
+    .venv/bin/python bench/kinds.py [--repeats 10] [--threads N] [--nf4] [--kinds lora dora ...] [--out FILE]
+
+Default model (fp32 dense, or NF4), 32 sequences of 32 prompt tokens, pure decode steps timed (median wall and
+CPU ms). Adapters (random, written to a temporary directory in each kind's file format, loaded by the pool):
+  lora        rank 16 on the seven projections (the reference row)
+  dora        rank 16 on the seven projections + magnitudes (LoRA + one gain multiply per projection)
+  bitfit      bias deltas on the seven projections
+  houlsby     bottleneck after attention and feed-forward, reduction factor 16 (size 36 on SmolLM2-135M)
+  pfeiffer    bottleneck after the feed-forward, reduction factor 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import queue
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.model.args import PROJECTIONS, ModelArgs  # noqa: E402
+
+KINDS = ("lora", "dora", "bitfit", "houlsby", "pfeiffer")
+_PARENT = {m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for m in PROJECTIONS}
+
+
+def write_adapter(kind: str, args: ModelArgs, out: Path, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    out.mkdir(parents=True)
+    t: dict[str, torch.Tensor] = {}
+    if kind in ("lora", "dora"):
+        r = 16
+        for layer in range(args.num_layers):
+            for m in PROJECTIONS:
+                n_in, n_out = args.projection_shape(m)
+                p = f"base_model.model.model.layers.{layer}.{_PARENT[m]}.{m}"
+                t[f"{p}.lora_A.weight"] = 0.02 * torch.randn(r, n_in, generator=g)
+                t[f"{p}.lora_B.weight"] = 0.02 * torch.randn(n_out, r, generator=g)
+                if kind == "dora":
+                    t[f"{p}.lora_magnitude_vector"] = 1.0 + 0.1 * torch.rand(n_out, generator=g)
+        cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 32, "target_modules": list(PROJECTIONS),
+               "use_dora": kind == "dora"}
+        name = "adapter_model.safetensors"
+    elif kind == "bitfit":
+        for layer in range(args.num_layers):
+            for m in PROJECTIONS:
+                t[f"model.layers.{layer}.{_PARENT[m]}.{m}.bias"] = 0.02 * torch.randn(args.projection_shape(m)[1],
+                                                                                      generator=g)
+        cfg = {"peft_type": "BITFIT", "target_modules": list(PROJECTIONS)}
+        name = "adapter_model.safetensors"
+    else:
+        h, size = args.hidden_size, args.hidden_size // 16
+        blocks = ("attention_adapters", "output_adapters") if kind == "houlsby" else ("output_adapters",)
+        for layer in range(args.num_layers):
+            for loc in blocks:
+                p = f"model.layers.{layer}.{loc}.adapters.bench"
+                t[f"{p}.adapter_down.0.weight"] = 0.02 * torch.randn(size, h, generator=g)
+                t[f"{p}.adapter_down.0.bias"] = torch.zeros(size)
+                t[f"{p}.adapter_up.weight"] = 0.02 * torch.randn(h, size, generator=g)
+                t[f"{p}.adapter_up.bias"] = torch.zeros(h)
+        inner = {"architecture": "bottleneck", "mh_adapter": kind == "houlsby", "output_adapter": True,
+                 "reduction_factor": 16, "non_linearity": "swish" if kind == "houlsby" else "relu",
+                 "original_ln_before": kind == "pfeiffer", "original_ln_after": True, "residual_before_ln": True,
+                 "scaling": 1.0}
+        cfg = {"config": inner, "name": "bench", "hidden_size": h, "model_type": "llama"}
+        name = "adapter.safetensors"
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(t, out / name)
+    return out
+
+
+def decode_ms(engine, adapters: list[str | None], repeats: int, label: str) -> tuple[float, float]:
+    from server.engine.request import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_new_tokens=repeats + 4 if repeats else 1, ignore_eos=True)
+    handles = [engine.submit(GenerationRequest(f"{label}-{i}", tuple(range(100, 132)), params, adapter=a))
+               for i, a in enumerate(adapters)]
+    wall: list[float] = []
+    cpu: list[float] = []
+    while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
+        engine.take_submitted()
+        steps_before = engine.steps
+        w0, c0 = time.perf_counter(), time.process_time()
+        engine.step()
+        stats = engine.stats()
+        if engine.steps > steps_before and stats.batch_size == len(adapters) and stats.batch_tokens == len(adapters):
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+        for h in handles:
+            with contextlib.suppress(queue.Empty):
+                while not h.done:
+                    h.get(timeout=0)
+    if not wall:
+        return float("nan"), float("nan")  # no step ran all sequences as pure decode (the warm-up pass)
+    return float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3
+
+
+def rows(kinds: list[str], repeats: int, quantize: bool):
+    """One engine per kind (only that kind's tables are allocated), base measured side by side in each."""
+    import gc
+
+    from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+    from server.engine.engine import Engine
+
+    mode = "NF4" if quantize else "fp32 dense"
+    yield (f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads "
+           f"| load (1 min) | base wall ms | kind wall ms | kind CPU ms | wall vs base | CPU vs base |")
+    yield "|---|---:|---:|---:|---:|---:|---:|"
+    with tempfile.TemporaryDirectory(prefix="bench-kinds-") as tmp:
+        for kind in kinds:
+            max_rank = 36 if kind in ("houlsby", "pfeiffer") else 16  # bottleneck: 576 // 16 = 36
+            engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(),
+                                   AdapterPoolConfig(device_slots=32, max_lora_rank=max_rank))
+            names = []
+            for i in range(32):
+                path = write_adapter(kind, engine.args, Path(tmp) / f"{kind}-{i}", seed=i)
+                engine.pool.register(f"{kind}-{i}", path)
+                names.append(f"{kind}-{i}")
+            decode_ms(engine, names, 0, f"warm-{kind}")  # loads every adapter into its slot (DoRA: gains computed)
+            base_wall, base_cpu = decode_ms(engine, [None] * 32, repeats, f"base-{kind}")
+            wall, cpu = decode_ms(engine, names, repeats, kind)
+            yield (f"| 32 distinct {kind} | {os.getloadavg()[0]:.1f} | {base_wall:.1f} | {wall:.1f} | {cpu:.1f} "
+                   f"| {wall / base_wall:.2f}x | {cpu / base_cpu:.2f}x |")
+            del engine
+            gc.collect()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lines = [f"### Adapter kinds, decode step ({dt.date.today()})", "",
+             f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", ""]
+    print("\n".join(lines), flush=True)
+    for row in rows(args.kinds, args.repeats, args.nf4):
+        print(row, flush=True)
+        lines.append(row)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
