@@ -369,7 +369,6 @@ def test_cli_adapters_commands(server, tiny_llama_dir, capsys) -> None:
     run("upload", str(peft_adapter(tiny_llama_dir, seed=92)), "--name", "cli-b")  # a merge refuses duplicates
     merged = run("merge", "cli-m", "--sources", "cli-a", "cli-b", "--method", "cat", "--weights", "0.5", "0.5")
     assert merged["rank"] == 8
-    run("delete", "cli-b")
     run("delete", "cli-a")
     run("delete", "cli-b")
     run("delete", "cli-m")
