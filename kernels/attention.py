@@ -31,8 +31,6 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # a sequence with this many query rows or more (a prefill chunk) runs torch SDPA over its own context; 0 = never
 # (measured: the kernel wins below ~8-16 rows at contexts 128..2048, SDPA's GEMMs above)
 SDPA_MIN_Q = 16
-_UNSET = object()
-_lib = _UNSET
 
 
 @dataclass(slots=True)
@@ -130,10 +128,7 @@ def _sequence_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 def _kernels():
-    global _lib
-    if _lib is _UNSET:
-        _lib = extension("attention")
-    return _lib
+    return extension("attention")  # built once, then cached (kernels/build.py)
 
 
 def available() -> bool:

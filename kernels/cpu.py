@@ -18,16 +18,11 @@ from kernels.meta import LoraBatchMeta
 from kernels.reference import expand_reference, shrink_reference
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_UNSET = object()
-_lib = _UNSET
 _plan: tuple[LoraBatchMeta, torch.Tensor, torch.Tensor | None] | None = None  # (meta, segments [S, 4], index [T])
 
 
 def _kernels():
-    global _lib
-    if _lib is _UNSET:
-        _lib = extension("lora")
-    return _lib
+    return extension("lora")  # built once, then cached (kernels/build.py)
 
 
 def available() -> bool:

@@ -64,6 +64,16 @@ class ChunkView:
     layout: ContextLayout
 
 
+def token_slots(chunks: list[ChunkView], num_tokens: int, fill: int, dtype: torch.dtype = torch.int64
+                ) -> torch.Tensor:
+    """[num_tokens] (host) the adapter slot of each token of the chunks' sequences, `fill` for every other token
+    (-1, or a table's all-neutral row)."""
+    rows = torch.full((num_tokens,), fill, dtype=dtype)
+    for c in chunks:
+        rows[c.offset : c.offset + c.count] = c.slot
+    return rows
+
+
 class SlotTables:
     """A kind's preallocated device tables, indexed by adapter slot. Filling a slot is a copy, never a realloc."""
 

@@ -28,6 +28,7 @@ from server.adapters.kinds.base import (
     ReadLimits,
     SlotTables,
     Staging,
+    token_slots,
 )
 from server.adapters.kinds.modules import BASE_PARAM_KEY, module_tensors
 from server.model.args import ModelArgs
@@ -146,7 +147,4 @@ class BitFitKind(AdapterKind):
         return BitFitTables(args, num_slots, dtype, device)
 
     def step(self, tables: BitFitTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> BitFitStep:
-        rows = torch.full((num_tokens,), tables.no_bitfit_row, dtype=torch.int64)
-        for c in chunks:
-            rows[c.offset : c.offset + c.count] = c.slot
-        return BitFitStep(tables, rows.to(device))
+        return BitFitStep(tables, token_slots(chunks, num_tokens, tables.no_bitfit_row).to(device))

@@ -39,6 +39,7 @@ from server.adapters.kinds.base import (
     ReadLimits,
     SlotTables,
     Staging,
+    token_slots,
 )
 from server.adapters.kinds.bottleneck_format import (
     ACTIVATIONS,
@@ -213,9 +214,7 @@ class BottleneckKind(AdapterKind):
 
     def step(self, tables: BottleneckTables, chunks: list[ChunkView], num_tokens: int,
              device: torch.device) -> BottleneckStep:
-        slots = torch.full((num_tokens,), -1, dtype=torch.int32)
-        for c in chunks:
-            slots[c.offset : c.offset + c.count] = c.slot
+        slots = token_slots(chunks, num_tokens, -1, torch.int32)
         rows = torch.where(slots < 0, tables.none_row, slots).to(torch.int64)
         codes = torch.tensor([*tables.activation, -1])[rows]  # [T] activation code, -1 without an adapter
         masks = [(int(code), (codes == code)[:, None].to(device)) for code in sorted(set(codes.tolist()) - {-1})]

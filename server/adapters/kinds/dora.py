@@ -30,6 +30,7 @@ from server.adapters.kinds.base import (
     ChunkView,
     ReadLimits,
     Staging,
+    token_slots,
 )
 from server.adapters.kinds.lora import LoraKind, LoraStep, LoraTables, LoraWeights
 from server.adapters.kinds.modules import module_tensors
@@ -190,9 +191,6 @@ class DoraKind(LoraKind):
         return DoraTables(args, num_slots, limits.max_lora_rank, dtype, device)
 
     def step(self, tables: DoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> DoraStep:
-        slots = torch.full((num_tokens,), -1, dtype=torch.int32)
-        rows = torch.full((num_tokens,), tables.no_dora_row, dtype=torch.int64)
-        for c in chunks:
-            slots[c.offset : c.offset + c.count] = c.slot
-            rows[c.offset : c.offset + c.count] = c.slot
+        slots = token_slots(chunks, num_tokens, -1, torch.int32)
+        rows = token_slots(chunks, num_tokens, tables.no_dora_row)
         return DoraStep(tables, build_lora_meta(slots.to(device), tables.ranks), rows.to(device))

@@ -20,6 +20,7 @@ from server.adapters.kinds.base import (
     ReadLimits,
     SlotTables,
     Staging,
+    token_slots,
 )
 from server.adapters.kinds.modules import check_served_options, module_tensors
 from server.model.args import ModelArgs
@@ -121,7 +122,4 @@ class IA3Kind(AdapterKind):
         return IA3Tables(args, num_slots, dtype, device)
 
     def step(self, tables: IA3Tables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> IA3Step:
-        rows = torch.full((num_tokens,), tables.no_ia3_row, dtype=torch.int64)
-        for c in chunks:
-            rows[c.offset : c.offset + c.count] = c.slot
-        return IA3Step(tables, rows.to(device))
+        return IA3Step(tables, token_slots(chunks, num_tokens, tables.no_ia3_row).to(device))

@@ -24,6 +24,7 @@ from server.adapters.kinds.base import (
     ReadLimits,
     SlotTables,
     Staging,
+    token_slots,
 )
 from server.adapters.kinds.modules import check_served_options, module_tensors
 from server.model.args import ModelArgs
@@ -177,7 +178,5 @@ class LoraKind(AdapterKind):
         return LoraTables(args, num_slots, limits.max_lora_rank, dtype, device)
 
     def step(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> LoraStep:
-        slots = torch.full((num_tokens,), -1, dtype=torch.int32)
-        for c in chunks:
-            slots[c.offset : c.offset + c.count] = c.slot
+        slots = token_slots(chunks, num_tokens, -1, torch.int32)
         return LoraStep(tables, build_lora_meta(slots.to(device), tables.ranks))
