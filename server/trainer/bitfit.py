@@ -16,6 +16,7 @@ from torch import nn
 
 from server.adapters.kinds.bitfit import PEFT_TYPE
 from server.model.args import PROJECTIONS
+from server.trainer.hooked import HookedModel
 
 DELTA = "bitfit_delta"
 
@@ -24,7 +25,7 @@ def _add_delta(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     return output + getattr(module, DELTA).to(output.dtype)
 
 
-class BitFitModel(nn.Module):
+class BitFitModel(HookedModel):
     """transformers' causal LM with bias deltas; forwards calls (forward, generate) to it."""
 
     def __init__(self, base: nn.Module, targets: tuple[str, ...], base_dir: str | None = None) -> None:
@@ -41,16 +42,6 @@ class BitFitModel(nn.Module):
                 self.adapted[name] = module
         if not self.adapted:
             raise ValueError(f"no projection named {list(self.targets)} found to adapt")
-
-    @property
-    def generation_config(self):
-        return self.base.generation_config
-
-    def forward(self, *args, **kwargs):
-        return self.base(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.base.generate(*args, **kwargs)
 
     def save_pretrained(self, out: Path, safe_serialization: bool = True) -> None:
         out = Path(out)

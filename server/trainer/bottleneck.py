@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from server.trainer.hooked import HookedModel
+
 # AdapterHub's DoubleSeqBnConfig (Houlsby) and SeqBnConfig (Pfeiffer), the fields the server reads
 _COMMON = {"architecture": "bottleneck", "original_ln_after": True, "residual_before_ln": True,
            "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False, "init_weights": "bert",
@@ -46,7 +48,7 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(lin.bias)
 
 
-class BottleneckModel(nn.Module):
+class BottleneckModel(HookedModel):
     """transformers' causal LM with bottleneck adapters; forwards calls (forward, generate) to it."""
 
     def __init__(self, base: nn.Module, config: dict, base_dir: str | None = None) -> None:
@@ -90,16 +92,6 @@ class BottleneckModel(nn.Module):
                 added = added - r  # ... once the layer adds r back
             return (added, *output[1:]) if isinstance(output, tuple) else added
         return hook
-
-    @property
-    def generation_config(self):
-        return self.base.generation_config
-
-    def forward(self, *args, **kwargs):
-        return self.base(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.base.generate(*args, **kwargs)
 
     def save_pretrained(self, out: Path, safe_serialization: bool = True) -> None:
         out = Path(out)
