@@ -42,6 +42,8 @@ class RequestTrace:
     first_token_s: float | None = None
     finish_step: int | None = None
     completion_tokens: int = 0
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)  # what it generated
 
 
 @dataclass
@@ -91,7 +93,7 @@ def drive(engine, loads: list[TenantLoad], steps: int, seed: int = 0, shape: Sha
                 n += 1
                 handle = engine.submit(GenerationRequest(rid, ids, SamplingParams(max_new_tokens=m, ignore_eos=True),
                                                          tenant=load.name))
-                rec = RequestTrace(load.name, step, time.perf_counter(), p, m)
+                rec = RequestTrace(load.name, step, time.perf_counter(), p, m, request_id=rid)
                 trace.requests.append(rec)
                 live[rid] = (handle, rec)
         engine.take_submitted()
@@ -106,6 +108,7 @@ def drive(engine, loads: list[TenantLoad], steps: int, seed: int = 0, shape: Sha
                 if event.token_ids and rec.first_token_step is None:
                     rec.first_token_step, rec.first_token_s = step, now
                 rec.completion_tokens += len(event.token_ids)
+                rec.token_ids.extend(event.token_ids)
                 if event.finished:
                     rec.finish_step = step
                     del live[rid]

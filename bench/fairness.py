@@ -40,8 +40,17 @@ SCENARIOS = {
 }
 
 
+POLICIES = {  # name -> (scheduling, fair-share preemption)
+    "fcfs": ("fcfs", False),
+    "vtc-paper": ("vtc", False),  # the paper's VTC: admission order only
+    "vtc": ("vtc", True),  # our default: VTC + fair-share preemption (server.engine.fairness)
+}
+
+
 def engine_for(model_dir: str, policy: str) -> Engine:
-    cfg = EngineConfig(scheduling=policy, max_running=MAX_RUNNING, max_waiting=1_000_000, max_batch_tokens=256)
+    scheduling, fair = POLICIES[policy]
+    cfg = EngineConfig(scheduling=scheduling, max_running=MAX_RUNNING, max_waiting=1_000_000, max_batch_tokens=256,
+                       fair_preemption=fair)
     return Engine.create(ModelConfig(path=model_dir, quantize=False), cfg)
 
 
@@ -60,11 +69,12 @@ def ttft_stats(trace: Trace, tenant: str) -> dict:
     return {"n": len(steps), "p50_steps": ps["p50"], "p99_steps": ps["p99"], "p50_ms": pm["p50"], "p99_ms": pm["p99"]}
 
 
-def run(model_dir: str, steps: int, seed: int) -> tuple[dict, dict[str, dict[str, Trace]]]:
+def run(model_dir: str, steps: int, seed: int, scenarios: list[str]) -> tuple[dict, dict[str, dict[str, Trace]]]:
     results: dict = {"bound": vtc_bound(1.0, 2.0, SHAPE, MAX_RUNNING), "steps": steps, "max_running": MAX_RUNNING}
     traces: dict[str, dict[str, Trace]] = {}
-    for name, loads in SCENARIOS.items():
-        for policy in ("fcfs", "vtc"):
+    for name in scenarios:
+        loads = SCENARIOS[name]
+        for policy in POLICIES:
             engine = engine_for(model_dir, policy)  # fresh counters for every scenario
             drive(engine, [TenantLoad("warm-up", 1.0)], 20, seed=seed, shape=SHAPE)  # first-call costs out
             trace = drive(engine, loads, steps, seed=seed, shape=SHAPE)
@@ -80,14 +90,16 @@ def run(model_dir: str, steps: int, seed: int) -> tuple[dict, dict[str, dict[str
     return results, traces
 
 
-def plot(traces: dict[str, dict[str, Trace]], out: Path) -> Path:
+def plot(traces: dict[str, dict[str, Trace]], out: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["two", "weighted", "flood"]
-    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), dpi=80, sharex=True)
+    names = [n for n in ("two", "weighted", "flood") if n in traces]
+    if not names:
+        return None
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), dpi=80, sharex=True, squeeze=False)
     for row, name in enumerate(names):
         for col, policy in enumerate(("fcfs", "vtc")):
             ax, trace = axes[row][col], traces[name][policy]
@@ -107,19 +119,19 @@ def table(results: dict) -> str:
     lines = [f"VTC bound 2*max(w_in*max prompt, w_out*max new) + one step = {results['bound']:.0f} weighted tokens",
              "", "| scenario | policy | max gap / weight | mean gap / weight | shares (weight share) | wall s |",
              "|---|---|---:|---:|---|---:|"]
-    for name in ("two", "weighted"):
+    for name in [n for n in ("two", "weighted") if n in results]:
         for policy, r in results[name].items():
             shares = ", ".join(f"{t} {s:.2f} ({r['weight_share'][t]:.2f})" for t, s in r["share"].items())
             lines.append(f"| {name} | {policy} | {r['max_gap']:.0f} | {r['mean_gap']:.0f} | {shares} | "
                          f"{r['wall_s']:.1f} |")
     lines += ["", "| light tenant TTFT | n | p50 steps | p99 steps | p50 ms | p99 ms |",
               "|---|---:|---:|---:|---:|---:|"]
-    for name, label in (("alone", "alone"), ("flood", "heavy flood")):
+    for name, label in [(n, lb) for n, lb in (("alone", "alone"), ("flood", "heavy flood")) if n in results]:
         for policy, r in results[name].items():
             t = r["ttft"]["light"]
             lines.append(f"| {label}, {policy} | {t['n']} | {t['p50_steps']:.0f} | {t['p99_steps']:.0f} | "
                          f"{t['p50_ms']:.1f} | {t['p99_ms']:.1f} |")
-    for policy in ("fcfs", "vtc"):
+    for policy in POLICIES if "alone" in results and "flood" in results else ():
         alone, flood = results["alone"][policy]["ttft"]["light"], results["flood"][policy]["ttft"]["light"]
         ratio_steps, ratio_ms = flood["p99_steps"] / alone["p99_steps"], flood["p99_ms"] / alone["p99_ms"]
         lines.append(f"\n{policy.upper()}: light p99 TTFT under the flood / alone = {ratio_steps:.1f}x in steps, "
@@ -129,7 +141,9 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model dir (default: a tiny random Llama built in a temp dir)")
+    p.add_argument("--model", default=None, help="HF model dir, or 'default' for the embedded SmolLM2 (default: a "
+                   "tiny random Llama built in a temp dir)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {list(SCENARIOS)}")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/fairness"))
@@ -139,16 +153,24 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model = args.model
+    if model == "default":
+        from server.model.checkpoint import resolve_model_dir
+
+        model = str(resolve_model_dir(None))
     if model is None:
         from tests.tiny_models import make_tiny_model_dir
 
         model = str(make_tiny_model_dir(Path(tempfile.mkdtemp(prefix="fairness-model-"))))
-    results, traces = run(model, args.steps, args.seed)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}")
+    results, traces = run(model, args.steps, args.seed, scenarios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     png = plot(traces, args.out.with_suffix(".png"))
     print(table(results))
-    print(f"\nwrote {args.out.with_suffix('.json')} and {png}")
+    print(f"\nwrote {args.out.with_suffix('.json')}" + (f" and {png}" if png else ""))
     return 0
 
 

@@ -61,6 +61,7 @@ class EngineConfig:
     scheduling: str = "fcfs"  # waiting-queue policy: fcfs | vtc (server.engine.fairness)
     w_in: float = 1.0  # VTC cost of a prompt token
     w_out: float = 2.0  # VTC cost of a generated token
+    fair_preemption: bool = True  # VTC: a tenant under its share of the batch may preempt one over its share
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):

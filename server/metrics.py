@@ -77,7 +77,11 @@ class EngineCollector:
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("switchboard_engine_steps", "engine steps run", value=s.steps)
-        yield CounterMetricFamily("switchboard_preemptions", "sequences preempted for KV space", value=s.preemptions)
+        yield CounterMetricFamily("switchboard_preemptions", "sequences preempted (KV space or fair share)",
+                                  value=s.preemptions)
+        yield CounterMetricFamily("switchboard_fair_preemptions",
+                                  "sequences preempted so that a tenant under its share of the batch could start",
+                                  value=s.fair_preemptions)
 
 
 class FairnessCollector:

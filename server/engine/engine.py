@@ -49,7 +49,8 @@ class EngineStats:
     batch_tokens: int  # tokens in the last step
     adapters_resident: int
     steps: int
-    preemptions: int
+    preemptions: int  # all preemptions (KV pressure and fair share)
+    fair_preemptions: int = 0  # VTC fair-share preemptions among them
     longest_step_s: float = 0.0  # the longest single pass of the step loop (adapter loads run off the loop)
 
 
@@ -150,6 +151,7 @@ class Engine:
             adapters_resident=self.pool.resident(),
             steps=self.steps,
             preemptions=self.scheduler.preemptions,
+            fair_preemptions=self.scheduler.fair_preemptions,
             longest_step_s=self.longest_step_s,
         )
 

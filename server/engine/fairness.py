@@ -9,6 +9,14 @@ lifted to max(its own, the smallest counter among backlogged tenants) -- or, whe
 backlogged, to the counter of the last tenant whose backlog emptied -- so idle time banks no credit.
 Preemption evicts from the tenant that is most ahead.
 
+Fair-share preemption (VTC only, beyond the paper; `EngineConfig.fair_preemption`): the paper's VTC orders
+admission but cannot admit into a full batch, so a light tenant's new request waits for one of a flooding
+tenant's running sequences to finish. When the next request to admit is blocked by the running limit or the
+KV budget, its tenant T runs fewer sequences than its slot allowance `ceil(max_running * w_T / sum w)` (over
+tenants with running or waiting sequences), and some tenant V runs more than its own allowance with a
+larger counter, the scheduler preempts V's running sequence with the least computed work. The two strict
+inequalities around the same allowances mean a preemption never triggers one back (no ping-pong).
+
 `service` is what each tenant actually received, in weighted tokens (`w_in * prompt + w_out * generated`,
 not divided by the weight): the quantity the VTC bound is stated in, kept for both policies (metrics,
 tests, benchmarks).
@@ -18,6 +26,7 @@ Thread-safety: mutated by the engine thread only; `snapshot()` is safe to call f
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -56,6 +65,7 @@ class WaitingQueue:
         self._last_left = 0.0  # counter of the last tenant whose backlog emptied
         self._n = 0  # waiting sequences (read by other threads: Engine.submit, stats)
         self._waiting: dict[str, int] = {}  # tenant -> waiting sequences
+        self._running: dict[str, int] = {}  # tenant -> running sequences (on_admit / on_release)
 
     # ---- queue ---------------------------------------------------------------------------------
     def push(self, seq: Sequence) -> None:
@@ -97,13 +107,24 @@ class WaitingQueue:
             self._last_left = self.counters.get(tenant, 0.0)
         return seq
 
+    def peek_next(self) -> Sequence | None:
+        """What pop_next() would return, left in the queue."""
+        if not self:
+            return None
+        if self.policy == "fcfs":
+            return self._fifo[0]
+        return self._by_tenant[min(self._by_tenant, key=self._rank)][0]
+
     def _count(self, seq: Sequence, delta: int) -> None:
         tenant = _tenant(seq)
         self._waiting[tenant] = self._waiting.get(tenant, 0) + delta
         self._n += delta
 
-    def _rank(self, tenant: str) -> tuple[float, float]:
-        return self.counters.get(tenant, 0.0), self._by_tenant[tenant][0].request.arrival_time
+    def _rank(self, tenant: str) -> tuple[float, int, float]:
+        """Smallest counter first; on a tie (a lifted tenant starts level with the smallest backlogged counter)
+        the tenant running fewer sequences, then the older head."""
+        return (self.counters.get(tenant, 0.0), self._running.get(tenant, 0),
+                self._by_tenant[tenant][0].request.arrival_time)
 
     def remove(self, seq: Sequence) -> None:
         """Take `seq` out of the queue (ValueError when it is not waiting)."""
@@ -148,8 +169,18 @@ class WaitingQueue:
     def on_admit(self, seq: Sequence, prompt_tokens: int) -> None:
         """A sequence was admitted: charge its prompt (the scheduler passes 0 on a re-admission)."""
         tenant = _tenant(seq)
+        self._running[tenant] = self._running.get(tenant, 0) + 1
         self._charge(tenant, self.w_in * prompt_tokens)
         self._prompt[tenant] = self._prompt.get(tenant, 0) + prompt_tokens
+
+    def on_release(self, seq: Sequence) -> None:
+        """A running sequence left the batch (finished, aborted or preempted)."""
+        tenant = _tenant(seq)
+        left = self._running.get(tenant, 0) - 1
+        if left > 0:
+            self._running[tenant] = left
+        else:
+            self._running.pop(tenant, None)
 
     def on_tokens(self, seq: Sequence, n: int) -> None:
         """`n` tokens were generated for `seq`."""
@@ -174,6 +205,32 @@ class WaitingQueue:
             return candidates[-1]
         tenant = self.most_ahead_tenant(dict.fromkeys(_tenant(s) for s in candidates))
         return next(s for s in reversed(candidates) if _tenant(s) == tenant)
+
+    def fair_share_victim(self, tenant: str, running: list[Sequence], max_running: int) -> Sequence | None:
+        """VTC fair-share preemption (module docstring): the running sequence to preempt so that `tenant`'s
+        next request can be admitted, or None when `tenant` is at its allowance or no tenant is over its own
+        with a larger counter. `running` is oldest first."""
+        if self.policy != "vtc":
+            return None
+        by_tenant: dict[str, list[Sequence]] = {}
+        for s in running:
+            by_tenant.setdefault(_tenant(s), []).append(s)
+        active = set(by_tenant) | set(self._by_tenant) | {tenant}
+        total = sum(self.weight(t) for t in active)
+
+        def allowance(t: str) -> int:
+            return max(1, math.ceil(max_running * self.weight(t) / total - 1e-9))
+
+        if len(by_tenant.get(tenant, ())) >= allowance(tenant):
+            return None
+        own = self.counters.get(tenant, 0.0)
+        over = [t for t, seqs in by_tenant.items()
+                if t != tenant and len(seqs) > allowance(t) and self.counters.get(t, 0.0) > own]
+        victim_tenant = self.most_ahead_tenant(over)
+        if victim_tenant is None:
+            return None
+        seqs = by_tenant[victim_tenant]
+        return min(reversed(seqs), key=lambda s: s.num_computed)  # least work lost; ties: the newest
 
     def snapshot(self) -> dict[str, TenantService]:
         """Per-tenant counters and service so far (any thread; copies taken atomically under the GIL)."""

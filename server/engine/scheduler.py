@@ -7,7 +7,8 @@ token budget, the running limit, the KV budget and the adapter pin allow. A prom
 larger than the remaining budget is prefilled in chunks. When the KV cache cannot grow a running
 sequence, one is preempted (FCFS: the newest; VTC: the newest of the tenant most ahead; its blocks
 freed, it goes back to the front of the queue and is recomputed later): a request that does not fit
-waits, it never crashes the engine.
+waits, it never crashes the engine. Under VTC a request whose tenant is below its fair share of the batch
+may also preempt a sequence of a tenant above its share (fair-share preemption, server.engine.fairness).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Scheduler:
         self.unpin = unpin
         self.waiting = WaitingQueue(cfg.scheduling, cfg.w_in, cfg.w_out)  # FCFS or VTC (server.engine.fairness)
         self.running: list[Sequence] = []
-        self.preemptions = 0
+        self.preemptions = 0  # every preemption (KV pressure and fair share)
+        self.fair_preemptions = 0  # of which fair-share ones (VTC, EngineConfig.fair_preemption)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.push(seq)
@@ -56,6 +58,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        if self.cfg.fair_preemption:
+            self._make_room_fairly()
         budget = self._continue_running(plan, self.cfg.max_batch_tokens)
         self._admit_waiting(plan, budget)
         return plan
@@ -100,6 +104,20 @@ class Scheduler:
         for seq in reversed(skipped):
             self.waiting.push_front(seq)
 
+    def _make_room_fairly(self) -> None:
+        """VTC fair-share preemption (server.engine.fairness): preempt over-allowance tenants' sequences until
+        the next waiting request fits the running limit and the KV budget, or no victim qualifies."""
+        seq = self.waiting.peek_next()
+        if seq is None:
+            return
+        need = self.kv.blocks_needed(0, seq.context_len + 1)
+        while len(self.running) >= self.cfg.max_running or not self.kv.can_allocate(need):
+            victim = self.waiting.fair_share_victim(seq.request.tenant, self.running, self.cfg.max_running)
+            if victim is None:
+                return
+            self.preempt(victim)
+            self.fair_preemptions += 1
+
     def _grow(self, seq: Sequence, context_len: int, keep: set[Sequence]) -> bool:
         """Make room for `seq` by preempting sequences not scheduled in this step (the queue policy picks)."""
         need = self.kv.blocks_needed(len(seq.blocks), context_len)
@@ -113,6 +131,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.waiting.on_release(seq)
         self.kv.free(seq.blocks)
         self.unpin(seq)
         seq.num_computed = 0
@@ -124,6 +143,7 @@ class Scheduler:
         """Remove a sequence (finished, aborted or failed) wherever it is and free what it holds."""
         if seq in self.running:
             self.running.remove(seq)
+            self.waiting.on_release(seq)
             self.unpin(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -82,4 +82,5 @@ class SiblingForks:
         sibling.status = SeqStatus.RUNNING
         sibling.mark_scheduled()
         scheduler.running.append(sibling)
+        scheduler.waiting.on_admit(sibling, 0)  # counted as running; its prompt was charged with the parent's
         return True
