@@ -41,6 +41,9 @@ def test_victim_is_the_least_computed_sequence_of_the_tenant_over_its_share() ->
     # light already at its allowance: nothing to take
     light_running = [_seq("light", 7), _seq("light", 8)]
     assert q.fair_share_victim("light", heavy[:2] + light_running, 4) is None
+    # level counters (a lifted tenant starts level): the one under its share still gets the slot
+    q.counters["heavy"] = 10.0
+    assert q.fair_share_victim("light", heavy, 4) is heavy[3]
     # the tenant over its share is behind the waiting one: VTC order says wait
     q.counters["heavy"] = 5.0
     assert q.fair_share_victim("light", heavy, 4) is None

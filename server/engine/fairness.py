@@ -14,7 +14,7 @@ admission but cannot admit into a full batch, so a light tenant's new request wa
 tenant's running sequences to finish. When the next request to admit is blocked by the running limit or the
 KV budget, its tenant T runs fewer sequences than its slot allowance `ceil(max_running * w_T / sum w)` (over
 tenants with running or waiting sequences), and some tenant V runs more than its own allowance with a
-larger counter, the scheduler preempts V's running sequence with the least computed work. The two strict
+counter at least as large, the scheduler preempts V's running sequence with the least computed work. The two strict
 inequalities around the same allowances mean a preemption never triggers one back (no ping-pong).
 
 `service` is what each tenant actually received, in weighted tokens (`w_in * prompt + w_out * generated`,
@@ -209,7 +209,7 @@ class WaitingQueue:
     def fair_share_victim(self, tenant: str, running: list[Sequence], max_running: int) -> Sequence | None:
         """VTC fair-share preemption (module docstring): the running sequence to preempt so that `tenant`'s
         next request can be admitted, or None when `tenant` is at its allowance or no tenant is over its own
-        with a larger counter. `running` is oldest first."""
+        with a counter at least as large. `running` is oldest first."""
         if self.policy != "vtc":
             return None
         by_tenant: dict[str, list[Sequence]] = {}
@@ -225,7 +225,7 @@ class WaitingQueue:
             return None
         own = self.counters.get(tenant, 0.0)
         over = [t for t, seqs in by_tenant.items()
-                if t != tenant and len(seqs) > allowance(t) and self.counters.get(t, 0.0) > own]
+                if t != tenant and len(seqs) > allowance(t) and self.counters.get(t, 0.0) >= own]
         victim_tenant = self.most_ahead_tenant(over)
         if victim_tenant is None:
             return None
