@@ -1,0 +1,48 @@
+"""The ingress deployment: the public gRPC services, unchanged, over the engine deployment.
+
+It runs a SwitchboardServer (server.grpc_server: Inference + Admin + health + reflection, the auth
+interceptor, quotas, usage, /metrics) whose engine is a RemoteEngine. Authentication and adapter resolution
+happen here, once, against the adapter registry over the shared data directory; uploads and deletes go
+through it too, and the replicas read what it committed (server.scale.shared_store).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ray import serve
+
+from server.scale.settings import ScaleSettings
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Ingress:
+    def __init__(self, engine_deployment, settings: ScaleSettings) -> None:
+        from server.adapters.registry import open_registry
+        from server.grpc_server import SwitchboardServer, load_tenants
+        from server.scale.remote_engine import RemoteEngine
+
+        config = settings.server_config()
+        tenants = load_tenants(config)
+        self.engine = RemoteEngine(engine_deployment, settings)
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        registry = open_registry(Path(config.data_dir), self.engine.pool, known_tenants=frozenset(tenants.tenants))
+        self.server = SwitchboardServer(self.engine, registry, tenants, config)
+        self.server.start()
+        log.warning("switchboard ingress serving gRPC on %s", self.server.target)
+
+    def target(self) -> str:
+        """The gRPC address the ingress listens on."""
+        return self.server.target
+
+    def resubmitted(self) -> int:
+        """Requests sent to another replica after theirs failed before producing a token."""
+        return self.engine.resubmitted
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(0)
