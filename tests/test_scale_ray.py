@@ -174,9 +174,12 @@ def test_replica_killed_with_64_in_flight(cluster, reference):
 
     with ThreadPoolExecutor(64) as pool:
         futures = [pool.submit(call, k) for k in range(64)]
-        time.sleep(1.0)
+        time.sleep(0.5)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         got = [f.result(timeout=300) for f in futures]
+    failures = serve.get_deployment_handle("Ingress", app_name=APP).failures.remote().result(timeout_s=30)
+    print(f"after the kill: {failures}")
+    assert failures["resubmitted"] + failures["cut"] > 0, "the kill hit no request in flight"
     wrong = [k for k in range(64) if got[k] != expected[k]]
     assert not wrong, f"requests {wrong} returned tokens that differ from the single-process server's"
     wait_replicas_running(REPLICAS)

@@ -38,9 +38,10 @@ class Ingress:
         """The gRPC address the ingress listens on."""
         return self.server.target
 
-    def resubmitted(self) -> int:
-        """Requests sent to another replica after theirs failed before producing a token."""
-        return self.engine.resubmitted
+    def failures(self) -> dict[str, int]:
+        """Requests sent to another replica after theirs failed before producing a token (resubmitted), and
+        streams cut after tokens (cut: the client retries those)."""
+        return {"resubmitted": self.engine.resubmitted, "cut": self.engine.cut}
 
     def __del__(self) -> None:
         server = getattr(self, "server", None)

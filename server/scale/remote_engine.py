@@ -107,6 +107,7 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._running = True
         self.resubmitted = 0  # requests sent again after their replica failed before a token
+        self.cut = 0  # requests whose replica failed after tokens were sent (the caller retries)
 
     # ---- the Engine interface ------------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> RemoteHandle:
@@ -179,6 +180,7 @@ class RemoteEngine:
                     if tokens or attempt >= self.retries:
                         log.warning("request %s: replica failed after %d tokens (%s)", call.request.request_id,
                                     tokens, type(exc).__name__)
+                        self.cut += bool(tokens)
                         call.handle.fail(RequestError(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE if tokens else
                                                       f"no replica could serve the request ({type(exc).__name__})"))
                         return

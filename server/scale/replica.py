@@ -24,6 +24,7 @@ import torch
 from ray import serve
 
 from server.adapters import kinds
+from server.adapters.errors import AdapterNotFound
 from server.adapters.pool import AdapterMeta
 from server.adapters.store import StoredVersion, StoreError, sha256_file
 from server.engine.request import GenerationRequest, TokenEvent, merge_events
@@ -113,6 +114,12 @@ def engine_deployment(settings: ScaleSettings):
             key = request.adapter
             self.requests += 1
             if key is not None:
+                try:
+                    self.source.check(*parse_key(key))  # deleted through any ingress: refused here too
+                except AdapterNotFound:
+                    if key in self.resident:
+                        self._evict(key)
+                    raise
                 self.hits += key in self.resident
                 await self.adapter(key)
                 self.in_use[key] += 1

@@ -30,6 +30,10 @@ def parse_key(key: str) -> tuple[str, str, int]:
 
 
 class VersionSource(Protocol):
+    def check(self, tenant: str, name: str, version: int) -> None:
+        """AdapterNotFound when the version was deleted or never committed."""
+        ...
+
     def fetch(self, tenant: str, name: str, version: int) -> StoredVersion:
         """The committed version (its files in a local directory); AdapterNotFound when it does not exist."""
         ...
@@ -41,12 +45,18 @@ class SharedDirectory:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def fetch(self, tenant: str, name: str, version: int) -> StoredVersion:
+    def check(self, tenant: str, name: str, version: int) -> None:
+        """AdapterNotFound once the version was deleted (two stats; a replica asks before each request)."""
         name_dir = self.root / tenant / name
         marker = name_dir / DELETED_THROUGH
         if marker.is_file() and version <= int(marker.read_text().strip() or 0):
             raise AdapterNotFound(f"adapter {tenant}/{name}@{version} was deleted")
-        vdir = name_dir / f"v{version:06d}"
+        if not (name_dir / f"v{version:06d}").is_dir():
+            raise AdapterNotFound(f"adapter {tenant}/{name}@{version} is not in the store")
+
+    def fetch(self, tenant: str, name: str, version: int) -> StoredVersion:
+        self.check(tenant, name, version)
+        vdir = self.root / tenant / name / f"v{version:06d}"
         try:
             manifest = json.loads((vdir / MANIFEST).read_text())
         except FileNotFoundError:
