@@ -91,6 +91,6 @@ def main(argv: list[str]) -> int:
             pass
     finally:
         print("shutting down", flush=True)
-        serve.delete(APP)
+        serve.shutdown()  # stops every replica (the ingress drains nothing: in-flight streams are cut)
         ray.shutdown()
     return 0

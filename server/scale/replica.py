@@ -70,6 +70,7 @@ def engine_deployment(settings: ScaleSettings):
             self.evict_when_idle: set[str] = set()
             self.loads: Counter[str] = Counter()
             self.requests = self.hits = 0
+            self.metrics = ReplicaMetrics()
 
         # ---- the multiplexed loader --------------------------------------------------------------
         @serve.multiplexed(max_num_models_per_replica=settings.adapters_per_replica)
@@ -78,6 +79,7 @@ def engine_deployment(settings: ScaleSettings):
             stored = self.source.fetch(*parse_key(key))  # AdapterNotFound: deleted or never stored
             await asyncio.to_thread(self._load, key, stored)
             self.loads[key] += 1
+            self.metrics.loads.inc()
             self.resident.add(key)
             self.evict_when_idle.discard(key)
             return LoadedAdapter(key, self)
@@ -113,6 +115,7 @@ def engine_deployment(settings: ScaleSettings):
             """The request's TokenEvents (merged when the caller lags); engine errors raise to the caller."""
             key = request.adapter
             self.requests += 1
+            self.metrics.requests.inc()
             if key is not None:
                 try:
                     self.source.check(*parse_key(key))  # deleted through any ingress: refused here too
@@ -121,6 +124,8 @@ def engine_deployment(settings: ScaleSettings):
                         self._evict(key)
                     raise
                 self.hits += key in self.resident
+                if key in self.resident:
+                    self.metrics.hits.inc()
                 await self.adapter(key)
                 self.in_use[key] += 1
             try:
@@ -142,6 +147,7 @@ def engine_deployment(settings: ScaleSettings):
                             continue
                         event = merge_events(events)
                         finished = event.finished
+                        self.metrics.tokens.inc(len(event.token_ids))
                         yield event
                 finally:
                     if not finished:  # the caller went away (cancelled) or the stream failed
@@ -171,6 +177,19 @@ def engine_deployment(settings: ScaleSettings):
                 engine.shutdown(drain_timeout_s=0.0)
 
     return EngineReplica
+
+
+class ReplicaMetrics:
+    """Per-replica counters through Ray's metrics export (each node's Prometheus endpoint; Ray adds the
+    replica, deployment and node labels, so the operator's scraper sums or splits them)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.requests = metrics.Counter("switchboard_replica_requests", "requests this replica served")
+        self.hits = metrics.Counter("switchboard_replica_adapter_hits", "requests whose adapter was resident")
+        self.loads = metrics.Counter("switchboard_replica_adapter_loads", "multiplexed adapter loads")
+        self.tokens = metrics.Counter("switchboard_replica_generated_tokens", "tokens this replica generated")
 
 
 def _drain(handle) -> list[TokenEvent]:
