@@ -103,7 +103,7 @@ def test_affinity_loads_fewer_adapters_than_default_routing(cluster, tiny_llama_
     from server.scale.settings import ScaleSettings
 
     seed = random.randrange(2**31)
-    picks = zipf_choices(N_ADAPTERS, 200, 1.1, np.random.default_rng(seed))
+    picks = zipf_choices(N_ADAPTERS, 400, 1.1, np.random.default_rng(seed))
     results = {}
     for prefix, affinity in (("b", False), ("a", True)):
         remote = RemoteEngine(engine_handle(), ScaleSettings(model=str(tiny_llama_dir), quantize=False,
