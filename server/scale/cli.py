@@ -42,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-waiting", type=int, default=d.max_waiting)
     p.add_argument("--kv-blocks", type=int, default=d.kv_blocks)
     p.add_argument("--no-affinity", action="store_true", help="Ray's default routing (for comparisons)")
+    p.add_argument("--ray-metrics-port", type=int, default=None,
+                   help="Ray's Prometheus export on this node (the replicas' switchboard_replica_* counters)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -74,8 +76,9 @@ def main(argv: list[str]) -> int:
     from server.scale.app import build
 
     root = str(Path(__file__).resolve().parents[2])
+    local = {} if args.address or args.ray_metrics_port is None else {"_metrics_export_port": args.ray_metrics_port}
     ray.init(address=args.address, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": str(settings.torch_threads)}})
+             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": str(settings.torch_threads)}}, **local)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
