@@ -53,14 +53,15 @@ def cluster(tiny_llama_dir, tmp_path_factory, files):
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                                        "PYTHONPATH": root}},
              log_to_driver=False)
-    port = free_port()
+    port, http_port = free_port(), free_port()
     settings = ScaleSettings(model=str(tiny_llama_dir), quantize=False, replicas=REPLICAS, adapters_per_replica=SLOTS,
                              data_dir=str(tmp_path_factory.mktemp("scale-data")), port=port, metrics_port=None,
-                             max_running=64, max_waiting=256, kv_blocks=512)
+                             max_running=64, max_waiting=256, kv_blocks=512, http_port=http_port)
     try:
         serve.start(proxy_location="Disabled")
         serve.run(build(settings), name=APP, route_prefix=None)
         client = SwitchboardClient(f"127.0.0.1:{port}", timeout=120)
+        client.http_url = f"http://127.0.0.1:{http_port}"
         for i, path in enumerate(files):  # through the ingress: a0..a7 (affinity), b0..b7 (default routing)
             client.upload_adapter(path, f"a{i}")
             client.upload_adapter(path, f"b{i}")
@@ -188,3 +189,34 @@ def test_replica_killed_with_64_in_flight(cluster, reference):
     assert victim not in replica_actor_names()
     assert cluster.generate(PROMPTS[0], adapter="a2", max_new_tokens=6).token_ids == reference.generate(
         PROMPTS[0], adapter="a2", max_new_tokens=6).token_ids
+
+
+def _post(url: str, body: dict) -> tuple[int, bytes]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_openai_http_api_through_the_ingress_equals_grpc(cluster):
+    import json
+
+    grpc_text = cluster.generate(PROMPTS[1], adapter="a3", max_new_tokens=6).text
+    body = {"model": "a3", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0}
+    status, raw = _post(f"{cluster.http_url}/v1/completions", body)
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["text"] == grpc_text
+    status, raw = _post(f"{cluster.http_url}/v1/completions", {**body, "stream": True})
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert status == 200 and "".join(e["choices"][0]["text"] for e in events if e["choices"]) == grpc_text
+    status, raw = _post(f"{cluster.http_url}/v1/completions", {**body, "model": "no-such-adapter"})
+    assert status == 404 and b"no-such-adapter" in raw
+    status, raw = _post(f"{cluster.http_url}/v1/completions", {**body, "prompt": "x " * 600})  # > context limit
+    assert status == 400, raw

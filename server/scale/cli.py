@@ -34,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=d.device)
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port, help="the ingress's gRPC port")
+    p.add_argument("--http-port", type=int, default=None, help="the OpenAI-compatible HTTP API (default: off)")
+    p.add_argument("--model-id", default=None, help="the base model's id in the HTTP API")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port)
     p.add_argument("--no-metrics", action="store_true")
     p.add_argument("--data-dir", type=Path, default=Path(d.data_dir), help="the shared adapter store")
@@ -54,6 +56,8 @@ def settings_of(args: argparse.Namespace) -> ScaleSettings:
         replicas=args.replicas, num_cpus_per_replica=args.num_cpus_per_replica, torch_threads=args.torch_threads,
         adapters_per_replica=args.adapters_per_replica, max_running=args.max_running, max_waiting=args.max_waiting,
         kv_blocks=args.kv_blocks, data_dir=str(args.data_dir.resolve()), host=args.host, port=args.port,
+        http_port=args.http_port,
+        model_id=args.model_id or (Path(args.model).stem if args.model else ScaleSettings().model_id),
         metrics_port=None if args.no_metrics else args.metrics_port,
         tenants=str(args.tenants.resolve()) if args.tenants else None, affinity=not args.no_affinity)
 

@@ -3,7 +3,9 @@
 It runs a SwitchboardServer (server.grpc_server: Inference + Admin + health + reflection, the auth
 interceptor, quotas, usage, /metrics) whose engine is a RemoteEngine. Authentication and adapter resolution
 happen here, once, against the adapter registry over the shared data directory; uploads and deletes go
-through it too, and the replicas read what it committed (server.scale.shared_store).
+through it too, and the replicas read what it committed (server.scale.shared_store). With `http_port` it
+also serves the OpenAI-compatible HTTP API (server.http) over a second RemoteEngine whose failures are
+OpenAI error objects.
 """
 
 from __future__ import annotations
@@ -33,10 +35,24 @@ class Ingress:
         self.server = SwitchboardServer(self.engine, registry, tenants, config)
         self.server.start()
         log.warning("switchboard ingress serving gRPC on %s", self.server.target)
+        self.http = None
+        if settings.http_port is not None:  # the OpenAI API: the same registry, tenants, limiter, quotas, usage
+            from server.http.app import HttpServer
+            from server.http.errors import from_exception
+
+            http_engine = RemoteEngine(engine_deployment, settings, raise_as=from_exception)
+            self.http = HttpServer(http_engine, registry, tenants, self.server.limiter, self.server.metrics,
+                                   settings.model_id, settings.host, settings.http_port, quotas=self.server.quotas,
+                                   usage=self.server.usage)
+            self.http.start()
+            log.warning("switchboard ingress serving the OpenAI API at %s/v1", self.http.url)
 
     def target(self) -> str:
         """The gRPC address the ingress listens on."""
         return self.server.target
+
+    def http_url(self) -> str | None:
+        return self.http.url if self.http is not None else None
 
     def failures(self) -> dict[str, int]:
         """Requests sent to another replica after theirs failed before producing a token (resubmitted), and
@@ -44,6 +60,9 @@ class Ingress:
         return {"resubmitted": self.engine.resubmitted, "cut": self.engine.cut}
 
     def __del__(self) -> None:
+        http = getattr(self, "http", None)
+        if http is not None:
+            http.stop(0)
         server = getattr(self, "server", None)
         if server is not None:
             server.stop(0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -35,7 +36,12 @@ RETRY_BACKOFF_S = 0.25
 
 
 class RemoteHandle(RequestHandle):
-    """A RequestHandle whose get() raises the request's failure (queued as an exception) instead of an event."""
+    """A RequestHandle whose get() raises the request's failure (queued as an exception) instead of an event,
+    as `raise_as(exc)` makes it (the gRPC face: as is; the HTTP face: its ApiError)."""
+
+    def __init__(self, request_id: str, raise_as: Callable[[BaseException], BaseException]) -> None:
+        super().__init__(request_id)
+        self.raise_as = raise_as
 
     def fail(self, exc: BaseException) -> None:
         self.put(exc)  # type: ignore[arg-type]
@@ -44,7 +50,7 @@ class RemoteHandle(RequestHandle):
         item = self._events.get(timeout=timeout)
         if isinstance(item, BaseException):
             self.done = True
-            raise item
+            raise self.raise_as(item)
         if item.finished:
             self.done = True
         return item
@@ -77,7 +83,8 @@ class _Scheduler:
 
 
 class RemoteEngine:
-    def __init__(self, deployment, settings: ScaleSettings) -> None:
+    def __init__(self, deployment, settings: ScaleSettings,
+                 raise_as: Callable[[BaseException], BaseException] = lambda exc: exc) -> None:
         from transformers import AutoTokenizer
 
         from server.model.args import ModelArgs
@@ -101,6 +108,7 @@ class RemoteEngine:
                                 self.args, model_cfg.torch_dtype, "cpu", reader=read)
         self.scheduler = _Scheduler(_NoQueue())
         self.deployment = deployment
+        self.raise_as = raise_as
         self.affinity = settings.affinity
         self.retries = settings.retries
         self._calls: dict[str, _Call] = {}
@@ -111,7 +119,7 @@ class RemoteEngine:
 
     # ---- the Engine interface ------------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> RemoteHandle:
-        call = _Call(req, RemoteHandle(req.request_id))
+        call = _Call(req, RemoteHandle(req.request_id, self.raise_as))
         with self._lock:
             if req.request_id in self._calls:
                 raise InvalidRequest(f"request_id {req.request_id!r} is already in flight")

@@ -27,6 +27,8 @@ class ScaleSettings:
     data_dir: str = "data"  # shared by every replica (one machine) or a shared filesystem (cluster)
     host: str = "127.0.0.1"
     port: int = 50051  # the ingress's gRPC port
+    http_port: int | None = None  # the ingress's OpenAI-compatible HTTP API (None: not served)
+    model_id: str = "SmolLM2-135M-Instruct"  # the base model's id in the HTTP API
     metrics_port: int | None = 9090  # the ingress's /metrics (per-replica figures: Ray's metrics export)
     tenants: str | None = None  # tenants TOML file
     affinity: bool = True  # False: Ray's default routing (no multiplexed id), for comparisons
