@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 
 from clients import messages as build
-from clients.errors import from_rpc_error
+from clients.errors import Unavailable, from_rpc_error, is_cut, skip_delivered
 from clients.messages import GenerateOptions
 from clients.results import AdapterInfo, GenerateResult, StreamChunk, UsageReport
 from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
@@ -42,19 +42,38 @@ class AsyncSwitchboardClient:
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
                        **options: Unpack[GenerateOptions]) -> GenerateResult:
         request = build.generate_request(prompt, **options)
-        return GenerateResult.from_proto(await self._call(self._inference.Generate, request, timeout))
+        try:
+            return GenerateResult.from_proto(await self._call(self._inference.Generate, request, timeout))
+        except Unavailable as exc:
+            if not is_cut(exc):  # a scaled-out server's replica went away: send it once more
+                raise
+            return GenerateResult.from_proto(await self._call(self._inference.Generate, request, timeout))
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                      **options: Unpack[GenerateOptions]) -> AsyncIterator[StreamChunk]:
         request = build.generate_request(prompt, **options)
-        call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
-        try:
-            async for chunk in call:
-                yield StreamChunk.from_proto(chunk)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        yielded = 0
+        for attempt in range(2):  # one retry of a stream a scaled-out server cut (clients.errors.is_cut)
+            skip = yielded  # tokens the retried stream must not yield again
+            call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
+            try:
+                async for raw in call:
+                    chunk = StreamChunk.from_proto(raw)
+                    if skip:
+                        n, kept = len(chunk.token_ids), list(skip_delivered([chunk], skip))
+                        skip = max(0, skip - n)
+                        if not kept:
+                            continue
+                        chunk = kept[0]
+                    yielded += len(chunk.token_ids)
+                    yield chunk
+                return
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if attempt or not is_cut(error):
+                    raise error from None
+            finally:
+                call.cancel()
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         response = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)

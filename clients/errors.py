@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 
 
@@ -71,3 +73,31 @@ def _retry_after(exc: grpc.RpcError) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+# A scaled-out server (server.scale) ends a stream whose replica died mid-way with UNAVAILABLE and this text.
+CUT_MARKER = "retry the request"
+
+
+def is_cut(error: SwitchboardError) -> bool:
+    """UNAVAILABLE that says the request may be sent again (its replica went away); the client retries once."""
+    return error.code == grpc.StatusCode.UNAVAILABLE and CUT_MARKER in error.message
+
+
+def skip_delivered(chunks, delivered: int):
+    """A retried stream without its first `delivered` tokens (those were yielded before the cut). Exact for
+    greedy or seeded sampling, which give the same tokens again; a chunk that straddles the boundary keeps
+    its tokens after it and drops its text (its characters cannot be split by token here)."""
+    for chunk in chunks:
+        if delivered <= 0:
+            yield chunk
+            continue
+        n = len(chunk.token_ids)
+        if n <= delivered and not chunk.finished:
+            delivered -= n
+            continue
+        keep = chunk.token_ids[delivered:] if n > delivered else []
+        text = chunk.text if delivered == 0 else ""
+        delivered = 0
+        yield dataclasses.replace(chunk, token_ids=keep, text=text,
+                                  logprobs=chunk.logprobs[len(chunk.logprobs) - len(keep):] if keep else [])

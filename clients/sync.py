@@ -9,7 +9,7 @@ from typing import Unpack
 import grpc
 
 from clients import messages as build
-from clients.errors import from_rpc_error
+from clients.errors import Unavailable, from_rpc_error, is_cut, skip_delivered
 from clients.messages import GenerateOptions
 from clients.results import AdapterInfo, GenerateResult, StreamChunk, UsageReport
 from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
@@ -48,20 +48,31 @@ class SwitchboardClient:
                  **options: Unpack[GenerateOptions]) -> GenerateResult:
         """The whole completion (options: clients.messages.GenerateOptions)."""
         request = build.generate_request(prompt, **options)
-        return GenerateResult.from_proto(self._call(self._inference.Generate, request, timeout))
+        try:
+            return GenerateResult.from_proto(self._call(self._inference.Generate, request, timeout))
+        except Unavailable as exc:
+            if not is_cut(exc):
+                raise
+            return GenerateResult.from_proto(self._call(self._inference.Generate, request, timeout))  # once
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                **options: Unpack[GenerateOptions]) -> Iterator[StreamChunk]:
         """Chunks as they are generated; the last has finished=True. Closing the iterator cancels the call."""
         request = build.generate_request(prompt, **options)
-        call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
-        try:
-            for chunk in call:
-                yield StreamChunk.from_proto(chunk)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()  # no-op when the stream already ended
+        delivered = 0  # tokens already yielded: a retried stream skips them (see clients.errors.is_cut)
+        for attempt in range(2):
+            call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
+            try:
+                for chunk in skip_delivered((StreamChunk.from_proto(c) for c in call), delivered):
+                    delivered += len(chunk.token_ids)
+                    yield chunk
+                return
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if attempt or not is_cut(error):
+                    raise error from None
+            finally:
+                call.cancel()  # no-op when the stream already ended
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """"SERVING" / "NOT_SERVING" (grpc.health.v1; needs no API key)."""

@@ -9,6 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "serve": "server.serve_cli",  # the gRPC server
+        "serve-ray": "server.scale.cli",  # the same API over engine replicas on Ray Serve (the `ray` group)
         "generate": "server.generate_cli",  # quick look without gRPC
         "train": "server.trainer.cli",  # offline adapter trainer
     }

@@ -1,0 +1,182 @@
+"""Scale-out on Ray Serve: 1 vs 2 engine replicas measured, and affinity routing at scale simulated.
+
+    .venv/bin/python bench/scale_out.py            # both parts (default model, NF4, CPU)
+    .venv/bin/python bench/scale_out.py --sim-only # only the simulation (seconds)
+
+Part 1 (measured): for 1 and 2 replicas (--replicas-list), the Ray Serve application (server/scale) on a local
+Ray instance, one torch thread and one CPU per replica; --adapters LoRA adapters (PEFT-made, rank 8) uploaded
+through the ingress; --concurrency closed-loop gRPC clients stream --requests requests whose adapters follow
+zipf(1.1). Reports output tokens/s, p50/p99 TTFT and the replicas' adapter loads. Caveat: on a 2-core machine
+the second replica competes with the first (and with the ingress and Ray itself) for the same cores, so the
+gain is bounded well below 2x; the figure shows the overhead and the routing, not a cluster's scaling.
+
+Part 2 (simulated, server/scale/affinity_sim.py): adapter loads per 100 requests under Ray's multiplexed routing
+vs routing that ignores adapters, for 10..3,000 adapters on 8 replicas with 8 slots each (zipf 1.1), and for
+1..16 replicas at 1,000 adapters. Writes bench/results/scale_out.json and scale_out_sim.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bench.stats import percentiles  # noqa: E402
+from server.scale.affinity_sim import simulate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = ["Name three colors.", "Write a haiku about a switchboard.", "What is the capital of France?",
+           "Explain LoRA in one sentence."]
+
+
+def measure(replicas: int, args, model_dir: Path, adapter_dirs: list[Path]) -> dict:
+    import ray
+    from ray import serve
+
+    from clients import SwitchboardClient
+    from server.scale.app import build
+    from server.scale.settings import ScaleSettings
+    from tests.scale_utils import APP, free_port, replica_stats
+
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(num_cpus=replicas + 1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="scale-out-") as data:
+        settings = ScaleSettings(model=str(model_dir), quantize=not args.no_quantize, replicas=replicas,
+                                 adapters_per_replica=args.slots, data_dir=data, port=port, metrics_port=None)
+        try:
+            serve.start(proxy_location="Disabled")
+            serve.run(build(settings), name=APP, route_prefix=None)
+            client = SwitchboardClient(f"127.0.0.1:{port}", timeout=600)
+            for i, path in enumerate(adapter_dirs):
+                client.upload_adapter(path, f"a{i}")
+            rng = np.random.default_rng(args.seed)
+            p = 1.0 / np.arange(1, len(adapter_dirs) + 1) ** 1.1
+            picks = rng.choice(len(adapter_dirs), size=args.requests, p=p / p.sum())
+
+            def one(k: int) -> tuple[float, int]:
+                sent, first, tokens = time.perf_counter(), None, 0
+                for chunk in client.stream(PROMPTS[k % len(PROMPTS)], adapter=f"a{picks[k]}",
+                                           max_new_tokens=args.max_new_tokens, ignore_eos=True):
+                    if chunk.token_ids and first is None:
+                        first = time.perf_counter() - sent
+                    tokens += len(chunk.token_ids)
+                return first or 0.0, tokens
+
+            client.generate(PROMPTS[0], max_new_tokens=2)  # warm-up
+            before = sum(sum(s["loads"].values()) for s in replica_stats(replicas).values())
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                done = list(pool.map(one, range(args.requests)))
+            wall = time.perf_counter() - start
+            loads = sum(sum(s["loads"].values()) for s in replica_stats(replicas).values()) - before
+            client.close()
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    ttft = percentiles([t for t, _ in done])
+    tokens = sum(n for _, n in done)
+    return {"replicas": replicas, "requests": args.requests, "concurrency": args.concurrency,
+            "output_tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
+            "ttft_p50_ms": 1000 * ttft["p50"], "ttft_p99_ms": 1000 * ttft["p99"],
+            "adapter_loads": loads, "loads_per_100": 100.0 * loads / args.requests}
+
+
+def simulation(args) -> dict:
+    by_adapters = [[simulate(pol, a, 8, 8, args.sim_requests, seed=args.seed).loads_per_100 for a in args.sim_adapters]
+                   for pol in ("random", "multiplexed")]
+    by_replicas = [[simulate(pol, 1000, r, 8, args.sim_requests, seed=args.seed).loads_per_100
+                    for r in args.sim_replicas] for pol in ("random", "multiplexed")]
+    return {"adapters": args.sim_adapters, "replicas": args.sim_replicas, "slots": 8, "zipf": 1.1,
+            "requests": args.sim_requests, "loads_per_100_vs_adapters": dict(zip(("random", "multiplexed"),
+                                                                                  by_adapters, strict=True)),
+            "loads_per_100_vs_replicas_1000_adapters": dict(zip(("random", "multiplexed"), by_replicas,
+                                                                 strict=True))}
+
+
+def plot(sim: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    for pol, style in (("random", "o--"), ("multiplexed", "s-")):
+        a.plot(sim["adapters"], sim["loads_per_100_vs_adapters"][pol], style, label=pol)
+        b.plot(sim["replicas"], sim["loads_per_100_vs_replicas_1000_adapters"][pol], style, label=pol)
+    a.set(xscale="log", xlabel="adapters (8 replicas x 8 slots)", ylabel="adapter loads / 100 requests",
+          title="zipf 1.1")
+    b.set(xscale="log", xlabel="replicas (1,000 adapters, 8 slots each)", ylabel="adapter loads / 100 requests")
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF dir (default: the embedded SmolLM2-135M)")
+    p.add_argument("--no-quantize", action="store_true")
+    p.add_argument("--replicas-list", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--slots", type=int, default=4, help="adapters per replica (the multiplexed LRU)")
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sim-only", action="store_true")
+    p.add_argument("--sim-requests", type=int, default=50_000)
+    p.add_argument("--sim-adapters", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000])
+    p.add_argument("--sim-replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--out", default="scale_out")
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    report: dict = {}
+    if not args.sim_only:
+        from server.model.checkpoint import resolve_model_dir
+        from tests.peft_adapters import AdapterSpec, make_peft_adapter
+
+        model_dir = resolve_model_dir(args.model)
+        tmp = Path(tempfile.mkdtemp(prefix="scale-out-adapters-"))
+        adapter_dirs = [make_peft_adapter(model_dir, AdapterSpec(f"a{i}", "lora", rank=8, seed=i), tmp / f"a{i}")
+                        for i in range(args.adapters)]
+        report["measured"] = []
+        for n in args.replicas_list:
+            r = measure(n, args, model_dir, adapter_dirs)
+            report["measured"].append(r)
+            print(f"{n} replica(s): {r['tok_per_s']:.1f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms / "
+                  f"p99 {r['ttft_p99_ms']:.0f} ms, {r['adapter_loads']} adapter loads "
+                  f"({r['loads_per_100']:.1f} / 100 requests)", flush=True)
+        report["measured_note"] = ("one machine: the replicas share its cores with each other, the ingress and "
+                                   "Ray, so 2 replicas cannot reach 2x")
+    sim = simulation(args)
+    report["simulated"] = sim
+    for pol in ("random", "multiplexed"):
+        row = ", ".join(f"{a}: {v:.1f}" for a, v in zip(sim["adapters"], sim["loads_per_100_vs_adapters"][pol],
+                                                        strict=True))
+        print(f"simulated loads / 100 requests, 8 replicas x 8 slots, {pol:11}: {row}")
+    for pol in ("random", "multiplexed"):
+        row = ", ".join(f"{r}: {v:.1f}" for r, v in zip(
+            sim["replicas"], sim["loads_per_100_vs_replicas_1000_adapters"][pol], strict=True))
+        print(f"simulated loads / 100 requests, 1,000 adapters, by replicas, {pol:11}: {row}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {RESULTS / (args.out + '.json')} and {plot(sim, RESULTS / (args.out + '_sim.png'))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The engine deployment: each replica owns one Engine on the same base model; adapters are multiplexed ids.
+
+A request arrives with its resolved pool key (`tenant/name@version`, the request's `adapter`). With affinity
+the ingress also sends it as the multiplexed model id, so Ray routes it to a replica that already holds it
+(else to one holding the fewest). Either way the replica asks its `@serve.multiplexed` loader for the key:
+a hit costs nothing; a miss reads the committed version from the shared store into the replica's pool
+(host copy; the engine's step loop copies it into a device slot) and Ray's LRU evicts the least recently
+used key beyond `adapters_per_replica`. An evicted key still used by a running request stays registered
+until that request ends.
+
+`engine_deployment(settings)` builds the class: the LRU size is fixed when `@serve.multiplexed` decorates it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+from collections import Counter
+from pathlib import Path
+
+import torch
+from ray import serve
+
+from server.adapters import kinds
+from server.adapters.errors import AdapterNotFound
+from server.adapters.pool import AdapterMeta
+from server.adapters.store import StoredVersion, StoreError, sha256_file
+from server.engine.request import GenerationRequest, TokenEvent, merge_events
+from server.scale.settings import ScaleSettings
+from server.scale.shared_store import SharedDirectory, parse_key
+
+log = logging.getLogger(__name__)
+POLL_S = 1.0  # how often a waiting stream re-checks that the step loop is alive
+
+
+class LoadedAdapter:
+    """What the multiplexed LRU holds for a key; Ray calls __del__ when it evicts it (idempotent)."""
+
+    def __init__(self, key: str, replica) -> None:
+        self.key, self._replica, self._gone = key, replica, False
+
+    def __del__(self) -> None:
+        if not self._gone:
+            self._gone = True
+            self._replica.evicted(self.key)
+
+
+def engine_deployment(settings: ScaleSettings):
+    """The Serve deployment class (its options from `settings`)."""
+
+    @serve.deployment(
+        name="EngineReplica", num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": settings.num_cpus_per_replica},
+        max_ongoing_requests=settings.max_running + settings.max_waiting,
+        health_check_period_s=2.0, health_check_timeout_s=30.0,
+    )
+    class EngineReplica:
+        def __init__(self, settings: ScaleSettings) -> None:
+            torch.set_num_threads(settings.torch_threads)
+            from server.engine.engine import Engine
+
+            self.engine = Engine.create(settings.model_config(), settings.engine_config(), settings.pool_config())
+            self.engine.start()
+            self.source = SharedDirectory(Path(settings.data_dir) / "adapters")
+            self.loop = asyncio.get_running_loop() if _has_loop() else None
+            self.in_use: Counter[str] = Counter()  # key -> requests of this replica holding it
+            self.resident: set[str] = set()  # keys in the multiplexed LRU
+            self.evict_when_idle: set[str] = set()
+            self.loads: Counter[str] = Counter()
+            self.requests = self.hits = 0
+            self.metrics = ReplicaMetrics()
+
+        # ---- the multiplexed loader --------------------------------------------------------------
+        @serve.multiplexed(max_num_models_per_replica=settings.adapters_per_replica)
+        async def adapter(self, key: str) -> LoadedAdapter:
+            self.loop = self.loop or asyncio.get_running_loop()
+            stored = self.source.fetch(*parse_key(key))  # AdapterNotFound: deleted or never stored
+            await asyncio.to_thread(self._load, key, stored)
+            self.loads[key] += 1
+            self.metrics.loads.inc()
+            self.resident.add(key)
+            self.evict_when_idle.discard(key)
+            return LoadedAdapter(key, self)
+
+        def _load(self, key: str, stored: StoredVersion) -> None:
+            pool = self.engine.pool
+            if not pool.known(key):
+                kind = kinds.by_name(stored.meta.get("kind", "LORA"))
+                meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
+                pool.register(key, lambda: self._read(stored), stored.version, meta=meta)
+            pool.host_weights(key)  # read, verified and validated now, off the step loop
+
+        def _read(self, stored: StoredVersion):
+            for fname, rec in stored.files.items():
+                if sha256_file(stored.path / fname) != rec["sha256"]:
+                    raise StoreError(f"{stored.tenant}/{stored.name}@{stored.version}: {fname} fails its sha256")
+            return self.engine.pool.reader(stored.path)
+
+        def evicted(self, key: str) -> None:
+            """Ray's LRU let `key` go (any thread): unregister it once no request of this replica holds it."""
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._evict, key)
+
+        def _evict(self, key: str) -> None:
+            self.resident.discard(key)
+            if self.in_use[key]:
+                self.evict_when_idle.add(key)
+            else:
+                self.engine.pool.unregister(key)
+
+        # ---- requests ----------------------------------------------------------------------------
+        async def generate(self, request: GenerationRequest):
+            """The request's TokenEvents (merged when the caller lags); engine errors raise to the caller."""
+            key = request.adapter
+            self.requests += 1
+            self.metrics.requests.inc()
+            if key is not None:
+                try:
+                    self.source.check(*parse_key(key))  # deleted through any ingress: refused here too
+                except AdapterNotFound:
+                    if key in self.resident:
+                        self._evict(key)
+                    raise
+                self.hits += key in self.resident
+                if key in self.resident:
+                    self.metrics.hits.inc()
+                await self.adapter(key)
+                self.in_use[key] += 1
+            try:
+                handle = self.engine.submit(request)  # InvalidRequest / QueueFull / ...: to the caller
+                wake = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                handle.set_listener(lambda: loop.call_soon_threadsafe(wake.set))
+                finished = False
+                try:
+                    while not finished:
+                        wake.clear()
+                        events = _drain(handle)
+                        if not events:
+                            try:
+                                await asyncio.wait_for(wake.wait(), POLL_S)
+                            except TimeoutError:
+                                if not self.engine.alive:
+                                    raise RuntimeError("the replica's engine is not running") from None
+                            continue
+                        event = merge_events(events)
+                        finished = event.finished
+                        self.metrics.tokens.inc(len(event.token_ids))
+                        yield event
+                finally:
+                    if not finished:  # the caller went away (cancelled) or the stream failed
+                        self.engine.abort(request.request_id)
+            finally:
+                if key is not None:
+                    self.in_use[key] -= 1
+                    if not self.in_use[key] and key in self.evict_when_idle:
+                        self.evict_when_idle.discard(key)
+                        self.engine.pool.unregister(key)
+
+        def stats(self) -> dict:
+            """This replica's counters (tests and the bench read them through each replica)."""
+            ctx = serve.get_replica_context()
+            return {"replica": ctx.replica_id.unique_id, "pid": os.getpid(), "requests": self.requests,
+                    "hits": self.hits, "loads": dict(self.loads), "resident": sorted(self.resident),
+                    "engine_alive": self.engine.alive}
+
+        def check_health(self) -> None:
+            """Ray restarts a replica whose step loop died."""
+            if not self.engine.alive:
+                raise RuntimeError("the engine's step loop is not running")
+
+        def __del__(self) -> None:
+            engine = getattr(self, "engine", None)
+            if engine is not None:
+                engine.shutdown(drain_timeout_s=0.0)
+
+    return EngineReplica
+
+
+class ReplicaMetrics:
+    """Per-replica counters through Ray's metrics export (each node's Prometheus endpoint; Ray adds the
+    replica, deployment and node labels, so the operator's scraper sums or splits them)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.requests = metrics.Counter("switchboard_replica_requests", "requests this replica served")
+        self.hits = metrics.Counter("switchboard_replica_adapter_hits", "requests whose adapter was resident")
+        self.loads = metrics.Counter("switchboard_replica_adapter_loads", "multiplexed adapter loads")
+        self.tokens = metrics.Counter("switchboard_replica_generated_tokens", "tokens this replica generated")
+
+
+def _drain(handle) -> list[TokenEvent]:
+    events = []
+    while True:
+        try:
+            events.append(handle.get(timeout=0))
+        except queue.Empty:
+            return events
+        if events[-1].finished:
+            return events
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False

@@ -1,0 +1,69 @@
+"""ScaleSettings: everything the Ray Serve application needs, from CLI flags or the Serve config's `args`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSettings:
+    model: str | None = None  # HF directory or .gguf (None: the embedded default model)
+    quantize: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    replicas: int = 2
+    num_cpus_per_replica: float = 1.0
+    torch_threads: int = 1  # per replica
+    adapters_per_replica: int = 8  # the multiplexed LRU size; also the replica pool's device slots
+    max_lora_rank: int = 64
+    max_running: int = 64
+    max_waiting: int = 256
+    kv_blocks: int = 2048
+    max_model_len: int | None = None
+    data_dir: str = "data"  # shared by every replica (one machine) or a shared filesystem (cluster)
+    host: str = "127.0.0.1"
+    port: int = 50051  # the ingress's gRPC port
+    http_port: int | None = None  # the ingress's OpenAI-compatible HTTP API (None: not served)
+    model_id: str = "SmolLM2-135M-Instruct"  # the base model's id in the HTTP API
+    metrics_port: int | None = 9090  # the ingress's /metrics (per-replica figures: Ray's metrics export)
+    tenants: str | None = None  # tenants TOML file
+    affinity: bool = True  # False: Ray's default routing (no multiplexed id), for comparisons
+    retries: int = 4  # re-submissions of a request that had produced no token when its replica failed
+    extra: dict = field(default_factory=dict)  # ServerConfig overrides (e.g. per_tenant_concurrency)
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError("replicas must be >= 1")
+        if self.adapters_per_replica < 1:
+            raise ConfigError("adapters_per_replica must be >= 1")
+        if self.num_cpus_per_replica <= 0 or self.torch_threads < 1:
+            raise ConfigError("num_cpus_per_replica must be > 0 and torch_threads >= 1")
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> ScaleSettings:
+        """From the Serve config's `args` mapping; unknown keys are refused with their names."""
+        args = dict(args or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise ConfigError(f"unknown serve-ray settings: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return cls(**args)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(path=self.model, quantize=self.quantize, dtype=self.dtype, device=self.device)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_running=self.max_running, max_waiting=self.max_waiting, kv_blocks=self.kv_blocks,
+                            max_model_len=self.max_model_len)
+
+    def pool_config(self) -> AdapterPoolConfig:
+        return AdapterPoolConfig(device_slots=self.adapters_per_replica, max_lora_rank=self.max_lora_rank)
+
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(host=self.host, port=self.port, metrics_port=self.metrics_port,
+                            data_dir=Path(self.data_dir), tenants_file=Path(self.tenants) if self.tenants else None,
+                            **self.extra)
