@@ -46,21 +46,35 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return all(t.dtype in _DTYPES and t.stride(-1) == 1 and not t.is_cuda and not t.is_meta for t in tensors)
 
 
+def _usable_b(b: torch.Tensor) -> bool:
+    """A B stack [slots, out, rank] the kernel reads: row-major (rank contiguous) or rank-major (out contiguous,
+    the pool's layout: `[slots, rank, out]` storage seen through a transpose)."""
+    return b.dtype in _DTYPES and 1 in (b.stride(1), b.stride(2)) and not b.is_cuda and not b.is_meta
+
+
 _tables: dict[int, tuple[weakref.ref, tuple[int, ...] | None]] = {}
 
 
 def _table(a: torch.Tensor) -> tuple[int, ...] | None:
-    """(data_ptr, stride 0, stride 1, dim 1, dim 2, dtype code) of a [slots, rank|out, in|rank] table, or None
-    when the kernel cannot read it. Cached per tensor object: the pool's tables (and the layers' views of them)
-    live for the engine's life and are never reallocated, so this saves a dozen attribute reads per call."""
+    """(data_ptr, stride 0, stride 1, dim 1, dim 2, dtype code, stride 2) of a [slots, rank|out, in|rank] table,
+    or None when the kernel cannot read it (A: `in` contiguous; B: either inner axis contiguous). Cached per
+    tensor object: the pool's tables (and the layers' views of them) live for the engine's life and are never
+    reallocated, so this saves a dozen attribute reads per call."""
     entry = _tables.get(id(a))
     if entry is not None and entry[0]() is a:
         return entry[1]
-    desc = (a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], a.shape[2], _DTYPES[a.dtype]) if _usable(a) else None
+    desc = None
+    if _usable_b(a):
+        desc = (a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], a.shape[2], _DTYPES[a.dtype], a.stride(2))
     if len(_tables) > 4096:
         _tables.clear()
     _tables[id(a)] = (weakref.ref(a), desc)
     return desc
+
+
+def _a_table(a: torch.Tensor) -> tuple[int, ...] | None:
+    d = _table(a)
+    return d if d is not None and d[6] == 1 else None
 
 
 def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor]:
@@ -74,7 +88,7 @@ def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBat
     if not meta.has_lora or not ts:
         return ts
     lib = _kernels()
-    tables = [_table(a) for a in a_stacks]
+    tables = [_a_table(a) for a in a_stacks]
     if (lib is None or None in tables or len({d[5] for d in tables}) > 1 or len(a_stacks) > 8 or not _usable(x)
             or x.shape[0] == 0):
         return [shrink_reference(x, a, meta) for a in a_stacks]
@@ -94,7 +108,7 @@ def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> t
     if not meta.has_lora:
         return t
     lib = _kernels()
-    d = _table(a_stack)
+    d = _a_table(a_stack)
     if lib is None or d is None or x.shape[0] == 0 or not _usable(x):
         return shrink_reference(x, a_stack, meta)
     segs, index = _segments(meta)
@@ -106,7 +120,8 @@ def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> t
 def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
                y: torch.Tensor) -> torch.Tensor:
     """Semantics: y[i] += scale[slot[i]] * t[i, :r] @ B[slot[i], :, :r]^T for slot[i] >= 0, accumulated in fp32
-    and rounded once into y's dtype; rows with slot -1 untouched. t [T, max_rank] fp32, B [slots, out, max_rank],
+    and rounded once into y's dtype; rows with slot -1 untouched. t [T, max_rank] fp32, B [slots, out, max_rank]
+    (rank or out contiguous: a transposed view of a rank-major [slots, max_rank, out] table reads only r rows),
     scales [slots] fp32, y [T, out] fp32/bf16 updated in place and returned."""
     if not meta.has_lora or y.shape[0] == 0:
         return y
@@ -116,7 +131,7 @@ def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, met
             or scales.dtype != torch.float32 or scales.is_cuda):
         return expand_reference(t, b_stack, scales, meta, y)
     segs, index = _segments(meta)
-    lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
+    lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[6], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
                y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(), segs.shape[0], index,
                torch.get_num_threads())
     return y

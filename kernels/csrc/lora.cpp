@@ -82,6 +82,24 @@ inline float dot_rank(const float* a, const float* b, int64_t r) {
   }
 }
 
+// d[0:n] += w * b[0:n]
+inline void axpy(float* d, const float* b, float w, int64_t n) {
+#pragma omp simd
+  for (int64_t o = 0; o < n; ++o) d[o] += w * b[o];
+}
+
+// y[at : at + n] += scale * d[0:n], rounded once into y's dtype
+inline void add_scaled(void* y, int64_t y_dt, int64_t at, const float* d, float scale, int64_t n) {
+  if (y_dt == sb::F32) {
+    float* yr = static_cast<float*>(y) + at;
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) yr[o] += scale * d[o];
+  } else {
+    uint16_t* yr = static_cast<uint16_t*>(y) + at;
+    for (int64_t o = 0; o < n; ++o) yr[o] = sb::f32_to_bf16(sb::bf16_to_f32(yr[o]) + d[o] * scale);
+  }
+}
+
 // below this many table elements a call runs on the calling thread (an OpenMP fork/join costs more)
 constexpr int64_t PARALLEL_MIN_WORK = 32768;
 
@@ -163,11 +181,14 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
   return n_items;
 }
 
-// y[tok] += scale[slot] * t[tok, :r] @ B[slot]^T, B[slot] is [n_out, rank] (rank contiguous).
-int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0, int64_t b_s1, int64_t b_rank,
-                       int64_t b_dt, int64_t n_out, const float* scales, int64_t scale_stride, void* y, int64_t y_ld,
-                       int64_t y_dt, const int64_t* segs, int64_t n_segs, const int64_t* tok_index,
+// y[tok] += scale[slot] * t[tok, :r] @ B[slot]^T, B[slot] a [n_out, rank] matrix.
+// b_s1 / b_s2: element strides of B[slot]'s output and rank axes; one of them is 1 (row-major [n_out, rank], or
+// rank-major [rank, n_out], which lets a low-rank adapter in a high-rank table read only its r rows).
+int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0, int64_t b_s1, int64_t b_s2,
+                       int64_t b_rank, int64_t b_dt, int64_t n_out, const float* scales, int64_t scale_stride, void* y,
+                       int64_t y_ld, int64_t y_dt, const int64_t* segs, int64_t n_segs, const int64_t* tok_index,
                        int64_t n_threads) {
+  const bool rank_major = b_s2 != 1;
   std::vector<ExpandItem> items;
   int64_t base = 0, work = 0;
   for (int64_t s = 0; s < n_segs; ++s) base += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
@@ -189,7 +210,8 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
   const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
 #pragma omp parallel num_threads(n_threads) if (parallel)
   {
-    std::vector<float> bt(b_rank * OC), brow(b_rank);
+    std::vector<float> bt(rank_major ? 0 : b_rank * OC), brow(rank_major ? n_out : b_rank);
+    std::vector<float> dwide(rank_major ? TB * n_out : 0);
     float delta[TB * OC];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -203,6 +225,22 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
       for (int64_t j = 0; j < m; ++j) {
         toks[j] = tok_at(tok_index, w.j0 + j);
         ts[j] = t + toks[j] * t_ld;
+      }
+      if (rank_major) {  // r contiguous rows of B^T: each read once, an axpy into every token's fp32 delta
+        const int64_t ow = w.o1 - w.o0;
+        float* d = dwide.data();
+        std::fill(d, d + m * ow, 0.f);
+        for (int64_t k = 0; k < r; ++k) {
+          const char* row = b_slot + (k * b_s2 + w.o0) * bsz;
+          const float* br = reinterpret_cast<const float*>(row);
+          if (b_dt != sb::F32) {
+            sb::load_row(row, b_dt, ow, brow.data());
+            br = brow.data();
+          }
+          for (int64_t j = 0; j < m; ++j) axpy(d + j * ow, br, ts[j][k], ow);
+        }
+        for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + w.o0, d + j * ow, scale, ow);
+        continue;
       }
       for (int64_t o0 = w.o0; o0 < w.o1; o0 += OC) {
         const int64_t oc = std::min(OC, w.o1 - o0);
@@ -245,17 +283,7 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
             }
           }
         }
-        for (int64_t j = 0; j < m; ++j) {
-          const float* d = delta + j * OC;
-          if (y_dt == sb::F32) {
-            float* yr = static_cast<float*>(y) + toks[j] * y_ld + o0;
-#pragma omp simd
-            for (int64_t o = 0; o < oc; ++o) yr[o] += scale * d[o];
-          } else {
-            uint16_t* yr = static_cast<uint16_t*>(y) + toks[j] * y_ld + o0;
-            for (int64_t o = 0; o < oc; ++o) yr[o] = sb::f32_to_bf16(sb::bf16_to_f32(yr[o]) + d[o] * scale);
-          }
-        }
+        for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + o0, delta + j * OC, scale, oc);
       }
     }
   }
@@ -284,18 +312,19 @@ PyObject* py_shrink(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromLongLong(n);
 }
 
-// expand(t, t_ld, b, b_s0, b_s1, b_rank, b_dt, n_out, scales, scale_stride, y, y_ld, y_dt, segs, n_segs,
+// expand(t, t_ld, b, b_s0, b_s1, b_s2, b_rank, b_dt, n_out, scales, scale_stride, y, y_ld, y_dt, segs, n_segs,
 //        tok_index, n_threads)
 PyObject* py_expand(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 17) return sb::arg_error("expand: 17 ints");
-  int64_t v[17];
+  if (nargs != 18) return sb::arg_error("expand: 18 ints");
+  int64_t v[18];
   if (!sb::read_ints(args, nargs, v)) return nullptr;
+  if (v[5] != 1 && v[4] != 1) return sb::arg_error("expand: B needs a unit stride on its output or rank axis");
   int64_t n;
   Py_BEGIN_ALLOW_THREADS
   n = sb_lora_expand(reinterpret_cast<const float*>(v[0]), v[1], reinterpret_cast<const void*>(v[2]), v[3], v[4],
-                     v[5], v[6], v[7], reinterpret_cast<const float*>(v[8]), v[9], reinterpret_cast<void*>(v[10]),
-                     v[11], v[12], reinterpret_cast<const int64_t*>(v[13]), v[14],
-                     reinterpret_cast<const int64_t*>(v[15]), v[16]);
+                     v[5], v[6], v[7], v[8], reinterpret_cast<const float*>(v[9]), v[10],
+                     reinterpret_cast<void*>(v[11]), v[12], v[13], reinterpret_cast<const int64_t*>(v[14]), v[15],
+                     reinterpret_cast<const int64_t*>(v[16]), v[17]);
   Py_END_ALLOW_THREADS
   return PyLong_FromLongLong(n);
 }

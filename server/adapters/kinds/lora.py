@@ -2,7 +2,8 @@
 
 Tables (per targeted module, created on first use):
   a[module]  [slots, layers, max_rank, in]   zero-padded to max_rank
-  b[module]  [slots, layers, out, max_rank]
+  b[module]  [slots, layers, max_rank, out]  rank-major: a rank-r adapter's B^T is r contiguous rows, so the
+                                             kernels read r * out values, not max_rank * out (b_stack below)
   scale      [slots] fp32                     alpha/r (or alpha/sqrt(r)); 0 for an empty slot
   ranks      host list [slots]                each slot's true rank (0 = empty), so kernels skip the padding
 """
@@ -59,17 +60,18 @@ class LoraTables(SlotTables):
             n_in, n_out = self.args.projection_shape(module)
             layers = self.args.num_layers
             # B first: a step that finds the module in `a` (while the pool's loader adds a table) finds it in `b`
-            self.b[module] = torch.zeros(self.num_slots, layers, n_out, self.max_rank, dtype=self.dtype,
+            self.b[module] = torch.zeros(self.num_slots, layers, self.max_rank, n_out, dtype=self.dtype,
                                          device=self.device)
             self.a[module] = torch.zeros(self.num_slots, layers, self.max_rank, n_in, dtype=self.dtype,
                                          device=self.device)
         return self.a[module], self.b[module]
 
     def views(self, layer: int, module: str) -> tuple[SlotViews, SlotViews]:
-        """Per-slot views of one layer's A and B, made once (tables are never reallocated)."""
+        """Per-slot views of one layer's A [slots, max_rank, in] and B [slots, out, max_rank] (the kernels' layout;
+        B a transposed view of the rank-major table), made once (tables are never reallocated)."""
         views = self._views.get((layer, module))
         if views is None:
-            views = (SlotViews(self.a[module][:, layer], 1), SlotViews(self.b[module][:, layer], 2))
+            views = (SlotViews(self.a[module][:, layer], 1), SlotViews(self.b[module][:, layer].transpose(1, 2), 2))
             self._views[(layer, module)] = views
         return views
 
@@ -89,7 +91,7 @@ class LoraTables(SlotTables):
         for (layer, module), a in payload.a.items():
             table_a, table_b = self._module(module)
             table_a[slot, layer, : payload.rank] = a.to(self.dtype)
-            table_b[slot, layer, :, : payload.rank] = payload.b[(layer, module)].to(self.dtype)
+            table_b[slot, layer, : payload.rank] = payload.b[(layer, module)].t().to(self.dtype)
         self.scale[slot] = payload.scale
         self.ranks[slot] = payload.rank
 
