@@ -135,3 +135,33 @@ def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, met
                y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(), segs.shape[0], index,
                torch.get_num_threads())
     return y
+
+
+def cpu_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor], scales: torch.Tensor,
+              meta: LoraBatchMeta, ys: list[torch.Tensor]) -> bool:
+    """Shrink + expand of several projections of one x in one compiled call (no t tensor in between).
+
+    Semantics: for every s, ys[s][i] += scale[slot[i]] * (x[i] @ A_s[slot[i], :r]^T) @ B_s[slot[i], :, :r]^T in
+    fp32 (rounded once into y's dtype) for slot[i] >= 0; other rows untouched. x [T, in]; A_s [slots, R_s, in];
+    B_s [slots, out_s, R_s] (rank or out contiguous); ys[s] [T, out_s], updated in place; scales [slots] fp32.
+    Returns False, having touched nothing, when the kernel cannot take these tensors (the caller falls back)."""
+    lib = _kernels()
+    n = x.shape[0]
+    if lib is None or n == 0 or len(a_stacks) > 8 or not _usable(x) or not _usable(*ys):
+        return False
+    if scales.dtype != torch.float32 or scales.is_cuda or len({y.dtype for y in ys}) > 1:
+        return False
+    desc: list[int] = []
+    w_dt = None
+    for a, b, y in zip(a_stacks, b_stacks, ys, strict=True):
+        da, db = _a_table(a), _table(b)
+        if da is None or db is None or da[5] != db[5] or (w_dt is not None and da[5] != w_dt):
+            return False
+        if db[4] != da[3] or db[3] != y.shape[1] or y.shape[0] != n or da[4] != x.shape[1]:
+            return False
+        w_dt = da[5]
+        desc += (da[0], da[1], da[2], da[3], db[0], db[1], db[2], db[6], db[3], y.data_ptr(), y.stride(0))
+    segs, index = _segments(meta)
+    lib.apply(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], n, w_dt, scales.data_ptr(), scales.stride(0),
+              _DTYPES[ys[0].dtype], segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
+    return True

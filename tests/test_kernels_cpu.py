@@ -183,6 +183,10 @@ def test_dispatcher_modes_agree(mode: str, monkeypatch: pytest.MonkeyPatch) -> N
     y = kernels.lora_expand(kernels.lora_shrink(x, a, meta), b, scales, meta, y0.clone())
     _, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
     torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} mode={mode}")
+    b_rank_major = b.transpose(1, 2).contiguous().transpose(1, 2)
+    (y_fused,) = kernels.lora_apply(x, [a], [b_rank_major], scales, meta, [y0.clone()])
+    torch.testing.assert_close(y_fused.double(), y64, atol=1e-3, rtol=1e-4,
+                               msg=lambda m: f"lora_apply: {m}\nseed={seed} mode={mode}")
 
 
 PORTABLE_CHECK = """
@@ -223,3 +227,33 @@ def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
                           text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 2, "both libraries built into the fresh cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("n_tokens", [1, 7, 33, 256])
+def test_fused_apply_matches_shrink_then_expand(n_tokens: int, popularity: str, dtype: torch.dtype) -> None:
+    """kernels.lora_apply (one call for a q/k/v-like group: rank-major and row-major B, different outs and padded
+    ranks) against the reference shrink then expand, and against the per-token fp64 loop."""
+    seed = fresh_seed()
+    grouped = seed % 2 == 0
+    cases = [make_case(seed + i, n_tokens, r, popularity, dtype, grouped, True, n_out=o, rank_major=rm)
+             for i, (r, o, rm) in enumerate([(16, 80, True), (4, 24, False), (64, 40, True)])]
+    slots, x, _, _, scales, _, ranks = cases[0]
+    ranks = [min(r, 4) for r in ranks]  # every stack's padded rank holds each slot's true rank
+    meta = build_lora_meta(slots, ranks)
+    a_s, b_s, y0s = [c[2] for c in cases], [c[3] for c in cases], [c[5] for c in cases]
+    ys = kernels.lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
+    why = f"seed={seed} T={n_tokens} {popularity} grouped={grouped} {dtype}"
+    atol, rtol = TOL[dtype]
+    for a, b, y0, y in zip(a_s, b_s, y0s, ys, strict=True):
+        y_ref = expand_reference(shrink_reference(x, a, meta), b, scales, meta, y0.clone())
+        torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * 10, rtol=rtol, msg=lambda m: f"{m}\n{why}")
+        assert torch.equal(y[slots < 0], y0[slots < 0]), f"slot -1 rows changed; {why}"
+        if dtype == torch.float32:
+            _, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
+            torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"loop: {m}\n{why}")
+    no_lora = build_lora_meta(torch.full((n_tokens,), -1, dtype=torch.int32))
+    y_same = [y.clone() for y in y0s]
+    assert all(torch.equal(g, y) for g, y in zip(kernels.lora_apply(x, a_s, b_s, scales, no_lora, y_same), y0s,
+                                                 strict=True)), why

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_expand, lora_shrink, lora_shrink_many
+from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_apply
 from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
@@ -103,35 +103,32 @@ class LoraTables(SlotTables):
 
 
 class LoraStep(StepAdapter):
-    """Shrink then expand through the segmented kernels, for every LoRA token of the step at once."""
+    """Shrink then expand through the segmented kernels, for every LoRA token of the step at once: one fused
+    kernel call per projection group (q/k/v, o, gate/up, down) on CPU (kernels.lora_apply)."""
 
     def __init__(self, tables: LoraTables, meta: LoraBatchMeta) -> None:
         self.tables = tables
         self.meta = meta  # over the step's T tokens, slot -1 = no LoRA
 
     def project_output(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        if module not in self.tables.a:
-            return y
-        a_views, b_views = self.tables.views(layer, module)
-        return self.apply_delta(lora_shrink(x, a_views.stack, self.meta, a_views), y, layer, module)
+        return self.project_outputs(x, [y], layer, (module,))[0]
 
-    def apply_delta(self, t: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        """y += scale * t @ B^T for the LoRA tokens (t [T, max_rank] fp32 from the shrink); kinds built on LoRA
-        (DoRA) override this step only."""
-        b_views = self.tables.views(layer, module)[1]
-        return lora_expand(t, b_views.stack, self.tables.scale, self.meta, y, b_views)
+    def finish(self, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        """y [T, out] = base + LoRA delta -> the projection's output; kinds built on LoRA (DoRA) override this."""
+        return y
 
     def project_outputs(self, x: torch.Tensor, ys: list[torch.Tensor], layer: int, modules: tuple[str, ...]
                         ) -> list[torch.Tensor]:
-        """q/k/v (or gate/up) of one input: one shrink pass over x for all their A tables (lora_shrink_many)."""
-        present = [i for i, m in enumerate(modules) if m in self.tables.a]
-        if len(present) < 2:
-            return super().project_outputs(x, ys, layer, modules)
+        """The delta of every module of the group that has a table, in place on the base outputs, in one call."""
+        present = [i for i, m in enumerate(modules) if m in self.tables.a and m in self.tables.b]
+        if not present:
+            return ys
         views = [self.tables.views(layer, modules[i]) for i in present]
-        ts = lora_shrink_many(x, [a.stack for a, _ in views], self.meta)
         ys = list(ys)
-        for i, t in zip(present, ts, strict=True):
-            ys[i] = self.apply_delta(t, ys[i], layer, modules[i])
+        done = lora_apply(x, [a.stack for a, _ in views], [b.stack for _, b in views], self.tables.scale, self.meta,
+                          [ys[i] for i in present])
+        for i, y in zip(present, done, strict=True):
+            ys[i] = self.finish(y, layer, modules[i])
         return ys
 
 
