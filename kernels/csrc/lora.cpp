@@ -94,8 +94,10 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
       }
       const char* a_slot = reinterpret_cast<const char*>(sk[0]) + sg[2] * sk[1] * asz;
       float* t = reinterpret_cast<float*>(sk[4]);
+      if (w.k0 < w.k1) sb::prefetch_bytes(a_slot + w.k0 * sk[2] * asz, n_in * asz);
       for (int64_t k = w.k0; k < w.k1; ++k) {
         const char* arow = a_slot + k * sk[2] * asz;
+        if (k + 1 < w.k1) sb::prefetch_bytes(arow + sk[2] * asz, n_in * asz);
         const float* a = reinterpret_cast<const float*>(arow);
         if (a_dt != sb::F32) {
           sb::load_row(arow, a_dt, n_in, abuf.data());
@@ -158,8 +160,10 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
         const int64_t ow = w.o1 - w.o0;
         float* d = dwide.data();
         std::fill(d, d + m * ow, 0.f);
+        sb::prefetch_bytes(b_slot + w.o0 * bsz, ow * bsz);
         for (int64_t k = 0; k < r; ++k) {
           const char* row = b_slot + (k * b_s2 + w.o0) * bsz;
+          if (k + 1 < r) sb::prefetch_bytes(row + b_s2 * bsz, ow * bsz);
           const float* br = reinterpret_cast<const float*>(row);
           if (b_dt != sb::F32) {
             sb::load_row(row, b_dt, ow, brow.data());

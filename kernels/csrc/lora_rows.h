@@ -82,4 +82,10 @@ inline void add_scaled(void* y, int64_t y_dt, int64_t at, const float* d, float 
   }
 }
 
+// Prefetch [p, p + bytes) into the caches, one request per 64-byte line: the next table row while this one is
+// multiplied (the hardware streamer stops at every 4 KiB page, and one decode row is only a few pages).
+inline void prefetch_bytes(const char* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
 }  // namespace sb
