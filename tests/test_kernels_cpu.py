@@ -257,3 +257,16 @@ def test_fused_apply_matches_shrink_then_expand(n_tokens: int, popularity: str, 
     y_same = [y.clone() for y in y0s]
     assert all(torch.equal(g, y) for g, y in zip(kernels.lora_apply(x, a_s, b_s, scales, no_lora, y_same), y0s,
                                                  strict=True)), why
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_table_zeros_is_torch_zeros(dtype: torch.dtype) -> None:
+    """The huge-page table allocation: same shape, dtype, device and (zero) values as torch.zeros, independent
+    storage, for tables both above and below the 2 MiB huge-page size."""
+    for shape in ((4, 3, 64, 1536), (2, 3, 5)):
+        t = cpu.table_zeros(*shape, dtype=dtype, device="cpu")
+        assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+        assert torch.equal(t, torch.zeros(shape, dtype=dtype))
+        u = cpu.table_zeros(*shape, dtype=dtype, device="cpu")
+        t.fill_(1)
+        assert torch.count_nonzero(u) == 0 and t.data_ptr() != u.data_ptr()

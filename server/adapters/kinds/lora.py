@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_apply
+from kernels.cpu import table_zeros
 from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
@@ -60,9 +61,9 @@ class LoraTables(SlotTables):
             n_in, n_out = self.args.projection_shape(module)
             layers = self.args.num_layers
             # B first: a step that finds the module in `a` (while the pool's loader adds a table) finds it in `b`
-            self.b[module] = torch.zeros(self.num_slots, layers, self.max_rank, n_out, dtype=self.dtype,
+            self.b[module] = table_zeros(self.num_slots, layers, self.max_rank, n_out, dtype=self.dtype,
                                          device=self.device)
-            self.a[module] = torch.zeros(self.num_slots, layers, self.max_rank, n_in, dtype=self.dtype,
+            self.a[module] = table_zeros(self.num_slots, layers, self.max_rank, n_in, dtype=self.dtype,
                                          device=self.device)
         return self.a[module], self.b[module]
 
