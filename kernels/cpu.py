@@ -1,10 +1,14 @@
-"""The CPU segmented-LoRA kernels: one compiled call per shrink / expand for the whole batch.
+"""The CPU segmented-LoRA kernels: one compiled call per shrink / expand for the whole batch, or per projection
+group for both (`cpu_apply`: the decode step's path, no intermediate t tensor).
 
 C++ with OpenMP (kernels/csrc/lora.cpp, built once and cached by kernels/build.py), parallel over work
 items of (segment, token block[, rank or output range]); each adapter's A and B is read from memory once
-per call, fp32 accumulation, only each adapter's true rank, tokens with slot -1 untouched. fp32 and
-bf16 activations and tables; any other dtype, a table whose innermost dimension is strided, or a
-machine without a C++ compiler falls back explicitly to kernels/reference.py (the oracle).
+per call, fp32 accumulation, only each adapter's true rank, tokens with slot -1 untouched. B is read in
+either layout: row-major [out, rank], or rank-major (the pool's tables, seen as [out, rank] through a
+transpose) where a rank-r adapter in a max-rank table reads r contiguous rows and no padding. fp32 and
+bf16 activations and tables; any other dtype, a table without a unit-stride inner axis, or a machine
+without a C++ compiler falls back explicitly to kernels/reference.py (the oracle). `table_zeros` allocates
+slot tables on transparent huge pages.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@
 // the batch has too few items to keep every thread busy (one long prefill segment, a single token), so in
 // the usual decode step every adapter's A and B is read from memory by exactly one thread, once; a
 // segment's token blocks re-read its A/B from cache, not memory. Accumulation is in fp32 throughout.
+// B may be rank-major ([rank, out] per slot: a low-rank adapter reads only its rows); sb_lora_apply runs the
+// shrink of a projection group and each expand in one call, with t in a private workspace.
 #include "pyargs.h"  // Python.h first, as the C API asks
 
 #include <algorithm>
