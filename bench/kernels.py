@@ -7,7 +7,8 @@ distinct / uniform / zipf:1.5 / skewed / identical. Compares our paths (on CPU t
 compiled CPU kernel, on CUDA Triton), a loop over tokens, and gather+bmm; reports achieved GB/s of
 adapter-weight + activation traffic against the measured copy bandwidth. On CPU also the LoRA work of a
 whole decode step (7 projections x 30 layers, cache-cold), with and without fused q/k/v and gate/up
-shrinks, and through lora_apply on the pool's layout (max rank 64, rank-major B), and one layer's paged attention (kernels/attention.py) against today's padded gather + SDPA.
+shrinks, and through lora_apply on the pool's layout (max rank 64, rank-major B); and one layer's
+paged attention (kernels/attention.py) against today's padded gather + SDPA.
 Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
 or NF4 with --nf4),
 each with its own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model.
