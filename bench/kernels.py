@@ -210,8 +210,10 @@ def engine_rows(repeats: int, quantize: bool):
     yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
     yield "|---|---:|---:|"
     medians: dict[str, tuple[float, float]] = {}
-    for label, use in (("base model", False), ("32 distinct rank-16 LoRA (7 modules)", True)):
-        params = SamplingParams(max_new_tokens=repeats + 4, ignore_eos=True)
+    runs = [("warm-up", True, 3), ("base model", False, repeats + 4), ("32 distinct rank-16 LoRA (7 modules)", True,
+                                                                       repeats + 4)]
+    for label, use, new_tokens in runs:  # warm-up (untimed): adapters loaded, allocator and caches settled
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         handles = [engine.submit(GenerationRequest(f"{label}-{i}", tuple(range(100, 132)), params,
                                                    adapter=f"a{i}" if use else None)) for i in range(32)]
         wall: list[float] = []
@@ -229,6 +231,8 @@ def engine_rows(repeats: int, quantize: bool):
                 with contextlib.suppress(queue.Empty):
                     while not h.done:
                         h.get(timeout=0)
+        if label == "warm-up":
+            continue
         medians[label] = (float(np.median(wall)), float(np.median(cpu)))
         yield f"| {label} | {medians[label][0] * 1e3:.1f} | {medians[label][1] * 1e3:.1f} |"
     (bw, bc), (lw, lc) = medians.values()
