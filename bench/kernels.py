@@ -7,7 +7,8 @@ distinct / uniform / zipf:1.5 / skewed / identical. Compares our paths (on CPU t
 compiled CPU kernel, on CUDA Triton), a loop over tokens, and gather+bmm; reports achieved GB/s of
 adapter-weight + activation traffic against the measured copy bandwidth. On CPU also the LoRA work of a
 whole decode step (7 projections x 30 layers, cache-cold), with and without fused q/k/v and gate/up
-shrinks, and one layer's paged attention (kernels/attention.py) against today's padded gather + SDPA.
+shrinks, and through lora_apply on the pool's layout (max rank 64, rank-major B); and one layer's
+paged attention (kernels/attention.py) against today's padded gather + SDPA.
 Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
 or NF4 with --nf4),
 each with its own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model.
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
-from kernels import lora_expand, lora_shrink  # noqa: E402
+from kernels import lora_apply, lora_expand, lora_shrink  # noqa: E402
 from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many  # noqa: E402
 from kernels.meta import build_lora_meta  # noqa: E402
 from kernels.reference import expand_reference, shrink_reference  # noqa: E402
@@ -117,10 +118,23 @@ def step_rows(repeats: int, layers: int = 30, rank: int = 16, n_adapters: int = 
     ys = {o: torch.zeros(tokens, o) for o in (192, 576, 1536)}
     weight_bytes = sum(a.numel() + b.numel() for a, b in tables.values()) * 4 * min(tokens, n_adapters) / n_adapters
 
-    def run(shrink, expand, fused: bool):
+    # the pool's layout: A [slots, layers, 64, in], B rank-major [slots, layers, 64, out] seen as [.., out, 64]
+    pool = {n: (torch.randn(n_adapters, layers, 64, i) * 0.02, (torch.randn(n_adapters, layers, 64, o) * 0.02)
+                .transpose(2, 3)) for n, (i, o) in STEP_SHAPES.items()}
+    groups = [("q", "k", "v"), ("o",), ("gate", "up"), ("down",)]
+
+    def run_apply():
         for layer in range(layers):
-            groups = [("q", "k", "v"), ("o",), ("gate", "up"), ("down",)] if fused else [(n,) for n in STEP_SHAPES]
             for group in groups:
+                x = xs[STEP_SHAPES[group[0]][0]]
+                lora_apply(x, [pool[n][0][:, layer] for n in group], [pool[n][1][:, layer] for n in group], scales,
+                           meta, [ys[STEP_SHAPES[n][1]] for n in group])
+
+    def run(shrink, expand, fused: bool):
+        if shrink is None:
+            return run_apply()
+        for layer in range(layers):
+            for group in groups if fused else [(n,) for n in STEP_SHAPES]:
                 x = xs[STEP_SHAPES[group[0]][0]]
                 if fused and len(group) > 1:
                     ts = cpu_shrink_many(x, [tables[n][0][:, layer] for n in group], meta)
@@ -135,7 +149,8 @@ def step_rows(repeats: int, layers: int = 30, rank: int = 16, n_adapters: int = 
     yield "|---|---:|---:|---:|"
     variants = [("reference (segment loop)", shrink_reference, expand_reference, False),
                 ("cpu kernel, 7 shrinks per layer", cpu_shrink, cpu_expand, False),
-                ("cpu kernel, q/k/v and gate/up shrinks fused", cpu_shrink, cpu_expand, True)]
+                ("cpu kernel, q/k/v and gate/up shrinks fused", cpu_shrink, cpu_expand, True),
+                ("lora_apply per group on the pool layout (max rank 64, rank-major B)", None, None, True)]
     for label, shrink, expand, fused in variants:
         run(shrink, expand, fused)
         w0, c0 = time.perf_counter(), time.process_time()
@@ -195,8 +210,10 @@ def engine_rows(repeats: int, quantize: bool):
     yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
     yield "|---|---:|---:|"
     medians: dict[str, tuple[float, float]] = {}
-    for label, use in (("base model", False), ("32 distinct rank-16 LoRA (7 modules)", True)):
-        params = SamplingParams(max_new_tokens=repeats + 4, ignore_eos=True)
+    runs = [("warm-up", True, 3), ("base model", False, repeats + 4), ("32 distinct rank-16 LoRA (7 modules)", True,
+                                                                       repeats + 4)]
+    for label, use, new_tokens in runs:  # warm-up (untimed): adapters loaded, allocator and caches settled
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         handles = [engine.submit(GenerationRequest(f"{label}-{i}", tuple(range(100, 132)), params,
                                                    adapter=f"a{i}" if use else None)) for i in range(32)]
         wall: list[float] = []
@@ -214,6 +231,8 @@ def engine_rows(repeats: int, quantize: bool):
                 with contextlib.suppress(queue.Empty):
                     while not h.done:
                         h.get(timeout=0)
+        if label == "warm-up":
+            continue
         medians[label] = (float(np.median(wall)), float(np.median(cpu)))
         yield f"| {label} | {medians[label][0] * 1e3:.1f} | {medians[label][1] * 1e3:.1f} |"
     (bw, bc), (lw, lc) = medians.values()

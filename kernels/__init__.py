@@ -20,12 +20,12 @@ import torch
 
 from kernels import attention as _attention
 from kernels.attention import PagedAttentionMeta, build_paged_attention_meta
-from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many
+from kernels.cpu import cpu_apply, cpu_expand, cpu_shrink, cpu_shrink_many
 from kernels.meta import LoraBatchMeta, build_lora_meta
 from kernels.reference import SlotViews, expand_reference, shrink_reference
 
 __all__ = ["MODE", "LoraBatchMeta", "PagedAttentionMeta", "SlotViews", "build_lora_meta", "build_paged_attention_meta",
-           "lora_expand", "lora_shrink", "lora_shrink_many", "paged_attention"]
+           "lora_apply", "lora_expand", "lora_shrink", "lora_shrink_many", "paged_attention"]
 
 MODES = ("auto", "triton", "cpu", "reference")
 MODE = os.environ.get("SWITCHBOARD_KERNELS", "auto").strip().lower() or "auto"
@@ -82,6 +82,19 @@ def lora_expand(
 
         return sgmv_expand(t, b_stack, scales, meta, y)
     return expand_reference(t, b_stack, scales, meta, y, b_views)
+
+
+def lora_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor], scales: torch.Tensor,
+               meta: LoraBatchMeta, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Semantics: ys[s] = lora_expand(lora_shrink(x, a_stacks[s]), b_stacks[s], scales, meta, ys[s]) for every s
+    (projections of one input: q/k/v, gate/up, or one), in place; returns ys. On CPU one compiled call for the
+    group (kernels/cpu.py cpu_apply: no intermediate t, one pass over x); elsewhere the two ops per stack."""
+    if not meta.has_lora:
+        return ys
+    if _path(x) == "cpu" and cpu_apply(x, a_stacks, b_stacks, scales, meta, ys):
+        return ys
+    ts = lora_shrink_many(x, a_stacks, meta)
+    return [lora_expand(t, b, scales, meta, y) for t, b, y in zip(ts, b_stacks, ys, strict=True)]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,

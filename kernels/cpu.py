@@ -1,14 +1,21 @@
-"""The CPU segmented-LoRA kernels: one compiled call per shrink / expand for the whole batch.
+"""The CPU segmented-LoRA kernels: one compiled call per shrink / expand for the whole batch, or per projection
+group for both (`cpu_apply`: the decode step's path, no intermediate t tensor).
 
 C++ with OpenMP (kernels/csrc/lora.cpp, built once and cached by kernels/build.py), parallel over work
 items of (segment, token block[, rank or output range]); each adapter's A and B is read from memory once
-per call, fp32 accumulation, only each adapter's true rank, tokens with slot -1 untouched. fp32 and
-bf16 activations and tables; any other dtype, a table whose innermost dimension is strided, or a
-machine without a C++ compiler falls back explicitly to kernels/reference.py (the oracle).
+per call, fp32 accumulation, only each adapter's true rank, tokens with slot -1 untouched. B is read in
+either layout: row-major [out, rank], or rank-major (the pool's tables, seen as [out, rank] through a
+transpose) where a rank-r adapter in a max-rank table reads r contiguous rows and no padding. fp32 and
+bf16 activations and tables; any other dtype, a table without a unit-stride inner axis, or a machine
+without a C++ compiler falls back explicitly to kernels/reference.py (the oracle). `table_zeros` allocates
+slot tables on transparent huge pages.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 import weakref
 
 import torch
@@ -46,21 +53,35 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return all(t.dtype in _DTYPES and t.stride(-1) == 1 and not t.is_cuda and not t.is_meta for t in tensors)
 
 
+def _usable_b(b: torch.Tensor) -> bool:
+    """A B stack [slots, out, rank] the kernel reads: row-major (rank contiguous) or rank-major (out contiguous,
+    the pool's layout: `[slots, rank, out]` storage seen through a transpose)."""
+    return b.dtype in _DTYPES and 1 in (b.stride(1), b.stride(2)) and not b.is_cuda and not b.is_meta
+
+
 _tables: dict[int, tuple[weakref.ref, tuple[int, ...] | None]] = {}
 
 
 def _table(a: torch.Tensor) -> tuple[int, ...] | None:
-    """(data_ptr, stride 0, stride 1, dim 1, dim 2, dtype code) of a [slots, rank|out, in|rank] table, or None
-    when the kernel cannot read it. Cached per tensor object: the pool's tables (and the layers' views of them)
-    live for the engine's life and are never reallocated, so this saves a dozen attribute reads per call."""
+    """(data_ptr, stride 0, stride 1, dim 1, dim 2, dtype code, stride 2) of a [slots, rank|out, in|rank] table,
+    or None when the kernel cannot read it (A: `in` contiguous; B: either inner axis contiguous). Cached per
+    tensor object: the pool's tables (and the layers' views of them) live for the engine's life and are never
+    reallocated, so this saves a dozen attribute reads per call."""
     entry = _tables.get(id(a))
     if entry is not None and entry[0]() is a:
         return entry[1]
-    desc = (a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], a.shape[2], _DTYPES[a.dtype]) if _usable(a) else None
+    desc = None
+    if _usable_b(a):
+        desc = (a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], a.shape[2], _DTYPES[a.dtype], a.stride(2))
     if len(_tables) > 4096:
         _tables.clear()
     _tables[id(a)] = (weakref.ref(a), desc)
     return desc
+
+
+def _a_table(a: torch.Tensor) -> tuple[int, ...] | None:
+    d = _table(a)
+    return d if d is not None and d[6] == 1 else None
 
 
 def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor]:
@@ -74,7 +95,7 @@ def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBat
     if not meta.has_lora or not ts:
         return ts
     lib = _kernels()
-    tables = [_table(a) for a in a_stacks]
+    tables = [_a_table(a) for a in a_stacks]
     if (lib is None or None in tables or len({d[5] for d in tables}) > 1 or len(a_stacks) > 8 or not _usable(x)
             or x.shape[0] == 0):
         return [shrink_reference(x, a, meta) for a in a_stacks]
@@ -94,7 +115,7 @@ def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> t
     if not meta.has_lora:
         return t
     lib = _kernels()
-    d = _table(a_stack)
+    d = _a_table(a_stack)
     if lib is None or d is None or x.shape[0] == 0 or not _usable(x):
         return shrink_reference(x, a_stack, meta)
     segs, index = _segments(meta)
@@ -106,7 +127,8 @@ def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> t
 def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
                y: torch.Tensor) -> torch.Tensor:
     """Semantics: y[i] += scale[slot[i]] * t[i, :r] @ B[slot[i], :, :r]^T for slot[i] >= 0, accumulated in fp32
-    and rounded once into y's dtype; rows with slot -1 untouched. t [T, max_rank] fp32, B [slots, out, max_rank],
+    and rounded once into y's dtype; rows with slot -1 untouched. t [T, max_rank] fp32, B [slots, out, max_rank]
+    (rank or out contiguous: a transposed view of a rank-major [slots, max_rank, out] table reads only r rows),
     scales [slots] fp32, y [T, out] fp32/bf16 updated in place and returned."""
     if not meta.has_lora or y.shape[0] == 0:
         return y
@@ -116,7 +138,66 @@ def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, met
             or scales.dtype != torch.float32 or scales.is_cuda):
         return expand_reference(t, b_stack, scales, meta, y)
     segs, index = _segments(meta)
-    lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
+    lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[6], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
                y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(), segs.shape[0], index,
                torch.get_num_threads())
     return y
+
+
+def cpu_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor], scales: torch.Tensor,
+              meta: LoraBatchMeta, ys: list[torch.Tensor]) -> bool:
+    """Shrink + expand of several projections of one x in one compiled call (no t tensor in between).
+
+    Semantics: for every s, ys[s][i] += scale[slot[i]] * (x[i] @ A_s[slot[i], :r]^T) @ B_s[slot[i], :, :r]^T in
+    fp32 (rounded once into y's dtype) for slot[i] >= 0; other rows untouched. x [T, in]; A_s [slots, R_s, in];
+    B_s [slots, out_s, R_s] (rank or out contiguous); ys[s] [T, out_s], updated in place; scales [slots] fp32.
+    Returns False, having touched nothing, when the kernel cannot take these tensors (the caller falls back)."""
+    lib = _kernels()
+    n = x.shape[0]
+    if lib is None or n == 0 or len(a_stacks) > 8 or not _usable(x) or not _usable(*ys):
+        return False
+    if scales.dtype != torch.float32 or scales.is_cuda or len({y.dtype for y in ys}) > 1:
+        return False
+    desc: list[int] = []
+    w_dt = None
+    for a, b, y in zip(a_stacks, b_stacks, ys, strict=True):
+        da, db = _a_table(a), _table(b)
+        if da is None or db is None or da[5] != db[5] or (w_dt is not None and da[5] != w_dt):
+            return False
+        if db[4] != da[3] or db[3] != y.shape[1] or y.shape[0] != n or da[4] != x.shape[1]:
+            return False
+        w_dt = da[5]
+        desc += (da[0], da[1], da[2], da[3], db[0], db[1], db[2], db[6], db[3], y.data_ptr(), y.stride(0))
+    segs, index = _segments(meta)
+    lib.apply(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], n, w_dt, scales.data_ptr(), scales.stride(0),
+              _DTYPES[ys[0].dtype], segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
+    return True
+
+
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_HUGE = 1 << 21
+
+
+def table_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """torch.zeros for a large slot table the CPU kernels stream every step, asked (madvise) to sit on 2 MiB
+    transparent huge pages before its first touch: a decode step reads hundreds of MB of such tables in 36 KB
+    pieces, and 4 KiB pages cost a TLB miss per page (about 8% of the step's LoRA time, measured side by side).
+    Same values as torch.zeros; where huge pages are unavailable (not Linux, THP off) it is exactly torch.zeros."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    t = torch.empty(*shape, dtype=dtype)
+    lo = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
+    hi = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
+    if hi > lo and _libc() is not None:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)  # advice only: result unused
+    return t.zero_()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None

@@ -30,8 +30,9 @@ def fresh_seed() -> int:
 
 
 def make_case(seed: int, n_tokens: int, max_rank: int, popularity: str, dtype: torch.dtype, grouped: bool,
-              mixed_ranks: bool, n_in: int = 96, n_out: int = 80, strided: bool = True):
-    """Slots (20% no adapter), x, A/B as strided views of [slots, layers, rank, ...] tables, scales, y0, ranks."""
+              mixed_ranks: bool, n_in: int = 96, n_out: int = 80, strided: bool = True, rank_major: bool = False):
+    """Slots (20% no adapter), x, A/B as strided views of [slots, layers, rank, ...] tables, scales, y0, ranks.
+    rank_major: B [slots, out, rank] is a transposed view of a [slots, layers, rank, out] table (the pool's)."""
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     ids = sample_adapter_ids(popularity, n_tokens, N_SLOTS, rng)
@@ -43,7 +44,9 @@ def make_case(seed: int, n_tokens: int, max_rank: int, popularity: str, dtype: t
     layers, layer = (3, 1) if strided else (1, 0)
     a_all = torch.randn(N_SLOTS, layers, max_rank, n_in, generator=g).to(dtype)
     b_all = torch.randn(N_SLOTS, layers, n_out, max_rank, generator=g).to(dtype)
-    a, b = (a_all[:, layer], b_all[:, layer]) if strided else (a_all[:, 0].contiguous(), b_all[:, 0].contiguous())
+    if rank_major:
+        b_all = b_all.transpose(2, 3).contiguous().transpose(2, 3)  # same values, out contiguous
+    a, b = (a_all[:, layer], b_all[:, layer]) if strided else (a_all[:, 0].contiguous(), b_all[:, 0])
     x = torch.randn(n_tokens, n_in, generator=g).to(dtype)
     y0 = torch.randn(n_tokens, n_out, generator=g).to(dtype)
     scales = torch.rand(N_SLOTS, generator=g) + 0.5
@@ -62,18 +65,21 @@ def loop_oracle(slots, x, a, b, scales, y0, ranks) -> tuple[torch.Tensor, torch.
     return t, y
 
 
+@pytest.mark.parametrize("b_layout", ["rank_major", "row_major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "ungrouped"])
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("n_tokens", [1, 7, 33, 256])
 @pytest.mark.parametrize("rank", [1, 4, 8, 16, 64])
 def test_cpu_kernel_matches_reference(rank: int, n_tokens: int, popularity: str, grouped: bool,
-                                      dtype: torch.dtype) -> None:
+                                      dtype: torch.dtype, b_layout: str) -> None:
     seed = fresh_seed()
     mixed = rank > 1 and seed % 2 == 0  # half the draws: every slot its own true rank <= the padded rank
-    slots, x, a, b, scales, y0, ranks = make_case(seed, n_tokens, rank, popularity, dtype, grouped, mixed)
+    slots, x, a, b, scales, y0, ranks = make_case(seed, n_tokens, rank, popularity, dtype, grouped, mixed,
+                                                  rank_major=b_layout == "rank_major")
     meta = build_lora_meta(slots, ranks)
-    why = f"seed={seed} rank={rank} T={n_tokens} {popularity} grouped={grouped} mixed_ranks={mixed} {dtype}"
+    why = (f"seed={seed} rank={rank} T={n_tokens} {popularity} grouped={grouped} mixed_ranks={mixed} {dtype} "
+           f"B {b_layout}")
     atol, rtol = TOL[dtype]
 
     t = cpu.cpu_shrink(x, a, meta)
@@ -115,10 +121,12 @@ def test_shrink_many_equals_separate_shrinks(n_tokens: int, dtype: torch.dtype) 
     assert [t.shape[1] for t in kernels.lora_shrink_many(x, [a_q, a_k, a_v], meta)] == [16, 16, 16]
 
 
-def test_thread_counts_agree() -> None:
+@pytest.mark.parametrize("rank_major", [True, False], ids=["b_rank_major", "b_row_major"])
+def test_thread_counts_agree(rank_major: bool) -> None:
     """The work split depends on the thread count; the result does not (each t/y element has one writer)."""
     seed = fresh_seed()
-    slots, x, a, b, scales, y0, ranks = make_case(seed, 33, 16, "skewed", torch.float32, True, True)
+    slots, x, a, b, scales, y0, ranks = make_case(seed, 33, 16, "skewed", torch.float32, True, True,
+                                                  rank_major=rank_major)
     meta = build_lora_meta(slots, ranks)
     before = torch.get_num_threads()
     results = []
@@ -157,6 +165,13 @@ def test_uncompiled_dtype_falls_back_to_reference() -> None:
     a_t = a.transpose(1, 2).contiguous().transpose(1, 2)  # same values, stride(-1) != 1
     assert a_t.stride(-1) != 1
     torch.testing.assert_close(cpu.cpu_shrink(x, a_t, meta), shrink_reference(x, a, meta), msg=f"seed={seed}")
+    t = shrink_reference(x, a, meta)
+    b_wide = torch.zeros(N_SLOTS, b.shape[1], 2 * b.shape[2], 2)
+    b_wide[:, :, ::2, 0] = b  # same values, no unit stride on either inner axis
+    b_s = b_wide[:, :, ::2, 0]
+    assert 1 not in (b_s.stride(1), b_s.stride(2))
+    torch.testing.assert_close(cpu.cpu_expand(t, b_s, scales, meta, y0.clone()),
+                               expand_reference(t, b, scales, meta, y0.clone()), msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("mode", ["cpu", "reference", "auto"])
@@ -168,6 +183,10 @@ def test_dispatcher_modes_agree(mode: str, monkeypatch: pytest.MonkeyPatch) -> N
     y = kernels.lora_expand(kernels.lora_shrink(x, a, meta), b, scales, meta, y0.clone())
     _, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
     torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} mode={mode}")
+    b_rank_major = b.transpose(1, 2).contiguous().transpose(1, 2)
+    (y_fused,) = kernels.lora_apply(x, [a], [b_rank_major], scales, meta, [y0.clone()])
+    torch.testing.assert_close(y_fused.double(), y64, atol=1e-3, rtol=1e-4,
+                               msg=lambda m: f"lora_apply: {m}\nseed={seed} mode={mode}")
 
 
 PORTABLE_CHECK = """
@@ -208,3 +227,46 @@ def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
                           text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 2, "both libraries built into the fresh cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("n_tokens", [1, 7, 33, 256])
+def test_fused_apply_matches_shrink_then_expand(n_tokens: int, popularity: str, dtype: torch.dtype) -> None:
+    """kernels.lora_apply (one call for a q/k/v-like group: rank-major and row-major B, different outs and padded
+    ranks) against the reference shrink then expand, and against the per-token fp64 loop."""
+    seed = fresh_seed()
+    grouped = seed % 2 == 0
+    cases = [make_case(seed + i, n_tokens, r, popularity, dtype, grouped, True, n_out=o, rank_major=rm)
+             for i, (r, o, rm) in enumerate([(16, 80, True), (4, 24, False), (64, 40, True)])]
+    slots, x, _, _, scales, _, ranks = cases[0]
+    ranks = [min(r, 4) for r in ranks]  # every stack's padded rank holds each slot's true rank
+    meta = build_lora_meta(slots, ranks)
+    a_s, b_s, y0s = [c[2] for c in cases], [c[3] for c in cases], [c[5] for c in cases]
+    ys = kernels.lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
+    why = f"seed={seed} T={n_tokens} {popularity} grouped={grouped} {dtype}"
+    atol, rtol = TOL[dtype]
+    for a, b, y0, y in zip(a_s, b_s, y0s, ys, strict=True):
+        y_ref = expand_reference(shrink_reference(x, a, meta), b, scales, meta, y0.clone())
+        torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * 10, rtol=rtol, msg=lambda m: f"{m}\n{why}")
+        assert torch.equal(y[slots < 0], y0[slots < 0]), f"slot -1 rows changed; {why}"
+        if dtype == torch.float32:
+            _, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
+            torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"loop: {m}\n{why}")
+    no_lora = build_lora_meta(torch.full((n_tokens,), -1, dtype=torch.int32))
+    y_same = [y.clone() for y in y0s]
+    assert all(torch.equal(g, y) for g, y in zip(kernels.lora_apply(x, a_s, b_s, scales, no_lora, y_same), y0s,
+                                                 strict=True)), why
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_table_zeros_is_torch_zeros(dtype: torch.dtype) -> None:
+    """The huge-page table allocation: same shape, dtype, device and (zero) values as torch.zeros, independent
+    storage, for tables both above and below the 2 MiB huge-page size."""
+    for shape in ((4, 3, 64, 1536), (2, 3, 5)):
+        t = cpu.table_zeros(*shape, dtype=dtype, device="cpu")
+        assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+        assert torch.equal(t, torch.zeros(shape, dtype=dtype))
+        u = cpu.table_zeros(*shape, dtype=dtype, device="cpu")
+        t.fill_(1)
+        assert torch.count_nonzero(u) == 0 and t.data_ptr() != u.data_ptr()

@@ -5,6 +5,8 @@
 // the batch has too few items to keep every thread busy (one long prefill segment, a single token), so in
 // the usual decode step every adapter's A and B is read from memory by exactly one thread, once; a
 // segment's token blocks re-read its A/B from cache, not memory. Accumulation is in fp32 throughout.
+// B may be rank-major ([rank, out] per slot: a low-rank adapter reads only its rows); sb_lora_apply runs the
+// shrink of a projection group and each expand in one call, with t in a private workspace.
 #include "pyargs.h"  // Python.h first, as the C API asks
 
 #include <algorithm>
@@ -13,8 +15,11 @@
 
 #include "avx512_rows.h"
 #include "common.h"
+#include "lora_rows.h"
 
 namespace {
+
+using sb::add_scaled, sb::axpy, sb::dot_any, sb::dot_rank;
 
 constexpr int64_t TB = 8;   // tokens per work item
 constexpr int64_t OC = 64;  // output features per expand tile (B tile transposed to [rank][OC] in fp32)
@@ -24,63 +29,6 @@ struct ExpandItem { int64_t seg, j0, j1, o0, o1; };
 
 inline int64_t tok_at(const int64_t* index, int64_t pos) { return index ? index[pos] : pos; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// out[m] = dot(a, xs[m]) for M token rows, one pass over a.
-template <int M>
-inline void dot_rows(const float* a, const float* const* xs, int64_t n, float* out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-  const float* x0 = xs[0];
-  const float* x1 = M > 1 ? xs[1] : xs[0];
-  const float* x2 = M > 2 ? xs[2] : xs[0];
-  const float* x3 = M > 3 ? xs[3] : xs[0];
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = a[i];
-    s0 += v * x0[i];
-    if (M > 1) s1 += v * x1[i];
-    if (M > 2) s2 += v * x2[i];
-    if (M > 3) s3 += v * x3[i];
-  }
-  out[0] = s0;
-  if (M > 1) out[1] = s1;
-  if (M > 2) out[2] = s2;
-  if (M > 3) out[3] = s3;
-}
-
-inline void dot_any(const float* a, const float* const* xs, int64_t m, int64_t n, float* out) {
-  for (int64_t g = 0; g < m; g += 4) {
-    switch (std::min<int64_t>(4, m - g)) {
-      case 4: dot_rows<4>(a, xs + g, n, out + g); break;
-      case 3: dot_rows<3>(a, xs + g, n, out + g); break;
-      case 2: dot_rows<2>(a, xs + g, n, out + g); break;
-      default: dot_rows<1>(a, xs + g, n, out + g); break;
-    }
-  }
-}
-
-template <int R>
-inline float dot_fixed(const float* a, const float* b) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int k = 0; k < R; ++k) s += a[k] * b[k];
-  return s;
-}
-
-// dot over a rank-long row; the common ranks get a fully unrolled vector body
-inline float dot_rank(const float* a, const float* b, int64_t r) {
-  switch (r) {
-    case 8: return dot_fixed<8>(a, b);
-    case 16: return dot_fixed<16>(a, b);
-    case 32: return dot_fixed<32>(a, b);
-    case 64: return dot_fixed<64>(a, b);
-    default: {
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < r; ++k) s += a[k] * b[k];
-      return s;
-    }
-  }
-}
 
 // below this many table elements a call runs on the calling thread (an OpenMP fork/join costs more)
 constexpr int64_t PARALLEL_MIN_WORK = 32768;
@@ -148,8 +96,10 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
       }
       const char* a_slot = reinterpret_cast<const char*>(sk[0]) + sg[2] * sk[1] * asz;
       float* t = reinterpret_cast<float*>(sk[4]);
+      if (w.k0 < w.k1) sb::prefetch_bytes(a_slot + w.k0 * sk[2] * asz, n_in * asz);
       for (int64_t k = w.k0; k < w.k1; ++k) {
         const char* arow = a_slot + k * sk[2] * asz;
+        if (k + 1 < w.k1) sb::prefetch_bytes(arow + sk[2] * asz, n_in * asz);
         const float* a = reinterpret_cast<const float*>(arow);
         if (a_dt != sb::F32) {
           sb::load_row(arow, a_dt, n_in, abuf.data());
@@ -163,11 +113,14 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
   return n_items;
 }
 
-// y[tok] += scale[slot] * t[tok, :r] @ B[slot]^T, B[slot] is [n_out, rank] (rank contiguous).
-int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0, int64_t b_s1, int64_t b_rank,
-                       int64_t b_dt, int64_t n_out, const float* scales, int64_t scale_stride, void* y, int64_t y_ld,
-                       int64_t y_dt, const int64_t* segs, int64_t n_segs, const int64_t* tok_index,
+// y[tok] += scale[slot] * t[tok, :r] @ B[slot]^T, B[slot] a [n_out, rank] matrix.
+// b_s1 / b_s2: element strides of B[slot]'s output and rank axes; one of them is 1 (row-major [n_out, rank], or
+// rank-major [rank, n_out], which lets a low-rank adapter in a high-rank table read only its r rows).
+int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0, int64_t b_s1, int64_t b_s2,
+                       int64_t b_rank, int64_t b_dt, int64_t n_out, const float* scales, int64_t scale_stride, void* y,
+                       int64_t y_ld, int64_t y_dt, const int64_t* segs, int64_t n_segs, const int64_t* tok_index,
                        int64_t n_threads) {
+  const bool rank_major = b_s2 != 1;
   std::vector<ExpandItem> items;
   int64_t base = 0, work = 0;
   for (int64_t s = 0; s < n_segs; ++s) base += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
@@ -189,7 +142,8 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
   const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
 #pragma omp parallel num_threads(n_threads) if (parallel)
   {
-    std::vector<float> bt(b_rank * OC), brow(b_rank);
+    std::vector<float> bt(rank_major ? 0 : b_rank * OC), brow(rank_major ? n_out : b_rank);
+    std::vector<float> dwide(rank_major ? TB * n_out : 0);
     float delta[TB * OC];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -203,6 +157,24 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
       for (int64_t j = 0; j < m; ++j) {
         toks[j] = tok_at(tok_index, w.j0 + j);
         ts[j] = t + toks[j] * t_ld;
+      }
+      if (rank_major) {  // r contiguous rows of B^T: each read once, an axpy into every token's fp32 delta
+        const int64_t ow = w.o1 - w.o0;
+        float* d = dwide.data();
+        std::fill(d, d + m * ow, 0.f);
+        sb::prefetch_bytes(b_slot + w.o0 * bsz, ow * bsz);
+        for (int64_t k = 0; k < r; ++k) {
+          const char* row = b_slot + (k * b_s2 + w.o0) * bsz;
+          if (k + 1 < r) sb::prefetch_bytes(row + b_s2 * bsz, ow * bsz);
+          const float* br = reinterpret_cast<const float*>(row);
+          if (b_dt != sb::F32) {
+            sb::load_row(row, b_dt, ow, brow.data());
+            br = brow.data();
+          }
+          for (int64_t j = 0; j < m; ++j) axpy(d + j * ow, br, ts[j][k], ow);
+        }
+        for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + w.o0, d + j * ow, scale, ow);
+        continue;
       }
       for (int64_t o0 = w.o0; o0 < w.o1; o0 += OC) {
         const int64_t oc = std::min(OC, w.o1 - o0);
@@ -245,21 +217,42 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
             }
           }
         }
-        for (int64_t j = 0; j < m; ++j) {
-          const float* d = delta + j * OC;
-          if (y_dt == sb::F32) {
-            float* yr = static_cast<float*>(y) + toks[j] * y_ld + o0;
-#pragma omp simd
-            for (int64_t o = 0; o < oc; ++o) yr[o] += scale * d[o];
-          } else {
-            uint16_t* yr = static_cast<uint16_t*>(y) + toks[j] * y_ld + o0;
-            for (int64_t o = 0; o < oc; ++o) yr[o] = sb::f32_to_bf16(sb::bf16_to_f32(yr[o]) + d[o] * scale);
-          }
-        }
+        for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + o0, delta + j * OC, scale, oc);
       }
     }
   }
   return n_items;
+}
+
+// Per stack of sb_lora_apply: a_ptr, a_s0, a_s1, padded rank, b_ptr, b_s0, b_s1, b_s2, n_out, y_ptr, y_ld.
+constexpr int64_t APPLY_FIELDS = 11;
+
+// y_s[tok] += scale[slot] * (x[tok] @ A_s[slot, :r]^T) @ B_s[slot, :, :r]^T for every stack s (q/k/v, gate/up,
+// or one projection): the shrink of all stacks in one pass over x into an fp32 workspace, then each expand.
+// The caller sees no intermediate t; tables share `in` (the A side) and dtype w_dt.
+int64_t sb_lora_apply(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int64_t n_tokens, int64_t w_dt,
+                      const float* scales, int64_t scale_stride, int64_t y_dt, const int64_t* segs, int64_t n_segs,
+                      const int64_t* tok_index, int64_t n_threads, int64_t n_stacks, const int64_t* d) {
+  int64_t total_rank = 0;
+  for (int64_t s = 0; s < n_stacks; ++s) total_rank += d[s * APPLY_FIELDS + 3];
+  std::vector<float> t(n_tokens * total_rank, 0.f);
+  std::vector<int64_t> sh(n_stacks * STACK_FIELDS);
+  for (int64_t s = 0, at = 0; s < n_stacks; ++s) {
+    const int64_t* ds = d + s * APPLY_FIELDS;
+    const int64_t shrink_desc[STACK_FIELDS] = {ds[0], ds[1], ds[2], ds[3],
+                                               reinterpret_cast<int64_t>(t.data() + at), total_rank};
+    std::copy(shrink_desc, shrink_desc + STACK_FIELDS, sh.data() + s * STACK_FIELDS);
+    at += ds[3];
+  }
+  int64_t n = sb_lora_shrink(x, x_ld, x_dt, n_in, n_stacks, sh.data(), w_dt, segs, n_segs, tok_index, n_threads);
+  for (int64_t s = 0; s < n_stacks; ++s) {
+    const int64_t* ds = d + s * APPLY_FIELDS;
+    n += sb_lora_expand(reinterpret_cast<const float*>(sh[s * STACK_FIELDS + 4]), total_rank,
+                        reinterpret_cast<const void*>(ds[4]), ds[5], ds[6], ds[7], ds[3], w_dt, ds[8], scales,
+                        scale_stride, reinterpret_cast<void*>(ds[9]), ds[10], y_dt, segs, n_segs, tok_index,
+                        n_threads);
+  }
+  return n;
 }
 
 }  // extern "C"
@@ -284,23 +277,48 @@ PyObject* py_shrink(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromLongLong(n);
 }
 
-// expand(t, t_ld, b, b_s0, b_s1, b_rank, b_dt, n_out, scales, scale_stride, y, y_ld, y_dt, segs, n_segs,
+// expand(t, t_ld, b, b_s0, b_s1, b_s2, b_rank, b_dt, n_out, scales, scale_stride, y, y_ld, y_dt, segs, n_segs,
 //        tok_index, n_threads)
 PyObject* py_expand(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 17) return sb::arg_error("expand: 17 ints");
-  int64_t v[17];
+  if (nargs != 18) return sb::arg_error("expand: 18 ints");
+  int64_t v[18];
   if (!sb::read_ints(args, nargs, v)) return nullptr;
+  if (v[5] != 1 && v[4] != 1) return sb::arg_error("expand: B needs a unit stride on its output or rank axis");
   int64_t n;
   Py_BEGIN_ALLOW_THREADS
   n = sb_lora_expand(reinterpret_cast<const float*>(v[0]), v[1], reinterpret_cast<const void*>(v[2]), v[3], v[4],
-                     v[5], v[6], v[7], reinterpret_cast<const float*>(v[8]), v[9], reinterpret_cast<void*>(v[10]),
-                     v[11], v[12], reinterpret_cast<const int64_t*>(v[13]), v[14],
-                     reinterpret_cast<const int64_t*>(v[15]), v[16]);
+                     v[5], v[6], v[7], v[8], reinterpret_cast<const float*>(v[9]), v[10],
+                     reinterpret_cast<void*>(v[11]), v[12], v[13], reinterpret_cast<const int64_t*>(v[14]), v[15],
+                     reinterpret_cast<const int64_t*>(v[16]), v[17]);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(n);
+}
+
+// apply(x, x_ld, x_dt, n_in, n_tokens, w_dt, scales, scale_stride, y_dt, segs, n_segs, tok_index, n_threads,
+//       *stacks): 11 ints per stack (APPLY_FIELDS)
+PyObject* py_apply(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  constexpr Py_ssize_t FIXED = 13, MAX_STACKS = 8;
+  const Py_ssize_t n_stacks = (nargs - FIXED) / APPLY_FIELDS;
+  if (nargs < FIXED + APPLY_FIELDS || (nargs - FIXED) % APPLY_FIELDS || n_stacks > MAX_STACKS)
+    return sb::arg_error("apply: 13 ints then 11 per stack (1..8 stacks)");
+  int64_t v[FIXED + APPLY_FIELDS * MAX_STACKS];
+  if (!sb::read_ints(args, nargs, v)) return nullptr;
+  for (Py_ssize_t s = 0; s < n_stacks; ++s) {
+    const int64_t* ds = v + FIXED + s * APPLY_FIELDS;
+    if (ds[6] != 1 && ds[7] != 1) return sb::arg_error("apply: B needs a unit stride on its output or rank axis");
+  }
+  int64_t n;
+  Py_BEGIN_ALLOW_THREADS
+  n = sb_lora_apply(reinterpret_cast<const void*>(v[0]), v[1], v[2], v[3], v[4], v[5],
+                    reinterpret_cast<const float*>(v[6]), v[7], v[8], reinterpret_cast<const int64_t*>(v[9]), v[10],
+                    reinterpret_cast<const int64_t*>(v[11]), v[12], n_stacks, v + FIXED);
   Py_END_ALLOW_THREADS
   return PyLong_FromLongLong(n);
 }
 
 PyMethodDef methods[] = {
+    {"apply", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_apply)), METH_FASTCALL,
+     "fused segmented LoRA shrink + expand over raw pointers"},
     {"shrink", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_shrink)), METH_FASTCALL,
      "segmented LoRA shrink over raw pointers"},
     {"expand", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_expand)), METH_FASTCALL,

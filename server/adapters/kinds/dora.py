@@ -115,13 +115,13 @@ class DoraStep(LoraStep):
         super().__init__(tables, meta)
         self.rows = rows  # [T] int64 gain-table row of each token (no_dora_row = ones)
 
-    def apply_delta(self, t: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        """After LoRA's shrink (alone, or shared by q/k/v and gate/up): expand, then the gain (and shift)."""
+    def finish(self, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        """After LoRA's delta (fused per projection group): the gain (and shift) on DoRA tokens."""
         tables: DoraTables = self.tables
         gain = tables.gain.get(module)
         if gain is None:
             return y
-        y = super().apply_delta(t, y, layer, module) * gain[self.rows, layer]
+        y = y * gain[self.rows, layer]
         shift = tables.shift.get(module)
         return y if shift is None else y + shift[self.rows, layer]
 

@@ -2,7 +2,8 @@
 
 Tables (per targeted module, created on first use):
   a[module]  [slots, layers, max_rank, in]   zero-padded to max_rank
-  b[module]  [slots, layers, out, max_rank]
+  b[module]  [slots, layers, max_rank, out]  rank-major: a rank-r adapter's B^T is r contiguous rows, so the
+                                             kernels read r * out values, not max_rank * out (b_stack below)
   scale      [slots] fp32                     alpha/r (or alpha/sqrt(r)); 0 for an empty slot
   ranks      host list [slots]                each slot's true rank (0 = empty), so kernels skip the padding
 """
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_expand, lora_shrink, lora_shrink_many
+from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_apply
+from kernels.cpu import table_zeros
 from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
@@ -59,17 +61,18 @@ class LoraTables(SlotTables):
             n_in, n_out = self.args.projection_shape(module)
             layers = self.args.num_layers
             # B first: a step that finds the module in `a` (while the pool's loader adds a table) finds it in `b`
-            self.b[module] = torch.zeros(self.num_slots, layers, n_out, self.max_rank, dtype=self.dtype,
+            self.b[module] = table_zeros(self.num_slots, layers, self.max_rank, n_out, dtype=self.dtype,
                                          device=self.device)
-            self.a[module] = torch.zeros(self.num_slots, layers, self.max_rank, n_in, dtype=self.dtype,
+            self.a[module] = table_zeros(self.num_slots, layers, self.max_rank, n_in, dtype=self.dtype,
                                          device=self.device)
         return self.a[module], self.b[module]
 
     def views(self, layer: int, module: str) -> tuple[SlotViews, SlotViews]:
-        """Per-slot views of one layer's A and B, made once (tables are never reallocated)."""
+        """Per-slot views of one layer's A [slots, max_rank, in] and B [slots, out, max_rank] (the kernels' layout;
+        B a transposed view of the rank-major table), made once (tables are never reallocated)."""
         views = self._views.get((layer, module))
         if views is None:
-            views = (SlotViews(self.a[module][:, layer], 1), SlotViews(self.b[module][:, layer], 2))
+            views = (SlotViews(self.a[module][:, layer], 1), SlotViews(self.b[module][:, layer].transpose(1, 2), 2))
             self._views[(layer, module)] = views
         return views
 
@@ -89,7 +92,7 @@ class LoraTables(SlotTables):
         for (layer, module), a in payload.a.items():
             table_a, table_b = self._module(module)
             table_a[slot, layer, : payload.rank] = a.to(self.dtype)
-            table_b[slot, layer, :, : payload.rank] = payload.b[(layer, module)].to(self.dtype)
+            table_b[slot, layer, : payload.rank] = payload.b[(layer, module)].t().to(self.dtype)
         self.scale[slot] = payload.scale
         self.ranks[slot] = payload.rank
 
@@ -101,35 +104,32 @@ class LoraTables(SlotTables):
 
 
 class LoraStep(StepAdapter):
-    """Shrink then expand through the segmented kernels, for every LoRA token of the step at once."""
+    """Shrink then expand through the segmented kernels, for every LoRA token of the step at once: one fused
+    kernel call per projection group (q/k/v, o, gate/up, down) on CPU (kernels.lora_apply)."""
 
     def __init__(self, tables: LoraTables, meta: LoraBatchMeta) -> None:
         self.tables = tables
         self.meta = meta  # over the step's T tokens, slot -1 = no LoRA
 
     def project_output(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        if module not in self.tables.a:
-            return y
-        a_views, b_views = self.tables.views(layer, module)
-        return self.apply_delta(lora_shrink(x, a_views.stack, self.meta, a_views), y, layer, module)
+        return self.project_outputs(x, [y], layer, (module,))[0]
 
-    def apply_delta(self, t: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        """y += scale * t @ B^T for the LoRA tokens (t [T, max_rank] fp32 from the shrink); kinds built on LoRA
-        (DoRA) override this step only."""
-        b_views = self.tables.views(layer, module)[1]
-        return lora_expand(t, b_views.stack, self.tables.scale, self.meta, y, b_views)
+    def finish(self, y: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        """y [T, out] = base + LoRA delta -> the projection's output; kinds built on LoRA (DoRA) override this."""
+        return y
 
     def project_outputs(self, x: torch.Tensor, ys: list[torch.Tensor], layer: int, modules: tuple[str, ...]
                         ) -> list[torch.Tensor]:
-        """q/k/v (or gate/up) of one input: one shrink pass over x for all their A tables (lora_shrink_many)."""
-        present = [i for i, m in enumerate(modules) if m in self.tables.a]
-        if len(present) < 2:
-            return super().project_outputs(x, ys, layer, modules)
+        """The delta of every module of the group that has a table, in place on the base outputs, in one call."""
+        present = [i for i, m in enumerate(modules) if m in self.tables.a and m in self.tables.b]
+        if not present:
+            return ys
         views = [self.tables.views(layer, modules[i]) for i in present]
-        ts = lora_shrink_many(x, [a.stack for a, _ in views], self.meta)
         ys = list(ys)
-        for i, t in zip(present, ts, strict=True):
-            ys[i] = self.apply_delta(t, ys[i], layer, modules[i])
+        done = lora_apply(x, [a.stack for a, _ in views], [b.stack for _, b in views], self.tables.scale, self.meta,
+                          [ys[i] for i in present])
+        for i, y in zip(present, done, strict=True):
+            ys[i] = self.finish(y, layer, modules[i])
         return ys
 
 
