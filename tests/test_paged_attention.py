@@ -74,7 +74,8 @@ CASES = {
     "decode-two": [(1, 3000), (1, 1500)],
     "prefill-full": [(128, 128), (1, 60), (33, 33)],
     "chunked-prefill": [(37, 300), (5, 4096), (1, 9), (64, 1000)],
-    "prefix-like": [(20, 30), (1, 11), (16, 16)],  # first 10 / 10 context entries stand for prefix-tuning K/V
+    "prefix-like": [(20, 30), (1, 11), (16, 16)],
+    "long-chunks": [(700, 2500), (1, 2000), (300, 300), (2048, 2048)],  # the flash chunk path: past > 0 and = 0  # first 10 / 10 context entries stand for prefix-tuning K/V
 }
 
 
