@@ -35,6 +35,8 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # chunks whose past is at least half their length (1.1-1.5x). FLASH_MIN_Q = 0: never (the kernel takes all).
 FLASH_MIN_Q = 64
 FLASH_ALWAYS_Q = 2048
+# torch's CPU flash attention returning (out, logsumexp), GQA-aware; absent from some torch builds: masked SDPA then
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def takes_flash(q_len: int, past: int) -> bool:
@@ -154,6 +156,9 @@ def _chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     against the past (no mask: every past entry is visible to every row) and against the chunk itself (top-left
     causal, which the kernel skips block-wise), merged by their log-sum-exps. About half the work of one masked
     call over the whole context when past = 0, three quarters when past = q_len."""
+    if _FLASH is None:
+        _sequence_sdpa(q, k_cache, v_cache, meta, scale, b, out)
+        return
     lo, hi = meta.q_starts_list[b], meta.q_starts_list[b + 1]
     q_len, ctx = hi - lo, meta.context_lens_list[b]
     slots = context_slots(meta, b)
@@ -161,10 +166,9 @@ def _chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     values = v_cache[slots].float().transpose(0, 1)[None]
     query = q[lo:hi].float().transpose(0, 1)[None]  # [1, H, q_len, D]
     past = ctx - q_len
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # GQA-aware; returns (out, logsumexp)
-    o_new, lse_new = flash(query, keys[:, :, past:], values[:, :, past:], is_causal=True, scale=scale)
+    o_new, lse_new = _FLASH(query, keys[:, :, past:], values[:, :, past:], is_causal=True, scale=scale)
     if past > 0:
-        o_old, lse_old = flash(query, keys[:, :, :past], values[:, :, :past], scale=scale)
+        o_old, lse_old = _FLASH(query, keys[:, :, :past], values[:, :, :past], scale=scale)
         top = torch.maximum(lse_old, lse_new)  # [1, H, q_len]
         w_old, w_new = (lse_old - top).exp_()[..., None], (lse_new - top).exp_()[..., None]
         o_new = (o_old * w_old + o_new * w_new) / (w_old + w_new)

@@ -175,3 +175,15 @@ def test_dispatcher(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(out.double(), dense_oracle(q, dense, seqs, 0.3), atol=2e-5, rtol=0,
                                msg=lambda m: f"{m}\nseed={seed} mode={mode}")
+
+
+def test_chunk_path_without_torch_flash_uses_masked_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build without the CPU flash op: long chunks take the masked per-sequence SDPA, same result."""
+    seed = fresh_seed()
+    seqs = [(300, 900), (1, 50), (2048, 2048)]
+    q, k_cache, v_cache, meta, dense = make_case(seed, seqs, 6, 2, 32, 16, torch.float32)
+    assert meta.flash_seqs == [0, 2], "both long chunks route to the chunk path"
+    monkeypatch.setattr(att, "_FLASH", None)
+    out = paged_attention(q, k_cache, v_cache, meta, 0.2)
+    torch.testing.assert_close(out.double(), dense_oracle(q, dense, seqs, 0.2), atol=2e-5, rtol=0,
+                               msg=lambda m: f"{m}\nseed={seed}")
