@@ -169,9 +169,9 @@ def _chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o_new, lse_new = _FLASH(query, keys[:, :, past:], values[:, :, past:], is_causal=True, scale=scale)
     if past > 0:
         o_old, lse_old = _FLASH(query, keys[:, :, :past], values[:, :, :past], scale=scale)
-        top = torch.maximum(lse_old, lse_new)  # [1, H, q_len]
-        w_old, w_new = (lse_old - top).exp_()[..., None], (lse_new - top).exp_()[..., None]
-        o_new = (o_old * w_old + o_new * w_new) / (w_old + w_new)
+        # the past's share of each row's softmax mass: e^lse_old / (e^lse_old + e^lse_new), [1, H, q_len, 1]
+        share = torch.sigmoid(lse_old - lse_new)[..., None]
+        o_new = torch.lerp(o_new, o_old, share)  # one pass: o_new + share * (o_old - o_new)
     out[lo:hi] = o_new[0].transpose(0, 1).to(q.dtype)
 
 
