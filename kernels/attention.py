@@ -12,9 +12,10 @@ softmax and accumulation, out in q's dtype. Context indices 0..n_prefix-1 may ho
 are ordinary context. `paged_attention_reference` is the oracle (per sequence: gather its context, SDPA);
 `paged_attention` is the compiled CPU kernel (kernels/csrc/attention.cpp: online softmax over the block table,
 parallel over (sequence, kv head, query block), decode contexts split across threads when there are few
-sequences) for decode rows and short chunks; a chunk of SDPA_MIN_Q or more query rows goes to torch's SDPA over
-its own gathered context (a prefill costs what its sequence costs, with a GEMM-based kernel, measured faster
-there). The reference is the explicit fallback (CUDA tensors, fp16, a machine without a compiler).
+sequences) for decode rows and short chunks; a long prefill chunk (`takes_flash`) goes to torch's CPU flash
+kernel over its own gathered context, causal over the chunk and unmasked over its past, merged by log-sum-exp
+(a prefill costs what its sequence costs, with GEMM tiles, measured faster there). The reference is the
+explicit fallback (CUDA tensors, fp16, a machine without a compiler).
 """
 
 from __future__ import annotations
@@ -28,9 +29,19 @@ import torch.nn.functional as F
 from kernels.build import extension
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-# a sequence with this many query rows or more (a prefill chunk) runs torch SDPA over its own context; 0 = never
-# (measured: the kernel wins below ~8-16 rows at contexts 128..2048, SDPA's GEMMs above)
-SDPA_MIN_Q = 16
+# Which prefill chunks take torch's flash kernel (`takes_flash`), measured per (rows, past) on 1 and 2 threads,
+# 9/3 heads of 64: the compiled kernel wins below 64 rows at any past, and up to 1,024 rows with no past (it
+# skips the causal half row by row, ~0.6-0.9x flash's time); flash's GEMM tiles win for 2,048 rows and for
+# chunks whose past is at least half their length (1.1-1.5x). FLASH_MIN_Q = 0: never (the kernel takes all).
+FLASH_MIN_Q = 64
+FLASH_ALWAYS_Q = 2048
+# torch's CPU flash attention returning (out, logsumexp), GQA-aware; absent from some torch builds: masked SDPA then
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def takes_flash(q_len: int, past: int) -> bool:
+    """True when a chunk of q_len query rows over `past` earlier context entries runs the flash path."""
+    return 0 < FLASH_MIN_Q <= q_len and (q_len >= FLASH_ALWAYS_Q or 2 * past >= q_len)
 
 
 @dataclass(slots=True)
@@ -41,6 +52,8 @@ class PagedAttentionMeta:
     block_size: int
     q_starts_list: list[int]  # the same, as host lists (the reference loops over sequences without syncs)
     context_lens_list: list[int]
+    flash_seqs: list[int]  # sequences whose chunk takes the flash path (takes_flash), the compiled kernel skips them
+    skip: torch.Tensor | None  # [B] uint8, host: 1 for those sequences (None when there are none)
 
     @property
     def num_seqs(self) -> int:
@@ -83,13 +96,21 @@ def build_paged_attention_meta(q_lens: Sequence[int], context_lens: Sequence[int
             raise ValueError(f"sequence {b}: block id {int(tables[b][in_use[b]].max())} >= {num_blocks} blocks")
     starts = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
     torch.cumsum(q, 0, out=starts[1:])
+    ctx_list = ctx.tolist()
+    flash = [b for b, (n, c) in enumerate(zip(q_lens, ctx_list, strict=True)) if takes_flash(n, c - n)]
+    skip = None
+    if flash:
+        skip = torch.zeros(len(q_lens), dtype=torch.uint8)
+        skip[flash] = 1
     return PagedAttentionMeta(
         q_starts=starts,
         context_lens=ctx,
         block_tables=tables,
         block_size=block_size,
         q_starts_list=starts.tolist(),
-        context_lens_list=ctx.tolist(),
+        context_lens_list=ctx_list,
+        flash_seqs=flash,
+        skip=skip,
     )
 
 
@@ -125,6 +146,33 @@ def _sequence_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     o = F.scaled_dot_product_attention(q[lo:hi].float().transpose(0, 1)[None], keys, values, attn_mask=mask,
                                        scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1])
     out[lo:hi] = o[0].transpose(0, 1).to(q.dtype)
+
+
+def _chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
+                     scale: float, b: int, out: torch.Tensor) -> None:
+    """out[sequence b's rows] = the same as _sequence_sdpa, through torch's CPU flash kernel without a dense mask.
+
+    A chunk of q_len rows whose context holds `past = ctx - q_len` earlier entries is two flash calls: the rows
+    against the past (no mask: every past entry is visible to every row) and against the chunk itself (top-left
+    causal, which the kernel skips block-wise), merged by their log-sum-exps. About half the work of one masked
+    call over the whole context when past = 0, three quarters when past = q_len."""
+    if _FLASH is None:
+        _sequence_sdpa(q, k_cache, v_cache, meta, scale, b, out)
+        return
+    lo, hi = meta.q_starts_list[b], meta.q_starts_list[b + 1]
+    q_len, ctx = hi - lo, meta.context_lens_list[b]
+    slots = context_slots(meta, b)
+    keys = k_cache[slots].float().transpose(0, 1)[None]  # [1, KVH, ctx, D]
+    values = v_cache[slots].float().transpose(0, 1)[None]
+    query = q[lo:hi].float().transpose(0, 1)[None]  # [1, H, q_len, D]
+    past = ctx - q_len
+    o_new, lse_new = _FLASH(query, keys[:, :, past:], values[:, :, past:], is_causal=True, scale=scale)
+    if past > 0:
+        o_old, lse_old = _FLASH(query, keys[:, :, :past], values[:, :, :past], scale=scale)
+        # the past's share of each row's softmax mass: e^lse_old / (e^lse_old + e^lse_new), [1, H, q_len, 1]
+        share = torch.sigmoid(lse_old - lse_new)[..., None]
+        o_new = torch.lerp(o_new, o_old, share)  # one pass: o_new + share * (o_old - o_new)
+    out[lo:hi] = o_new[0].transpose(0, 1).to(q.dtype)
 
 
 def _kernels():
@@ -164,11 +212,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                       v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), _DTYPES[k_cache.dtype],
                       k_cache.shape[0], out.data_ptr(), out.stride(0), out.stride(1),
                       meta.q_starts.data_ptr(), meta.context_lens.data_ptr(), tables.data_ptr(), tables.stride(0),
-                      meta.num_seqs, meta.block_size, heads, kv_heads, dim, float(scale), SDPA_MIN_Q,
-                      torch.get_num_threads())
+                      meta.num_seqs, meta.block_size, heads, kv_heads, dim, float(scale),
+                      0 if meta.skip is None else meta.skip.data_ptr(), torch.get_num_threads())
     if n < 0:
         raise ValueError(f"a block table entry lies outside the cache ({k_cache.shape[0]} slots)")
-    for b in range(meta.num_seqs):  # long prefill chunks: SDPA over the sequence's own context (0 = never)
-        if 0 < SDPA_MIN_Q <= meta.q_starts_list[b + 1] - meta.q_starts_list[b]:
-            _sequence_sdpa(q, k_cache, v_cache, meta, scale, b, out)
+    for b in meta.flash_seqs:  # long prefill chunks: torch's flash kernel over the sequence's own context
+        _chunk_attention(q, k_cache, v_cache, meta, scale, b, out)
     return out

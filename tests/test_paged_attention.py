@@ -74,7 +74,8 @@ CASES = {
     "decode-two": [(1, 3000), (1, 1500)],
     "prefill-full": [(128, 128), (1, 60), (33, 33)],
     "chunked-prefill": [(37, 300), (5, 4096), (1, 9), (64, 1000)],
-    "prefix-like": [(20, 30), (1, 11), (16, 16)],  # first 10 / 10 context entries stand for prefix-tuning K/V
+    "prefix-like": [(20, 30), (1, 11), (16, 16), (70, 80)],  # the first 10 context entries stand for prefix K/V
+    "long-chunks": [(700, 2500), (1, 2000), (300, 300), (2048, 2048), (100, 150)],  # hybrid: flash and kernel
 }
 
 
@@ -83,14 +84,18 @@ CASES = {
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
                          [(9, 3, 64, 16), (8, 8, 32, 32), (8, 1, 128, 16), (4, 2, 64, 1)],
                          ids=["gqa3", "mha", "mqa", "block1"])
-@pytest.mark.parametrize("route", ["hybrid", "kernel-only"])
+@pytest.mark.parametrize("route", ["hybrid", "kernel-only", "flash-all"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_reference_and_dense(case: str, route: str, heads: int, kv_heads: int, dim: int,
                                             block_size: int, dtype: torch.dtype,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """hybrid: long prefill chunks take per-sequence SDPA (the default); kernel-only: every row takes the kernel."""
+    """hybrid: long prefill chunks take the flash path (the default); kernel-only: every row takes the kernel;
+    flash-all: every chunk of 2 or more rows takes the flash path."""
     if route == "kernel-only":
-        monkeypatch.setattr(att, "SDPA_MIN_Q", 0)
+        monkeypatch.setattr(att, "FLASH_MIN_Q", 0)
+    elif route == "flash-all":
+        monkeypatch.setattr(att, "FLASH_MIN_Q", 2)
+        monkeypatch.setattr(att, "FLASH_ALWAYS_Q", 2)
     seed = fresh_seed()
     seqs = CASES[case]
     if block_size == 1:
@@ -170,3 +175,15 @@ def test_dispatcher(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(out.double(), dense_oracle(q, dense, seqs, 0.3), atol=2e-5, rtol=0,
                                msg=lambda m: f"{m}\nseed={seed} mode={mode}")
+
+
+def test_chunk_path_without_torch_flash_uses_masked_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build without the CPU flash op: long chunks take the masked per-sequence SDPA, same result."""
+    seed = fresh_seed()
+    seqs = [(300, 900), (1, 50), (2048, 2048)]
+    q, k_cache, v_cache, meta, dense = make_case(seed, seqs, 6, 2, 32, 16, torch.float32)
+    assert meta.flash_seqs == [0, 2], "both long chunks route to the chunk path"
+    monkeypatch.setattr(att, "_FLASH", None)
+    out = paged_attention(q, k_cache, v_cache, meta, 0.2)
+    torch.testing.assert_close(out.double(), dense_oracle(q, dense, seqs, 0.2), atol=2e-5, rtol=0,
+                               msg=lambda m: f"{m}\nseed={seed}")

@@ -183,9 +183,9 @@ bool run_item(const Geometry& g, const Item& w, Scratch& sc) {
   return true;
 }
 
-// Sequences with skip_q or more query rows (0 = none) are left to the caller (long prefill chunks: a GEMM-based
-// SDPA over their own context beats this row-at-a-time kernel there).
-int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64_t n_threads) {
+// Sequences with skip[b] != 0 (skip may be null: none) are left to the caller (long prefill chunks: torch's
+// GEMM-based flash kernel over their own context beats this row-at-a-time kernel there).
+int64_t paged_attention(const Geometry& g, int64_t n_seqs, const uint8_t* skip, int64_t n_threads) {
   const int64_t G = g.heads / g.kv_heads, D = g.dim;
   std::vector<Item> items;
   int64_t decode_items = 0, max_ctx = 0;
@@ -200,7 +200,7 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64
   int64_t units = 0;
   for (int64_t b = 0; b < n_seqs; ++b) {
     const int64_t q_len = g.q_starts[b + 1] - g.q_starts[b];
-    if (!(skip_q > 0 && q_len >= skip_q)) units += ceil_div(q_len, QB);
+    if (!(skip != nullptr && skip[b])) units += ceil_div(q_len, QB);
   }
   const bool all_heads = units >= 2 * n_threads;
   const int64_t base_items = n_seqs * g.kv_heads;
@@ -211,7 +211,7 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64
   std::vector<int64_t> part_owner;  // part -> seq * kv_heads + kvh (parts of one owner are consecutive)
   for (int64_t b = 0; b < n_seqs; ++b) {
     const int64_t q_len = g.q_starts[b + 1] - g.q_starts[b], ctx = g.ctx_lens[b];
-    if (skip_q > 0 && q_len >= skip_q) continue;
+    if (skip != nullptr && skip[b]) continue;
     if (all_heads) {
       for (int64_t r0 = 0; r0 < q_len; r0 += QB) {
         const int64_t r1 = std::min(q_len, r0 + QB);
@@ -294,7 +294,8 @@ int64_t paged_attention(const Geometry& g, int64_t n_seqs, int64_t skip_q, int64
 }
 
 // attention(q, q_s0, q_s1, q_dt, k, k_s0, k_s1, v, v_s0, v_s1, kv_dt, n_slots, out, o_s0, o_s1, q_starts,
-//           ctx_lens, tables, table_ld, n_seqs, block_size, heads, kv_heads, dim, scale, skip_q, n_threads)
+//           ctx_lens, tables, table_ld, n_seqs, block_size, heads, kv_heads, dim, scale, skip, n_threads)
+// (skip: address of uint8 [n_seqs], 0 = none)
 PyObject* py_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 27) return sb::arg_error("attention: 27 arguments");
   int64_t v[27];
@@ -311,7 +312,7 @@ PyObject* py_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return sb::arg_error("attention: bad geometry (heads % kv_heads, block_size 1..1024)");
   int64_t n;
   Py_BEGIN_ALLOW_THREADS
-  n = paged_attention(g, v[19], v[25], v[26]);
+  n = paged_attention(g, v[19], reinterpret_cast<const uint8_t*>(v[25]), v[26]);
   Py_END_ALLOW_THREADS
   return PyLong_FromLongLong(n);
 }
