@@ -17,8 +17,10 @@ ALL_SAVED = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "nor
 
 def make_longlora_adapter(base_dir: Path, out: Path, *, rank: int, alpha: float, targets: list[str], seed: int,
                           factor: float | None, saved: list[str] | None = None) -> Path:
-    """PEFT's LoRA with `saved` as modules_to_save, every trainable tensor randomized (norm weights around 1,
-    embedding rows redrawn), then `rope_scaling` {"rope_type": "linear", "factor": factor} written next to it."""
+    """PEFT's LoRA with `saved` as modules_to_save, every trainable tensor randomized (norm weights and embedding
+    rows moved off the base's: far enough to change every logit, near enough that a 30-layer base does not turn
+    chaotic, where fp32 itself drifts from fp64 by whole logits), then `rope_scaling`
+    {"rope_type": "linear", "factor": factor} written next to it."""
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     saved = ALL_SAVED if saved is None else saved
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, modules_to_save=saved or None,
@@ -31,10 +33,10 @@ def make_longlora_adapter(base_dir: Path, out: Path, *, rank: int, alpha: float,
                 continue
             if "lora_" in name:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:  # the embedding table
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "norm" in name:  # the base's weights, each scaled by ~N(1, 0.1) (as training moves them)
+                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:  # the embedding table: the base's plus noise of ~half its spread
+                p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
     model.save_pretrained(out)
     if factor is not None:
         config = json.loads((out / "adapter_config.json").read_text())

@@ -101,6 +101,28 @@ def test_longlora_at_2x_context_in_a_mixed_batch_matches_peft(tiny_llama_dir: Pa
                    atol=NF4_ATOL if quantize else LOGIT_ATOL, max_model_len=2 * BASE_CONTEXT)
 
 
+def test_norms_the_adapter_leaves_alone_keep_the_base_weights(tmp_path: Path) -> None:
+    """On a base whose norm weights are not all ones: an adapter saving only the input norms (and one only the
+    embedding) takes every other norm from the base (the tables' base rows), as PeftModel does."""
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file as save
+
+    from tests.tiny_models import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "base")
+    weights = next(model_dir.glob("*.safetensors"))
+    tensors = load(weights)
+    g = torch.Generator().manual_seed(66)
+    save({k: 1 + 0.5 * torch.randn(t.shape, generator=g) if "norm" in k else t for k, t in tensors.items()}, weights,
+         metadata={"format": "pt"})
+    made = {"ll-input": make_longlora_adapter(model_dir, tmp_path / "input", rank=4, alpha=8, targets=["q_proj"],
+                                              seed=67, factor=2.0, saved=["input_layernorm"]),
+            "ll-embed": make_longlora_adapter(model_dir, tmp_path / "embed", rank=4, alpha=8, targets=["v_proj"],
+                                              seed=68, factor=None, saved=["embed_tokens"])}
+    assert_matches(model_dir, made, [None, "ll-input", "ll-embed"], [7, BASE_CONTEXT + 30, 12], False, new_tokens=3,
+                   atol=LOGIT_ATOL, max_model_len=2 * BASE_CONTEXT)
+
+
 def test_the_oracle_really_interpolates(tiny_llama_dir: Path) -> None:
     """transformers' linear RoPE at factor 2 rotates position p as the default RoPE rotates p / 2."""
     from tests.test_model_parity import hf_model
