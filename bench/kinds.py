@@ -9,6 +9,10 @@ CPU ms). Adapters (random, written to a temporary directory in each kind's file 
   bitfit      bias deltas on the seven projections
   houlsby     bottleneck after attention and feed-forward, reduction factor 16 (size 36 on SmolLM2-135M)
   pfeiffer    bottleneck after the feed-forward, reduction factor 16
+  longlora    LoRA rank 16 on the seven projections + every RMSNorm weight + RoPE linear factor 2 (the embedding
+              table left to the base: the per-token norm and RoPE cost on top of LoRA)
+  longlora-embed  the same + its own embedding table (PEFT modules_to_save embed_tokens: vocab x hidden per slot,
+              113 MB fp32 on SmolLM2-135M, so 32 slots hold 3.6 GB)
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.model.args import PROJECTIONS, ModelArgs  # noqa: E402
 
-KINDS = ("lora", "dora", "bitfit", "houlsby", "pfeiffer")
+KINDS = ("lora", "dora", "bitfit", "houlsby", "pfeiffer", "longlora", "longlora-embed")
 _PARENT = {m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for m in PROJECTIONS}
 
 
@@ -40,7 +44,7 @@ def write_adapter(kind: str, args: ModelArgs, out: Path, seed: int) -> Path:
     g = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True)
     t: dict[str, torch.Tensor] = {}
-    if kind in ("lora", "dora"):
+    if kind in ("lora", "dora", "longlora", "longlora-embed"):
         r = 16
         for layer in range(args.num_layers):
             for m in PROJECTIONS:
@@ -52,6 +56,17 @@ def write_adapter(kind: str, args: ModelArgs, out: Path, seed: int) -> Path:
                     t[f"{p}.lora_magnitude_vector"] = 1.0 + 0.1 * torch.rand(n_out, generator=g)
         cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 32, "target_modules": list(PROJECTIONS),
                "use_dora": kind == "dora"}
+        if kind.startswith("longlora"):
+            h = args.hidden_size
+            for layer in range(args.num_layers):
+                for norm in ("input_layernorm", "post_attention_layernorm"):
+                    t[f"base_model.model.model.layers.{layer}.{norm}.weight"] = 1 + 0.05 * torch.randn(h, generator=g)
+            t["base_model.model.model.norm.weight"] = 1 + 0.05 * torch.randn(h, generator=g)
+            saved = ["input_layernorm", "post_attention_layernorm", "norm"]
+            if kind == "longlora-embed":
+                t["base_model.model.model.embed_tokens.weight"] = 0.02 * torch.randn(args.vocab_size, h, generator=g)
+                saved.append("embed_tokens")
+            cfg.update(modules_to_save=saved, rope_scaling={"rope_type": "linear", "factor": 2.0})
         name = "adapter_model.safetensors"
     elif kind == "bitfit":
         for layer in range(args.num_layers):
@@ -120,9 +135,10 @@ def rows(kinds: list[str], repeats: int, quantize: bool):
     yield "|---|---:|---:|---:|---:|---:|---:|"
     with tempfile.TemporaryDirectory(prefix="bench-kinds-") as tmp:
         for kind in kinds:
-            max_rank = 36 if kind in ("houlsby", "pfeiffer") else 16  # bottleneck: 576 // 16 = 36
+            # bottleneck: 576 // 16 = 36 wide; 32 LongLoRA embedding tables need ~3.6 GB of host cache
             engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(),
-                                   AdapterPoolConfig(device_slots=32, max_lora_rank=max_rank))
+                                   AdapterPoolConfig(device_slots=32, max_lora_rank=16, max_bottleneck_size=36,
+                                                     host_cache_bytes=8 << 30))
             names = []
             for i in range(32):
                 path = write_adapter(kind, engine.args, Path(tmp) / f"{kind}-{i}", seed=i)

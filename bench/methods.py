@@ -1,7 +1,7 @@
 """In-context learning vs parameter-efficient tuning on a shipped task, with the default model.
 
     .venv/bin/python bench/methods.py [--task topic] [--methods lora qlora prompt p_tuning prefix ia3 dora bitfit
-                                      bottleneck]
+                                      bottleneck longlora]
                                       [--k 4] [--orderings 4] [--threads 1] [--out bench/RESULTS.md]
 
 One table: zero-shot (dense and NF4 base), few-shot in context with k examples (random selection per
@@ -34,7 +34,7 @@ from server.trainer.config import TrainConfig  # noqa: E402
 from server.trainer.data import Example  # noqa: E402
 from server.trainer.evaluate import engine_greedy, evaluate, max_new_tokens_for  # noqa: E402
 from server.trainer.loop import load_splits, train  # noqa: E402
-from server.trainer.methods import ALL_METHODS as METHODS  # noqa: E402  (PEFT's + dora, bitfit, bottleneck)
+from server.trainer.methods import ALL_METHODS as METHODS  # noqa: E402  (PEFT's + dora, bitfit, bottleneck, longlora)
 
 
 def shot_ids(e: Example, eos_id: int, sep: list[int]) -> list[int]:

@@ -12,6 +12,7 @@ from typing import TypedDict, Unpack
 from clients.stubs import admin_pb2, inference_pb2
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTERHUB_WEIGHTS = "adapter.safetensors"  # the AdapterHub `adapters` library's safetensors name
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -73,12 +74,15 @@ def adapter_payload(path: str | Path) -> bytes:
         return path.read_bytes()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a PEFT adapter directory nor a .tar file")
-    missing = [f for f in PEFT_FILES if not (path / f).is_file()]
+    files = PEFT_FILES
+    if not (path / PEFT_FILES[1]).is_file() and (path / ADAPTERHUB_WEIGHTS).is_file():
+        files = (PEFT_FILES[0], ADAPTERHUB_WEIGHTS)  # an AdapterHub directory: its weights under its own name
+    missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a PEFT adapter directory: missing {', '.join(missing)}")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in PEFT_FILES:
+        for name in files:
             tar.add(path / name, arcname=name, recursive=False)
     return buf.getvalue()
 

@@ -108,7 +108,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         pool = getattr(self.engine, "pool", None)
         if pool is None:
             return None
-        limits = HeaderLimits(pool.args, pool.cfg.max_lora_rank, pool.cfg.max_virtual_tokens)
+        limits = HeaderLimits(pool.args, pool.cfg.max_lora_rank, pool.cfg.max_virtual_tokens,
+                              pool.cfg.max_bottleneck_size)
 
         def check(stream, size: int) -> int:
             try:

@@ -80,12 +80,14 @@ class AdapterPoolConfig:
     device_slots: int = 16  # LoRA / IA3 / prompt slots resident at once
     max_lora_rank: int = 64
     max_virtual_tokens: int = 128  # prompt-tuning / P-tuning / prefix-tuning virtual tokens
+    max_bottleneck_size: int = 64  # bottleneck adapters' width (hidden / reduction_factor); tables pad to it
     host_cache_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         require(self.device_slots > 0, "device_slots must be > 0")
         require(1 <= self.max_lora_rank <= 1024, "max_lora_rank must be in [1, 1024]")
         require(self.max_virtual_tokens > 0, "max_virtual_tokens must be > 0")
+        require(1 <= self.max_bottleneck_size <= 8192, "max_bottleneck_size must be in [1, 8192]")
 
 
 @dataclass(frozen=True, slots=True)

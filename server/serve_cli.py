@@ -52,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--device-slots", type=int, default=AdapterPoolConfig().device_slots)
     p.add_argument("--max-lora-rank", type=int, default=AdapterPoolConfig().max_lora_rank)
+    p.add_argument("--max-bottleneck-size", type=int, default=AdapterPoolConfig().max_bottleneck_size,
+                   help="widest bottleneck adapter served (hidden / reduction_factor)")
     p.add_argument("--per-tenant-concurrency", type=int, default=d.per_tenant_concurrency)
     p.add_argument("--grace-period", type=float, default=d.grace_period_s, help="seconds to drain on SIGTERM")
     p.add_argument("--scheduling", choices=["vtc", "fcfs"], default=None,
@@ -70,7 +72,8 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
                           max_batch_tokens=args.max_batch_tokens, kv_blocks=args.kv_blocks,
                           max_model_len=args.max_model_len, scheduling=args.scheduling or "fcfs",
                           w_in=args.w_in, w_out=args.w_out, fair_preemption=not args.no_fair_preemption)
-    pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank)
+    pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank,
+                             max_bottleneck_size=args.max_bottleneck_size)
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
                           metrics_host=args.metrics_host, data_dir=args.data_dir, tenants_file=args.tenants,
                           per_tenant_concurrency=args.per_tenant_concurrency, grace_period_s=args.grace_period)

@@ -119,7 +119,7 @@ P0 = "model.layers.0.output_adapters.adapters.bn"
     ("other-hidden", BaseModelMismatch, "hidden size 128"),
     ("two-adapters", AdapterFormatError, "several adapters"),
     ("stray-key", AdapterFormatError, "unexpected tensor"),
-    ("too-wide", AdapterFormatError, "exceeds the server's maximum rank 16"),
+    ("too-wide", AdapterFormatError, "exceeds the server's maximum bottleneck size 16"),
 ])
 def test_malformed_bottleneck_is_refused(tiny_llama_dir: Path, bn_dirs: dict[str, Path], tmp_path: Path, case: str,
                                          error: type, message: str) -> None:
@@ -145,4 +145,33 @@ def test_malformed_bottleneck_is_refused(tiny_llama_dir: Path, bn_dirs: dict[str
     }
     _variant(src, dst, **variants[case])
     with pytest.raises(error, match=message):
-        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), 16, 32)
+        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), 16, 32, max_bottleneck_size=16)
+
+
+def test_a_bottleneck_wider_than_the_lora_rank_limit_is_served(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The bottleneck width has its own limit (max_bottleneck_size), not max_lora_rank: a 32-wide bottleneck on a
+    server capped at LoRA rank 4 generates its oracle's tokens; over its own limit it is refused by name."""
+    from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+    from server.engine.engine import Engine
+    from server.engine.request import GenerationRequest, SamplingParams
+    from tests.engine_utils import collect
+    from tests.test_model_parity import hf_model
+
+    wide = write_bottleneck_adapter(tiny_llama_dir, tmp_path / "wide", {**PFEIFFER, "reduction_factor": 2}, seed=45)
+    args = ModelArgs.from_dir(tiny_llama_dir)
+    assert read_adapter(wide, args, 4, 32, max_bottleneck_size=32).describe()["rank"] == 32
+    with pytest.raises(AdapterFormatError, match="at most 31|maximum bottleneck size 31"):
+        read_adapter(wide, args, 64, 32, max_bottleneck_size=31)
+    engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), EngineConfig(),
+                           AdapterPoolConfig(device_slots=2, max_lora_rank=4, max_bottleneck_size=32))
+    engine.pool.register("wide", wide)
+    engine.start()
+    try:
+        prompt = [5, 99, 1000, 7, 31]
+        out = collect(engine.submit(GenerationRequest("w", tuple(prompt), SamplingParams(max_new_tokens=4,
+                                                                                        ignore_eos=True),
+                                                      adapter="wide"))).token_ids
+    finally:
+        engine.shutdown()
+    ref = bottleneck_logits(hf_model(tiny_llama_dir, False), wide, prompt + out)
+    assert out == ref[len(prompt) - 1 : -1].argmax(-1).tolist()

@@ -15,7 +15,7 @@ from server.model.args import ModelArgs
 from tests.kinds_adapters import HOULSBY, make_bitfit_adapter, make_dora_adapter, write_bottleneck_adapter
 from tests.peft_adapters import ALL_PROJ
 
-LIMITS = ReadLimits(max_lora_rank=16, max_virtual_tokens=32)
+LIMITS = ReadLimits(max_lora_rank=16, max_virtual_tokens=32, max_bottleneck_size=16)
 
 
 def test_every_tensor_of_a_good_file_is_claimed_by_its_kind(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -48,6 +48,10 @@ def test_every_tensor_of_a_good_file_is_claimed_by_its_kind(tiny_llama_dir: Path
     ("BOTTLENECK", "model.layers.0.output_adapters.adapters.x.adapter_down.0.weight", (17, 64), AdapterFormatError),
     ("BOTTLENECK", "model.layers.0.output_adapters.adapters.x.adapter_up.weight", (32, 4), AdapterFormatError),
     ("BOTTLENECK", "model.layers.5.output_adapters.adapters.x.adapter_up.bias", (64,), BaseModelMismatch),
+    ("LONGLORA", "base_model.model.model.embed_tokens.weight", (49152, 65), BaseModelMismatch),
+    ("LONGLORA", "base_model.model.model.embed_tokens.weight", (49152,), AdapterFormatError),
+    ("LONGLORA", "base_model.model.model.norm.weight", (64, 1), AdapterFormatError),
+    ("LONGLORA", "base_model.model.model.layers.2.input_layernorm.weight", (64,), BaseModelMismatch),
 ])
 def test_bad_header_shapes_are_refused(tiny_llama_dir: Path, kind: str, key: str, shape: tuple, error: type) -> None:
     with pytest.raises(error):

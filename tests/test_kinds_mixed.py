@@ -1,7 +1,9 @@
 """One mixed batch holding every kind we serve: base, LoRA x3 (ranks 8 / 4 / rsLoRA 16), DoRA x2, prompt x2,
-P-tuning, prefix x2, IA3 x2, BitFit x2, bottleneck Houlsby / Pfeiffer / other flags, with two adapters shared
-by two sequences each (22 sequences). Each sequence's logits at every step equal its own oracle: PEFT's
-PeftModel (PEFT kinds, DoRA), transformers' model with the biases (BitFit), forward hooks (bottleneck)."""
+P-tuning, prefix x2, IA3 x2, BitFit x2, bottleneck Houlsby / Pfeiffer / other flags, LongLoRA x2 (RoPE factor 2,
+prompts past the base's context on the tiny model), with two adapters shared by two sequences each (24
+sequences). Each sequence's logits at every step equal its own oracle: PEFT's PeftModel (PEFT kinds, DoRA),
+transformers' model with the biases (BitFit), forward hooks (bottleneck), PeftModel on transformers' linear RoPE
+at the adapter's factor (LongLoRA)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tests.kinds_adapters import (
     make_dora_adapter,
     write_bottleneck_adapter,
 )
+from tests.longlora_adapters import longlora_logits, make_longlora_adapter
 from tests.peft_adapters import ALL_PROJ, make_peft_adapter, peft_logits
 from tests.test_adapter_parity import LOGIT_ATOL, SPECS
 
@@ -45,6 +48,10 @@ def make_all(model_dir: Path, root: Path) -> dict[str, Path]:
                                   ("bn-other", OTHER_BN, 8, 57)):
         made[name] = write_bottleneck_adapter(model_dir, root / name, {**cfg, "reduction_factor": hidden // size},
                                               seed=seed)
+    made["ll-all"] = make_longlora_adapter(model_dir, root / "ll-all", rank=8, alpha=16, targets=["q_proj", "v_proj"],
+                                           seed=58, factor=2.0)
+    made["ll-norms"] = make_longlora_adapter(model_dir, root / "ll-norms", rank=4, alpha=8, targets=ALL_PROJ,
+                                             seed=59, factor=2.0, saved=["input_layernorm", "norm"])
     return made
 
 
@@ -57,16 +64,20 @@ def oracle_logits(model_dir: Path, base, route: str | None, path: Path | None, i
         return bitfit_logits(base, path, ids)
     if route.startswith("bn-"):
         return bottleneck_logits(base, path, ids)
+    if route.startswith("ll-"):
+        return longlora_logits(base, path, ids)
     return peft_logits(model_dir, path, ids, quantize, base=base)
 
 
 def assert_every_kind_matches(model_dir: Path, adapters: dict[str, Path], quantize: bool, new_tokens: int,
-                              atol: float) -> None:
+                              atol: float, long_prompt: int = 16, max_model_len: int | None = None) -> None:
+    """long_prompt: the LongLoRA sequences' prompt length (the others draw 2..15 tokens)."""
     from tests.test_model_parity import hf_model
 
     routes: list[str | None] = [None, None, *adapters, "lora-a", "dora-rs"]  # shared adapters, two sequences each
     assert len(routes) >= 20
-    engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize), EngineConfig(),
+    engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize),
+                           EngineConfig(max_model_len=max_model_len),
                            AdapterPoolConfig(device_slots=len(adapters) + 2, max_lora_rank=16))
     for name, path in adapters.items():
         engine.pool.register(name, path)
@@ -75,8 +86,9 @@ def assert_every_kind_matches(model_dir: Path, adapters: dict[str, Path], quanti
                                               for i, s in enumerate(seqs)]
     seed = int(torch.randint(0, 10**6, ()))
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, engine.args.vocab_size, (int(torch.randint(2, 16, (1,), generator=g)),),
-                             generator=g).tolist() for _ in routes]
+    lengths = [long_prompt - int(torch.randint(0, 8, (1,), generator=g)) if r and r.startswith("ll-")
+               else int(torch.randint(2, 16, (1,), generator=g)) for r in routes]
+    prompts = [torch.randint(0, engine.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
     engine.start()
     try:
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -103,12 +115,15 @@ def all_adapters(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
 def test_every_kind_in_one_batch_matches_its_oracle(tiny_llama_dir: Path, all_adapters: dict[str, Path],
                                                     quantize: bool) -> None:
-    assert_every_kind_matches(tiny_llama_dir, all_adapters, quantize, new_tokens=5, atol=LOGIT_ATOL)
+    assert_every_kind_matches(tiny_llama_dir, all_adapters, quantize, new_tokens=5, atol=LOGIT_ATOL,
+                              long_prompt=2 * 512 - 10, max_model_len=2 * 512)  # LongLoRA at ~2x the 512 context
 
 
 @pytest.mark.slow
 def test_default_model_every_kind_in_one_batch(default_model_dir: Path, tmp_path: Path) -> None:
     """The same batch on the embedded SmolLM2-135M (30 layers, dense fp32); the tolerance of the existing
-    default-model parity test (fp32 summation order over 30 layers, logits ~20)."""
+    default-model parity test (fp32 summation order over 30 layers, logits ~20). The LongLoRA prompts (600
+    tokens, positions interpolated by 2) stay inside its 8192 context: 16k-token prompts are out of reach of a
+    CPU test and of the oracle's dense attention; past-the-context serving is the tiny model's test."""
     assert_every_kind_matches(default_model_dir, make_all(default_model_dir, tmp_path), quantize=False,
-                              new_tokens=3, atol=2e-3)
+                              new_tokens=3, atol=2e-3, long_prompt=600)

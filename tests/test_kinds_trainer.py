@@ -23,7 +23,7 @@ from server.trainer.methods import KIND_METHODS
 from tests.kinds_adapters import bottleneck_logits, with_biases
 
 SMALL = {"task": "topic", "n_train": 16, "n_test": 6, "batch_size": 16, "save_every": 0, "progress": False}
-KIND_OF = {"dora": "DORA", "bitfit": "BITFIT", "bottleneck": "BOTTLENECK"}
+KIND_OF = {"dora": "DORA", "bitfit": "BITFIT", "bottleneck": "BOTTLENECK", "longlora": "LONGLORA"}
 
 
 class HookedOracle(torch.nn.Module):

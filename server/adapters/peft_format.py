@@ -62,12 +62,13 @@ def read_tensors(path: Path, limits: validation.HeaderLimits | None = None) -> d
     return {k: validation.check_finite(k, t, torch.float32) for k, t in tensors.items()}  # finite once converted
 
 
-def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_tokens: int) -> AdapterWeights:
+def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_tokens: int,
+                 max_bottleneck_size: int = 64) -> AdapterWeights:
     """Parse and validate a PEFT (or AdapterHub) directory against the loaded base; raises AdapterFormatError."""
     path = Path(path)
     cfg = read_config(path)
     kind = kinds.by_config(cfg)
     kind.check_config(cfg)  # options it cannot serve are refused before any tensor is read
-    tensors = read_tensors(path, validation.HeaderLimits(args, max_lora_rank, max_virtual_tokens))
-    payload = kind.read(cfg, tensors, args, ReadLimits(max_lora_rank, max_virtual_tokens))
+    tensors = read_tensors(path, validation.HeaderLimits(args, max_lora_rank, max_virtual_tokens, max_bottleneck_size))
+    payload = kind.read(cfg, tensors, args, ReadLimits(max_lora_rank, max_virtual_tokens, max_bottleneck_size))
     return AdapterWeights(kind=kind.name, config=cfg, payload=payload, base_model=cfg.get("base_model_name_or_path"))

@@ -53,7 +53,7 @@ class AdapterPool:
                  reader: Reader | None = None) -> None:
         self.cfg = cfg
         self.args = args
-        limits = ReadLimits(cfg.max_lora_rank, cfg.max_virtual_tokens)
+        limits = ReadLimits(cfg.max_lora_rank, cfg.max_virtual_tokens, cfg.max_bottleneck_size)
         self.tables = AdapterTables(args, cfg.device_slots, limits, dtype, device)
         self.reader = reader
         self._entries: dict[str, Entry] = {}

@@ -1,8 +1,9 @@
 """Receiving an uploaded adapter: spool the streamed bytes (size caps, sha256) and unpack the tar safely.
 
-The payload is a tar (optionally gzip-compressed) holding exactly `adapter_config.json` and
-`adapter_model.safetensors`, at the top level or under one directory. Refused: absolute paths, `..`,
-links, devices and FIFOs, any other file (pickled `adapter_model.bin` named as such), duplicates, and
+The payload is a tar (optionally gzip-compressed) holding exactly `adapter_config.json` and the weights,
+`adapter_model.safetensors` (PEFT's name) or `adapter.safetensors` (AdapterHub's; stored under PEFT's name), at
+the top level or under one directory. Refused: absolute paths, `..`, links, devices and FIFOs, any other file
+(pickled `adapter_model.bin` / `pytorch_adapter.bin` named as such), two weights files, duplicates, and
 anything beyond the size cap. Members are copied out by hand (never `TarFile.extract`), counting the
 bytes actually read rather than trusting the headers. Everything is written under the store's staging
 directory, which is removed when the store reopens, so a refused or interrupted upload leaves nothing.
@@ -25,10 +26,11 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from server.adapters.errors import AdapterRejected
-from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.peft_format import ADAPTERHUB_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
 from server.clip import clip
 
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an unpacked upload holds
+WEIGHTS_NAMES = (WEIGHTS_FILE, ADAPTERHUB_WEIGHTS_FILE)  # the weights' accepted names in the tar
 MAX_MEMBERS = 8  # tar entries (the two files, a directory, a few harmless extras); pax headers not counted
 MAX_EXTENDED_HEADER_BYTES = 64 << 10  # a pax extended header or a GNU long name / long link
 WeightsCheck = Callable[[BinaryIO, int], int]  # (stream at the file's start, its size) -> header bytes read
@@ -124,10 +126,11 @@ def _member_file(member: tarfile.TarInfo) -> str | None:
     if not parts or len(parts) > 2:
         raise UploadRefused(f"{clip(raw)}: adapter files must be at the top of the tar or under one directory")
     name = parts[-1]
-    if name == "adapter_model.bin":
-        raise UploadRefused("pickled adapter_model.bin weights are refused; save with safetensors")
-    if name not in ADAPTER_FILES:
-        raise UploadRefused(f"unexpected file {clip(raw)} in the tar; only {' and '.join(ADAPTER_FILES)} are accepted")
+    if name in ("adapter_model.bin", "pytorch_adapter.bin"):
+        raise UploadRefused(f"pickled {name} weights are refused; save with safetensors")
+    if name not in (CONFIG_FILE, *WEIGHTS_NAMES):
+        raise UploadRefused(f"unexpected file {clip(raw)} in the tar; only {CONFIG_FILE} and "
+                            f"{' or '.join(WEIGHTS_NAMES)} are accepted")
     return name
 
 
@@ -181,7 +184,8 @@ def extract_adapter_tar(tar_path: Path, dest: Path, *, max_bytes: int, max_unpac
     (default `max_bytes` + 1 MiB), `max_bytes` of file data; `check_weights` (validation of the
     safetensors header against the base) runs on the weights file's first bytes, before the rest is read."""
     dest.mkdir(parents=True)
-    seen: set[str] = set()
+    seen: set[str] = set()  # stored names
+    seen_names: set[str] = set()  # names in the tar
     total = members = 0
     unpacked = max_unpacked_bytes if max_unpacked_bytes is not None else max_bytes + (1 << 20)
     try:
@@ -194,24 +198,27 @@ def extract_adapter_tar(tar_path: Path, dest: Path, *, max_bytes: int, max_unpac
                 name = _member_file(member)
                 if name is None:
                     continue
-                if name in seen:
-                    raise UploadRefused(f"{name} appears twice in the tar")
-                seen.add(name)
+                stored = WEIGHTS_FILE if name in WEIGHTS_NAMES else name
+                if stored in seen:
+                    twice = f"{name} appears twice" if name in seen_names else f"{' and '.join(WEIGHTS_NAMES)} both"
+                    raise UploadRefused(f"{twice} in the tar; an adapter has one weights file")
+                seen.add(stored)
+                seen_names.add(name)
                 if total + member.size > max_bytes:
                     raise UploadTooLarge(f"the unpacked adapter exceeds the limit of {max_bytes} bytes")
                 src = tar.extractfile(member)
                 if src is None:
                     raise UploadRefused(f"{clip(member.name)} cannot be read from the tar")
-                with src, open(dest / name, "wb") as out:
+                with src, open(dest / stored, "wb") as out:
                     head = b""
-                    if name == WEIGHTS_FILE and check_weights is not None:
+                    if stored == WEIGHTS_FILE and check_weights is not None:
                         head = _checked_head(src, member.size, check_weights)
                         out.write(head)
                     total += len(head) + _copy(src, out, max_bytes - total - len(head))
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
         raise UploadRefused(f"the payload is not a valid tar archive (truncated or corrupt?): {clip(str(exc))}"
                             ) from None
-    missing = [f for f in ADAPTER_FILES if f not in seen]
+    missing = [f if f == CONFIG_FILE else " or ".join(WEIGHTS_NAMES) for f in ADAPTER_FILES if f not in seen]
     if missing:
         raise UploadRefused(f"the tar lacks {' and '.join(missing)}")
     return dest

@@ -54,10 +54,11 @@ class HeaderLimits:
     args: ModelArgs
     max_lora_rank: int
     max_virtual_tokens: int
+    max_bottleneck_size: int = 64
 
     @property
     def read_limits(self) -> ReadLimits:
-        return ReadLimits(self.max_lora_rank, self.max_virtual_tokens)
+        return ReadLimits(self.max_lora_rank, self.max_virtual_tokens, self.max_bottleneck_size)
 
 
 def _fail(msg: str) -> Exception:

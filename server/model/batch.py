@@ -31,6 +31,22 @@ class StepAdapter:
     Rows are the step's T flat tokens; a kind changes only the rows of the sequences that use it.
     """
 
+    def embed_tokens(self, input_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] int64, h [T, hidden] the base embedding rows -> rows (e.g. a trained embedding table's)."""
+        return h
+
+    def rope_factor(self, factor: torch.Tensor | None) -> torch.Tensor | None:
+        """factor [T] fp32 per-token linear position-interpolation factor (None: 1 for every token) -> factor;
+        RoPE rotates a token by position * inv_freq / factor (transformers' "linear" rope scaling)."""
+        return factor
+
+    def norm(self, x: torch.Tensor, y: torch.Tensor, layer: int, name: str, rows: torch.Tensor | None
+             ) -> torch.Tensor:
+        """y [n, hidden] the base RMSNorm `name` ("input_layernorm", "post_attention_layernorm"; "norm" with
+        layer = num_layers for the final one) of x [n, hidden] -> the norm's output; rows [n] int64 the flat
+        token of each row (None: the step's T tokens in order)."""
+        return y
+
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, hidden] input embeddings -> embeddings (e.g. virtual-token rows replaced)."""
         return h

@@ -57,8 +57,11 @@ class Rotary(nn.Module):
         inv_freq, self.attention_scaling = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim/2] fp32
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim/2]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, factor: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """factor [T] fp32: per-token linear interpolation (inv_freq / factor), None = the config's RoPE only."""
+        inv_freq = self.inv_freq[None, :] if factor is None else self.inv_freq[None, :] / factor[:, None]
+        freqs = positions.float()[:, None] * inv_freq  # [T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)

@@ -69,11 +69,17 @@ class DecoderLayer(nn.Module):
         self.layer = attn.o_proj.layer  # this decoder layer's index
 
     def forward(self, h, cos_sin, attn, adapters, k_cache, v_cache) -> torch.Tensor:
-        out = self.self_attn(self.input_layernorm(h), cos_sin, attn, adapters, k_cache, v_cache)
+        x = self.input_layernorm(h)
+        for adapter in adapters:
+            x = adapter.norm(h, x, self.layer, "input_layernorm", None)
+        out = self.self_attn(x, cos_sin, attn, adapters, k_cache, v_cache)
         for adapter in adapters:
             out = adapter.block_output(h, out, self.layer, "attention")
         h = h + out
-        out = self.mlp(self.post_attention_layernorm(h), adapters)
+        x = self.post_attention_layernorm(h)
+        for adapter in adapters:
+            x = adapter.norm(h, x, self.layer, "post_attention_layernorm", None)
+        out = self.mlp(x, adapters)
         for adapter in adapters:
             out = adapter.block_output(h, out, self.layer, "mlp")
         return h + out
@@ -108,6 +114,9 @@ class LlamaModel(nn.Module):
     def base_weight(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projection `module` of `layer` as dense fp32: weight [out, in] (dequantized when NF4) and bias [out] or
         None. For adapter tables derived from the base; a copy, so callers may keep it off the model's device."""
+        if module in ("input_layernorm", "post_attention_layernorm", "norm"):  # RMSNorm weights [hidden], no bias
+            norm = self.norm if module == "norm" else getattr(self.layers[layer], module)
+            return norm.weight.detach().float().clone(), None
         block = self.layers[layer]
         proj = getattr(block.self_attn, module, None) or getattr(block.mlp, module, None)
         if not isinstance(proj, Projection):
@@ -122,6 +131,8 @@ class LlamaModel(nn.Module):
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         for adapter in batch.adapters:
+            h = adapter.embed_tokens(batch.input_ids, h)
+        for adapter in batch.adapters:
             h = adapter.embed(h)
         return h
 
@@ -135,12 +146,19 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Logits (fp32) [S, vocab] at batch.logits_index, or [T, vocab] for every token if all_logits."""
         h = self.embed(batch)
-        cos_sin = self.rotary.cos_sin(batch.positions, h.dtype)
+        factor = None
+        for adapter in batch.adapters:
+            factor = adapter.rope_factor(factor)
+        cos_sin = self.rotary.cos_sin(batch.positions, h.dtype, factor)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos_sin, batch.attention, batch.adapters, k_cache[i], v_cache[i])
-        if not all_logits:
-            h = h[batch.logits_index]
-        return F.linear(self.norm(h), self.lm_head).float()
+        rows = None if all_logits else batch.logits_index
+        if rows is not None:
+            h = h[rows]
+        x = self.norm(h)
+        for adapter in batch.adapters:
+            x = adapter.norm(h, x, len(self.layers), "norm", rows)
+        return F.linear(x, self.lm_head).float()
 
     def memory_bytes(self) -> int:
         seen: set[int] = set()

@@ -47,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="bottleneck variant: houlsby (after attention and feed-forward) or pfeiffer (feed-forward)")
     p.add_argument("--reduction-factor", type=float, default=16.0, help="bottleneck size = hidden / this")
     p.add_argument("--non-linearity", choices=["relu", "gelu", "silu"], help="bottleneck activation")
+    p.add_argument("--rope-factor", type=float, default=2.0, help="longlora: RoPE linear interpolation factor")
+    p.add_argument("--no-s2-attn", action="store_true", help="longlora: full attention while training")
     p.add_argument("--n-train", type=int, default=256, help="shipped task: training rows")
     p.add_argument("--n-test", type=int, default=48, help="shipped task: held-out rows")
     p.add_argument("--seed", type=int, default=0)
@@ -72,7 +74,8 @@ def config_from_args(args: argparse.Namespace):
         weight_decay=args.weight_decay, max_length=args.max_length, rank=args.rank, alpha=args.alpha,
         targets=tuple(args.targets) if args.targets else None, virtual_tokens=args.virtual_tokens,
         encoder_hidden=args.encoder_hidden, bottleneck=args.bottleneck, reduction_factor=args.reduction_factor,
-        non_linearity=args.non_linearity, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
+        non_linearity=args.non_linearity, rope_factor=args.rope_factor, s2_attn=not args.no_s2_attn, seed=args.seed,
+        eval_every=args.eval_every, save_every=args.save_every,
         device=args.device, progress=not args.no_progress)
 
 

@@ -40,6 +40,8 @@ class TrainConfig:
     bottleneck: str = "pfeiffer"  # --method bottleneck: houlsby (after attention and feed-forward) | pfeiffer
     reduction_factor: float = 16.0  # bottleneck size = hidden // reduction_factor
     non_linearity: str | None = None  # relu | gelu | silu; None = the variant's (houlsby: swish, pfeiffer: relu)
+    rope_factor: float = 2.0  # --method longlora: RoPE linear interpolation factor (context x this)
+    s2_attn: bool = True  # --method longlora: shifted sparse attention while training
     seed: int = 0
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 20  # checkpoint period in steps; 0 = only the final adapter
@@ -60,6 +62,7 @@ class TrainConfig:
         require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         require(self.bottleneck in ("houlsby", "pfeiffer"), "bottleneck must be houlsby or pfeiffer")
         require(self.reduction_factor > 0, "reduction_factor must be > 0")
+        require(1.0 <= self.rope_factor <= 64.0, "rope_factor must be in [1, 64]")
         require(self.non_linearity in (None, "relu", "gelu", "silu"), "non_linearity must be relu, gelu or silu")
 
     def resolved(self, name: str):

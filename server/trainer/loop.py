@@ -37,6 +37,7 @@ from server.trainer.checkpoint import (
 from server.trainer.config import TrainConfig
 from server.trainer.data import Example, LoadResult, collate, encode_rows, load_jsonl
 from server.trainer.evaluate import EvalResult, completion_loss, evaluate
+from server.trainer.longlora import attach_longlora
 from server.trainer.methods import build_peft_config, init_prefix_from_base
 from server.trainer.tasks import task_splits
 
@@ -126,6 +127,10 @@ def build_model(cfg: TrainConfig, model_dir: Path):
     if cfg.method == "bottleneck":  # AdapterHub-layout bottleneck adapters (server/trainer/bottleneck.py)
         torch.manual_seed(cfg.seed)
         return attach_bottleneck(base, cfg.bottleneck, cfg.reduction_factor, cfg.non_linearity, str(model_dir))
+    if cfg.method == "longlora":  # LoRA + embeddings and norms, RoPE interpolated, S2-Attn (server/trainer/longlora.py)
+        torch.manual_seed(cfg.seed)
+        return attach_longlora(base, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
+                               targets=tuple(cfg.resolved("targets")), factor=cfg.rope_factor, s2_attn=cfg.s2_attn)
     peft_cfg = build_peft_config(cfg.method, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
                                  targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
                                  encoder_hidden=cfg.resolved("encoder_hidden"))
@@ -215,6 +220,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
             ev = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size)
             history.append({"step": done, "eval_loss": ev.loss, "exact_match": ev.exact_match})
             bar.write(f"step {done}: eval_loss={ev.loss:.3f} exact_match={ev.exact_match:.1%}")
+            model.train()  # evaluate() left it in eval mode (S2-Attn trains only in training mode)
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
             save_checkpoint(cfg.output_dir, snapshot(done))
         if stop_after is not None and done >= stop_after and done < steps:

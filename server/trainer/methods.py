@@ -4,7 +4,8 @@ Every method writes an adapter our server reads unchanged (server/adapters/peft_
 seven projections (no bias, no DoRA), prompt / P-tuning / prefix virtual tokens, IA3 on k/v/down_proj.
 KIND_METHODS are served by kinds beyond PEFT's own loading: DoRA (a PEFT LoRA directory with use_dora, served
 by the DORA kind), BitFit (our BITFIT format, server/trainer/bitfit.py) and bottleneck adapters (AdapterHub's
-layout, server/trainer/bottleneck.py); the last two are not PEFT methods.
+layout, server/trainer/bottleneck.py); the last two are not PEFT methods. LongLoRA (server/trainer/longlora.py) is
+a PEFT LoRA with modules_to_save and a RoPE factor, served by the LONGLORA kind.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ KIND_METHODS: dict[str, MethodDefaults] = {
     "dora": MethodDefaults(lr=1e-3, steps=30),
     "bitfit": MethodDefaults(lr=1e-2, steps=60),
     "bottleneck": MethodDefaults(lr=1e-3, steps=40),
+    "longlora": MethodDefaults(lr=1e-3, steps=30),  # server/trainer/longlora.py
 }
 ALL_METHODS: dict[str, MethodDefaults] = {**METHODS, **KIND_METHODS}
 
@@ -77,7 +79,7 @@ def build_peft_config(
 ) -> PeftConfig:
     """The PEFT config for `method` (task CAUSAL_LM) with the given hyper-parameters."""
     method_defaults(method)
-    if method in ("bitfit", "bottleneck"):
+    if method in ("bitfit", "bottleneck", "longlora"):
         raise ValueError(f"{method} is not a PEFT method (server/trainer/{method}.py trains it)")
     if method in ("lora", "qlora", "dora"):
         check_targets(targets, "LoRA")

@@ -20,6 +20,7 @@ from server.adapters.kinds.bitfit import BitFitKind
 from server.adapters.kinds.bottleneck import BottleneckKind
 from server.adapters.kinds.dora import DoraKind
 from server.adapters.kinds.ia3 import IA3Kind
+from server.adapters.kinds.longlora import LongLoraKind
 from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.prefix import PrefixKind
 from server.adapters.kinds.virtual import VirtualTokenKind
@@ -70,6 +71,7 @@ def by_peft_type(peft_type: str) -> AdapterKind:
 
 
 register(IA3Kind())
+register(LongLoraKind())  # before LoRA: it reads the LoRA configs with modules_to_save / rope_scaling
 register(LoraKind())
 register(DoraKind())
 register(VirtualTokenKind("PROMPT_TUNING"))

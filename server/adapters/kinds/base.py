@@ -42,6 +42,7 @@ class BaseModelMismatch(AdapterFormatError):
 class ReadLimits:
     max_lora_rank: int
     max_virtual_tokens: int
+    max_bottleneck_size: int = 64  # bottleneck adapters' width (its own limit, not the LoRA rank)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ Served through the model's block_output hook (the value added to r, i.e. h - r),
 adapter in the step: down through the LoRA shrink kernel, bias and activation on the small intermediate, up
 through the expand kernel, one launch each per placement per layer; per-slot coefficients carry the flags.
 
-Tables (per placement "attention" / "mlp", created on first use; sizes padded to max_lora_rank):
+Tables (per placement "attention" / "mlp", created on first use; sizes padded to max_bottleneck_size):
   down[p] [slots, layers, max_r, hidden]   down_b[p] [slots, layers, max_r]
   up[p]   [slots, layers, hidden, max_r]   up_b[p]   [slots, layers, hidden]
   scale [slots] fp32; ln_before / res_x / no_ln_after [slots + 1] coefficients (row `slots`: no adapter)
@@ -193,13 +193,14 @@ class BottleneckKind(AdapterKind):
         h = args.hidden_size
         down = part.startswith("adapter_down")
         if what == "bias":
-            ok = len(shape) == 1 and (shape[0] <= limits.max_lora_rank if down else shape[0] == h)
+            ok = len(shape) == 1 and (shape[0] <= limits.max_bottleneck_size if down else shape[0] == h)
         else:
             size = shape[0] if down else shape[-1]
-            ok = len(shape) == 2 and (shape[1] if down else shape[0]) == h and 1 <= size <= limits.max_lora_rank
+            ok = len(shape) == 2 and (shape[1] if down else shape[0]) == h and 1 <= size <= limits.max_bottleneck_size
         if not ok:
             raise AdapterFormatError(f"{part}.{what} of layer {layer} has shape {shape}; hidden size {h} and a "
-                                     f"bottleneck of at most {limits.max_lora_rank} are served")
+                                     f"bottleneck of at most {limits.max_bottleneck_size} (--max-bottleneck-size) "
+                                     f"are served")
         return True
 
     def tensors(self, payload: BottleneckWeights) -> list[torch.Tensor]:
@@ -210,7 +211,7 @@ class BottleneckKind(AdapterKind):
 
     def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
                    device: str) -> BottleneckTables:
-        return BottleneckTables(args, num_slots, limits.max_lora_rank, dtype, device)
+        return BottleneckTables(args, num_slots, limits.max_bottleneck_size, dtype, device)
 
     def step(self, tables: BottleneckTables, chunks: list[ChunkView], num_tokens: int,
              device: torch.device) -> BottleneckStep:

@@ -57,9 +57,10 @@ def parse_config(cfg: dict, hidden: int, limits: ReadLimits) -> dict:
     if isinstance(factor, dict) or not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 0:
         raise AdapterFormatError(f"reduction_factor must be a positive number (one for all layers), got {factor!r}")
     size = max(1, int(hidden // factor))
-    if size > limits.max_lora_rank:
+    if size > limits.max_bottleneck_size:
         raise AdapterFormatError(f"bottleneck size {size} (hidden {hidden} / reduction_factor {factor}) exceeds "
-                                 f"the server's maximum rank {limits.max_lora_rank}")
+                                 f"the server's maximum bottleneck size {limits.max_bottleneck_size} "
+                                 f"(--max-bottleneck-size)")
     scaling = cfg.get("scaling", 1.0)
     if not isinstance(scaling, int | float) or isinstance(scaling, bool):
         raise AdapterFormatError(f"scaling={scaling!r} is not served (a number only)")
