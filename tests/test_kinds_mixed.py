@@ -8,6 +8,7 @@ at the adapter's factor (LongLoRA)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,48 @@ def oracle_logits(model_dir: Path, base, route: str | None, path: Path | None, i
     return peft_logits(model_dir, path, ids, quantize, base=base)
 
 
+def fp64_oracle_logits(base: torch.nn.Module, route: str | None, path: Path | None,
+                       ids: list[int]) -> torch.Tensor | None:
+    """The same oracle in float64 (None for the kinds whose oracle is fp32-only: bottleneck hooks, LongLoRA)."""
+    import copy
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tests.kinds_adapters import with_biases
+
+    if route is not None and (route.startswith("bn-") or route.startswith("ll-")):
+        return None
+    model = copy.deepcopy(base).double()
+    if route is not None and route.startswith("bitfit"):
+        model = with_biases(model, {k: v.double() for k, v in load_file(path / "adapter_model.safetensors").items()})
+    elif route is not None:
+        model = PeftModel.from_pretrained(model, path).eval().double()
+    with torch.no_grad():
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        return model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -len(ids):].float()
+
+
+def assert_close_to_oracle(ours: torch.Tensor, expected: torch.Tensor, atol: float, exact: Callable[[], torch.Tensor |
+                           None], what: str) -> None:
+    """ours within atol of the fp32 oracle; where it is not (a dense run), the fp32 oracle's own rounding on this
+    input is measured against the float64 oracle and ours must be within atol + 4x that error of the float64 one
+    (two fp32 computations in different orders round differently, by a few times one's measured error):
+    random adapters on a 30-layer model make a few inputs ill-conditioned in fp32 (seen: the fp32 oracle 0.008
+    from its fp64 self over a prefix-tuning sequence, 0.0026 over its generated tokens; ours 0.011 from the fp32
+    oracle there, 0.008 from the fp64 one). A real bug is orders of magnitude larger."""
+    try:
+        torch.testing.assert_close(ours, expected, atol=atol, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+        return
+    except AssertionError:
+        truth = exact()
+        if truth is None:
+            raise
+    oracle_error = float((expected - truth).abs().max())
+    torch.testing.assert_close(ours, truth, atol=atol + 4 * oracle_error, rtol=1e-4,
+                               msg=lambda m: f"{what} (vs float64; the fp32 oracle's error {oracle_error:.4f}): {m}")
+
+
 def assert_every_kind_matches(model_dir: Path, adapters: dict[str, Path], quantize: bool, new_tokens: int,
                               atol: float, long_prompt: int = 16, max_model_len: int | None = None) -> None:
     """long_prompt: the LongLoRA sequences' prompt length (the others draw 2..15 tokens)."""
@@ -102,8 +145,15 @@ def assert_every_kind_matches(model_dir: Path, adapters: dict[str, Path], quanti
         full = prompt + out
         ref = oracle_logits(model_dir, base, route, adapters.get(route) if route else None, full, quantize)
         expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
-        torch.testing.assert_close(torch.stack(seen[f"all-{i}"]), expected, atol=atol, rtol=1e-4,
-                                   msg=lambda m, r=route: f"seed {seed}, {r}: {m}")
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(out))
+
+        def exact(r=route, f=full, sp=span) -> torch.Tensor | None:
+            if quantize:
+                return None
+            truth = fp64_oracle_logits(base, r, adapters.get(r) if r else None, f)
+            return None if truth is None else truth[sp]
+
+        assert_close_to_oracle(torch.stack(seen[f"all-{i}"]), expected, atol, exact, f"seed {seed}, {route}")
         assert out == expected.argmax(-1).tolist(), f"seed {seed}, {route}"
 
 
