@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 
 from clients import messages as build
-from clients.errors import Unavailable, from_rpc_error, is_cut, skip_delivered
+from clients.errors import Unavailable, from_rpc_error, is_cut, trim_delivered
 from clients.messages import GenerateOptions
 from clients.results import AdapterInfo, GenerateResult, StreamChunk, UsageReport
 from clients.stubs import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc, inference_pb2_grpc
@@ -58,13 +58,9 @@ class AsyncSwitchboardClient:
             call = self._inference.GenerateStream(request, metadata=self._metadata, timeout=self._timeout(timeout))
             try:
                 async for raw in call:
-                    chunk = StreamChunk.from_proto(raw)
-                    if skip:
-                        n, kept = len(chunk.token_ids), list(skip_delivered([chunk], skip))
-                        skip = max(0, skip - n)
-                        if not kept:
-                            continue
-                        chunk = kept[0]
+                    chunk, skip = trim_delivered(StreamChunk.from_proto(raw), skip)
+                    if chunk is None:
+                        continue
                     yielded += len(chunk.token_ids)
                     yield chunk
                 return

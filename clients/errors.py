@@ -84,20 +84,25 @@ def is_cut(error: SwitchboardError) -> bool:
     return error.code == grpc.StatusCode.UNAVAILABLE and CUT_MARKER in error.message
 
 
+def trim_delivered(chunk, delivered: int):
+    """One chunk of a retried stream against the `delivered` tokens it must still skip: (the chunk to yield, or
+    None, and the tokens still to skip). Exact for greedy or seeded sampling, which give the same tokens again; a
+    chunk that straddles the boundary keeps its tokens after it and drops its text (its characters cannot be split
+    by token here)."""
+    if delivered <= 0:
+        return chunk, 0
+    n = len(chunk.token_ids)
+    if n <= delivered and not chunk.finished:
+        return None, delivered - n
+    keep = chunk.token_ids[delivered:] if n > delivered else []
+    return dataclasses.replace(chunk, token_ids=keep, text="",
+                               logprobs=chunk.logprobs[len(chunk.logprobs) - len(keep):] if keep else []), 0
+
+
 def skip_delivered(chunks, delivered: int):
-    """A retried stream without its first `delivered` tokens (those were yielded before the cut). Exact for
-    greedy or seeded sampling, which give the same tokens again; a chunk that straddles the boundary keeps
-    its tokens after it and drops its text (its characters cannot be split by token here)."""
+    """A retried stream without its first `delivered` tokens (those were yielded before the cut): trim_delivered
+    over every chunk."""
     for chunk in chunks:
-        if delivered <= 0:
-            yield chunk
-            continue
-        n = len(chunk.token_ids)
-        if n <= delivered and not chunk.finished:
-            delivered -= n
-            continue
-        keep = chunk.token_ids[delivered:] if n > delivered else []
-        text = chunk.text if delivered == 0 else ""
-        delivered = 0
-        yield dataclasses.replace(chunk, token_ids=keep, text=text,
-                                  logprobs=chunk.logprobs[len(chunk.logprobs) - len(keep):] if keep else [])
+        kept, delivered = trim_delivered(chunk, delivered)
+        if kept is not None:
+            yield kept
