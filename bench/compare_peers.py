@@ -27,6 +27,8 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +59,11 @@ def make_requests(tokenizer, n: int, adapters: list[str], prompt_len: int, popul
     return [BenchRequest(i, adapters[a], tuple(p)) for i, (a, p) in enumerate(zip(ids.tolist(), prompts, strict=True))]
 
 
+@contextmanager
 def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
-                concurrency: int, rank: int, also_base: bool = False, model: str | None = None) -> list[PeerResult]:
-    """Our Engine in this process (no gRPC): every request submitted, at most `concurrency` running.
-
-    also_base: a second pass of the same requests with no adapter, on the same engine (the LoRA cost)."""
+                concurrency: int, rank: int, model: str | None = None) -> Iterator[Callable[[bool], PeerResult]]:
+    """Our Engine in this process (no gRPC), warmed up; yields run(with_adapters): every request submitted at
+    once, at most `concurrency` running (with_adapters False: the same requests on the base, the LoRA cost)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, SamplingParams
@@ -72,12 +74,16 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
     for name, path in adapters.items():
         engine.pool.register(name, path)
     engine.start()
+    runs = iter(range(1 << 30))
 
-    def run(label: str, with_adapters: bool) -> PeerResult:
+    def run(with_adapters: bool) -> PeerResult:
+        label = (f"switchboard Engine in-process (no gRPC), {concurrency} running" if with_adapters
+                 else f"switchboard Engine in-process, {concurrency} running, NO adapters")
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         res = PeerResult(label, len(requests), 0, 0.0)
+        tag = next(runs)
         start = time.perf_counter()
-        handles = [engine.submit(GenerationRequest(f"{label}-{r.index}", r.token_ids, params,
+        handles = [engine.submit(GenerationRequest(f"run{tag}-{r.index}", r.token_ids, params,
                                                    adapter=(r.adapter or None) if with_adapters else None))
                    for r in requests]
         for r, h in zip(requests, handles, strict=True):
@@ -93,25 +99,62 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
         warm = SamplingParams(max_new_tokens=1, ignore_eos=True)  # loads every adapter into its slot
         for h in [engine.submit(GenerationRequest(f"warm-{n}", (1, 2, 3, 4), warm, adapter=n)) for n in adapters]:
             collect(h)
-        results = [run(f"switchboard Engine in-process (no gRPC), {concurrency} running", True)]
-        if also_base:
-            results.append(run(f"switchboard Engine in-process, {concurrency} running, NO adapters", False))
-        return results
+        yield run
     finally:
         engine.shutdown()
 
 
+@contextmanager
 def ours_server(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
-                concurrency: int, rank: int, model: str | None = None) -> PeerResult:
-    """Our gRPC server in a subprocess on loopback, adapters uploaded via Admin, driven by the async client."""
+                concurrency: int, rank: int, model: str | None = None) -> Iterator[Callable[[], PeerResult]]:
+    """Our gRPC server in a subprocess on loopback, adapters uploaded via Admin; yields run(): the requests
+    driven by the async client at `concurrency` streams (each run warms every adapter first)."""
     from bench.serving import drive_requests, server_subprocess, upload_adapters
 
     with server_subprocess(quantize=quantize, device_slots=len(adapters), max_lora_rank=rank, model=model,
                            max_running=concurrency) as srv:
         upload_adapters(srv.target, srv.api_key, adapters)
-        res = drive_requests(srv.target, srv.api_key, requests, new_tokens, concurrency)
-    res.name = f"switchboard server over gRPC, {concurrency} concurrent streams"
-    return res
+
+        def run() -> PeerResult:
+            res = drive_requests(srv.target, srv.api_key, requests, new_tokens, concurrency)
+            res.name = f"switchboard server over gRPC, {concurrency} concurrent streams"
+            return res
+
+        yield run
+
+
+def repeated(repeats: int, run: Callable[..., PeerResult], *args) -> PeerResult:
+    """`run(*args)` `repeats` times: its first result with seconds = the median over every run."""
+    result = run(*args)
+    for _ in range(repeats - 1):
+        result.repeated(run(*args))
+    return result
+
+
+def ours_interleaved(args, adapters: dict[str, Path], requests: list[BenchRequest]) -> list[PeerResult]:
+    """Our rows, run round-robin `--repeats` times (server, engine with adapters, engine without) so that a
+    drift in the machine's speed lands on every row alike; each row's figure is its median."""
+    rows: list[tuple[Callable[[], PeerResult], list[PeerResult]]] = []
+    with ExitStack() as stack:
+        if not args.no_server:
+            rows.append((stack.enter_context(ours_server(args.quantize, adapters, requests, args.new_tokens,
+                                                         args.concurrency, args.rank, args.model)), []))
+        if args.engine_inprocess:
+            engine_run = stack.enter_context(ours_engine(args.quantize, adapters, requests, args.new_tokens,
+                                                         args.concurrency, args.rank, args.model))
+            rows += [(lambda: engine_run(True), []), (lambda: engine_run(False), [])]
+        for _ in range(args.repeats):
+            for run, results in rows:
+                results.append(run())
+                results[-1].load_avg = os.getloadavg()[0]
+    merged = []
+    for _, results in rows:
+        first = results[0]
+        for more in results[1:]:
+            first.repeated(more)
+        first.load_avg = max(r.load_avg for r in results)
+        merged.append(first)
+    return merged
 
 
 def agreement(ours: PeerResult, peer: PeerResult) -> str:
@@ -142,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single-requests", type=int, default=8, help="requests timed for PEFT one-at-a-time")
     ap.add_argument("--merge-adapters", type=int, default=8, help="adapters timed for merge-per-adapter")
     ap.add_argument("--skip", default="", help="comma list of peers to skip: single,mixed,merge,base")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of every row; ours round-robin; each row's figure is its median (min-max shown)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=Path("bench/results/compare_peers.json"))
     ap.add_argument("--plot", type=Path, default=None, help="PNG bar chart of tokens/s")
@@ -169,31 +214,28 @@ def main(argv: list[str] | None = None) -> int:
     peers: list[PeerResult] = []
 
     def done(result: PeerResult, into: list[PeerResult] = peers) -> None:
-        result.load_avg = os.getloadavg()[0]
+        result.load_avg = max(result.load_avg or 0.0, os.getloadavg()[0])
         into.append(result)
         print(f"{result.name}: {result.tokens_per_s:.1f} tok/s ({result.requests} requests)", flush=True)
 
-    ours: list[PeerResult] = []
-    if not args.no_server:
-        done(ours_server(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank,
-                         args.model), ours)
-    if args.engine_inprocess:
-        for result in ours_engine(args.quantize, adapters, requests, args.new_tokens, args.concurrency, args.rank,
-                                  also_base=True, model=args.model):
-            done(result, ours)
+    ours = ours_interleaved(args, adapters, requests)
+    for result in ours:
+        print(f"{result.name}: {result.tokens_per_s:.1f} tok/s ({result.requests} requests, runs {result.spread})",
+              flush=True)
     gc.collect()
 
     if not {"single", "mixed", "merge"} <= skip:
         model = load_peft_model(base_dir, adapters, args.quantize)
         greedy_batch_warmup(model, requests, pad_id)
         if "single" not in skip:
-            done(peft_one_at_a_time(model, requests[: args.single_requests], args.new_tokens, pad_id))
+            singles = requests[: args.single_requests]
+            done(repeated(args.repeats, peft_one_at_a_time, model, singles, args.new_tokens, pad_id))
         if "mixed" not in skip:
-            done(peft_mixed_batches(model, requests, args.new_tokens, pad_id, args.concurrency))
+            done(repeated(args.repeats, peft_mixed_batches, model, requests, args.new_tokens, pad_id, args.concurrency))
         if "merge" not in skip:
             keep = set(list(adapters)[: args.merge_adapters])
             subset = [r for r in requests if r.adapter in keep]
-            done(merge_per_adapter(model, subset, args.new_tokens, pad_id))
+            done(repeated(args.repeats, merge_per_adapter, model, subset, args.new_tokens, pad_id))
             if args.quantize:
                 peers[-1].note = "NF4: merge/unmerge requantizes the base each time"
         del model
@@ -203,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
         base = hf_model(base_dir, args.quantize)
         greedy_batch_warmup(base, requests, pad_id)
-        done(base_batched(base, requests, args.new_tokens, pad_id, args.concurrency))
+        done(repeated(args.repeats, base_batched, base, requests, args.new_tokens, pad_id, args.concurrency))
         del base
         gc.collect()
 
@@ -229,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.requests} requests ({args.popularity}), prompt {args.prompt_len} -> {args.new_tokens} new tokens, "
         f"greedy, EOS ignored; batch/concurrency {args.concurrency}.",
         "",
-        f"| setup | requests timed | tokens/s | {ref.name.split(',')[0]} / this | greedy tokens vs ours | load avg |",
-        "|---|---:|---:|---:|---|---:|",
-        *[f"| {r.name}{' (' + r.note + ')' if r.note else ''} | {r.requests} | {r.tokens_per_s:.1f} | {ratio:.2f}x "
-          f"| {check} | {r.load_avg:.1f} |" for r, ratio, check in rows],
+        f"| setup | requests timed | tokens/s (median) | runs min-max | {ref.name.split(',')[0]} / this "
+        "| greedy tokens vs ours | load avg (max) |",
+        "|---|---:|---:|---:|---:|---|---:|",
+        *[f"| {r.name}{' (' + r.note + ')' if r.note else ''} | {r.requests} | {r.tokens_per_s:.1f} | {r.spread} "
+          f"| {ratio:.2f}x | {check} | {r.load_avg:.1f} |" for r, ratio, check in rows],
         "",
     ]
     print("\n".join(table))

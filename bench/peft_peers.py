@@ -10,6 +10,7 @@ Every request generates exactly `new_tokens` tokens (EOS suppressed with min_new
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +35,24 @@ class PeerResult:
     outputs: dict[int, list[int]] = field(default_factory=dict)  # request index -> generated ids
     note: str = ""
     load_avg: float | None = None  # the machine's 1-minute load average when the row finished (contention)
+    runs_s: list[float] = field(default_factory=list)  # every repeat's seconds when the row was repeated
+
+    def repeated(self, more: PeerResult) -> PeerResult:
+        """This row with one more repeat of the same work: `seconds` becomes the median over the repeats."""
+        if more.tokens != self.tokens:
+            raise RuntimeError(f"{self.name}: a repeat generated {more.tokens} tokens, the first {self.tokens}")
+        if more.outputs != self.outputs and "repeats differ" not in self.note:
+            self.note = "; ".join(filter(None, [self.note, "repeats differ in greedy tokens"]))
+        self.runs_s = (self.runs_s or [self.seconds]) + [more.seconds]
+        self.seconds = statistics.median(self.runs_s)
+        return self
+
+    @property
+    def spread(self) -> str:
+        """tokens/s of the slowest and the fastest repeat, or "" for a single run."""
+        if len(self.runs_s) < 2:
+            return ""
+        return f"{self.tokens / max(self.runs_s):.1f}-{self.tokens / min(self.runs_s):.1f}"
 
     @property
     def tokens_per_s(self) -> float:
@@ -41,7 +60,8 @@ class PeerResult:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "requests": self.requests, "tokens": self.tokens, "seconds": self.seconds,
-                "tokens_per_s": self.tokens_per_s, "note": self.note, "load_avg": self.load_avg}
+                "tokens_per_s": self.tokens_per_s, "note": self.note, "load_avg": self.load_avg,
+                "runs_s": self.runs_s}
 
 
 def make_lora_adapters(base_dir: Path, out_dir: Path, n: int, rank: int = 16, alpha: float = 32.0,

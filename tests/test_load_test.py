@@ -202,7 +202,7 @@ def test_compare_peers_runs_every_peer_on_the_same_requests(tiny_llama_dir, tmp_
     assert compare_peers.main(["--model", str(tiny_llama_dir), "--no-server", "--engine-inprocess", "--adapters", "3",
                                "--rank", "4", "--requests", "6", "--prompt-len", "5", "--new-tokens", "4",
                                "--concurrency", "4", "--single-requests", "2", "--merge-adapters", "2",
-                               "--json", str(out)]) == 0
+                               "--repeats", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
 
     def row(prefix: str) -> dict:
@@ -210,6 +210,7 @@ def test_compare_peers_runs_every_peer_on_the_same_requests(tiny_llama_dir, tmp_
         return match
 
     assert row("switchboard Engine in-process (no gRPC)")["tokens"] == 6 * 4
+    assert all(len(r["runs_s"]) == 2 and "repeats differ" not in r["note"] for r in results)  # medians of 2 runs
     assert row("switchboard Engine in-process, 4 running, NO adapters")["tokens"] == 6 * 4
     assert row("PEFT, one request")["agreement"].startswith("2/2 identical")
     assert row("PEFT mixed-adapter batches of 4")["agreement"].startswith("6/6 identical")
