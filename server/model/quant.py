@@ -2,9 +2,12 @@
 
 NF4 follows QLoRA: `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")`,
 with double quantization (compress_statistics) where the backend supports it. bitsandbytes 0.50
-runs NF4 on CPU as well as on CUDA. On CPU we dequantize and run a dense matmul in the compute
-dtype (measured faster than bnb's CPU gemv for batches > 1, and exact with respect to the stored
-NF4 weights); on CUDA we call `bitsandbytes.matmul_4bit`.
+runs NF4 on CPU as well as on CUDA. On CPU with fp32 compute we run kernels/nf4.py: the dequantization
+fused into the matmul, tile by tile in cache, so the weights are read as 4-bit codes and never written out
+as fp32 (measured 3x bitsandbytes' dequantize-then-matmul and faster than the dense fp32 matmul at decode
+batch sizes: bench/kernels.py); other compute dtypes, or `SWITCHBOARD_KERNELS=reference`, dequantize and
+run a dense matmul in the compute dtype (exact with respect to the stored NF4 weights); on CUDA we call
+`bitsandbytes.matmul_4bit`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
+from kernels.nf4 import nf4_linear
 
 NF4_BLOCKSIZE = 64
 
@@ -73,6 +79,11 @@ class NF4Linear(nn.Module):
         if x.is_cuda:
             y = _bnb().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
             return y if self.bias is None else y + self.bias
+        if kernels.MODE in ("auto", "cpu"):  # the fused CPU kernel (fp32); None where it cannot take the call
+            state = self.quant_state
+            y = nf4_linear(x, self.packed, state.absmax, state.code, state.blocksize, self.out_features)
+            if y is not None:
+                return y if self.bias is None else y + self.bias
         return F.linear(x, self.dense_weight(), self.bias)
 
     def nbytes(self) -> int:

@@ -1,0 +1,138 @@
+// NF4 linear on CPU: y = x @ dequant(W)^T with the dequantization fused into the matmul, fp32 throughout.
+//
+// W is bitsandbytes' NF4 layout: the row-major [N, K] weight flattened, two 4-bit codes per byte (the even
+// element in the high nibble), one fp32 absmax per `bs` consecutive elements; value = code[q] * absmax.
+// Work item = a tile of NT output rows: its NT x K weights are dequantized once into a thread-private
+// buffer (L2-resident), then every token block reads them from cache. So W is read from memory as 4-bit
+// codes, once per call, never written out as fp32 (what dequantize-then-matmul does: 8x the traffic).
+// Inner kernel: MB tokens x NB rows of dot products over K with 16 fp32 lanes, MB*NB register accumulators.
+#include "pyargs.h"  // Python.h first, as the C API asks
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "avx512_rows.h"
+
+namespace {
+
+constexpr int64_t NT = 16;  // output rows per work item (tile)
+constexpr int64_t MB = 4;   // tokens per register block
+constexpr int64_t NB = 4;   // output rows per register block (MB * NB = 16 accumulators)
+
+// buf[r][k] = code[q(n0 + r, k)] * absmax[block], for r < rows (rows beyond are zero), k < K.
+void dequant_tile(const uint8_t* packed, const float* absmax, const float* code, int64_t K, int64_t bs,
+                  int64_t n0, int64_t rows, float* buf) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t flat = (n0 + r) * K;  // K % bs == 0 and bs % 32 == 0 (checked by the caller)
+    const uint8_t* p = packed + flat / 2;
+    const float* am = absmax + flat / bs;
+    float* out = buf + r * K;
+#ifdef SB_HAVE_AVX512
+    const __m512 lut = _mm512_loadu_ps(code);
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
+      const __m512i hi = _mm512_srli_epi32(b, 4), lo = _mm512_and_si512(b, _mm512_set1_epi32(15));
+      const __m512 scale = _mm512_set1_ps(am[k / bs]);
+      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, lo_idx, lo), lut),
+                                              scale));
+      _mm512_storeu_ps(out + k + 16,
+                       _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, hi_idx, lo), lut), scale));
+    }
+#else
+    for (int64_t k = 0; k < K; k += 2) {
+      const uint8_t b = p[k / 2];
+      const float s = am[k / bs];
+      out[k] = code[b >> 4] * s;
+      out[k + 1] = code[b & 15] * s;
+    }
+#endif
+  }
+  std::memset(buf + rows * K, 0, sizeof(float) * (NT - rows) * K);
+}
+
+// y[m, n0 + j] = x[m] . buf[j] for m in [m0, m0 + mr), j in [j0, j0 + nr): one MB x NB register block.
+void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* buf, int64_t K, int64_t j0,
+           int64_t nr, float* y, int64_t y_ld, int64_t n0) {
+  const float* xr[MB];
+  for (int64_t i = 0; i < MB; ++i) xr[i] = x + std::min(m0 + i, m0 + mr - 1) * x_ld;  // pad rows repeat the last
+  const float* wr[NB];
+  for (int64_t j = 0; j < NB; ++j) wr[j] = buf + (j0 + j) * K;
+  float sums[MB * NB];
+#ifdef SB_HAVE_AVX512
+  __m512 acc[MB * NB];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 w[NB];
+    for (int64_t j = 0; j < NB; ++j) w[j] = _mm512_loadu_ps(wr[j] + k);
+    for (int64_t i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_loadu_ps(xr[i] + k);
+      for (int64_t j = 0; j < NB; ++j) acc[i * NB + j] = _mm512_fmadd_ps(xv, w[j], acc[i * NB + j]);
+    }
+  }
+  _mm512_storeu_ps(sums, sb::reduce16(acc));
+#else
+  for (int64_t i = 0; i < MB; ++i)
+    for (int64_t j = 0; j < NB; ++j) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += xr[i][k] * wr[j][k];
+      sums[i * NB + j] = s;
+    }
+#endif
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) y[(m0 + i) * y_ld + n0 + j0 + j] = sums[i * NB + j];
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[M, N] (row stride y_ld) = x[M, K] (row stride x_ld) @ dequant_nf4(W)^T, every value fp32.
+void sb_nf4_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
+                   const float* code, int64_t bs, int64_t N, float* y, int64_t y_ld, int64_t n_threads) {
+  const int64_t tiles = (N + NT - 1) / NT;
+#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min(n_threads, tiles))))
+  {
+    std::vector<float> buf(static_cast<size_t>(NT * K));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n0 = t * NT, rows = std::min(NT, N - n0);
+      dequant_tile(packed, absmax, code, K, bs, n0, rows, buf.data());
+      for (int64_t m0 = 0; m0 < M; m0 += MB)
+        for (int64_t j0 = 0; j0 < rows; j0 += NB)
+          block(x, x_ld, m0, std::min(MB, M - m0), buf.data(), K, j0, std::min(NB, rows - j0), y, y_ld, n0);
+    }
+  }
+}
+
+}  // extern "C"
+
+namespace {
+
+// linear(x, x_ld, M, K, packed, absmax, code, bs, N, y, y_ld, n_threads)
+PyObject* py_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 12) return sb::arg_error("linear: 12 ints");
+  int64_t v[12];
+  if (!sb::read_ints(args, nargs, v)) return nullptr;
+  if (v[3] % v[7] || v[7] % 32) return sb::arg_error("linear: K must be a multiple of the block size (a multiple of 32)");
+  Py_BEGIN_ALLOW_THREADS
+  sb_nf4_linear(reinterpret_cast<const float*>(v[0]), v[1], v[2], v[3], reinterpret_cast<const uint8_t*>(v[4]),
+                reinterpret_cast<const float*>(v[5]), reinterpret_cast<const float*>(v[6]), v[7], v[8],
+                reinterpret_cast<float*>(v[9]), v[10], v[11]);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear)), METH_FASTCALL,
+     "y = x @ dequant_nf4(W)^T over raw pointers, fp32"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "sb_nf4", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_sb_nf4() { return PyModule_Create(&module); }

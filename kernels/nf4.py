@@ -1,0 +1,46 @@
+"""NF4 linear on CPU with the dequantization fused into the matmul (kernels/csrc/nf4.cpp, built once, cached).
+
+Dequantize-then-matmul (what bitsandbytes does on CPU) writes every weight out as fp32 and reads it back:
+per decode step of the 135M default model ~540 MB written and read for 70 MB of NF4 codes. Here each
+thread dequantizes a tile of 16 output rows into a private L2-resident buffer and runs every token against
+it, so W is read once, as 4-bit codes. fp32 activations only; anything else (another dtype, K not a
+multiple of the block size, no compiler) returns None and the caller keeps bitsandbytes' path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.build import extension
+
+
+def _kernel():
+    return extension("nf4")
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+               out_features: int) -> torch.Tensor | None:
+    """Semantics: y = x @ W^T, W [N, K] = (code[q] * absmax[flat // blocksize]).reshape(N, K), fp32; the same
+    math as kernels.reference.nf4_linear_reference (the oracle), summed in another order (fp32 rounding).
+
+    x [..., K] fp32, packed [N*K/2] uint8 (bitsandbytes' NF4 layout), absmax [N*K/blocksize] fp32, code [16]
+    fp32 -> y [..., N] fp32, or None when this kernel cannot take the call."""
+    lib = _kernel()
+    k = x.shape[-1]
+    if (lib is None or x.dtype != torch.float32 or x.is_cuda or absmax.dtype != torch.float32
+            or code.dtype != torch.float32 or code.numel() != 16 or packed.dtype != torch.uint8
+            or k % blocksize or blocksize % 32 or packed.numel() * 2 != out_features * k
+            or not (packed.is_contiguous() and absmax.is_contiguous() and code.is_contiguous())):
+        return None
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    if x2.shape[0]:
+        lib.linear(x2.data_ptr(), x2.stride(0), x2.shape[0], k, packed.data_ptr(), absmax.data_ptr(),
+                   code.data_ptr(), blocksize, out_features, y.data_ptr(), y.stride(0), torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,125 @@
+"""The fused CPU NF4 linear (kernels/nf4.py) against its torch reference and an fp64 oracle, on fresh random
+codes every run; the seed is in every assertion message (rerun a failure with SEED=<n>)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import nf4
+from kernels.reference import nf4_linear_reference
+
+pytestmark = pytest.mark.skipif(not nf4.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fresh_seed() -> int:
+    return int(os.environ.get("SEED") or np.random.SeedSequence().entropy % 10**9)
+
+
+def make_case(seed: int, m: int, n: int, k: int, blocksize: int = 64):
+    """x [m, k], random 4-bit codes for W [n, k] (packed as bitsandbytes does), absmax, a random code table."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    packed = torch.randint(0, 256, (n * k // 2,), generator=g, dtype=torch.int32).to(torch.uint8)
+    absmax = torch.rand(n * k // blocksize, generator=g) + 0.05
+    code = torch.sort(torch.randn(16, generator=g)).values
+    return x, packed, absmax, code
+
+
+def fp64_oracle(x, packed, absmax, code, blocksize: int, n: int) -> torch.Tensor:
+    hi, lo = (packed >> 4).long(), (packed & 15).long()
+    q = torch.stack((hi, lo), dim=1).reshape(-1)
+    w = (code.double()[q].reshape(-1, blocksize) * absmax.double().reshape(-1, 1)).reshape(n, -1)
+    return x.double() @ w.t()
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 33, 256])
+@pytest.mark.parametrize("n, k", [(16, 64), (49, 576), (576, 576), (1000, 1536), (3, 128)])
+def test_fused_nf4_matches_reference(m: int, n: int, k: int) -> None:
+    seed = fresh_seed()
+    x, packed, absmax, code = make_case(seed, m, n, k)
+    y = nf4.nf4_linear(x, packed, absmax, code, 64, n)
+    why = f"seed={seed} M={m} N={n} K={k}"
+    assert y is not None and y.shape == (m, n), why
+    ref = nf4_linear_reference(x, packed, absmax, code, 64, n)
+    torch.testing.assert_close(y, ref, atol=2e-4 * k ** 0.5, rtol=1e-4, msg=lambda s: f"{s}\n{why}")
+    y64 = fp64_oracle(x, packed, absmax, code, 64, n)
+    err, ref_err = (y.double() - y64).abs().max().item(), (ref.double() - y64).abs().max().item()
+    assert err <= 4 * ref_err + 1e-5, f"ours {err} vs the fp32 reference's own {ref_err} off fp64; {why}"
+
+
+def test_bitsandbytes_layout_and_layer() -> None:
+    """On weights bitsandbytes quantized: the kernel equals bnb's dequantize + matmul, and NF4Linear uses it
+    (with its bias) unless SWITCHBOARD_KERNELS=reference."""
+    from server.model.quant import NF4Linear
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    layer = NF4Linear(torch.randn(200, 576, generator=g), torch.randn(200, generator=g), torch.float32, False)
+    x = torch.randn(2, 5, 576, generator=g)
+    dense = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
+    torch.testing.assert_close(layer(x), dense, atol=1e-4, rtol=1e-4, msg=lambda s: f"{s}\nseed={seed}")
+    old = kernels.MODE
+    try:
+        kernels.MODE = "reference"
+        assert torch.equal(layer(x), dense), f"reference mode is bitsandbytes' path; seed={seed}"
+    finally:
+        kernels.MODE = old
+
+
+def test_uncovered_calls_fall_back() -> None:
+    seed = fresh_seed()
+    x, packed, absmax, code = make_case(seed, 5, 16, 128)
+    assert nf4.nf4_linear(x.bfloat16(), packed, absmax, code, 64, 16) is None  # fp32 activations only
+    assert nf4.nf4_linear(x[:, :96], packed[: 16 * 48], absmax[:24], code, 64, 16) is None  # K % blocksize
+    assert nf4.nf4_linear(x, packed, absmax, code, 64, 17) is None  # shapes disagree
+    assert nf4.nf4_linear(x, packed, absmax, code[:8], 64, 16) is None
+    empty = nf4.nf4_linear(x[:0], packed, absmax, code, 64, 16)
+    assert empty is not None and empty.shape == (0, 16)
+
+
+def test_strided_input_and_thread_counts() -> None:
+    seed = fresh_seed()
+    x, packed, absmax, code = make_case(seed, 33, 80, 256)
+    wide = torch.cat([x, torch.randn(33, 7)], dim=1)[:, :256]  # rows 263 apart
+    y = nf4.nf4_linear(wide, packed, absmax, code, 64, 80)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(nf4.nf4_linear(x, packed, absmax, code, 64, 80))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, y) for r in results), f"tiles are independent: same bits on any thread count; {seed=}"
+
+
+PORTABLE_CHECK = """
+import torch
+from kernels import nf4
+from kernels.reference import nf4_linear_reference
+from tests.test_kernels_nf4 import make_case
+for m, n, k in ((1, 16, 64), (33, 49, 576), (256, 100, 1536)):
+    x, packed, absmax, code = make_case({seed} + m, m, n, k)
+    y = nf4.nf4_linear(x, packed, absmax, code, 64, n)
+    torch.testing.assert_close(y, nf4_linear_reference(x, packed, absmax, code, 64, n), atol=2e-4 * k ** 0.5, rtol=1e-4)
+print("portable ok")
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
+def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
+    """The kernel built for x86-64-v3 (AVX2: the generic loops, none of the AVX-512 code) in a fresh cache."""
+    seed = fresh_seed()
+    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": "x86-64-v3", "SWITCHBOARD_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(seed=seed)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert len(list((tmp_path / "kernels").glob("nf4-*.so"))) == 1
