@@ -17,10 +17,8 @@ each with its own rank-16 LoRA on all seven projections, vs the same 32 sequence
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
-import queue
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.decode_step import interleaved  # noqa: E402
 from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
 from kernels import lora_apply, lora_expand, lora_shrink  # noqa: E402
 from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many  # noqa: E402
@@ -197,10 +196,10 @@ def load_average() -> str:
 
 
 def engine_rows(repeats: int, quantize: bool):
-    """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules)."""
+    """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules),
+    interleaved after a warm-up (bench/decode_step.py)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
-    from server.engine.request import GenerationRequest, SamplingParams
 
     engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(),
                            AdapterPoolConfig(device_slots=32, max_lora_rank=64))
@@ -209,34 +208,12 @@ def engine_rows(repeats: int, quantize: bool):
     mode = "NF4" if quantize else "fp32 dense"
     yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
     yield "|---|---:|---:|"
-    medians: dict[str, tuple[float, float]] = {}
-    runs = [("warm-up", True, 3), ("base model", False, repeats + 4), ("32 distinct rank-16 LoRA (7 modules)", True,
-                                                                       repeats + 4)]
-    for label, use, new_tokens in runs:  # warm-up (untimed): adapters loaded, allocator and caches settled
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        handles = [engine.submit(GenerationRequest(f"{label}-{i}", tuple(range(100, 132)), params,
-                                                   adapter=f"a{i}" if use else None)) for i in range(32)]
-        wall: list[float] = []
-        cpu: list[float] = []
-        while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
-            engine.take_submitted()
-            steps_before = engine.steps
-            w0, c0 = time.perf_counter(), time.process_time()
-            engine.step()
-            stats = engine.stats()  # a step with nothing schedulable (adapters still loading) runs no batch
-            if engine.steps > steps_before and stats.batch_size == 32 and stats.batch_tokens == 32:  # pure decode
-                wall.append(time.perf_counter() - w0)
-                cpu.append(time.process_time() - c0)
-            for h in handles:  # consume events so `done` is seen
-                with contextlib.suppress(queue.Empty):
-                    while not h.done:
-                        h.get(timeout=0)
-        if label == "warm-up":
-            continue
-        medians[label] = (float(np.median(wall)), float(np.median(cpu)))
-        yield f"| {label} | {medians[label][0] * 1e3:.1f} | {medians[label][1] * 1e3:.1f} |"
-    (bw, bc), (lw, lc) = medians.values()
-    yield f"| ratio LoRA / base | {lw / bw:.2f}x | {lc / bc:.2f}x |"
+    lora = "32 distinct rank-16 LoRA (7 modules)"
+    t = interleaved(engine, {"base model": [None] * 32, lora: [f"a{i}" for i in range(32)]}, repeats)
+    for label, times in t.items():
+        yield f"| {label} | {times.wall_ms:.1f} | {times.cpu_ms:.1f} |"
+    base, ours = t.values()
+    yield f"| ratio LoRA / base | {ours.wall_ms / base.wall_ms:.2f}x | {ours.cpu_ms / base.cpu_ms:.2f}x |"
 
 
 def main() -> None:

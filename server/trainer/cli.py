@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimisation steps (default per method)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (default per method)")
+    p.add_argument("--embed-norm-lr", type=float,
+                   help="longlora: learning rate of the trained embeddings and norms (default per method)")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-length", type=int, default=128, help="rows longer than this (tokens) are rejected")
@@ -70,7 +72,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         method=args.method, output_dir=args.output_dir, model=args.model, task=args.task, data=args.data,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, n_train=args.n_train, n_test=args.n_test,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, embed_norm_lr=args.embed_norm_lr,
+        warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_length=args.max_length, rank=args.rank, alpha=args.alpha,
         targets=tuple(args.targets) if args.targets else None, virtual_tokens=args.virtual_tokens,
         encoder_hidden=args.encoder_hidden, bottleneck=args.bottleneck, reduction_factor=args.reduction_factor,
