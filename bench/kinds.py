@@ -96,15 +96,15 @@ def write_adapter(kind: str, args: ModelArgs, out: Path, seed: int) -> Path:
     return out
 
 
-def pool_config():
-    """bench/kernels.py's pool (32 slots, the server's default max rank 64), with room for the kinds' extras: 32
-    LongLoRA embedding tables need ~3.6 GB of host cache (the bottleneck, 576 // 16 = 36 wide, fits the default 64)."""
+def pool_config(max_lora_rank: int):
+    """bench/kernels.py's pool (32 slots, max rank 64 by default), with room for the kinds' extras: 32 LongLoRA
+    embedding tables need ~3.6 GB of host cache (the bottleneck, 576 // 16 = 36 wide, fits the default 64)."""
     from server.config import AdapterPoolConfig
 
-    return AdapterPoolConfig(device_slots=32, host_cache_bytes=8 << 30)
+    return AdapterPoolConfig(device_slots=32, max_lora_rank=max_lora_rank, host_cache_bytes=8 << 30)
 
 
-def rows(kinds: list[str], steps: int, rounds: int, quantize: bool):
+def rows(kinds: list[str], steps: int, rounds: int, quantize: bool, max_lora_rank: int = 64):
     """One engine per kind (only that kind's tables are allocated); base and kind interleaved in each
     (bench/decode_step.py, as bench/kernels.py measures LoRA)."""
     import gc
@@ -118,7 +118,7 @@ def rows(kinds: list[str], steps: int, rounds: int, quantize: bool):
     yield "|---|---:|---:|---:|---:|---:|---:|"
     with tempfile.TemporaryDirectory(prefix="bench-kinds-") as tmp:
         for kind in kinds:
-            engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(), pool_config())
+            engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(), pool_config(max_lora_rank))
             names = []
             for i in range(32):
                 path = write_adapter(kind, engine.args, Path(tmp) / f"{kind}-{i}", seed=i)
@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved blocks per variant the steps are split into")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--nf4", action="store_true", help="the NF4 base (default: fp32 dense)")
+    ap.add_argument("--max-lora-rank", type=int, default=64, help="the pool's LoRA rank bound (tables pad to it)")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -146,7 +147,7 @@ def main() -> None:
     lines = [f"### Adapter kinds, decode step ({dt.date.today()})", "",
              f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", ""]
     print("\n".join(lines), flush=True)
-    for row in rows(args.kinds, args.repeats, args.rounds, args.nf4):
+    for row in rows(args.kinds, args.repeats, args.rounds, args.nf4, args.max_lora_rank):
         print(row, flush=True)
         lines.append(row)
     if args.out:

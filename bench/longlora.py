@@ -66,7 +66,7 @@ def run_mode(args) -> dict:
     train, test = streams(tokenizer, args.length, args.steps, args.eval_sequences)
     base = load_base(model_dir, quantized=False, device=args.device)
     model = attach_longlora(base, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                            factor=args.rope_factor, s2_attn=args.mode == "s2")
+                            factor=args.rope_factor, context=args.length, s2_attn=args.mode == "s2")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for n, p in named if SAVED_MODULE_MARK not in n], "lr": args.lr},
                              {"params": [p for n, p in named if SAVED_MODULE_MARK in n], "lr": args.embed_norm_lr}])

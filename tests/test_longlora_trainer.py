@@ -26,12 +26,12 @@ class _Mode(torch.nn.Module):
     pass
 
 
-def _reference_s2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _reference_s2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: int | None = None) -> torch.Tensor:
     """Per head: the sequence is cut in 4 groups of g; heads in the second half are cut at half-group offsets instead
     ([0, g/2), [g/2 + mg, g/2 + (m+1)g), no wrap-around); each query attends causally to the keys of its own group
     only (explicit loops, softmax by hand)."""
     b, h, t, d = q.shape
-    g = t // 4
+    g = g or t // 4
     out = torch.zeros(b, t, h, d)
     for head in range(h):
         shift = g // 2 if head >= h // 2 else 0
@@ -91,6 +91,22 @@ def test_s2_attention_gqa_heads_split_across_a_kv_group_odd_groups_and_gradients
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert _future_free(q.detach(), k.detach(), v.detach())
+
+
+def test_s2_attention_takes_its_group_size_from_the_model_config() -> None:
+    """attach_longlora sets a quarter of the training context: a batch of 21 tokens at groups of 8 (3 groups, the
+    last cut short), and a batch shorter than half a group is full causal attention."""
+    g = torch.Generator().manual_seed(74)
+    module = _Mode().train()
+    module.config = type("Cfg", (), {"s2_group_size": 8})()
+    q, k, v = (torch.randn(1, 4, 21, 8, generator=g) for _ in range(3))
+    out, _ = s2_attention(module, q, k, v, None, scaling=8**-0.5)
+    torch.testing.assert_close(out, _reference_s2(q, k, v, g=8), atol=1e-5, rtol=1e-5)
+    for n in (3, 4):  # shorter than half a group (3), exactly half (4)
+        short = [x[:, :, :n] for x in (q, k, v)]
+        out, _ = s2_attention(module, *short, None, scaling=8**-0.5)
+        full = torch.nn.functional.scaled_dot_product_attention(*short, is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
 
 
 def test_longlora_learns_and_is_served_like_its_oracle(tiny_llama_dir: Path, tmp_path: Path) -> None:

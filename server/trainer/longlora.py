@@ -23,7 +23,7 @@ from torch import nn
 from server.adapters.kinds.longlora import SAVED_MODULES
 from server.trainer.hooked import HookedModel
 from server.trainer.methods import check_targets
-from server.trainer.s2_attn import S2_ATTENTION
+from server.trainer.s2_attn import GROUP_ATTR, GROUPS, S2_ATTENTION
 
 
 def set_linear_rope(base: nn.Module, factor: float) -> None:
@@ -53,13 +53,15 @@ class LongLoraModel(HookedModel):
 
 
 def attach_longlora(base: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...], factor: float,
-                    s2_attn: bool = True) -> LongLoraModel:
-    """LoRA + trainable embeddings and norms on `base`, its RoPE interpolated by `factor`, S2-Attn when training."""
+                    context: int, s2_attn: bool = True) -> LongLoraModel:
+    """LoRA + trainable embeddings and norms on `base`, its RoPE interpolated by `factor`, S2-Attn when training
+    with groups of a quarter of `context` (the training context: rows are at most this long)."""
     check_targets(targets, "LongLoRA")
     if factor < 1.0:
         raise ValueError(f"the RoPE interpolation factor must be >= 1, got {factor}")
     set_linear_rope(base, factor)
     if s2_attn:
+        setattr(base.config, GROUP_ATTR, max(1, context // GROUPS))
         base.set_attn_implementation(S2_ATTENTION)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), modules_to_save=list(SAVED_MODULES),
                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")

@@ -122,7 +122,8 @@ def build_model(cfg: TrainConfig, model_dir: Path):
     if cfg.method == "longlora":  # LoRA + embeddings and norms, RoPE interpolated, S2-Attn (server/trainer/longlora.py)
         torch.manual_seed(cfg.seed)
         return attach_longlora(base, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
-                               targets=tuple(cfg.resolved("targets")), factor=cfg.rope_factor, s2_attn=cfg.s2_attn)
+                               targets=tuple(cfg.resolved("targets")), factor=cfg.rope_factor, context=cfg.max_length,
+                               s2_attn=cfg.s2_attn)
     peft_cfg = build_peft_config(cfg.method, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
                                  targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
                                  encoder_hidden=cfg.resolved("encoder_hidden"))

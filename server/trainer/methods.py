@@ -35,7 +35,7 @@ class MethodDefaults:
 
     lr: float
     steps: int
-    embed_norm_lr: float | None = None  # full copies of base modules (PEFT modules_to_save); None = lr
+    embed_norm_lr: float | None = None  # full copies of base modules (PEFT modules_to_save); None = lr (LongLoRA's)
     batch_size: int = 8
     rank: int = 8  # LoRA / QLoRA
     alpha: float = 16.0
