@@ -1,6 +1,7 @@
 """LoRA kernel benchmark: shrink+expand time, and the decode step with 32 LoRA adapters vs the base model.
 
-    .venv/bin/python bench/kernels.py [--repeats 20] [--threads N] [--skip-ops] [--skip-engine] [--nf4] [--out FILE]
+    .venv/bin/python bench/kernels.py [--repeats 20] [--rounds 3] [--threads N] [--skip-ops] [--skip-engine] [--nf4]
+                                      [--out FILE]
 
 Part 1 (op level): tokens x hidden 576 -> out 1536 (SmolLM2's gate_proj), rank 16, 32 adapters, popularity
 distinct / uniform / zipf:1.5 / skewed / identical. Compares our paths (on CPU the torch reference and the
@@ -9,9 +10,9 @@ adapter-weight + activation traffic against the measured copy bandwidth. On CPU 
 whole decode step (7 projections x 30 layers, cache-cold), with and without fused q/k/v and gate/up
 shrinks, and through lora_apply on the pool's layout (max rank 64, rank-major B); and one layer's
 paged attention (kernels/attention.py) against today's padded gather + SDPA.
-Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
-or NF4 with --nf4),
-each with its own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model.
+Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense, or NF4 with --nf4), each with its
+own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model, timed as bench/kinds.py times
+every kind (bench/decode_step.py: a warm-up block each, then interleaved blocks).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def engine_rows(repeats: int, quantize: bool):
+def engine_rows(repeats: int, rounds: int, quantize: bool):
     """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules),
     interleaved after a warm-up (bench/decode_step.py)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
@@ -209,7 +210,7 @@ def engine_rows(repeats: int, quantize: bool):
     yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
     yield "|---|---:|---:|"
     lora = "32 distinct rank-16 LoRA (7 modules)"
-    t = interleaved(engine, {"base model": [None] * 32, lora: [f"a{i}" for i in range(32)]}, repeats)
+    t = interleaved(engine, {"base model": [None] * 32, lora: [f"a{i}" for i in range(32)]}, repeats, rounds)
     for label, times in t.items():
         yield f"| {label} | {times.wall_ms:.1f} | {times.cpu_ms:.1f} |"
     base, ours = t.values()
@@ -221,6 +222,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="engine part: interleaved base / LoRA blocks the --repeats decode steps are split into")
     ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--nf4", action="store_true", help="the engine part on the NF4 base (default: fp32 dense)")
@@ -237,7 +240,7 @@ def main() -> None:
         parts.append(step_rows(max(3, args.repeats // 4)))
         parts.append(attention_rows(max(3, args.repeats // 4)))
     if not args.skip_engine:
-        parts.append(engine_rows(args.repeats, args.nf4))
+        parts.append(engine_rows(args.repeats, args.rounds, args.nf4))
     for part in parts:
         for row in part:
             print(row, flush=True)
