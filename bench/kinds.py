@@ -117,11 +117,11 @@ def rows(kinds: list[str], steps: int, rounds: int, quantize: bool, max_lora_ran
            f"| load (1 min) | base wall ms | kind wall ms | kind CPU ms | wall vs base | CPU vs base |")
     yield "|---|---:|---:|---:|---:|---:|---:|"
     with tempfile.TemporaryDirectory(prefix="bench-kinds-") as tmp:
-        for kind in kinds:
+        for row, kind in enumerate(kinds):  # a kind may be listed twice (a repeat in a fresh engine)
             engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(), pool_config(max_lora_rank))
             names = []
             for i in range(32):
-                path = write_adapter(kind, engine.args, Path(tmp) / f"{kind}-{i}", seed=i)
+                path = write_adapter(kind, engine.args, Path(tmp) / f"{row}-{kind}-{i}", seed=i)
                 engine.pool.register(f"{kind}-{i}", path)
                 names.append(f"{kind}-{i}")
             t = interleaved(engine, {"base": [None] * 32, kind: names}, steps, rounds)

@@ -36,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (default per method)")
     p.add_argument("--embed-norm-lr", type=float,
-                   help="longlora: learning rate of the trained embeddings and norms (default: --lr, as in the paper)")
+                   help="longlora: learning rate of the trained embeddings and norms (default per method)")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-length", type=int, default=128, help="rows longer than this (tokens) are rejected")
