@@ -1,6 +1,7 @@
 """LoRA kernel benchmark: shrink+expand time, and the decode step with 32 LoRA adapters vs the base model.
 
-    .venv/bin/python bench/kernels.py [--repeats 20] [--threads N] [--skip-ops] [--skip-engine] [--nf4] [--out FILE]
+    .venv/bin/python bench/kernels.py [--repeats 20] [--rounds 3] [--threads N] [--skip-ops] [--skip-engine] [--nf4]
+                                      [--out FILE]
 
 Part 1 (op level): tokens x hidden 576 -> out 1536 (SmolLM2's gate_proj), rank 16, 32 adapters, popularity
 distinct / uniform / zipf:1.5 / skewed / identical. Compares our paths (on CPU the torch reference and the
@@ -9,18 +10,16 @@ adapter-weight + activation traffic against the measured copy bandwidth. On CPU 
 whole decode step (7 projections x 30 layers, cache-cold), with and without fused q/k/v and gate/up
 shrinks, and through lora_apply on the pool's layout (max rank 64, rank-major B); and one layer's
 paged attention (kernels/attention.py) against today's padded gather + SDPA.
-Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense,
-or NF4 with --nf4),
-each with its own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model.
+Part 2 (engine): one decode step of 32 sequences on the default model (fp32 dense, or NF4 with --nf4), each with its
+own rank-16 LoRA on all seven projections, vs the same 32 sequences on the base model, timed as bench/kinds.py times
+every kind (bench/decode_step.py: a warm-up block each, then interleaved blocks).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
-import queue
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.decode_step import interleaved  # noqa: E402
 from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
 from kernels import lora_apply, lora_expand, lora_shrink  # noqa: E402
 from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many  # noqa: E402
@@ -196,11 +196,11 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def engine_rows(repeats: int, quantize: bool):
-    """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules)."""
+def engine_rows(repeats: int, rounds: int, quantize: bool):
+    """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules),
+    interleaved after a warm-up (bench/decode_step.py)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
-    from server.engine.request import GenerationRequest, SamplingParams
 
     engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(),
                            AdapterPoolConfig(device_slots=32, max_lora_rank=64))
@@ -209,34 +209,12 @@ def engine_rows(repeats: int, quantize: bool):
     mode = "NF4" if quantize else "fp32 dense"
     yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
     yield "|---|---:|---:|"
-    medians: dict[str, tuple[float, float]] = {}
-    runs = [("warm-up", True, 3), ("base model", False, repeats + 4), ("32 distinct rank-16 LoRA (7 modules)", True,
-                                                                       repeats + 4)]
-    for label, use, new_tokens in runs:  # warm-up (untimed): adapters loaded, allocator and caches settled
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        handles = [engine.submit(GenerationRequest(f"{label}-{i}", tuple(range(100, 132)), params,
-                                                   adapter=f"a{i}" if use else None)) for i in range(32)]
-        wall: list[float] = []
-        cpu: list[float] = []
-        while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
-            engine.take_submitted()
-            steps_before = engine.steps
-            w0, c0 = time.perf_counter(), time.process_time()
-            engine.step()
-            stats = engine.stats()  # a step with nothing schedulable (adapters still loading) runs no batch
-            if engine.steps > steps_before and stats.batch_size == 32 and stats.batch_tokens == 32:  # pure decode
-                wall.append(time.perf_counter() - w0)
-                cpu.append(time.process_time() - c0)
-            for h in handles:  # consume events so `done` is seen
-                with contextlib.suppress(queue.Empty):
-                    while not h.done:
-                        h.get(timeout=0)
-        if label == "warm-up":
-            continue
-        medians[label] = (float(np.median(wall)), float(np.median(cpu)))
-        yield f"| {label} | {medians[label][0] * 1e3:.1f} | {medians[label][1] * 1e3:.1f} |"
-    (bw, bc), (lw, lc) = medians.values()
-    yield f"| ratio LoRA / base | {lw / bw:.2f}x | {lc / bc:.2f}x |"
+    lora = "32 distinct rank-16 LoRA (7 modules)"
+    t = interleaved(engine, {"base model": [None] * 32, lora: [f"a{i}" for i in range(32)]}, repeats, rounds)
+    for label, times in t.items():
+        yield f"| {label} | {times.wall_ms:.1f} | {times.cpu_ms:.1f} |"
+    base, ours = t.values()
+    yield f"| ratio LoRA / base | {ours.wall_ms / base.wall_ms:.2f}x | {ours.cpu_ms / base.cpu_ms:.2f}x |"
 
 
 def main() -> None:
@@ -244,6 +222,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="engine part: interleaved base / LoRA blocks the --repeats decode steps are split into")
     ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--nf4", action="store_true", help="the engine part on the NF4 base (default: fp32 dense)")
@@ -260,7 +240,7 @@ def main() -> None:
         parts.append(step_rows(max(3, args.repeats // 4)))
         parts.append(attention_rows(max(3, args.repeats // 4)))
     if not args.skip_engine:
-        parts.append(engine_rows(args.repeats, args.nf4))
+        parts.append(engine_rows(args.repeats, args.rounds, args.nf4))
     for part in parts:
         for row in part:
             print(row, flush=True)

@@ -1,9 +1,12 @@
 """Decode-step cost of the adapter kinds of issue 14: 32 sequences on 32 distinct adapters of one kind vs base.
 
-    .venv/bin/python bench/kinds.py [--repeats 10] [--threads N] [--nf4] [--kinds lora dora ...] [--out FILE]
+    .venv/bin/python bench/kinds.py [--repeats 12] [--rounds 3] [--threads N] [--nf4] [--kinds lora dora ...]
+                                    [--out FILE]
 
-Default model (fp32 dense, or NF4), 32 sequences of 32 prompt tokens, pure decode steps timed (median wall and
-CPU ms). Adapters (random, written to a temporary directory in each kind's file format, loaded by the pool):
+Default model (fp32 dense, or NF4 with --nf4), 32 sequences of 32 prompt tokens, pure decode steps timed (median
+wall and CPU ms), base and kind measured in one engine the way bench/kernels.py measures LoRA (bench/decode_step.py:
+a warm-up block each, then interleaved blocks), on its pool configuration. Adapters (random, written to a
+temporary directory in each kind's file format, loaded by the pool):
   lora        rank 16 on the seven projections (the reference row)
   dora        rank 16 on the seven projections + magnitudes (LoRA + one gain multiply per projection)
   bitfit      bias deltas on the seven projections
@@ -18,22 +21,19 @@ CPU ms). Adapters (random, written to a temporary directory in each kind's file 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
-import queue
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.decode_step import interleaved  # noqa: E402
 from server.model.args import PROJECTIONS, ModelArgs  # noqa: E402
 
 KINDS = ("lora", "dora", "bitfit", "houlsby", "pfeiffer", "longlora", "longlora-embed")
@@ -96,37 +96,20 @@ def write_adapter(kind: str, args: ModelArgs, out: Path, seed: int) -> Path:
     return out
 
 
-def decode_ms(engine, adapters: list[str | None], repeats: int, label: str) -> tuple[float, float]:
-    from server.engine.request import GenerationRequest, SamplingParams
+def pool_config(max_lora_rank: int):
+    """bench/kernels.py's pool (32 slots, max rank 64 by default), with room for the kinds' extras: 32 LongLoRA
+    embedding tables need ~3.6 GB of host cache (the bottleneck, 576 // 16 = 36 wide, fits the default 64)."""
+    from server.config import AdapterPoolConfig
 
-    params = SamplingParams(max_new_tokens=repeats + 4 if repeats else 1, ignore_eos=True)
-    handles = [engine.submit(GenerationRequest(f"{label}-{i}", tuple(range(100, 132)), params, adapter=a))
-               for i, a in enumerate(adapters)]
-    wall: list[float] = []
-    cpu: list[float] = []
-    while any(not h.done for h in handles):  # engine thread not started: steps are driven and timed here
-        engine.take_submitted()
-        steps_before = engine.steps
-        w0, c0 = time.perf_counter(), time.process_time()
-        engine.step()
-        stats = engine.stats()
-        if engine.steps > steps_before and stats.batch_size == len(adapters) and stats.batch_tokens == len(adapters):
-            wall.append(time.perf_counter() - w0)
-            cpu.append(time.process_time() - c0)
-        for h in handles:
-            with contextlib.suppress(queue.Empty):
-                while not h.done:
-                    h.get(timeout=0)
-    if not wall:
-        return float("nan"), float("nan")  # no step ran all sequences as pure decode (the warm-up pass)
-    return float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3
+    return AdapterPoolConfig(device_slots=32, max_lora_rank=max_lora_rank, host_cache_bytes=8 << 30)
 
 
-def rows(kinds: list[str], repeats: int, quantize: bool):
-    """One engine per kind (only that kind's tables are allocated), base measured side by side in each."""
+def rows(kinds: list[str], steps: int, rounds: int, quantize: bool, max_lora_rank: int = 64):
+    """One engine per kind (only that kind's tables are allocated); base and kind interleaved in each
+    (bench/decode_step.py, as bench/kernels.py measures LoRA)."""
     import gc
 
-    from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+    from server.config import EngineConfig, ModelConfig
     from server.engine.engine import Engine
 
     mode = "NF4" if quantize else "fp32 dense"
@@ -134,30 +117,28 @@ def rows(kinds: list[str], repeats: int, quantize: bool):
            f"| load (1 min) | base wall ms | kind wall ms | kind CPU ms | wall vs base | CPU vs base |")
     yield "|---|---:|---:|---:|---:|---:|---:|"
     with tempfile.TemporaryDirectory(prefix="bench-kinds-") as tmp:
-        for kind in kinds:
-            # bottleneck: 576 // 16 = 36 wide; 32 LongLoRA embedding tables need ~3.6 GB of host cache
-            engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(),
-                                   AdapterPoolConfig(device_slots=32, max_lora_rank=16, max_bottleneck_size=36,
-                                                     host_cache_bytes=8 << 30))
+        for row, kind in enumerate(kinds):  # a kind may be listed twice (a repeat in a fresh engine)
+            engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(), pool_config(max_lora_rank))
             names = []
             for i in range(32):
-                path = write_adapter(kind, engine.args, Path(tmp) / f"{kind}-{i}", seed=i)
+                path = write_adapter(kind, engine.args, Path(tmp) / f"{row}-{kind}-{i}", seed=i)
                 engine.pool.register(f"{kind}-{i}", path)
                 names.append(f"{kind}-{i}")
-            decode_ms(engine, names, 0, f"warm-{kind}")  # loads every adapter into its slot (DoRA: gains computed)
-            base_wall, base_cpu = decode_ms(engine, [None] * 32, repeats, f"base-{kind}")
-            wall, cpu = decode_ms(engine, names, repeats, kind)
-            yield (f"| 32 distinct {kind} | {os.getloadavg()[0]:.1f} | {base_wall:.1f} | {wall:.1f} | {cpu:.1f} "
-                   f"| {wall / base_wall:.2f}x | {cpu / base_cpu:.2f}x |")
+            t = interleaved(engine, {"base": [None] * 32, kind: names}, steps, rounds)
+            base, k = t["base"], t[kind]
+            yield (f"| 32 distinct {kind} | {os.getloadavg()[0]:.1f} | {base.wall_ms:.1f} | {k.wall_ms:.1f} "
+                   f"| {k.cpu_ms:.1f} | {k.wall_ms / base.wall_ms:.2f}x | {k.cpu_ms / base.cpu_ms:.2f}x |")
             del engine
             gc.collect()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=12, help="timed decode steps per variant (base, kind)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved blocks per variant the steps are split into")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--nf4", action="store_true", help="the NF4 base (default: fp32 dense)")
+    ap.add_argument("--max-lora-rank", type=int, default=64, help="the pool's LoRA rank bound (tables pad to it)")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -166,7 +147,7 @@ def main() -> None:
     lines = [f"### Adapter kinds, decode step ({dt.date.today()})", "",
              f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", ""]
     print("\n".join(lines), flush=True)
-    for row in rows(args.kinds, args.repeats, args.nf4):
+    for row in rows(args.kinds, args.repeats, args.rounds, args.nf4, args.max_lora_rank):
         print(row, flush=True)
         lines.append(row)
     if args.out:

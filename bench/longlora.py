@@ -1,7 +1,7 @@
 """LongLoRA training: S2-Attn vs full attention at the same extended length (memory, time per step, held-out loss).
 
-    .venv/bin/python bench/longlora.py [--model DIR] [--length 2048] [--rope-factor 2] [--steps 20]
-                                       [--threads N] [--device cpu|cuda] [--out bench/RESULTS.md]
+    .venv/bin/python bench/longlora.py [--model DIR] [--length 2048] [--rope-factor 2] [--steps 20] [--modes s2 full]
+                                       [--lr 1e-3] [--embed-norm-lr X] [--threads N] [--device cpu|cuda] [--out FILE]
 
 Each attention mode trains in its own process (so its peak memory is its own) the same LongLoRA adapter
 (server/trainer/longlora.py: LoRA rank 8 on q/k/v/o + embeddings and norms, RoPE linear factor `--rope-factor`)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.model.checkpoint import resolve_model_dir  # noqa: E402
 from server.trainer.base import load_base, load_tokenizer  # noqa: E402
 from server.trainer.longlora import attach_longlora  # noqa: E402
+from server.trainer.methods import method_defaults  # noqa: E402
+from server.trainer.optim import SAVED_MODULE_MARK  # noqa: E402
 from server.trainer.tasks import task_splits  # noqa: E402
 
 
@@ -63,9 +66,10 @@ def run_mode(args) -> dict:
     train, test = streams(tokenizer, args.length, args.steps, args.eval_sequences)
     base = load_base(model_dir, quantized=False, device=args.device)
     model = attach_longlora(base, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                            factor=args.rope_factor, s2_attn=args.mode == "s2")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
+                            factor=args.rope_factor, context=args.length, s2_attn=args.mode == "s2")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if SAVED_MODULE_MARK not in n], "lr": args.lr},
+                             {"params": [p for n, p in named if SAVED_MODULE_MARK in n], "lr": args.embed_norm_lr}])
     model.train()
     walls, cpus, losses = [], [], []
     for seq in train:
@@ -86,7 +90,7 @@ def run_mode(args) -> dict:
     return {"mode": args.mode, "step_wall_s": statistics.median(walls[1:] or walls),
             "step_cpu_s": statistics.median(cpus[1:] or cpus), "peak_mib": peak_bytes(args.device) / 2**20,
             "first_loss": losses[0], "last_loss": statistics.mean(losses[-3:]),
-            "held_out_loss": statistics.mean(held)}
+            "held_out_loss": statistics.mean(held), "load_1min": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -94,9 +98,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded SmolLM2-135M)")
     ap.add_argument("--length", type=int, default=2048, help="training sequence length (tokens)")
     ap.add_argument("--rope-factor", type=float, default=2.0)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-sequences", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20, help="optimisation steps (one sequence each)")
+    defaults = method_defaults("longlora")
+    ap.add_argument("--lr", type=float, default=defaults.lr, help="LoRA learning rate (the trainer's default)")
+    ap.add_argument("--embed-norm-lr", type=float, default=defaults.embed_norm_lr or defaults.lr,
+                    help="embeddings and norms (the trainer's default)")
+    ap.add_argument("--eval-sequences", type=int, default=4, help="held-out sequences of --length tokens")
+    ap.add_argument("--modes", nargs="+", choices=["s2", "full"], default=["s2", "full"],
+                    help="attention modes to run, one process each, in this order")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mode", choices=["s2", "full"], help=argparse.SUPPRESS)  # the child process
@@ -109,7 +118,7 @@ def main() -> None:
         return
     child = [a for a in sys.argv[1:] if a]
     results = []
-    for mode in ("s2", "full"):
+    for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, *child, "--mode", mode], check=True, capture_output=True,
                              text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
@@ -118,11 +127,12 @@ def main() -> None:
              f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
              f"| {args.length} tokens, RoPE x{args.rope_factor:g}, {args.steps} steps, {args.device}, "
              f"{torch.get_num_threads()} threads | step wall s | step CPU s | peak MiB | loss first -> last "
-             f"| held-out loss (full attention) |", "|---|---:|---:|---:|---|---:|"]
+             f"| held-out loss (full attention) | load (1 min) at end |", "|---|---:|---:|---:|---|---:|---:|"]
     for r in results:
-        name = "S2-Attn (4 groups, half the heads shifted)" if r["mode"] == "s2" else "full attention"
+        name = "S2-Attn (4 groups, half the heads offset by half a group)" if r["mode"] == "s2" else "full attention"
         lines.append(f"| {name} | {r['step_wall_s']:.2f} | {r['step_cpu_s']:.2f} | {r['peak_mib']:.0f} "
-                     f"| {r['first_loss']:.3f} -> {r['last_loss']:.3f} | {r['held_out_loss']:.3f} |")
+                     f"| {r['first_loss']:.3f} -> {r['last_loss']:.3f} | {r['held_out_loss']:.3f} "
+                     f"| {r['load_1min']:.1f} |")
     print("\n".join(lines), flush=True)
     if args.out:
         with args.out.open("a") as f:

@@ -96,6 +96,7 @@ def run_method(method: str, args, work: Path) -> dict:
     return {"exact_match": result.eval.exact_match, "eval_loss": result.eval.loss,
             "trainable_params": result.trainable_params, "adapter_bytes": result.adapter_bytes,
             "train_seconds": result.train_seconds, "steps": result.steps, "lr": cfg.resolved("lr"),
+            "embed_norm_lr": cfg.resolved("embed_norm_lr"),
             "batch_size": cfg.resolved("batch_size"), "engine_equal": same, "rows": len(test),
             "first_loss": result.losses[0], "final_loss": sum(result.losses[-5:]) / len(result.losses[-5:])}
 
@@ -121,7 +122,8 @@ def table(res: dict, args) -> str:
     for method in METHODS:
         r = res.get("methods", {}).get(method)
         if r:
-            setup = f"{method} ({r['steps']} steps x {r['batch_size']}, lr {r['lr']:g})"
+            saved_lr = f", embeddings and norms lr {r['embed_norm_lr']:g}" if r.get("embed_norm_lr") else ""
+            setup = f"{method} ({r['steps']} steps x {r['batch_size']}, lr {r['lr']:g}{saved_lr})"
             lines.append(f"| {setup} | {r['exact_match']:.1%} | {r['trainable_params']:,} "
                          f"| {r['adapter_bytes'] / 1e3:,.0f} kB | {r['train_seconds']:.0f} s "
                          f"| {r['engine_equal']}/{r['rows']} |")

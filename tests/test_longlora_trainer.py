@@ -1,6 +1,6 @@
 """Trainer --method longlora on the tiny model: the loss falls, the adapter records its RoPE factor and is read as
 LONGLORA, and our engine equals its oracle (PeftModel on transformers' linear RoPE at that factor) at a context
-past the base's; S2-Attn checked against a per-group loop written from the paper's description."""
+past the base's; S2-Attn checked against a per-group loop (half-group offsets for half the heads, no wrap-around)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from server.__main__ import main as server_main
 from server.adapters.peft_format import read_adapter
 from server.model.args import ModelArgs
 from server.trainer.config import TrainConfig
-from server.trainer.longlora import s2_attention
 from server.trainer.loop import train
+from server.trainer.s2_attn import s2_attention
 from tests.test_longlora import BASE_CONTEXT, assert_matches
 from tests.test_model_parity import hf_model
 
@@ -26,22 +26,30 @@ class _Mode(torch.nn.Module):
     pass
 
 
-def _reference_s2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per head: heads in the second half see the sequence rolled left by half a group; the sequence is cut in 4
-    groups; each query attends causally to the keys of its own group only (explicit loops, softmax by hand)."""
+def _reference_s2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: int | None = None) -> torch.Tensor:
+    """Per head: the sequence is cut in 4 groups of g; heads in the second half are cut at half-group offsets instead
+    ([0, g/2), [g/2 + mg, g/2 + (m+1)g), no wrap-around); each query attends causally to the keys of its own group
+    only (explicit loops, softmax by hand)."""
     b, h, t, d = q.shape
-    g = t // 4
+    g = g or t // 4
     out = torch.zeros(b, t, h, d)
     for head in range(h):
         shift = g // 2 if head >= h // 2 else 0
-        qs, ks, vs = (x[:, head].roll(-shift, dims=1) for x in (q, k, v))
-        o = torch.zeros(b, t, d)
         for i in range(t):
-            start = (i // g) * g
-            scores = qs[:, i : i + 1] @ ks[:, start : i + 1].transpose(1, 2) / d**0.5  # [b, 1, n]
-            o[:, i] = (scores.softmax(-1) @ vs[:, start : i + 1])[:, 0]
-        out[:, :, head] = o.roll(shift, dims=1)
+            start = 0 if i < shift else shift + (i - shift) // g * g
+            scores = q[:, head, i : i + 1] @ k[:, head, start : i + 1].transpose(1, 2) / d**0.5  # [b, 1, n]
+            out[:, i, head] = (scores.softmax(-1) @ v[:, head, start : i + 1])[:, 0]
     return out
+
+
+def _future_free(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """No output row reads a later position: changing the last token changes no earlier output (training mode)."""
+    out, _ = s2_attention(_Mode().train(), q, k, v, None, scaling=0.3)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, -1] += 5.0
+    v2[:, :, -1] += 5.0
+    out2, _ = s2_attention(_Mode().train(), q, k2, v2, None, scaling=0.3)
+    return torch.equal(out[:, :-1], out2[:, :-1])
 
 
 def test_s2_attention_is_grouped_and_shifted_in_training_and_full_in_eval() -> None:
@@ -55,6 +63,7 @@ def test_s2_attention_is_grouped_and_shifted_in_training_and_full_in_eval() -> N
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-5)
     assert (out - full).abs().max() > 1e-2  # the training pattern really differs from full attention
+    assert _future_free(q, k, v)  # the paper's roll put a group's first tokens after the last ones: they saw them
 
 
 def test_s2_attention_pads_lengths_that_are_not_a_multiple_of_four_and_repeats_kv_heads() -> None:
@@ -65,6 +74,39 @@ def test_s2_attention_pads_lengths_that_are_not_a_multiple_of_four_and_repeats_k
     pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 3))  # noqa: E731
     ref = _reference_s2(pad(q), pad(k.repeat_interleave(2, 1)), pad(v.repeat_interleave(2, 1)))[:, :13]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_s2_attention_gqa_heads_split_across_a_kv_group_odd_groups_and_gradients() -> None:
+    """9 heads on 3 kv heads (the half split falls inside kv head 1, as on SmolLM2), groups of 5 (odd), and the
+    gradients of q, k, v through the copies equal the loop's."""
+    g = torch.Generator().manual_seed(73)
+    q = torch.randn(2, 9, 20, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, 20, 8, generator=g, requires_grad=True) for _ in range(2))
+    w = torch.randn(2, 20, 9, 8, generator=g)
+    out, _ = s2_attention(_Mode().train(), q, k, v, None, scaling=8**-0.5)
+    ref = _reference_s2(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert _future_free(q.detach(), k.detach(), v.detach())
+
+
+def test_s2_attention_takes_its_group_size_from_the_model_config() -> None:
+    """attach_longlora sets a quarter of the training context: a batch of 21 tokens at groups of 8 (3 groups, the
+    last cut short), and a batch shorter than half a group is full causal attention."""
+    g = torch.Generator().manual_seed(74)
+    module = _Mode().train()
+    module.config = type("Cfg", (), {"s2_group_size": 8})()
+    q, k, v = (torch.randn(1, 4, 21, 8, generator=g) for _ in range(3))
+    out, _ = s2_attention(module, q, k, v, None, scaling=8**-0.5)
+    torch.testing.assert_close(out, _reference_s2(q, k, v, g=8), atol=1e-5, rtol=1e-5)
+    for n in (3, 4):  # shorter than half a group (3), exactly half (4)
+        short = [x[:, :, :n] for x in (q, k, v)]
+        out, _ = s2_attention(module, *short, None, scaling=8**-0.5)
+        full = torch.nn.functional.scaled_dot_product_attention(*short, is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
 
 
 def test_longlora_learns_and_is_served_like_its_oracle(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimisation steps (default per method)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (default per method)")
+    p.add_argument("--embed-norm-lr", type=float,
+                   help="longlora: learning rate of the trained embeddings and norms (default per method)")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-length", type=int, default=128, help="rows longer than this (tokens) are rejected")
@@ -48,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reduction-factor", type=float, default=16.0, help="bottleneck size = hidden / this")
     p.add_argument("--non-linearity", choices=["relu", "gelu", "silu"], help="bottleneck activation")
     p.add_argument("--rope-factor", type=float, default=2.0, help="longlora: RoPE linear interpolation factor")
-    p.add_argument("--no-s2-attn", action="store_true", help="longlora: full attention while training")
+    p.add_argument("--no-s2-attn", action="store_true",
+                   help="longlora: full attention while training (default: S2-Attn, groups of --max-length / 4)")
     p.add_argument("--n-train", type=int, default=256, help="shipped task: training rows")
     p.add_argument("--n-test", type=int, default=48, help="shipped task: held-out rows")
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +73,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         method=args.method, output_dir=args.output_dir, model=args.model, task=args.task, data=args.data,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, n_train=args.n_train, n_test=args.n_test,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, embed_norm_lr=args.embed_norm_lr,
+        warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_length=args.max_length, rank=args.rank, alpha=args.alpha,
         targets=tuple(args.targets) if args.targets else None, virtual_tokens=args.virtual_tokens,
         encoder_hidden=args.encoder_hidden, bottleneck=args.bottleneck, reduction_factor=args.reduction_factor,

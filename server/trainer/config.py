@@ -28,6 +28,7 @@ class TrainConfig:
     steps: int | None = None  # None = the method's default
     batch_size: int | None = None
     lr: float | None = None
+    embed_norm_lr: float | None = None  # PEFT modules_to_save (LongLoRA's embeddings and norms); None = the method's
     warmup_steps: int = 5  # linear warm-up, then constant (so a longer rerun resumes the same schedule)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -57,6 +58,7 @@ class TrainConfig:
             value = getattr(self, name)
             require(value is None or value > 0, f"{name} must be > 0")
         require(self.lr is None or self.lr > 0, "lr must be > 0")
+        require(self.embed_norm_lr is None or self.embed_norm_lr > 0, "embed_norm_lr must be > 0")
         require(self.max_length > 1, "max_length must be > 1")
         require(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")
         require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
@@ -73,8 +75,8 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Identifies what a checkpoint was trained with; a rerun resumes only when this matches."""
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RESUMABLE_CHANGES}
-        settings.update({n: self.resolved(n) for n in ("batch_size", "lr", "rank", "alpha", "targets",
-                                                       "virtual_tokens", "encoder_hidden")})
+        settings.update({n: self.resolved(n) for n in ("batch_size", "lr", "embed_norm_lr", "rank", "alpha",
+                                                       "targets", "virtual_tokens", "encoder_hidden")})
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:

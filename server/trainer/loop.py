@@ -39,6 +39,7 @@ from server.trainer.data import Example, LoadResult, collate, encode_rows, load_
 from server.trainer.evaluate import EvalResult, completion_loss, evaluate
 from server.trainer.longlora import attach_longlora
 from server.trainer.methods import build_peft_config, init_prefix_from_base
+from server.trainer.optim import make_optimizer, set_warmup_lr
 from server.trainer.tasks import task_splits
 
 log = logging.getLogger(__name__)
@@ -111,15 +112,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    lr = cfg.resolved("lr")
-    if cfg.method == "qlora" and cfg.device.startswith("cuda"):
-        from server.model.quant import _bnb
-
-        return _bnb().optim.PagedAdamW8bit(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-
-
 def build_model(cfg: TrainConfig, model_dir: Path):
     base = load_base(model_dir, quantized=cfg.method == "qlora", device=cfg.device)
     if cfg.method == "bitfit":  # not a PEFT method: zero-initialised bias deltas (server/trainer/bitfit.py)
@@ -130,7 +122,8 @@ def build_model(cfg: TrainConfig, model_dir: Path):
     if cfg.method == "longlora":  # LoRA + embeddings and norms, RoPE interpolated, S2-Attn (server/trainer/longlora.py)
         torch.manual_seed(cfg.seed)
         return attach_longlora(base, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
-                               targets=tuple(cfg.resolved("targets")), factor=cfg.rope_factor, s2_attn=cfg.s2_attn)
+                               targets=tuple(cfg.resolved("targets")), factor=cfg.rope_factor, context=cfg.max_length,
+                               s2_attn=cfg.s2_attn)
     peft_cfg = build_peft_config(cfg.method, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
                                  targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
                                  encoder_hidden=cfg.resolved("encoder_hidden"))
@@ -169,9 +162,9 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     examples = train_data.examples
     fingerprint = f"{cfg.fingerprint()}-{data_digest(examples)}"
     model = build_model(cfg, model_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = make_optimizer(cfg, params)
+    params = list(trainable.values())
+    optimizer = make_optimizer(cfg, list(trainable.items()))
     history: list[dict] = []
     start = 0
     if overwrite:
@@ -190,7 +183,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
         return TrainState(step, fingerprint, {n: p.detach().clone() for n, p in trainable.items()},
                           optimizer.state_dict(), torch.get_rng_state(), history)
 
-    steps, batch_size, lr = cfg.resolved("steps"), cfg.resolved("batch_size"), cfg.resolved("lr")
+    steps, batch_size = cfg.resolved("steps"), cfg.resolved("batch_size")
     pad_id = tokenizer.pad_token_id
     losses: list[float] = []
     train_seconds, tokens = 0.0, 0
@@ -198,8 +191,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     bar = tqdm(total=steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
     for step in range(start, steps):
         t0 = time.perf_counter()
-        for group in optimizer.param_groups:  # linear warm-up, then constant
-            group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else lr
+        set_warmup_lr(optimizer, step, cfg.warmup_steps)
         batch = collate([examples[i] for i in batch_indices(len(examples), batch_size, step, cfg.seed)], pad_id)
         loss_sum, n_tokens = completion_loss(model, batch)
         loss = loss_sum / n_tokens
