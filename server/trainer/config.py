@@ -77,6 +77,8 @@ class TrainConfig:
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RESUMABLE_CHANGES}
         settings.update({n: self.resolved(n) for n in ("batch_size", "lr", "embed_norm_lr", "rank", "alpha",
                                                        "targets", "virtual_tokens", "encoder_hidden")})
+        if settings["embed_norm_lr"] is None:  # methods without modules_to_save: checkpoints from before it resume
+            del settings["embed_norm_lr"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
