@@ -13,6 +13,16 @@ import torch
 
 from kernels.build import extension
 
+# Above this many tokens per call the dense matmul's blocking wins over the fused kernel's register blocks
+# (bench/nf4_linear.py, 2 threads: fused 2.1x bitsandbytes at 32 tokens, 0.96x at 128, 0.88x at 512), so
+# prefill chunks keep bitsandbytes' dequantize-then-matmul.
+FUSED_MAX_TOKENS = 64
+
+
+def takes(tokens: int) -> bool:
+    """True when a call of `tokens` rows is faster through the fused kernel (by measurement)."""
+    return tokens <= FUSED_MAX_TOKENS
+
 
 def _kernel():
     return extension("nf4")

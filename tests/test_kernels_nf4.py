@@ -57,7 +57,7 @@ def test_fused_nf4_matches_reference(m: int, n: int, k: int) -> None:
 
 def test_bitsandbytes_layout_and_layer() -> None:
     """On weights bitsandbytes quantized: the kernel equals bnb's dequantize + matmul, and NF4Linear uses it
-    (with its bias) unless SWITCHBOARD_KERNELS=reference."""
+    (with its bias) for calls of up to FUSED_MAX_TOKENS rows unless SWITCHBOARD_KERNELS=reference."""
     from server.model.quant import NF4Linear
 
     seed = fresh_seed()
@@ -66,6 +66,8 @@ def test_bitsandbytes_layout_and_layer() -> None:
     x = torch.randn(2, 5, 576, generator=g)
     dense = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
     torch.testing.assert_close(layer(x), dense, atol=1e-4, rtol=1e-4, msg=lambda s: f"{s}\nseed={seed}")
+    long = torch.randn(nf4.FUSED_MAX_TOKENS + 1, 576, generator=g)  # a prefill-sized call: bitsandbytes' path
+    assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.dense_weight(), layer.bias)), seed
     old = kernels.MODE
     try:
         kernels.MODE = "reference"

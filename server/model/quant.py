@@ -4,8 +4,9 @@ NF4 follows QLoRA: `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant
 with double quantization (compress_statistics) where the backend supports it. bitsandbytes 0.50
 runs NF4 on CPU as well as on CUDA. On CPU with fp32 compute we run kernels/nf4.py: the dequantization
 fused into the matmul, tile by tile in cache, so the weights are read as 4-bit codes and never written out
-as fp32 (measured 3x bitsandbytes' dequantize-then-matmul and faster than the dense fp32 matmul at decode
-batch sizes: bench/kernels.py); other compute dtypes, or `SWITCHBOARD_KERNELS=reference`, dequantize and
+as fp32 (measured 2x bitsandbytes' dequantize-then-matmul and faster than the dense fp32 matmul at decode
+batch sizes, up to kernels.nf4.FUSED_MAX_TOKENS rows: bench/nf4_linear.py); longer calls (prefill), other
+compute dtypes, or `SWITCHBOARD_KERNELS=reference`, dequantize and
 run a dense matmul in the compute dtype (exact with respect to the stored NF4 weights); on CUDA we call
 `bitsandbytes.matmul_4bit`.
 """
@@ -20,6 +21,7 @@ from torch import nn
 
 import kernels
 from kernels.nf4 import nf4_linear
+from kernels.nf4 import takes as nf4_takes
 
 NF4_BLOCKSIZE = 64
 
@@ -79,7 +81,7 @@ class NF4Linear(nn.Module):
         if x.is_cuda:
             y = _bnb().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
             return y if self.bias is None else y + self.bias
-        if kernels.MODE in ("auto", "cpu"):  # the fused CPU kernel (fp32); None where it cannot take the call
+        if kernels.MODE in ("auto", "cpu") and nf4_takes(x.numel() // max(1, x.shape[-1])):  # the fused CPU kernel
             state = self.quant_state
             y = nf4_linear(x, self.packed, state.absmax, state.code, state.blocksize, self.out_features)
             if y is not None:
