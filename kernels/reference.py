@@ -107,7 +107,7 @@ def nf4_linear_reference(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Te
     """Semantics: y = x @ W^T with W [N, K] = (code[q] * absmax[block]).reshape(N, K), fp32, where q is
     bitsandbytes' NF4 packing of the row-major W (two 4-bit codes per byte, the even element in the high
     nibble) and block = flat index // blocksize. x [M, K] fp32, packed [N*K/2] uint8, absmax [N*K/bs] fp32,
-    code [16] fp32 -> y [M, N] fp32. The oracle of kernels/nf4.py."""
+    code [16] fp32 -> y [M, N] fp32. The oracle of kernels/linear.py."""
     flat = packed.reshape(-1)
     q = torch.stack((flat >> 4, flat & 15), dim=1).reshape(-1).long()
     w = (code[q].reshape(-1, blocksize) * absmax.reshape(-1, 1)).reshape(out_features, -1)

@@ -1,11 +1,12 @@
-"""Base-model linear projections: NF4 (bitsandbytes) or dense.
+"""Base-model linear projections: NF4 (bitsandbytes) or dense. Dense fp32 calls of up to
+kernels.linear.FUSED_MAX_TOKENS rows on CPU run kernels/linear.py's dense kernel (2x F.linear at decode sizes).
 
 NF4 follows QLoRA: `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")`,
 with double quantization (compress_statistics) where the backend supports it. bitsandbytes 0.50
-runs NF4 on CPU as well as on CUDA. On CPU with fp32 compute we run kernels/nf4.py: the dequantization
+runs NF4 on CPU as well as on CUDA. On CPU with fp32 compute we run kernels/linear.py: the dequantization
 fused into the matmul, tile by tile in cache, so the weights are read as 4-bit codes and never written out
 as fp32 (measured 2x bitsandbytes' dequantize-then-matmul and faster than the dense fp32 matmul at decode
-batch sizes, up to kernels.nf4.FUSED_MAX_TOKENS rows: bench/nf4_linear.py); longer calls (prefill), other
+batch sizes, up to kernels.linear.FUSED_MAX_TOKENS rows: bench/nf4_linear.py); longer calls (prefill), other
 compute dtypes, or `SWITCHBOARD_KERNELS=reference`, dequantize and
 run a dense matmul in the compute dtype (exact with respect to the stored NF4 weights); on CUDA we call
 `bitsandbytes.matmul_4bit`.
@@ -20,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.nf4 import nf4_linear
-from kernels.nf4 import takes as nf4_takes
+from kernels.linear import dense_linear, nf4_linear, takes
 
 NF4_BLOCKSIZE = 64
 
@@ -50,6 +50,10 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.MODE in ("auto", "cpu") and not x.is_cuda and takes(x.numel() // max(1, x.shape[-1])):
+            y = dense_linear(x, self.weight)  # decode-sized fp32 calls (kernels/linear.py); None: not this call
+            if y is not None:
+                return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
@@ -81,7 +85,7 @@ class NF4Linear(nn.Module):
         if x.is_cuda:
             y = _bnb().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
             return y if self.bias is None else y + self.bias
-        if kernels.MODE in ("auto", "cpu") and nf4_takes(x.numel() // max(1, x.shape[-1])):  # the fused CPU kernel
+        if kernels.MODE in ("auto", "cpu") and takes(x.numel() // max(1, x.shape[-1])):  # the fused CPU kernel
             state = self.quant_state
             y = nf4_linear(x, self.packed, state.absmax, state.code, state.blocksize, self.out_features)
             if y is not None:

@@ -1,5 +1,6 @@
-"""The fused CPU NF4 linear (kernels/nf4.py) against its torch reference and an fp64 oracle, on fresh random
-codes every run; the seed is in every assertion message (rerun a failure with SEED=<n>)."""
+"""The CPU linear kernels (kernels/linear.py): fused NF4 against its torch reference and an fp64 oracle, dense fp32
+against F.linear and fp64, on fresh random inputs every run; the seed is in every assertion message (rerun a
+failure with SEED=<n>)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import nf4
+from kernels import linear as nf4
 from kernels.reference import nf4_linear_reference
 
 pytestmark = pytest.mark.skipif(not nf4.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
@@ -103,15 +104,56 @@ def test_strided_input_and_thread_counts() -> None:
     assert all(torch.equal(r, y) for r in results), f"tiles are independent: same bits on any thread count; {seed=}"
 
 
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 33, 64])
+@pytest.mark.parametrize("n, k", [(16, 64), (49, 576), (576, 576), (1000, 1536), (3, 128)])
+def test_dense_matches_linear(m: int, n: int, k: int) -> None:
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    y = nf4.dense_linear(x, w)
+    why = f"seed={seed} M={m} N={n} K={k}"
+    ref = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(y, ref, atol=2e-5 * k ** 0.5, rtol=1e-5, msg=lambda s: f"{s}\n{why}")
+    y64 = x.double() @ w.double().t()
+    err, ref_err = (y.double() - y64).abs().max().item(), (ref.double() - y64).abs().max().item()
+    assert err <= 4 * ref_err + 1e-5, f"ours {err} vs F.linear's own {ref_err} off fp64; {why}"
+
+
+def test_dense_layer_routing_and_fallbacks() -> None:
+    """DenseLinear takes the kernel for up to FUSED_MAX_TOKENS rows, F.linear above and in reference mode."""
+    from server.model.quant import DenseLinear
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    layer = DenseLinear(torch.randn(80, 192, generator=g), torch.randn(80, generator=g))
+    x = torch.randn(3, 5, 192, generator=g)
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-5, msg=lambda s: f"{s}\nseed={seed}")
+    long = torch.randn(nf4.FUSED_MAX_TOKENS + 1, 192, generator=g)
+    assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.weight, layer.bias)), seed
+    w = torch.randn(16, 40, generator=g)
+    assert nf4.dense_linear(torch.randn(2, 40, generator=g), w) is None  # K % 16
+    assert nf4.dense_linear(x.bfloat16(), layer.weight.bfloat16()) is None
+    assert nf4.dense_linear(x, layer.weight.t().contiguous().t()) is None  # no unit inner stride
+    old = kernels.MODE
+    try:
+        kernels.MODE = "reference"
+        assert torch.equal(layer(x), want), f"reference mode is F.linear; seed={seed}"
+    finally:
+        kernels.MODE = old
+
+
 PORTABLE_CHECK = """
 import torch
-from kernels import nf4
+from kernels import linear as nf4
 from kernels.reference import nf4_linear_reference
-from tests.test_kernels_nf4 import make_case
+from tests.test_kernels_linear import make_case
 for m, n, k in ((1, 16, 64), (33, 49, 576), (256, 100, 1536)):
     x, packed, absmax, code = make_case({seed} + m, m, n, k)
     y = nf4.nf4_linear(x, packed, absmax, code, 64, n)
     torch.testing.assert_close(y, nf4_linear_reference(x, packed, absmax, code, 64, n), atol=2e-4 * k ** 0.5, rtol=1e-4)
+    w = torch.randn(n, k)
+    torch.testing.assert_close(nf4.dense_linear(x, w), x @ w.t(), atol=2e-5 * k ** 0.5, rtol=1e-5)
 print("portable ok")
 """
 
@@ -124,4 +166,4 @@ def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(seed=seed)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    assert len(list((tmp_path / "kernels").glob("nf4-*.so"))) == 1
+    assert len(list((tmp_path / "kernels").glob("linear-*.so"))) == 1

@@ -1,10 +1,13 @@
-"""NF4 linear on CPU with the dequantization fused into the matmul (kernels/csrc/nf4.cpp, built once, cached).
+"""Linear layers on CPU for decode-sized calls (kernels/csrc/linear.cpp, built once, cached): NF4 with the
+dequantization fused into the matmul, and dense fp32 through the same tiles and register blocks.
 
 Dequantize-then-matmul (what bitsandbytes does on CPU) writes every weight out as fp32 and reads it back:
 per decode step of the 135M default model ~540 MB written and read for 70 MB of NF4 codes. Here each
 thread dequantizes a tile of 16 output rows into a private L2-resident buffer and runs every token against
 it, so W is read once, as 4-bit codes. fp32 activations only; anything else (another dtype, K not a
-multiple of the block size, no compiler) returns None and the caller keeps bitsandbytes' path.
+multiple of the block size, no compiler) returns None and the caller keeps bitsandbytes' path. The dense
+kernel reads each tile of 16 weight rows in place (the first token block pulls it into cache): at up to 64 tokens
+it measured 2x torch's F.linear on this machine (bench/nf4_linear.py), whose blocking is tuned for large calls.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def takes(tokens: int) -> bool:
 
 
 def _kernel():
-    return extension("nf4")
+    return extension("linear")
 
 
 def available() -> bool:
@@ -54,3 +57,23 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         lib.linear(x2.data_ptr(), x2.stride(0), x2.shape[0], k, packed.data_ptr(), absmax.data_ptr(),
                    code.data_ptr(), blocksize, out_features, y.data_ptr(), y.stride(0), torch.get_num_threads())
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """Semantics: y = x @ W^T in fp32 (F.linear's math, summed in another order). x [..., K] fp32, W [N, K] fp32
+    with unit inner stride -> y [..., N] fp32, or None when this kernel cannot take the call (the caller keeps
+    F.linear)."""
+    lib = _kernel()
+    k = x.shape[-1]
+    if (lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.is_cuda or weight.is_cuda
+            or k % 16 or weight.shape[1] != k or weight.stride(1) != 1):
+        return None
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = weight.shape[0]
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if x2.shape[0]:
+        lib.dense(x2.data_ptr(), x2.stride(0), x2.shape[0], k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
+                  y.stride(0), torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], n)

@@ -55,12 +55,12 @@ void dequant_tile(const uint8_t* packed, const float* absmax, const float* code,
 }
 
 // y[m, n0 + j] = x[m] . buf[j] for m in [m0, m0 + mr), j in [j0, j0 + nr): one MB x NB register block.
-void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* buf, int64_t K, int64_t j0,
-           int64_t nr, float* y, int64_t y_ld, int64_t n0) {
+void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* buf, int64_t buf_ld, int64_t K,
+           int64_t j0, int64_t nr, float* y, int64_t y_ld, int64_t n0) {
   const float* xr[MB];
   for (int64_t i = 0; i < MB; ++i) xr[i] = x + std::min(m0 + i, m0 + mr - 1) * x_ld;  // pad rows repeat the last
   const float* wr[NB];
-  for (int64_t j = 0; j < NB; ++j) wr[j] = buf + (j0 + j) * K;
+  for (int64_t j = 0; j < NB; ++j) wr[j] = buf + std::min(j0 + j, j0 + nr - 1) * buf_ld;  // pad rows repeat
   float sums[MB * NB];
 #ifdef SB_HAVE_AVX512
   __m512 acc[MB * NB];
@@ -91,7 +91,7 @@ void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* bu
 extern "C" {
 
 // y[M, N] (row stride y_ld) = x[M, K] (row stride x_ld) @ dequant_nf4(W)^T, every value fp32.
-void sb_nf4_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
+void sb_linear_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
                    const float* code, int64_t bs, int64_t N, float* y, int64_t y_ld, int64_t n_threads) {
   const int64_t tiles = (N + NT - 1) / NT;
 #pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min(n_threads, tiles))))
@@ -103,8 +103,22 @@ void sb_nf4_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const uin
       dequant_tile(packed, absmax, code, K, bs, n0, rows, buf.data());
       for (int64_t m0 = 0; m0 < M; m0 += MB)
         for (int64_t j0 = 0; j0 < rows; j0 += NB)
-          block(x, x_ld, m0, std::min(MB, M - m0), buf.data(), K, j0, std::min(NB, rows - j0), y, y_ld, n0);
+          block(x, x_ld, m0, std::min(MB, M - m0), buf.data(), K, K, j0, std::min(NB, rows - j0), y, y_ld, n0);
     }
+  }
+}
+
+// y[M, N] = x[M, K] @ W[N, K]^T for a dense fp32 W (rows w_ld apart): the same tiles and register blocks, each
+// tile's rows read in place (the first token block pulls them into cache for the rest).
+void sb_dense_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const float* w, int64_t w_ld, int64_t N,
+                     float* y, int64_t y_ld, int64_t n_threads) {
+  const int64_t tiles = (N + NT - 1) / NT;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(std::max<int64_t>(1, std::min(n_threads, tiles))))
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * NT, rows = std::min(NT, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += MB)
+      for (int64_t j0 = 0; j0 < rows; j0 += NB)
+        block(x, x_ld, m0, std::min(MB, M - m0), w + n0 * w_ld, w_ld, K, j0, std::min(NB, rows - j0), y, y_ld, n0);
   }
 }
 
@@ -119,20 +133,35 @@ PyObject* py_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!sb::read_ints(args, nargs, v)) return nullptr;
   if (v[3] % v[7] || v[7] % 32) return sb::arg_error("linear: K must be a multiple of the block size (a multiple of 32)");
   Py_BEGIN_ALLOW_THREADS
-  sb_nf4_linear(reinterpret_cast<const float*>(v[0]), v[1], v[2], v[3], reinterpret_cast<const uint8_t*>(v[4]),
+  sb_linear_linear(reinterpret_cast<const float*>(v[0]), v[1], v[2], v[3], reinterpret_cast<const uint8_t*>(v[4]),
                 reinterpret_cast<const float*>(v[5]), reinterpret_cast<const float*>(v[6]), v[7], v[8],
                 reinterpret_cast<float*>(v[9]), v[10], v[11]);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
+// dense(x, x_ld, M, K, w, w_ld, N, y, y_ld, n_threads)
+PyObject* py_dense(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 10) return sb::arg_error("dense: 10 ints");
+  int64_t v[10];
+  if (!sb::read_ints(args, nargs, v)) return nullptr;
+  if (v[3] % 16) return sb::arg_error("dense: K must be a multiple of 16");
+  Py_BEGIN_ALLOW_THREADS
+  sb_dense_linear(reinterpret_cast<const float*>(v[0]), v[1], v[2], v[3], reinterpret_cast<const float*>(v[4]), v[5],
+                  v[6], reinterpret_cast<float*>(v[7]), v[8], v[9]);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"dense", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_dense)), METH_FASTCALL,
+     "y = x @ W^T for a dense fp32 W over raw pointers"},
     {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear)), METH_FASTCALL,
      "y = x @ dequant_nf4(W)^T over raw pointers, fp32"},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "sb_nf4", nullptr, -1, methods};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "sb_linear", nullptr, -1, methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit_sb_nf4() { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_sb_linear() { return PyModule_Create(&module); }
