@@ -12,8 +12,11 @@ it measured 2x torch's F.linear on this machine (bench/nf4_linear.py), whose blo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+import kernels
 from kernels.build import extension
 
 # Above this many tokens per call the dense matmul's blocking wins over the fused kernel's register blocks
@@ -22,9 +25,11 @@ from kernels.build import extension
 FUSED_MAX_TOKENS = 64
 
 
-def takes(tokens: int) -> bool:
-    """True when a call of `tokens` rows is faster through the fused kernel (by measurement)."""
-    return tokens <= FUSED_MAX_TOKENS
+def takes(x: torch.Tensor) -> bool:
+    """True when a layer should try these kernels for input x [..., K]: a CPU tensor, the `auto` or `cpu` kernel
+    mode (`reference` keeps the library path), and at most FUSED_MAX_TOKENS rows (faster there, by measurement)."""
+    return (kernels.MODE in ("auto", "cpu") and not x.is_cuda
+            and x.numel() // max(1, x.shape[-1]) <= FUSED_MAX_TOKENS)
 
 
 def _kernel():
@@ -49,14 +54,9 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
             or k % blocksize or blocksize % 32 or packed.numel() * 2 != out_features * k
             or not (packed.is_contiguous() and absmax.is_contiguous() and code.is_contiguous())):
         return None
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    if x2.shape[0]:
-        lib.linear(x2.data_ptr(), x2.stride(0), x2.shape[0], k, packed.data_ptr(), absmax.data_ptr(),
-                   code.data_ptr(), blocksize, out_features, y.data_ptr(), y.stride(0), torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], out_features)
+    return _rows_call(x, out_features, lambda x2, y: lib.linear(
+        x2.data_ptr(), x2.stride(0), x2.shape[0], k, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+        blocksize, out_features, y.data_ptr(), y.stride(0), torch.get_num_threads()))
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -68,12 +68,19 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     if (lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.is_cuda or weight.is_cuda
             or k % 16 or weight.shape[1] != k or weight.stride(1) != 1):
         return None
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     n = weight.shape[0]
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    if x2.shape[0]:
-        lib.dense(x2.data_ptr(), x2.stride(0), x2.shape[0], k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
-                  y.stride(0), torch.get_num_threads())
+    return _rows_call(x, n, lambda x2, y: lib.dense(
+        x2.data_ptr(), x2.stride(0), x2.shape[0], k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
+        y.stride(0), torch.get_num_threads()))
+
+
+def _rows_call(x: torch.Tensor, n: int, call: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """x [..., K] seen as rows [M, K] with a unit inner stride, y [M, N] fp32 filled by call(rows, y) (skipped for
+    M = 0), returned as [..., N]."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if rows.shape[0]:
+        call(rows, y)
     return y.reshape(*x.shape[:-1], n)

@@ -6,6 +6,7 @@ Fresh random inputs every run; the seed is in every assertion message (rerun a f
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,15 +219,21 @@ print("portable ok")
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
 def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
     """The kernels built for x86-64-v3 (AVX2, none of the AVX-512 paths) in a fresh cache, in a subprocess."""
+    run_portable_check(PORTABLE_CHECK, tmp_path)
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 2, "both libraries built into the fresh cache"
+
+
+def run_portable_check(check: str, cache: Path) -> None:
+    """`check` (formatted with a fresh seed) in a subprocess whose kernels build for x86-64-v3 (AVX2, none of the
+    AVX-512 paths) into the fresh cache `cache`; it must exit 0 and print "portable ok"."""
     import subprocess
     import sys
 
     seed = fresh_seed()
-    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": "x86-64-v3", "SWITCHBOARD_CACHE": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(seed=seed)], env=env, capture_output=True,
+    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": "x86-64-v3", "SWITCHBOARD_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-c", check.format(seed=seed)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    assert len(list((tmp_path / "kernels").glob("*.so"))) == 2, "both libraries built into the fresh cache"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -5,19 +5,17 @@ failure with SEED=<n>)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import kernels
-from kernels import linear as nf4
+from kernels import linear
 from kernels.reference import nf4_linear_reference
+from tests.test_kernels_cpu import run_portable_check
 
-pytestmark = pytest.mark.skipif(not nf4.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not linear.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
 
 
 def fresh_seed() -> int:
@@ -41,22 +39,26 @@ def fp64_oracle(x, packed, absmax, code, blocksize: int, n: int) -> torch.Tensor
     return x.double() @ w.t()
 
 
+def assert_near_fp64(y: torch.Tensor, ref: torch.Tensor, y64: torch.Tensor, why: str) -> None:
+    """Ours is off the fp64 result by at most 4x what the fp32 reference itself is (+1e-5)."""
+    err, ref_err = (y.double() - y64).abs().max().item(), (ref.double() - y64).abs().max().item()
+    assert err <= 4 * ref_err + 1e-5, f"ours {err} vs the fp32 reference's own {ref_err} off fp64; {why}"
+
+
 @pytest.mark.parametrize("m", [1, 3, 4, 7, 33, 256])
 @pytest.mark.parametrize("n, k", [(16, 64), (49, 576), (576, 576), (1000, 1536), (3, 128)])
 def test_fused_nf4_matches_reference(m: int, n: int, k: int) -> None:
     seed = fresh_seed()
     x, packed, absmax, code = make_case(seed, m, n, k)
-    y = nf4.nf4_linear(x, packed, absmax, code, 64, n)
+    y = linear.nf4_linear(x, packed, absmax, code, 64, n)
     why = f"seed={seed} M={m} N={n} K={k}"
     assert y is not None and y.shape == (m, n), why
     ref = nf4_linear_reference(x, packed, absmax, code, 64, n)
     torch.testing.assert_close(y, ref, atol=2e-4 * k ** 0.5, rtol=1e-4, msg=lambda s: f"{s}\n{why}")
-    y64 = fp64_oracle(x, packed, absmax, code, 64, n)
-    err, ref_err = (y.double() - y64).abs().max().item(), (ref.double() - y64).abs().max().item()
-    assert err <= 4 * ref_err + 1e-5, f"ours {err} vs the fp32 reference's own {ref_err} off fp64; {why}"
+    assert_near_fp64(y, ref, fp64_oracle(x, packed, absmax, code, 64, n), why)
 
 
-def test_bitsandbytes_layout_and_layer() -> None:
+def test_bitsandbytes_layout_and_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """On weights bitsandbytes quantized: the kernel equals bnb's dequantize + matmul, and NF4Linear uses it
     (with its bias) for calls of up to FUSED_MAX_TOKENS rows unless SWITCHBOARD_KERNELS=reference."""
     from server.model.quant import NF4Linear
@@ -67,24 +69,20 @@ def test_bitsandbytes_layout_and_layer() -> None:
     x = torch.randn(2, 5, 576, generator=g)
     dense = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
     torch.testing.assert_close(layer(x), dense, atol=1e-4, rtol=1e-4, msg=lambda s: f"{s}\nseed={seed}")
-    long = torch.randn(nf4.FUSED_MAX_TOKENS + 1, 576, generator=g)  # a prefill-sized call: bitsandbytes' path
+    long = torch.randn(linear.FUSED_MAX_TOKENS + 1, 576, generator=g)  # a prefill-sized call: bitsandbytes' path
     assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.dense_weight(), layer.bias)), seed
-    old = kernels.MODE
-    try:
-        kernels.MODE = "reference"
-        assert torch.equal(layer(x), dense), f"reference mode is bitsandbytes' path; seed={seed}"
-    finally:
-        kernels.MODE = old
+    monkeypatch.setattr(kernels, "MODE", "reference")
+    assert torch.equal(layer(x), dense), f"reference mode is bitsandbytes' path; seed={seed}"
 
 
 def test_uncovered_calls_fall_back() -> None:
     seed = fresh_seed()
     x, packed, absmax, code = make_case(seed, 5, 16, 128)
-    assert nf4.nf4_linear(x.bfloat16(), packed, absmax, code, 64, 16) is None  # fp32 activations only
-    assert nf4.nf4_linear(x[:, :96], packed[: 16 * 48], absmax[:24], code, 64, 16) is None  # K % blocksize
-    assert nf4.nf4_linear(x, packed, absmax, code, 64, 17) is None  # shapes disagree
-    assert nf4.nf4_linear(x, packed, absmax, code[:8], 64, 16) is None
-    empty = nf4.nf4_linear(x[:0], packed, absmax, code, 64, 16)
+    assert linear.nf4_linear(x.bfloat16(), packed, absmax, code, 64, 16) is None  # fp32 activations only
+    assert linear.nf4_linear(x[:, :96], packed[: 16 * 48], absmax[:24], code, 64, 16) is None  # K % blocksize
+    assert linear.nf4_linear(x, packed, absmax, code, 64, 17) is None  # shapes disagree
+    assert linear.nf4_linear(x, packed, absmax, code[:8], 64, 16) is None
+    empty = linear.nf4_linear(x[:0], packed, absmax, code, 64, 16)
     assert empty is not None and empty.shape == (0, 16)
 
 
@@ -92,13 +90,13 @@ def test_strided_input_and_thread_counts() -> None:
     seed = fresh_seed()
     x, packed, absmax, code = make_case(seed, 33, 80, 256)
     wide = torch.cat([x, torch.randn(33, 7)], dim=1)[:, :256]  # rows 263 apart
-    y = nf4.nf4_linear(wide, packed, absmax, code, 64, 80)
+    y = linear.nf4_linear(wide, packed, absmax, code, 64, 80)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(nf4.nf4_linear(x, packed, absmax, code, 64, 80))
+            results.append(linear.nf4_linear(x, packed, absmax, code, 64, 80))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, y) for r in results), f"tiles are independent: same bits on any thread count; {seed=}"
@@ -110,16 +108,14 @@ def test_dense_matches_linear(m: int, n: int, k: int) -> None:
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    y = nf4.dense_linear(x, w)
+    y = linear.dense_linear(x, w)
     why = f"seed={seed} M={m} N={n} K={k}"
     ref = torch.nn.functional.linear(x, w)
     torch.testing.assert_close(y, ref, atol=2e-5 * k ** 0.5, rtol=1e-5, msg=lambda s: f"{s}\n{why}")
-    y64 = x.double() @ w.double().t()
-    err, ref_err = (y.double() - y64).abs().max().item(), (ref.double() - y64).abs().max().item()
-    assert err <= 4 * ref_err + 1e-5, f"ours {err} vs F.linear's own {ref_err} off fp64; {why}"
+    assert_near_fp64(y, ref, x.double() @ w.double().t(), why)
 
 
-def test_dense_layer_routing_and_fallbacks() -> None:
+def test_dense_layer_routing_and_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
     """DenseLinear takes the kernel for up to FUSED_MAX_TOKENS rows, F.linear above and in reference mode."""
     from server.model.quant import DenseLinear
 
@@ -129,31 +125,28 @@ def test_dense_layer_routing_and_fallbacks() -> None:
     x = torch.randn(3, 5, 192, generator=g)
     want = torch.nn.functional.linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-5, msg=lambda s: f"{s}\nseed={seed}")
-    long = torch.randn(nf4.FUSED_MAX_TOKENS + 1, 192, generator=g)
+    long = torch.randn(linear.FUSED_MAX_TOKENS + 1, 192, generator=g)
     assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.weight, layer.bias)), seed
     w = torch.randn(16, 40, generator=g)
-    assert nf4.dense_linear(torch.randn(2, 40, generator=g), w) is None  # K % 16
-    assert nf4.dense_linear(x.bfloat16(), layer.weight.bfloat16()) is None
-    assert nf4.dense_linear(x, layer.weight.t().contiguous().t()) is None  # no unit inner stride
-    old = kernels.MODE
-    try:
-        kernels.MODE = "reference"
-        assert torch.equal(layer(x), want), f"reference mode is F.linear; seed={seed}"
-    finally:
-        kernels.MODE = old
+    assert linear.dense_linear(torch.randn(2, 40, generator=g), w) is None  # K % 16
+    assert linear.dense_linear(x.bfloat16(), layer.weight.bfloat16()) is None
+    assert linear.dense_linear(x, layer.weight.t().contiguous().t()) is None  # no unit inner stride
+    monkeypatch.setattr(kernels, "MODE", "reference")
+    assert torch.equal(layer(x), want), f"reference mode is F.linear; seed={seed}"
 
 
 PORTABLE_CHECK = """
 import torch
-from kernels import linear as nf4
+from kernels import linear
 from kernels.reference import nf4_linear_reference
+from tests.test_kernels_cpu import run_portable_check
 from tests.test_kernels_linear import make_case
 for m, n, k in ((1, 16, 64), (33, 49, 576), (256, 100, 1536)):
     x, packed, absmax, code = make_case({seed} + m, m, n, k)
-    y = nf4.nf4_linear(x, packed, absmax, code, 64, n)
+    y = linear.nf4_linear(x, packed, absmax, code, 64, n)
     torch.testing.assert_close(y, nf4_linear_reference(x, packed, absmax, code, 64, n), atol=2e-4 * k ** 0.5, rtol=1e-4)
     w = torch.randn(n, k)
-    torch.testing.assert_close(nf4.dense_linear(x, w), x @ w.t(), atol=2e-5 * k ** 0.5, rtol=1e-5)
+    torch.testing.assert_close(linear.dense_linear(x, w), x @ w.t(), atol=2e-5 * k ** 0.5, rtol=1e-5)
 print("portable ok")
 """
 
@@ -161,9 +154,5 @@ print("portable ok")
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
 def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
     """The kernel built for x86-64-v3 (AVX2: the generic loops, none of the AVX-512 code) in a fresh cache."""
-    seed = fresh_seed()
-    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": "x86-64-v3", "SWITCHBOARD_CACHE": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(seed=seed)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    run_portable_check(PORTABLE_CHECK, tmp_path)
     assert len(list((tmp_path / "kernels").glob("linear-*.so"))) == 1

@@ -1,4 +1,5 @@
-// NF4 linear on CPU: y = x @ dequant(W)^T with the dequantization fused into the matmul, fp32 throughout.
+// Linear layers on CPU for decode-sized calls, fp32 throughout: NF4 with the dequantization fused into the matmul,
+// and dense weights through the same tiles and register blocks (read in place).
 //
 // W is bitsandbytes' NF4 layout: the row-major [N, K] weight flattened, two 4-bit codes per byte (the even
 // element in the high nibble), one fp32 absmax per `bs` consecutive elements; value = code[q] * absmax.
@@ -86,40 +87,44 @@ void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* bu
     for (int64_t j = 0; j < nr; ++j) y[(m0 + i) * y_ld + n0 + j0 + j] = sums[i * NB + j];
 }
 
+// The tile loop both kernels share, OpenMP over tiles of NT output rows: tile(n0, rows, buf) returns the tile's
+// first fp32 weight row (rows w_ld floats apart), filling `buf` (buf_floats per thread) if it needs one.
+template <class Tile>
+void for_tiles(const float* x, int64_t x_ld, int64_t M, int64_t K, int64_t N, float* y, int64_t y_ld,
+               int64_t w_ld, int64_t n_threads, int64_t buf_floats, Tile tile) {
+  const int64_t tiles = (N + NT - 1) / NT;
+#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min(n_threads, tiles))))
+  {
+    std::vector<float> buf(static_cast<size_t>(buf_floats));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n0 = t * NT, rows = std::min(NT, N - n0);
+      const float* w = tile(n0, rows, buf.data());
+      for (int64_t m0 = 0; m0 < M; m0 += MB)
+        for (int64_t j0 = 0; j0 < rows; j0 += NB)
+          block(x, x_ld, m0, std::min(MB, M - m0), w, w_ld, K, j0, std::min(NB, rows - j0), y, y_ld, n0);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // y[M, N] (row stride y_ld) = x[M, K] (row stride x_ld) @ dequant_nf4(W)^T, every value fp32.
-void sb_linear_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
+void sb_nf4_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
                    const float* code, int64_t bs, int64_t N, float* y, int64_t y_ld, int64_t n_threads) {
-  const int64_t tiles = (N + NT - 1) / NT;
-#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min(n_threads, tiles))))
-  {
-    std::vector<float> buf(static_cast<size_t>(NT * K));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t n0 = t * NT, rows = std::min(NT, N - n0);
-      dequant_tile(packed, absmax, code, K, bs, n0, rows, buf.data());
-      for (int64_t m0 = 0; m0 < M; m0 += MB)
-        for (int64_t j0 = 0; j0 < rows; j0 += NB)
-          block(x, x_ld, m0, std::min(MB, M - m0), buf.data(), K, K, j0, std::min(NB, rows - j0), y, y_ld, n0);
-    }
-  }
+  for_tiles(x, x_ld, M, K, N, y, y_ld, K, n_threads, NT * K, [&](int64_t n0, int64_t rows, float* buf) {
+    dequant_tile(packed, absmax, code, K, bs, n0, rows, buf);
+    return static_cast<const float*>(buf);
+  });
 }
 
 // y[M, N] = x[M, K] @ W[N, K]^T for a dense fp32 W (rows w_ld apart): the same tiles and register blocks, each
 // tile's rows read in place (the first token block pulls them into cache for the rest).
 void sb_dense_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const float* w, int64_t w_ld, int64_t N,
                      float* y, int64_t y_ld, int64_t n_threads) {
-  const int64_t tiles = (N + NT - 1) / NT;
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(std::max<int64_t>(1, std::min(n_threads, tiles))))
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n0 = t * NT, rows = std::min(NT, N - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += MB)
-      for (int64_t j0 = 0; j0 < rows; j0 += NB)
-        block(x, x_ld, m0, std::min(MB, M - m0), w + n0 * w_ld, w_ld, K, j0, std::min(NB, rows - j0), y, y_ld, n0);
-  }
+  for_tiles(x, x_ld, M, K, N, y, y_ld, w_ld, n_threads, 0, [&](int64_t n0, int64_t, float*) { return w + n0 * w_ld; });
 }
 
 }  // extern "C"
@@ -133,7 +138,7 @@ PyObject* py_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!sb::read_ints(args, nargs, v)) return nullptr;
   if (v[3] % v[7] || v[7] % 32) return sb::arg_error("linear: K must be a multiple of the block size (a multiple of 32)");
   Py_BEGIN_ALLOW_THREADS
-  sb_linear_linear(reinterpret_cast<const float*>(v[0]), v[1], v[2], v[3], reinterpret_cast<const uint8_t*>(v[4]),
+  sb_nf4_linear(reinterpret_cast<const float*>(v[0]), v[1], v[2], v[3], reinterpret_cast<const uint8_t*>(v[4]),
                 reinterpret_cast<const float*>(v[5]), reinterpret_cast<const float*>(v[6]), v[7], v[8],
                 reinterpret_cast<float*>(v[9]), v[10], v[11]);
   Py_END_ALLOW_THREADS

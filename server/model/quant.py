@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 from kernels.linear import dense_linear, nf4_linear, takes
 
 NF4_BLOCKSIZE = 64
@@ -40,6 +39,10 @@ def _bnb():
     return bnb
 
 
+def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
 class DenseLinear(nn.Module):
     """y = x @ W^T (+ b). The dense reference (`--no-quantize`)."""
 
@@ -50,10 +53,10 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.MODE in ("auto", "cpu") and not x.is_cuda and takes(x.numel() // max(1, x.shape[-1])):
-            y = dense_linear(x, self.weight)  # decode-sized fp32 calls (kernels/linear.py); None: not this call
+        if takes(x):  # decode-sized CPU calls (kernels/linear.py); None: the kernel cannot take this one
+            y = dense_linear(x, self.weight)
             if y is not None:
-                return y if self.bias is None else y + self.bias
+                return _plus_bias(y, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -83,13 +86,12 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            y = _bnb().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
-            return y if self.bias is None else y + self.bias
-        if kernels.MODE in ("auto", "cpu") and takes(x.numel() // max(1, x.shape[-1])):  # the fused CPU kernel
+            return _plus_bias(_bnb().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state), self.bias)
+        if takes(x):  # the fused CPU kernel; None: it cannot take this call
             state = self.quant_state
             y = nf4_linear(x, self.packed, state.absmax, state.code, state.blocksize, self.out_features)
             if y is not None:
-                return y if self.bias is None else y + self.bias
+                return _plus_bias(y, self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
 
     def nbytes(self) -> int:
