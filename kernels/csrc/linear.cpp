@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "avx512_rows.h"
@@ -56,8 +57,9 @@ void dequant_tile(const uint8_t* packed, const float* absmax, const float* code,
 }
 
 // y[m, n0 + j] = x[m] . buf[j] for m in [m0, m0 + mr), j in [j0, j0 + nr): one MB x NB register block.
+// Also prefetches [pf, pf_end) (the next tile's weights: its share for this block), spread over the k loop.
 void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* buf, int64_t buf_ld, int64_t K,
-           int64_t j0, int64_t nr, float* y, int64_t y_ld, int64_t n0) {
+           int64_t j0, int64_t nr, float* y, int64_t y_ld, int64_t n0, const char* pf, const char* pf_end) {
   const float* xr[MB];
   for (int64_t i = 0; i < MB; ++i) xr[i] = x + std::min(m0 + i, m0 + mr - 1) * x_ld;  // pad rows repeat the last
   const float* wr[NB];
@@ -66,7 +68,9 @@ void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* bu
 #ifdef SB_HAVE_AVX512
   __m512 acc[MB * NB];
   for (auto& a : acc) a = _mm512_setzero_ps();
+  const int64_t pf_per_k = pf < pf_end ? ((pf_end - pf + 63) / 64 + K / 16 - 1) / (K / 16) : 0;  // lines per k step
   for (int64_t k = 0; k < K; k += 16) {
+    for (int64_t q = 0; q < pf_per_k && pf < pf_end; ++q, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
     __m512 w[NB];
     for (int64_t j = 0; j < NB; ++j) w[j] = _mm512_loadu_ps(wr[j] + k);
     for (int64_t i = 0; i < MB; ++i) {
@@ -76,6 +80,8 @@ void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* bu
   }
   _mm512_storeu_ps(sums, sb::reduce16(acc));
 #else
+  (void)pf;
+  (void)pf_end;
   for (int64_t i = 0; i < MB; ++i)
     for (int64_t j = 0; j < NB; ++j) {
       float s = 0.0f;
@@ -88,10 +94,12 @@ void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* bu
 }
 
 // The tile loop both kernels share, OpenMP over tiles of NT output rows: tile(n0, rows, buf) returns the tile's
-// first fp32 weight row (rows w_ld floats apart), filling `buf` (buf_floats per thread) if it needs one.
-template <class Tile>
+// first fp32 weight row (rows w_ld floats apart), filling `buf` (buf_floats per thread) if it needs one;
+// source(n0, rows) is the contiguous byte range tile(n0, rows) reads from memory, which the blocks of the tile
+// before it prefetch (a thread's tiles are consecutive under schedule(static)), so memory latency overlaps compute.
+template <class Tile, class Source>
 void for_tiles(const float* x, int64_t x_ld, int64_t M, int64_t K, int64_t N, float* y, int64_t y_ld,
-               int64_t w_ld, int64_t n_threads, int64_t buf_floats, Tile tile) {
+               int64_t w_ld, int64_t n_threads, int64_t buf_floats, Tile tile, Source source) {
   const int64_t tiles = (N + NT - 1) / NT;
 #pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min(n_threads, tiles))))
   {
@@ -100,9 +108,20 @@ void for_tiles(const float* x, int64_t x_ld, int64_t M, int64_t K, int64_t N, fl
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * NT, rows = std::min(NT, N - n0);
       const float* w = tile(n0, rows, buf.data());
+      const char *next = nullptr, *next_end = nullptr;
+      if (t + 1 < tiles) {
+        const auto [ptr, bytes] = source(n0 + NT, std::min(NT, N - n0 - NT));
+        next = ptr;
+        next_end = ptr + bytes;
+      }
+      const int64_t blocks = ((M + MB - 1) / MB) * ((rows + NB - 1) / NB);
+      const int64_t share = ((next_end - next + blocks - 1) / blocks + 63) / 64 * 64;  // bytes per block
       for (int64_t m0 = 0; m0 < M; m0 += MB)
-        for (int64_t j0 = 0; j0 < rows; j0 += NB)
-          block(x, x_ld, m0, std::min(MB, M - m0), w, w_ld, K, j0, std::min(NB, rows - j0), y, y_ld, n0);
+        for (int64_t j0 = 0; j0 < rows; j0 += NB) {
+          const char* pf = std::min(next + share * ((m0 / MB) * ((rows + NB - 1) / NB) + j0 / NB), next_end);
+          block(x, x_ld, m0, std::min(MB, M - m0), w, w_ld, K, j0, std::min(NB, rows - j0), y, y_ld, n0, pf,
+                std::min(pf + share, next_end));
+        }
     }
   }
 }
@@ -114,17 +133,27 @@ extern "C" {
 // y[M, N] (row stride y_ld) = x[M, K] (row stride x_ld) @ dequant_nf4(W)^T, every value fp32.
 void sb_nf4_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
                    const float* code, int64_t bs, int64_t N, float* y, int64_t y_ld, int64_t n_threads) {
-  for_tiles(x, x_ld, M, K, N, y, y_ld, K, n_threads, NT * K, [&](int64_t n0, int64_t rows, float* buf) {
-    dequant_tile(packed, absmax, code, K, bs, n0, rows, buf);
-    return static_cast<const float*>(buf);
-  });
+  for_tiles(
+      x, x_ld, M, K, N, y, y_ld, K, n_threads, NT * K,
+      [&](int64_t n0, int64_t rows, float* buf) {
+        dequant_tile(packed, absmax, code, K, bs, n0, rows, buf);
+        return static_cast<const float*>(buf);
+      },
+      [&](int64_t n0, int64_t rows) {
+        return std::pair<const char*, int64_t>(reinterpret_cast<const char*>(packed + n0 * K / 2), rows * K / 2);
+      });
 }
 
 // y[M, N] = x[M, K] @ W[N, K]^T for a dense fp32 W (rows w_ld apart): the same tiles and register blocks, each
 // tile's rows read in place (the first token block pulls them into cache for the rest).
 void sb_dense_linear(const float* x, int64_t x_ld, int64_t M, int64_t K, const float* w, int64_t w_ld, int64_t N,
                      float* y, int64_t y_ld, int64_t n_threads) {
-  for_tiles(x, x_ld, M, K, N, y, y_ld, w_ld, n_threads, 0, [&](int64_t n0, int64_t, float*) { return w + n0 * w_ld; });
+  for_tiles(
+      x, x_ld, M, K, N, y, y_ld, w_ld, n_threads, 0, [&](int64_t n0, int64_t, float*) { return w + n0 * w_ld; },
+      [&](int64_t n0, int64_t rows) {  // rows w_ld apart: the span from the first row's start to the last's end
+        return std::pair<const char*, int64_t>(reinterpret_cast<const char*>(w + n0 * w_ld),
+                                               ((rows - 1) * w_ld + K) * static_cast<int64_t>(sizeof(float)));
+      });
 }
 
 }  // extern "C"

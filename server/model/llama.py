@@ -15,6 +15,7 @@ from kernels.attention import paged_attention
 from server.model.args import ModelArgs
 from server.model.batch import AttentionMeta, ForwardBatch, StepAdapter
 from server.model.layers import Projection, RMSNorm, Rotary, project_group
+from server.model.quant import dense_forward
 
 
 class Attention(nn.Module):
@@ -158,7 +159,7 @@ class LlamaModel(nn.Module):
         x = self.norm(h)
         for adapter in batch.adapters:
             x = adapter.norm(h, x, len(self.layers), "norm", rows)
-        return F.linear(x, self.lm_head).float()
+        return dense_forward(x, self.lm_head).float()  # [S, vocab]
 
     def memory_bytes(self) -> int:
         seen: set[int] = set()

@@ -43,6 +43,16 @@ def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
+def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through kernels/linear.py's dense kernel for decode-sized CPU calls (every dense
+    base projection and the LM head)."""
+    if takes(x):  # None: the kernel cannot take this one (dtype, layout)
+        y = dense_linear(x, weight)
+        if y is not None:
+            return _plus_bias(y, bias)
+    return F.linear(x, weight, bias)
+
+
 class DenseLinear(nn.Module):
     """y = x @ W^T (+ b). The dense reference (`--no-quantize`)."""
 
@@ -53,11 +63,7 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes(x):  # decode-sized CPU calls (kernels/linear.py); None: the kernel cannot take this one
-            y = dense_linear(x, self.weight)
-            if y is not None:
-                return _plus_bias(y, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return dense_forward(x, self.weight, self.bias)
 
 
 class NF4Linear(nn.Module):
