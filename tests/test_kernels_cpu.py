@@ -5,6 +5,7 @@ Fresh random inputs every run; the seed is in every assertion message (rerun a f
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -277,3 +278,21 @@ def test_table_zeros_is_torch_zeros(dtype: torch.dtype) -> None:
         u = cpu.table_zeros(*shape, dtype=dtype, device="cpu")
         t.fill_(1)
         assert torch.count_nonzero(u) == 0 and t.data_ptr() != u.data_ptr()
+
+
+def test_arena_copies_are_aligned_independent_equal_copies() -> None:
+    """One arena: every copy equal to its source (shape, dtype, values), 64-byte aligned, sharing no memory with
+    the source, laid out in order without overlap; mixed dtypes and sizes that are not multiples of the line."""
+    g = torch.Generator().manual_seed(3)
+    sources = [torch.randn(7, 5, generator=g), torch.randint(0, 255, (13,), generator=g).to(torch.uint8),
+               torch.randn(3, 576, generator=g).bfloat16(), torch.randn(600, 577, generator=g)[:, 1:]]
+    copies = cpu.arena_copies(sources)
+    ends = []
+    for s, c in zip(sources, copies, strict=True):
+        assert c.shape == s.shape and c.dtype == s.dtype and c.is_contiguous() and torch.equal(c, s)
+        assert c.data_ptr() % cpu.ARENA_ALIGN == 0 and c.data_ptr() != s.data_ptr()
+        ends.append((c.data_ptr(), c.data_ptr() + c.numel() * c.element_size()))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(ends))
+    sources[0].fill_(0)
+    assert torch.count_nonzero(copies[0]) == copies[0].numel()
+    assert cpu.arena_copies([]) == []

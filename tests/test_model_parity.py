@@ -63,6 +63,23 @@ def test_logits_match_transformers(arch_dir: Path, quantize: bool) -> None:
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
+def test_loaded_weights_leave_the_checkpoint_map_aligned_and_still_tied(tiny_llama_dir: Path, quantize: bool) -> None:
+    """settle_weights: every parameter and buffer 64-byte aligned, the tied LM head still the embedding, and the
+    values those of the checkpoint (the logits test above checks the model as a whole)."""
+    from safetensors.torch import load_file
+
+    loaded = load(tiny_llama_dir, quantize)
+    model = loaded.model
+    assert all(t.data_ptr() % 64 == 0 for t in [*model.parameters(), *model.buffers()])
+    assert model.lm_head is model.embed_tokens
+    ckpt = load_file(next(tiny_llama_dir.glob("*.safetensors")))
+    assert torch.equal(model.embed_tokens, ckpt["model.embed_tokens.weight"])
+    assert torch.equal(model.layers[0].input_layernorm.weight, ckpt["model.layers.0.input_layernorm.weight"])
+    if not quantize:
+        assert torch.equal(model.layers[1].mlp.down_proj.base.weight, ckpt["model.layers.1.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
 def test_greedy_batch_matches_transformers_generate(tiny_llama_dir: Path, quantize: bool) -> None:
     """8 prompts of different lengths, all in one engine batch, each equal to HF generate alone."""
     engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=quantize), EngineConfig())
