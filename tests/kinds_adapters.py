@@ -147,8 +147,9 @@ def bottleneck_logits(base: torch.nn.Module, adapter_dir: Path, ids: list[int]) 
 
     full = json.loads((adapter_dir / "adapter_config.json").read_text())
     cfg, name = full["config"], full["name"]
-    weights = load_file(adapter_dir / "adapter.safetensors")
     model = copy.deepcopy(base)
+    dtype = next(model.parameters()).dtype  # float64 when the caller measures the fp32 oracle's own rounding
+    weights = {k: v.to(dtype) for k, v in load_file(adapter_dir / "adapter.safetensors").items()}
     handles = []
     for i, layer in enumerate(model.model.layers):
         seen: dict[str, torch.Tensor] = {}

@@ -61,7 +61,8 @@ def longlora_logits(base: torch.nn.Module, adapter_dir: Path, ids: list[int]) ->
     """PeftModel's logits [len(ids), vocab] on transformers' model at the adapter's RoPE factor."""
     scaling = json.loads((adapter_dir / "adapter_config.json").read_text()).get("rope_scaling")
     model = with_linear_rope(base, scaling["factor"]) if scaling else copy.deepcopy(base)
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    dtype = next(base.parameters()).dtype  # float64 when the caller measures the fp32 oracle's own rounding
+    model = PeftModel.from_pretrained(model, adapter_dir).eval().to(dtype)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
     return logits[0].float()

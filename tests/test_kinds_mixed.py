@@ -8,6 +8,7 @@ at the adapter's factor (LongLoRA)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def oracle_logits(model_dir: Path, base, route: str | None, path: Path | None, i
 
 
 def fp64_oracle_logits(base: torch.nn.Module, route: str | None, path: Path | None,
-                       ids: list[int]) -> torch.Tensor | None:
-    """The same oracle in float64 (None for the kinds whose oracle is fp32-only: bottleneck hooks, LongLoRA)."""
+                       ids: list[int]) -> torch.Tensor:
+    """The same oracle in float64: every kind's oracle runs on a float64 copy of the base."""
     import copy
 
     from peft import PeftModel
@@ -80,9 +81,11 @@ def fp64_oracle_logits(base: torch.nn.Module, route: str | None, path: Path | No
 
     from tests.kinds_adapters import with_biases
 
-    if route is not None and (route.startswith("bn-") or route.startswith("ll-")):
-        return None
     model = copy.deepcopy(base).double()
+    if route is not None and route.startswith("bn-"):
+        return bottleneck_logits(model, path, ids)
+    if route is not None and route.startswith("ll-"):
+        return longlora_logits(model, path, ids)
     if route is not None and route.startswith("bitfit"):
         model = with_biases(model, {k: v.double() for k, v in load_file(path / "adapter_model.safetensors").items()})
     elif route is not None:
@@ -97,7 +100,8 @@ def assert_close_to_oracle(ours: torch.Tensor, expected: torch.Tensor, atol: flo
     """ours within atol of the fp32 oracle; where it is not (a dense run), the fp32 oracle's own rounding on this
     input is measured against the float64 oracle and ours must be within atol + 4x that error of the float64 one
     (two fp32 computations in different orders round differently, by a few times one's measured error):
-    random adapters on a 30-layer model make a few inputs ill-conditioned in fp32 (seen: the fp32 oracle 0.008
+    random adapters on a 30-layer model make a few inputs ill-conditioned in fp32 (seen: the Houlsby bottleneck oracle
+    0.0024 from its fp64 self, ours 0.0008 from it and 0.0031 from the fp32 oracle, seed 191312; the fp32 oracle 0.008
     from its fp64 self over a prefix-tuning sequence, 0.0026 over its generated tokens; ours 0.011 from the fp32
     oracle there, 0.008 from the fp64 one). A real bug is orders of magnitude larger."""
     try:
@@ -127,7 +131,7 @@ def assert_every_kind_matches(model_dir: Path, adapters: dict[str, Path], quanti
     seen: dict[str, list[torch.Tensor]] = {}
     engine.on_logits = lambda seqs, logits: [seen.setdefault(s.request_id, []).append(logits[i].clone())
                                               for i, s in enumerate(seqs)]
-    seed = int(torch.randint(0, 10**6, ()))
+    seed = int(os.environ.get("SEED") or torch.randint(0, 10**6, ()))  # SEED=N replays a failing draw
     g = torch.Generator().manual_seed(seed)
     lengths = [long_prompt - int(torch.randint(0, 8, (1,), generator=g)) if r and r.startswith("ll-")
                else int(torch.randint(2, 16, (1,), generator=g)) for r in routes]
@@ -150,8 +154,7 @@ def assert_every_kind_matches(model_dir: Path, adapters: dict[str, Path], quanti
         def exact(r=route, f=full, sp=span) -> torch.Tensor | None:
             if quantize:
                 return None
-            truth = fp64_oracle_logits(base, r, adapters.get(r) if r else None, f)
-            return None if truth is None else truth[sp]
+            return fp64_oracle_logits(base, r, adapters.get(r) if r else None, f)[sp]
 
         assert_close_to_oracle(torch.stack(seen[f"all-{i}"]), expected, atol, exact, f"seed {seed}, {route}")
         assert out == expected.argmax(-1).tolist(), f"seed {seed}, {route}"
