@@ -13,6 +13,7 @@ from safetensors import safe_open
 from server.config import ModelConfig
 from server.model.args import ModelArgs
 from server.model.checkpoint import resolve_model_dir
+from server.model.host_heap import retain_freed_heap
 from server.model.layers import Projection, RMSNorm
 from server.model.llama import MLP, Attention, DecoderLayer, LlamaModel
 from server.model.quant import make_linear
@@ -78,6 +79,7 @@ def build_model(
     model = LlamaModel(args, embed, layers, norm("model.norm.weight"), lm_head).eval()
     if torch.device(device).type == "cpu":
         settle_weights(model)
+        retain_freed_heap()  # each step's activations reuse freed heap instead of faulting pages back in
     return model
 
 
