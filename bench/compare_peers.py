@@ -8,7 +8,8 @@ every request exactly 32 new tokens (EOS ignored), greedy, on the default model 
 fp32 dense (`--quantize`: NF4 on both sides).
 
 Rows: (a) our gRPC server on loopback (a subprocess, adapters uploaded through the Admin API, driven by
-the async client at --concurrency streams), [--engine-inprocess: our Engine called directly, no gRPC,
+the async client at --concurrency streams), [--engine-inprocess: our Engine called directly, no gRPC, by a closed
+loop of --concurrency caller threads like the gRPC client,
 with the adapters and again with none: what the LoRA path costs us],
 (b) PEFT one request at a time, (c) PEFT mixed-adapter batches, (d) merge per adapter, (e) transformers
 batched generate with no adapters. (b) and (d) time a subset (--single-requests, --merge-adapters) of the
@@ -62,8 +63,12 @@ def make_requests(tokenizer, n: int, adapters: list[str], prompt_len: int, popul
 @contextmanager
 def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchRequest], new_tokens: int,
                 concurrency: int, rank: int, model: str | None = None) -> Iterator[Callable[[bool], PeerResult]]:
-    """Our Engine in this process (no gRPC), warmed up; yields run(with_adapters): every request submitted at
-    once, at most `concurrency` running (with_adapters False: the same requests on the base, the LoRA cost)."""
+    """Our Engine in this process (no gRPC), warmed up; yields run(with_adapters): the requests driven as the gRPC
+    row's client drives the server, a closed loop of `concurrency` callers each submitting its next request when its
+    previous one ends, so that the two rows differ by the gRPC path only (with_adapters False: the same requests on
+    the base, the LoRA cost)."""
+    import threading
+
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, SamplingParams
@@ -77,21 +82,35 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
     runs = iter(range(1 << 30))
 
     def run(with_adapters: bool) -> PeerResult:
-        label = (f"switchboard Engine in-process (no gRPC), {concurrency} running" if with_adapters
-                 else f"switchboard Engine in-process, {concurrency} running, NO adapters")
+        label = (f"switchboard Engine in-process (no gRPC), {concurrency} callers" if with_adapters
+                 else f"switchboard Engine in-process, {concurrency} callers, NO adapters")
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         res = PeerResult(label, len(requests), 0, 0.0)
         tag = next(runs)
+        pending, lock, errors = iter(requests), threading.Lock(), []
+
+        def caller() -> None:
+            while True:
+                with lock:
+                    r = next(pending, None)
+                if r is None:
+                    return
+                adapter = (r.adapter or None) if with_adapters else None
+                out = collect(engine.submit(GenerationRequest(f"run{tag}-{r.index}", r.token_ids, params,
+                                                              adapter=adapter)), timeout=3600)
+                if out.error:
+                    errors.append(f"request {r.index} failed: {out.error}")
+                res.outputs[r.index] = out.token_ids
+
+        callers = [threading.Thread(target=caller, daemon=True) for _ in range(min(concurrency, len(requests)))]
         start = time.perf_counter()
-        handles = [engine.submit(GenerationRequest(f"run{tag}-{r.index}", r.token_ids, params,
-                                                   adapter=(r.adapter or None) if with_adapters else None))
-                   for r in requests]
-        for r, h in zip(requests, handles, strict=True):
-            out = collect(h, timeout=3600)
-            if out.error:
-                raise RuntimeError(f"request {r.index} failed: {out.error}")
-            res.outputs[r.index] = out.token_ids
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
         res.seconds = time.perf_counter() - start
+        if errors:
+            raise RuntimeError(errors[0])
         res.tokens = sum(map(len, res.outputs.values()))
         return res
 
