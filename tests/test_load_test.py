@@ -211,7 +211,7 @@ def test_compare_peers_runs_every_peer_on_the_same_requests(tiny_llama_dir, tmp_
 
     assert row("switchboard Engine in-process (no gRPC)")["tokens"] == 6 * 4
     assert all(len(r["runs_s"]) == 2 and "repeats differ" not in r["note"] for r in results)  # medians of 2 runs
-    assert row("switchboard Engine in-process, 4 running, NO adapters")["tokens"] == 6 * 4
+    assert row("switchboard Engine in-process, 4 callers, NO adapters")["tokens"] == 6 * 4
     assert row("PEFT, one request")["agreement"].startswith("2/2 identical")
     assert row("PEFT mixed-adapter batches of 4")["agreement"].startswith("6/6 identical")
     assert row("merge per adapter")["agreement"].startswith("4/4 identical")  # 2 adapters x 2 requests
