@@ -96,8 +96,12 @@ def ours_engine(quantize: bool, adapters: dict[str, Path], requests: list[BenchR
                 if r is None:
                     return
                 adapter = (r.adapter or None) if with_adapters else None
-                out = collect(engine.submit(GenerationRequest(f"run{tag}-{r.index}", r.token_ids, params,
-                                                              adapter=adapter)), timeout=3600)
+                try:
+                    out = collect(engine.submit(GenerationRequest(f"run{tag}-{r.index}", r.token_ids, params,
+                                                                  adapter=adapter)), timeout=3600)
+                except Exception as exc:  # a submit refused or a stream that stalled: fail the run, not the thread
+                    errors.append(f"request {r.index} failed: {exc!r}")
+                    return
                 if out.error:
                     errors.append(f"request {r.index} failed: {out.error}")
                 res.outputs[r.index] = out.token_ids
