@@ -6,15 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
-from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, SamplingParams
-from tests.engine_utils import collect
-from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter, peft_logits
-
-LOGIT_ATOL = 2e-4  # fp32, dense base; differences are summation order only
+from tests.oracle_parity import LOGIT_ATOL, assert_run_matches, oracle_for, run_mixed
+from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
 
 SPECS = [
     AdapterSpec("lora-a", "lora", rank=8, alpha=16, targets=["q_proj", "v_proj"], seed=1),
@@ -37,50 +31,15 @@ def adapters(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
     return {s.name: make_peft_adapter(tiny_llama_dir, s, root / s.name) for s in SPECS}
 
 
-def run_mixed_batch(model_dir: Path, adapters: dict[str, Path], quantize: bool, new_tokens: int):
-    engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize), EngineConfig(),
-                           AdapterPoolConfig(device_slots=16, max_lora_rank=16))
-    for name, path in adapters.items():
-        engine.pool.register(name, path)
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.on_logits = lambda seqs, logits: [seen.setdefault(s.request_id, []).append(logits[i].clone())
-                                              for i, s in enumerate(seqs)]
-    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
-    routes = [None, None, *adapters]  # two base-model sequences + one per adapter = 12
-    prompts = [torch.randint(0, engine.args.vocab_size, (int(torch.randint(2, 20, (1,), generator=g)),),
-                             generator=g).tolist() for _ in routes]
-    engine.start()
-    try:
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        handles = [engine.submit(GenerationRequest(f"mix-{i}", tuple(p), params, adapter=a))
-                   for i, (p, a) in enumerate(zip(prompts, routes, strict=True))]
-        outputs = [collect(h).token_ids for h in handles]
-    finally:
-        engine.shutdown()
-    return routes, prompts, outputs, [seen[f"mix-{i}"] for i in range(len(routes))]
-
-
 def assert_batch_matches_peft(model_dir: Path, adapters: dict[str, Path], quantize: bool, new_tokens: int,
                               atol: float = LOGIT_ATOL) -> None:
-    """Run the mixed batch through our engine; every sequence's logits at every step equal PeftModel's for its
-    adapter (transformers alone for base-model sequences), and the greedy continuations agree."""
+    """Two base-model sequences and one per adapter in one batch through our engine; every sequence's logits at
+    every step equal PeftModel's for its adapter (transformers alone for base-model sequences), and the greedy
+    continuations agree."""
     from tests.test_model_parity import hf_model
 
-    routes, prompts, outputs, step_logits = run_mixed_batch(model_dir, adapters, quantize, new_tokens)
-    base = hf_model(model_dir, quantize)
-    for route, prompt, out, logits in zip(routes, prompts, outputs, step_logits, strict=True):
-        full = prompt + out
-        if route is None:
-            with torch.no_grad():
-                ref = base(torch.tensor([full])).logits[0]
-        else:
-            ref = peft_logits(model_dir, adapters[route], full, quantize, base=base)
-        # our logits at step k predict token k; the oracle's at position len(prompt)-1+k (teacher forcing
-        # on our own tokens); argmax agreement = the greedy continuations agree
-        ours = torch.stack(logits)
-        expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
-        torch.testing.assert_close(ours, expected, atol=atol, rtol=1e-4, msg=lambda m, r=route: f"{r}: {m}")
-        assert out == expected.argmax(-1).tolist(), route
+    run = run_mixed(model_dir, adapters, [None, None, *adapters], quantize, new_tokens, device_slots=16)
+    assert_run_matches(run, oracle_for(model_dir, adapters, hf_model(model_dir, quantize), quantize), atol)
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
@@ -99,12 +58,9 @@ def test_default_model_mixed_batch_matches_peft(default_model_dir: Path, tmp_pat
 def test_mixed_batch_with_triton_kernels_matches_peft(tiny_llama_dir: Path, adapters: dict[str, Path],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The same mixed batch with the LoRA path forced through the Triton SGMV kernels (interpreted on CPU)."""
+    from tests.test_model_parity import hf_model
+
     monkeypatch.setattr("kernels.MODE", "triton")  # SWITCHBOARD_KERNELS is read once, at import
     lora = {k: v for k, v in adapters.items() if k.startswith("lora")}
-    routes, prompts, outputs, step_logits = run_mixed_batch(tiny_llama_dir, lora, False, new_tokens=3)
-    for route, prompt, out, logits in zip(routes, prompts, outputs, step_logits, strict=True):
-        if route is None:
-            continue
-        ref = peft_logits(tiny_llama_dir, lora[route], prompt + out)
-        expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
-        torch.testing.assert_close(torch.stack(logits), expected, atol=LOGIT_ATOL, rtol=1e-4)
+    run = run_mixed(tiny_llama_dir, lora, [None, *lora], False, new_tokens=3, device_slots=16)
+    assert_run_matches(run, oracle_for(tiny_llama_dir, lora, hf_model(tiny_llama_dir, False), False))

@@ -15,8 +15,8 @@ from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
 from server.adapters.peft_format import read_adapter
 from server.model.args import ModelArgs
 from tests.kinds_adapters import HOULSBY, PFEIFFER, bottleneck_logits, write_bottleneck_adapter
-from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter, peft_logits
-from tests.test_adapter_parity import LOGIT_ATOL, run_mixed_batch
+from tests.oracle_parity import assert_run_matches, oracle_for, run_mixed
+from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
 
 OTHER = {**PFEIFFER, "non_linearity": "gelu", "original_ln_before": False, "residual_before_ln": False,
          "reduction_factor": 8, "scaling": 0.5, "mh_adapter": True}
@@ -25,21 +25,8 @@ OTHER = {**PFEIFFER, "non_linearity": "gelu", "original_ln_before": False, "resi
 def assert_matches(model_dir: Path, adapters: dict[str, Path], quantize: bool, new_tokens: int) -> None:
     from tests.test_model_parity import hf_model
 
-    routes, prompts, outputs, step_logits = run_mixed_batch(model_dir, adapters, quantize, new_tokens)
-    base = hf_model(model_dir, quantize)
-    for route, prompt, out, logits in zip(routes, prompts, outputs, step_logits, strict=True):
-        full = prompt + out
-        if route is None:
-            with torch.no_grad():
-                ref = base(torch.tensor([full])).logits[0]
-        elif route.startswith("bn"):
-            ref = bottleneck_logits(base, adapters[route], full)
-        else:
-            ref = peft_logits(model_dir, adapters[route], full, quantize, base=base)
-        expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
-        torch.testing.assert_close(torch.stack(logits), expected, atol=LOGIT_ATOL, rtol=1e-4,
-                                   msg=lambda m, r=route: f"{r}: {m}")
-        assert out == expected.argmax(-1).tolist(), route
+    run = run_mixed(model_dir, adapters, [None, None, *adapters], quantize, new_tokens, device_slots=16)
+    assert_run_matches(run, oracle_for(model_dir, adapters, hf_model(model_dir, quantize), quantize))
 
 
 @pytest.fixture(scope="module")

@@ -8,29 +8,22 @@ at the adapter's factor (LongLoRA)."""
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
-from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, SamplingParams
-from tests.engine_utils import collect
 from tests.kinds_adapters import (
     HOULSBY,
     PFEIFFER,
-    bitfit_logits,
-    bottleneck_logits,
     make_bitfit_adapter,
     make_dora_adapter,
     write_bottleneck_adapter,
 )
-from tests.longlora_adapters import longlora_logits, make_longlora_adapter
-from tests.peft_adapters import ALL_PROJ, make_peft_adapter, peft_logits
-from tests.test_adapter_parity import LOGIT_ATOL, SPECS
+from tests.longlora_adapters import make_longlora_adapter
+from tests.oracle_parity import LOGIT_ATOL, assert_run_matches, fp64_oracle_for, oracle_for, run_mixed
+from tests.peft_adapters import ALL_PROJ, make_peft_adapter
+from tests.test_adapter_parity import SPECS
 
 OTHER_BN = {**PFEIFFER, "non_linearity": "gelu", "original_ln_before": False, "residual_before_ln": False,
             "reduction_factor": 8, "scaling": 0.5, "mh_adapter": True}
@@ -57,107 +50,24 @@ def make_all(model_dir: Path, root: Path) -> dict[str, Path]:
     return made
 
 
-def oracle_logits(model_dir: Path, base, route: str | None, path: Path | None, ids: list[int],
-                  quantize: bool) -> torch.Tensor:
-    if route is None:
-        with torch.no_grad():
-            return base(torch.tensor([ids])).logits[0].float()
-    if route.startswith("bitfit"):
-        return bitfit_logits(base, path, ids)
-    if route.startswith("bn-"):
-        return bottleneck_logits(base, path, ids)
-    if route.startswith("ll-"):
-        return longlora_logits(base, path, ids)
-    return peft_logits(model_dir, path, ids, quantize, base=base)
-
-
-def fp64_oracle_logits(base: torch.nn.Module, route: str | None, path: Path | None,
-                       ids: list[int]) -> torch.Tensor:
-    """The same oracle in float64: every kind's oracle runs on a float64 copy of the base."""
-    import copy
-
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    from tests.kinds_adapters import with_biases
-
-    model = copy.deepcopy(base).double()
-    if route is not None and route.startswith("bn-"):
-        return bottleneck_logits(model, path, ids)
-    if route is not None and route.startswith("ll-"):
-        return longlora_logits(model, path, ids)
-    if route is not None and route.startswith("bitfit"):
-        model = with_biases(model, {k: v.double() for k, v in load_file(path / "adapter_model.safetensors").items()})
-    elif route is not None:
-        model = PeftModel.from_pretrained(model, path).eval().double()
-    with torch.no_grad():
-        mask = torch.ones(1, len(ids), dtype=torch.long)
-        return model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -len(ids):].float()
-
-
-def assert_close_to_oracle(ours: torch.Tensor, expected: torch.Tensor, atol: float, exact: Callable[[], torch.Tensor |
-                           None], what: str) -> None:
-    """ours within atol of the fp32 oracle; where it is not (a dense run), the fp32 oracle's own rounding on this
-    input is measured against the float64 oracle and ours must be within atol + 4x that error of the float64 one
-    (two fp32 computations in different orders round differently, by a few times one's measured error):
-    random adapters on a 30-layer model make a few inputs ill-conditioned in fp32 (seen: the Houlsby bottleneck oracle
-    0.0024 from its fp64 self, ours 0.0008 from it and 0.0031 from the fp32 oracle, seed 191312; the fp32 oracle 0.008
-    from its fp64 self over a prefix-tuning sequence, 0.0026 over its generated tokens; ours 0.011 from the fp32
-    oracle there, 0.008 from the fp64 one). A real bug is orders of magnitude larger."""
-    try:
-        torch.testing.assert_close(ours, expected, atol=atol, rtol=1e-4, msg=lambda m: f"{what}: {m}")
-        return
-    except AssertionError:
-        truth = exact()
-        if truth is None:
-            raise
-    oracle_error = float((expected - truth).abs().max())
-    torch.testing.assert_close(ours, truth, atol=atol + 4 * oracle_error, rtol=1e-4,
-                               msg=lambda m: f"{what} (vs float64; the fp32 oracle's error {oracle_error:.4f}): {m}")
-
-
 def assert_every_kind_matches(model_dir: Path, adapters: dict[str, Path], quantize: bool, new_tokens: int,
                               atol: float, long_prompt: int = 16, max_model_len: int | None = None) -> None:
-    """long_prompt: the LongLoRA sequences' prompt length (the others draw 2..15 tokens)."""
+    """long_prompt: the LongLoRA sequences' prompt length (the others draw 2..15 tokens). Dense runs fall back on
+    the float64 oracles where ours is outside atol of the fp32 ones (assert_close_to_oracle)."""
     from tests.test_model_parity import hf_model
 
     routes: list[str | None] = [None, None, *adapters, "lora-a", "dora-rs"]  # shared adapters, two sequences each
     assert len(routes) >= 20
-    engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize),
-                           EngineConfig(max_model_len=max_model_len),
-                           AdapterPoolConfig(device_slots=len(adapters) + 2, max_lora_rank=16))
-    for name, path in adapters.items():
-        engine.pool.register(name, path)
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.on_logits = lambda seqs, logits: [seen.setdefault(s.request_id, []).append(logits[i].clone())
-                                              for i, s in enumerate(seqs)]
-    seed = int(os.environ.get("SEED") or torch.randint(0, 10**6, ()))  # SEED=N replays a failing draw
-    g = torch.Generator().manual_seed(seed)
-    lengths = [long_prompt - int(torch.randint(0, 8, (1,), generator=g)) if r and r.startswith("ll-")
-               else int(torch.randint(2, 16, (1,), generator=g)) for r in routes]
-    prompts = [torch.randint(0, engine.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    engine.start()
-    try:
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        handles = [engine.submit(GenerationRequest(f"all-{i}", tuple(p), params, adapter=a))
-                   for i, (p, a) in enumerate(zip(prompts, routes, strict=True))]
-        outputs = [collect(h).token_ids for h in handles]
-    finally:
-        engine.shutdown()
+
+    def length(route: str | None, g: torch.Generator) -> int:
+        if route and route.startswith("ll-"):
+            return long_prompt - int(torch.randint(0, 8, (1,), generator=g))
+        return int(torch.randint(2, 16, (1,), generator=g))
+
+    run = run_mixed(model_dir, adapters, routes, quantize, new_tokens, length, max_model_len=max_model_len)
     base = hf_model(model_dir, quantize)
-    for i, (route, prompt, out) in enumerate(zip(routes, prompts, outputs, strict=True)):
-        full = prompt + out
-        ref = oracle_logits(model_dir, base, route, adapters.get(route) if route else None, full, quantize)
-        expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
-        span = slice(len(prompt) - 1, len(prompt) - 1 + len(out))
-
-        def exact(r=route, f=full, sp=span) -> torch.Tensor | None:
-            if quantize:
-                return None
-            return fp64_oracle_logits(base, r, adapters.get(r) if r else None, f)[sp]
-
-        assert_close_to_oracle(torch.stack(seen[f"all-{i}"]), expected, atol, exact, f"seed {seed}, {route}")
-        assert out == expected.argmax(-1).tolist(), f"seed {seed}, {route}"
+    exact = None if quantize else fp64_oracle_for(adapters, base)
+    assert_run_matches(run, oracle_for(model_dir, adapters, base, quantize), atol, exact)
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
+from server.adapters.kinds.longlora import LongLoraTables
 from server.adapters.peft_format import read_adapter
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
-from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, SamplingParams
 from server.model.args import ModelArgs
-from tests.engine_utils import collect
-from tests.longlora_adapters import longlora_logits, make_longlora_adapter, with_linear_rope
-from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter, peft_logits
-from tests.test_adapter_parity import LOGIT_ATOL
+from tests.longlora_adapters import make_longlora_adapter, with_linear_rope
+from tests.oracle_parity import LOGIT_ATOL, assert_run_matches, oracle_for, run_mixed
+from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
 
 NF4_ATOL = 2e-4  # both sides multiply by the same dequantized weights; summation order only
 BASE_CONTEXT = 512  # the tiny model's max_position_embeddings
@@ -42,53 +39,12 @@ def longlora_dirs(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def run_batch(model_dir: Path, adapters: dict[str, Path], routes: list[str | None], lengths: list[int],
-              quantize: bool, new_tokens: int, seed: int, max_model_len: int):
-    """Every route's sequence in one engine; (prompts, outputs, per-step logits)."""
-    engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize),
-                           EngineConfig(max_model_len=max_model_len),
-                           AdapterPoolConfig(device_slots=len(adapters) + 2, max_lora_rank=16))
-    for name, path in adapters.items():
-        engine.pool.register(name, path)
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.on_logits = lambda seqs, logits: [seen.setdefault(s.request_id, []).append(logits[i].clone())
-                                              for i, s in enumerate(seqs)]
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, engine.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    engine.start()
-    try:
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        handles = [engine.submit(GenerationRequest(f"ll-{i}", tuple(p), params, adapter=a))
-                   for i, (p, a) in enumerate(zip(prompts, routes, strict=True))]
-        outputs = [collect(h).token_ids for h in handles]
-    finally:
-        engine.shutdown()
-    return prompts, outputs, [seen[f"ll-{i}"] for i in range(len(routes))]
-
-
-def oracle(model_dir: Path, base, route: str | None, path: Path | None, ids: list[int], quantize: bool) -> torch.Tensor:
-    if route is None:
-        with torch.no_grad():
-            return base(torch.tensor([ids])).logits[0].float()
-    if route.startswith("ll-"):
-        return longlora_logits(base, path, ids)
-    return peft_logits(model_dir, path, ids, quantize, base=base)
-
-
 def assert_matches(model_dir: Path, adapters: dict[str, Path], routes: list[str | None], lengths: list[int],
                    quantize: bool, new_tokens: int, atol: float, max_model_len: int) -> None:
     from tests.test_model_parity import hf_model
 
-    seed = int(torch.randint(0, 10**6, ()))
-    prompts, outputs, logits = run_batch(model_dir, adapters, routes, lengths, quantize, new_tokens, seed,
-                                         max_model_len)
-    base = hf_model(model_dir, quantize)
-    for route, prompt, out, steps in zip(routes, prompts, outputs, logits, strict=True):
-        ref = oracle(model_dir, base, route, adapters.get(route) if route else None, prompt + out, quantize)
-        expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(out)]
-        torch.testing.assert_close(torch.stack(steps), expected, atol=atol, rtol=1e-4,
-                                   msg=lambda m, r=route: f"seed {seed}, {r}: {m}")
-        assert out == expected.argmax(-1).tolist(), f"seed {seed}, {route}"
+    run = run_mixed(model_dir, adapters, routes, quantize, new_tokens, lengths, max_model_len=max_model_len)
+    assert_run_matches(run, oracle_for(model_dir, adapters, hf_model(model_dir, quantize), quantize), atol)
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
@@ -147,6 +103,15 @@ def test_longlora_config_is_read_by_the_longlora_kind(tiny_llama_dir: Path, long
     saved_norms = [k for k in load_file(longlora_dirs["ll-norms"] / "adapter_model.safetensors") if "norm" in k]
     assert norms_only.embed is None and len(norms_only.norms) == len(saved_norms) > 0  # as PEFT matched the names
     assert read_adapter(longlora_dirs["lora"], args, 16, 32).kind == "LORA"
+
+
+def test_fill_without_base_weights_is_refused(tiny_llama_dir: Path, longlora_dirs: dict[str, Path]) -> None:
+    args = ModelArgs.from_dir(tiny_llama_dir)
+    weights = read_adapter(longlora_dirs["ll-all"], args, 16, 32)
+    tables = LongLoraTables(args, 2, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="LongLoRA .* base model's weights"):
+        tables.fill(0, weights.payload)
+    assert tables.ranks == [0, 0] and tables.norm is None  # nothing half-filled
 
 
 def _broken(src: Path, dst: Path, *, cfg: dict | None = None, drop: str | None = None,

@@ -91,8 +91,17 @@ class SlotTables:
     def clear(self, slot: int) -> None:
         """Reset `slot` to "no adapter"."""
 
+    base: BaseWeights | None = None  # the served model's base weights, once bound
+
     def bind_base(self, base: BaseWeights) -> None:
-        """Called once, before any fill, with the served model's base weights (tables that need none ignore it)."""
+        """Called once, before any fill, with the served model's base weights (tables that need none ignore them)."""
+        self.base = base
+
+    def bound_base(self, needs: str) -> BaseWeights:
+        """The bound base weights; ValueError naming what `needs` them when the tables were never bound."""
+        if self.base is None:
+            raise ValueError(f"{needs} needs the base model's weights; these slot tables were never bound to a model")
+        return self.base
 
 
 class AdapterKind:

@@ -26,7 +26,6 @@ from kernels import build_lora_meta
 from server.adapters.kinds.base import (
     AdapterFormatError,
     BaseModelMismatch,
-    BaseWeights,
     ChunkView,
     ReadLimits,
     Staging,
@@ -59,14 +58,10 @@ class DoraTables(LoraTables):
         super().__init__(args, num_slots, max_rank, dtype, device)
         self.gain: dict[str, torch.Tensor] = {}
         self.shift: dict[str, torch.Tensor] = {}
-        self.base: BaseWeights | None = None
 
     @property
     def no_dora_row(self) -> int:
         return self.num_slots
-
-    def bind_base(self, base: BaseWeights) -> None:
-        self.base = base
 
     def _gain(self, module: str) -> torch.Tensor:
         if module not in self.gain:
@@ -86,12 +81,11 @@ class DoraTables(LoraTables):
             self._gain(module)
 
     def fill(self, slot: int, payload: DoraWeights) -> None:
-        if self.base is None:
-            raise ValueError("DoRA needs the base model's weights; these slot tables were never bound to a model")
+        base = self.bound_base("DoRA")
         lora = payload.lora
         gains = {}
         for (layer, module), a in lora.a.items():  # everything that can fail, before the first copy
-            weight, bias = self.base(layer, module)
+            weight, bias = base(layer, module)
             g = dora_gain(weight, a, lora.b[(layer, module)], lora.scale, payload.magnitude[(layer, module)])
             gains[(layer, module)] = (g, None if bias is None else (1.0 - g) * bias)
         super().fill(slot, lora)

@@ -37,7 +37,6 @@ from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
     BaseModelMismatch,
-    BaseWeights,
     ChunkView,
     ReadLimits,
     Staging,
@@ -101,22 +100,17 @@ class LongLoraTables(LoraTables):
         self.embed: torch.Tensor | None = None
         self.has_embed: list[bool] = [False] * num_slots
         self.factor: list[float] = [1.0] * num_slots
-        self.base: BaseWeights | None = None
 
     @property
     def base_row(self) -> int:
         return self.num_slots
 
-    def bind_base(self, base: BaseWeights) -> None:
-        self.base = base
-
     def _base_norms(self) -> torch.Tensor:
         """[2 * layers + 1, hidden] the base's norm weights, in table order."""
-        if self.base is None:
-            raise ValueError("LongLoRA tables need the base model's norm weights (bind_base) before a fill")
-        rows = [self.base(i, n)[0] for i in range(self.args.num_layers)
+        base = self.bound_base("LongLoRA (its norm weights)")
+        rows = [base(i, n)[0] for i in range(self.args.num_layers)
                 for n in ("input_layernorm", "post_attention_layernorm")]
-        return torch.stack([*rows, self.base(self.args.num_layers, "norm")[0]])
+        return torch.stack([*rows, base(self.args.num_layers, "norm")[0]])
 
     def stage(self, payload: LongLoraWeights, ready: Staging) -> LongLoraWeights:
         lora = super().stage(payload.lora, ready)
@@ -132,8 +126,7 @@ class LongLoraTables(LoraTables):
             self.embed = torch.zeros(self.num_slots, *payload.embed.shape, dtype=self.dtype, device=self.device)
 
     def fill(self, slot: int, payload: LongLoraWeights) -> None:
-        if self.base is None:
-            raise ValueError("LongLoRA tables need the base model's norm weights (bind_base) before a fill")
+        self.bound_base("LongLoRA (its norm weights)")
         self.ensure(payload)
         super().fill(slot, payload.lora)
         for (layer, name), w in payload.norms.items():
