@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,10 @@ class StepTimes:
     steps: int  # timed steps
 
 
-def decode_block(engine, adapters: list[str | None], new_tokens: int, label: str) -> tuple[list[float], list[float]]:
-    """One sequence per adapter (None = base), `new_tokens` each; (wall s, CPU s) of every pure-decode step."""
+def decode_block(engine, adapters: list[str | None], new_tokens: int, label: str,
+                 after_step: Callable[[bool], None] | None = None) -> tuple[list[float], list[float]]:
+    """One sequence per adapter (None = base), `new_tokens` each; (wall s, CPU s) of every pure-decode step.
+    after_step(timed): called after each step, with whether it was one of the timed ones."""
     from server.engine.request import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -43,9 +46,13 @@ def decode_block(engine, adapters: list[str | None], new_tokens: int, label: str
         engine.step()
         w, c = time.perf_counter() - w0, time.process_time() - c0
         stats = engine.stats()  # a step with nothing schedulable (adapters still loading) runs no batch
-        if engine.steps > steps_before and stats.batch_size == len(adapters) and stats.batch_tokens == len(adapters):
+        timed = (engine.steps > steps_before and stats.batch_size == len(adapters)
+                 and stats.batch_tokens == len(adapters))
+        if timed:
             wall.append(w)
             cpu.append(c)
+        if after_step is not None:
+            after_step(timed)
         for h in handles:  # consume events so `done` is seen
             with contextlib.suppress(queue.Empty):
                 while not h.done:

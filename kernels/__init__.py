@@ -109,7 +109,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def warm_up(device: torch.device) -> None:
     """Build or load the compiled CPU kernels (a one-time compile of a few seconds, then cached) before serving."""
     if device.type == "cpu":
-        from kernels import attention, cpu
+        from kernels import attention, cpu, linear, pointwise
 
-        cpu.available()
-        attention.available()
+        for kernel in (cpu, attention, linear, pointwise):
+            kernel.available()

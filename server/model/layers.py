@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.pointwise import rms_norm
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 as transformers does."""
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 as transformers does (kernels/pointwise.py)."""
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
@@ -21,12 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same math in one fused op
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
@@ -53,7 +48,8 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 
 class Rotary(nn.Module):
-    """Rotary embeddings (rotate-half convention of HF Llama) at arbitrary per-token positions."""
+    """Rotary embeddings (rotate-half convention of HF Llama) at arbitrary per-token positions: the step's cos/sin
+    tables here, applied to q and k by kernels.pointwise.rope_and_cache."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -69,13 +65,6 @@ class Rotary(nn.Module):
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim] each
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] -> rotated."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
 
 
 def project_group(projections: tuple[Projection, ...], x: torch.Tensor, adapters: list[StepAdapter]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import paged_attention
+from kernels.pointwise import rope_and_cache
 from server.model.args import ModelArgs
 from server.model.batch import AttentionMeta, ForwardBatch, StepAdapter
 from server.model.layers import Projection, RMSNorm, Rotary, project_group
@@ -40,9 +41,7 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         cos, sin = cos_sin
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
-        k_cache[attn.kv_write_slots] = k.to(k_cache.dtype)
-        v_cache[attn.kv_write_slots] = v.to(v_cache.dtype)
+        q = rope_and_cache(q, k, v, cos, sin, attn.kv_write_slots, k_cache, v_cache)  # K/V rotated into the cache
         out = paged_attention(q, k_cache, v_cache, attn.paged, self.scale)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), adapters)
 
