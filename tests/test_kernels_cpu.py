@@ -296,3 +296,32 @@ def test_arena_copies_are_aligned_independent_equal_copies() -> None:
     sources[0].fill_(0)
     assert torch.count_nonzero(copies[0]) == copies[0].numel()
     assert cpu.arena_copies([]) == []
+
+
+@pytest.mark.parametrize("n_tokens, popularity", [(7, "identical"), (33, "distinct"), (256, "zipf:1.5")])
+def test_lora_apply_thread_counts_and_schedules_agree(n_tokens: int, popularity: str) -> None:
+    """lora_apply picks the fused (segment, token-block) schedule when there are enough blocks for the threads and
+    shrink-all-then-expand otherwise (7 identical tokens on 2-3 threads); every thread count and schedule matches
+    the reference and the one-thread result."""
+    seed = fresh_seed()
+    cases = [make_case(seed + i, n_tokens, r, popularity, torch.float32, True, True, n_in=256, n_out=o,
+                       rank_major=rm) for i, (r, o, rm) in enumerate([(16, 192, True), (16, 64, True), (8, 96, False)])]
+    slots, x, _, _, scales, _, ranks = cases[0]
+    ranks = [min(r, 8) for r in ranks]
+    meta = build_lora_meta(slots, ranks)
+    a_s, b_s, y0s = [c[2] for c in cases], [c[3] for c in cases], [c[5] for c in cases]
+    refs = [expand_reference(shrink_reference(x, a, meta), b, scales, meta, y0.clone())
+            for a, b, y0 in zip(a_s, b_s, y0s, strict=True)]
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results[n] = kernels.lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
+    finally:
+        torch.set_num_threads(before)
+    for n, ys in results.items():
+        for y, y_ref, y1 in zip(ys, refs, results[1], strict=True):
+            why = f"seed={seed} T={n_tokens} {popularity} threads={n}"
+            torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4, msg=lambda m, w=why: f"{m}\n{w}")
+            torch.testing.assert_close(y, y1, atol=1e-5, rtol=1e-5, msg=lambda m, w=why: f"vs 1 thread: {m}\n{w}")

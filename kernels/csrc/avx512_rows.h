@@ -45,6 +45,27 @@ inline void dot16_rows(const char* b, int64_t ld_bytes, int64_t dt, int64_t r, c
   _mm512_storeu_ps(out, reduce16(s));
 }
 
+// out[0:n] = sum_k t[k] * B[k * ld + 0:n] for n <= 64: four register accumulators over the r rows of a B tile.
+inline void rank_major_tile(const float* b, int64_t ld, int64_t r, const float* t, int64_t n, float* out) {
+  const __mmask16 k0 = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 k1 = n >= 32 ? 0xffff : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+  const __mmask16 k2 = n >= 48 ? 0xffff : n <= 32 ? 0 : static_cast<__mmask16>((1u << (n - 32)) - 1);
+  const __mmask16 k3 = n >= 64 ? 0xffff : n <= 48 ? 0 : static_cast<__mmask16>((1u << (n - 48)) - 1);
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < r; ++k) {
+    const __m512 w = _mm512_set1_ps(t[k]);
+    const float* row = b + k * ld;
+    a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k0, row), a0);
+    a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k1, row + 16), a1);
+    a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k2, row + 32), a2);
+    a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k3, row + 48), a3);
+  }
+  _mm512_mask_storeu_ps(out, k0, a0);
+  _mm512_mask_storeu_ps(out + 16, k1, a1);
+  _mm512_mask_storeu_ps(out + 32, k2, a2);
+  _mm512_mask_storeu_ps(out + 48, k3, a3);
+}
+
 // exp(x) for x <= 0, 16 lanes: the same Cephes polynomial as attention.cpp's scalar exp_neg.
 inline __m512 exp16_neg(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));

@@ -1,28 +1,27 @@
-// Segmented LoRA shrink / expand on CPU: one call per op for the whole batch, OpenMP over work items.
+// Segmented LoRA shrink / expand on CPU: one call per op (or per projection group) for the whole batch, OpenMP
+// over work items.
 //
-// A work item is (segment, block of up to TB of its tokens, one stack, a range of rank rows) for shrink and
-// (segment, token block, a range of output features) for expand. Rank / output ranges are split only when
-// the batch has too few items to keep every thread busy (one long prefill segment, a single token), so in
-// the usual decode step every adapter's A and B is read from memory by exactly one thread, once; a
-// segment's token blocks re-read its A/B from cache, not memory. Accumulation is in fp32 throughout.
-// B may be rank-major ([rank, out] per slot: a low-rank adapter reads only its rows); sb_lora_apply runs the
-// shrink of a projection group and each expand in one call, with t in a private workspace.
+// Two schedules. Fused (sb_lora_apply when the batch has at least two token blocks per thread, i.e. every decode
+// step of a real batch): a work item is one (segment, block of up to TB of its tokens), which runs the shrink and
+// then the expand of every stack of the group, with t in registers-and-L1 scratch: one parallel region per group,
+// no barrier between shrink and expand, and each adapter's A and B streamed by one thread back to back. Two-phase
+// (sb_lora_shrink / sb_lora_expand, and sb_lora_apply for a batch of one or two blocks: one token, one short
+// prefill): shrink items (segment, token block, stack, rank rows) then expand items (segment, token block, output
+// range), rank / output ranges split only when the batch has too few items to keep every thread busy. Either way
+// every adapter's A and B is read from memory by one thread, once, a segment's later token blocks re-read them
+// from cache, and accumulation is fp32 throughout. B may be rank-major ([rank, out] per slot: a low-rank adapter
+// reads only its rows). The item bodies are lora_items.h.
 #include "pyargs.h"  // Python.h first, as the C API asks
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#include "avx512_rows.h"
-#include "common.h"
-#include "lora_rows.h"
+#include "lora_items.h"
 
 namespace {
 
-using sb::add_scaled, sb::axpy, sb::dot_any, sb::dot_rank;
-
-constexpr int64_t TB = 8;   // tokens per work item
-constexpr int64_t OC = 64;  // output features per expand tile (B tile transposed to [rank][OC] in fp32)
+using sb::OC, sb::TB;
 
 struct ShrinkItem { int64_t seg, j0, j1, stack, k0, k1; };
 struct ExpandItem { int64_t seg, j0, j1, o0, o1; };
@@ -42,6 +41,18 @@ inline int64_t seg_rank(const int64_t* seg, int64_t padded) {
   return seg[3] < 0 ? padded : std::min(seg[3], padded);
 }
 
+// the number of (segment, token block) pairs: the fused schedule's work items
+inline int64_t count_blocks(const int64_t* segs, int64_t n_segs) {
+  int64_t n = 0;
+  for (int64_t s = 0; s < n_segs; ++s) n += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
+  return n;
+}
+
+inline int64_t block_tokens(const int64_t* tok_index, int64_t j0, int64_t j1, int64_t* toks) {
+  for (int64_t j = j0; j < j1; ++j) toks[j - j0] = tok_at(tok_index, j);
+  return j1 - j0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -51,10 +62,8 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
                        const int64_t* stacks, int64_t a_dt, const int64_t* segs, int64_t n_segs,
                        const int64_t* tok_index, int64_t n_threads) {
   std::vector<ShrinkItem> items;
-  int64_t base = 0, work = 0;
-  for (int64_t s = 0; s < n_segs; ++s) base += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
-  base *= n_stacks;
-  const int64_t want = 2 * n_threads;
+  int64_t work = 0;
+  const int64_t base = count_blocks(segs, n_segs) * n_stacks, want = 2 * n_threads;
   const int64_t splits = base >= want || base == 0 ? 1 : ceil_div(want, base);
   for (int64_t s = 0; s < n_segs; ++s) {
     const int64_t* sg = segs + s * SEG_FIELDS;
@@ -69,45 +78,24 @@ int64_t sb_lora_shrink(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, 
     }
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-  const int64_t xsz = sb::elem_size(x_dt), asz = sb::elem_size(a_dt);
+  const int64_t asz = sb::elem_size(a_dt);
   const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
 #pragma omp parallel num_threads(n_threads) if (parallel)
   {
-    std::vector<float> xbuf, abuf(n_in);
-    const float* xs[TB];
-    float acc[TB];
+    sb::Scratch sc;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const ShrinkItem& w = items[it];
       const int64_t* sg = segs + w.seg * SEG_FIELDS;
       const int64_t* sk = stacks + w.stack * STACK_FIELDS;
-      const int64_t m = w.j1 - w.j0;
       int64_t toks[TB];
-      for (int64_t j = 0; j < m; ++j) {
-        toks[j] = tok_at(tok_index, w.j0 + j);
-        const char* row = static_cast<const char*>(x) + toks[j] * x_ld * xsz;
-        if (x_dt == sb::F32) {
-          xs[j] = reinterpret_cast<const float*>(row);
-        } else {
-          xbuf.resize(TB * n_in);
-          sb::load_row(row, x_dt, n_in, xbuf.data() + j * n_in);
-          xs[j] = xbuf.data() + j * n_in;
-        }
-      }
+      const float* xs[TB];
+      float* out[TB];
+      const int64_t m = block_tokens(tok_index, w.j0, w.j1, toks);
+      sb::gather_x(x, x_ld, x_dt, n_in, toks, m, xs, sc);
+      for (int64_t j = 0; j < m; ++j) out[j] = reinterpret_cast<float*>(sk[4]) + toks[j] * sk[5];
       const char* a_slot = reinterpret_cast<const char*>(sk[0]) + sg[2] * sk[1] * asz;
-      float* t = reinterpret_cast<float*>(sk[4]);
-      if (w.k0 < w.k1) sb::prefetch_bytes(a_slot + w.k0 * sk[2] * asz, n_in * asz);
-      for (int64_t k = w.k0; k < w.k1; ++k) {
-        const char* arow = a_slot + k * sk[2] * asz;
-        if (k + 1 < w.k1) sb::prefetch_bytes(arow + sk[2] * asz, n_in * asz);
-        const float* a = reinterpret_cast<const float*>(arow);
-        if (a_dt != sb::F32) {
-          sb::load_row(arow, a_dt, n_in, abuf.data());
-          a = abuf.data();
-        }
-        dot_any(a, xs, m, n_in, acc);
-        for (int64_t j = 0; j < m; ++j) t[toks[j] * sk[5] + k] = acc[j];
-      }
+      sb::shrink_rows(xs, m, a_slot, sk[2], a_dt, n_in, w.k0, w.k1, out, sc);
     }
   }
   return n_items;
@@ -120,11 +108,9 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
                        int64_t b_rank, int64_t b_dt, int64_t n_out, const float* scales, int64_t scale_stride, void* y,
                        int64_t y_ld, int64_t y_dt, const int64_t* segs, int64_t n_segs, const int64_t* tok_index,
                        int64_t n_threads) {
-  const bool rank_major = b_s2 != 1;
   std::vector<ExpandItem> items;
-  int64_t base = 0, work = 0;
-  for (int64_t s = 0; s < n_segs; ++s) base += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
-  const int64_t want = 2 * n_threads;
+  int64_t work = 0;
+  const int64_t base = count_blocks(segs, n_segs), want = 2 * n_threads;
   const int64_t splits = base >= want || base == 0 ? 1 : ceil_div(want, base);
   const int64_t ostep = std::max<int64_t>(OC, ceil_div(ceil_div(n_out, splits), OC) * OC);
   for (int64_t s = 0; s < n_segs; ++s) {
@@ -142,83 +128,18 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
   const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
 #pragma omp parallel num_threads(n_threads) if (parallel)
   {
-    std::vector<float> bt(rank_major ? 0 : b_rank * OC), brow(rank_major ? n_out : b_rank);
-    std::vector<float> dwide(rank_major ? TB * n_out : 0);
-    float delta[TB * OC];
+    sb::Scratch sc;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const ExpandItem& w = items[it];
       const int64_t* sg = segs + w.seg * SEG_FIELDS;
-      const int64_t r = seg_rank(sg, b_rank), m = w.j1 - w.j0;
-      const float scale = scales[sg[2] * scale_stride];
-      const char* b_slot = static_cast<const char*>(b) + sg[2] * b_s0 * bsz;
       int64_t toks[TB];
       const float* ts[TB];
-      for (int64_t j = 0; j < m; ++j) {
-        toks[j] = tok_at(tok_index, w.j0 + j);
-        ts[j] = t + toks[j] * t_ld;
-      }
-      if (rank_major) {  // r contiguous rows of B^T: each read once, an axpy into every token's fp32 delta
-        const int64_t ow = w.o1 - w.o0;
-        float* d = dwide.data();
-        std::fill(d, d + m * ow, 0.f);
-        sb::prefetch_bytes(b_slot + w.o0 * bsz, ow * bsz);
-        for (int64_t k = 0; k < r; ++k) {
-          const char* row = b_slot + (k * b_s2 + w.o0) * bsz;
-          if (k + 1 < r) sb::prefetch_bytes(row + b_s2 * bsz, ow * bsz);
-          const float* br = reinterpret_cast<const float*>(row);
-          if (b_dt != sb::F32) {
-            sb::load_row(row, b_dt, ow, brow.data());
-            br = brow.data();
-          }
-          for (int64_t j = 0; j < m; ++j) axpy(d + j * ow, br, ts[j][k], ow);
-        }
-        for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + w.o0, d + j * ow, scale, ow);
-        continue;
-      }
-      for (int64_t o0 = w.o0; o0 < w.o1; o0 += OC) {
-        const int64_t oc = std::min(OC, w.o1 - o0);
-        if (m < 4) {  // few tokens: one pass over B's rows, a rank-long dot per (row, token)
-          int64_t o = 0;
-#ifdef SB_HAVE_AVX512
-          for (; o + 16 <= oc; o += 16) {
-            for (int64_t j = 0; j < m; ++j)
-              sb::dot16_rows(b_slot + (o0 + o) * b_s1 * bsz, b_s1 * bsz, b_dt, r, ts[j], delta + j * OC + o);
-          }
-#endif
-          for (; o < oc; ++o) {
-            const char* row = b_slot + (o0 + o) * b_s1 * bsz;
-            const float* br = reinterpret_cast<const float*>(row);
-            if (b_dt != sb::F32) {
-              sb::load_row(row, b_dt, r, brow.data());
-              br = brow.data();
-            }
-            for (int64_t j = 0; j < m; ++j) delta[j * OC + o] = dot_rank(br, ts[j], r);
-          }
-        } else {  // a prefill block: B tile transposed to [r][OC] once, then FMAs across the outputs
-          for (int64_t o = 0; o < oc; ++o) {
-            const char* row = b_slot + (o0 + o) * b_s1 * bsz;
-            if (b_dt == sb::F32) {
-              const float* br = reinterpret_cast<const float*>(row);
-              for (int64_t k = 0; k < r; ++k) bt[k * OC + o] = br[k];
-            } else {
-              const uint16_t* br = reinterpret_cast<const uint16_t*>(row);
-              for (int64_t k = 0; k < r; ++k) bt[k * OC + o] = sb::bf16_to_f32(br[k]);
-            }
-          }
-          for (int64_t j = 0; j < m; ++j) {
-            float* d = delta + j * OC;
-            for (int64_t o = 0; o < OC; ++o) d[o] = 0.f;
-            for (int64_t k = 0; k < r; ++k) {
-              const float tk = ts[j][k];
-              const float* bk = bt.data() + k * OC;
-#pragma omp simd
-              for (int64_t o = 0; o < OC; ++o) d[o] += tk * bk[o];
-            }
-          }
-        }
-        for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + o0, delta + j * OC, scale, oc);
-      }
+      const int64_t m = block_tokens(tok_index, w.j0, w.j1, toks);
+      for (int64_t j = 0; j < m; ++j) ts[j] = t + toks[j] * t_ld;
+      const char* b_slot = static_cast<const char*>(b) + sg[2] * b_s0 * bsz;
+      sb::expand_range(ts, toks, m, b_slot, b_s1, b_s2, b_dt, seg_rank(sg, b_rank), w.o0, w.o1,
+                       scales[sg[2] * scale_stride], y, y_ld, y_dt, sc);
     }
   }
   return n_items;
@@ -227,12 +148,68 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
 // Per stack of sb_lora_apply: a_ptr, a_s0, a_s1, padded rank, b_ptr, b_s0, b_s1, b_s2, n_out, y_ptr, y_ld.
 constexpr int64_t APPLY_FIELDS = 11;
 
+namespace {
+
+// The fused schedule of sb_lora_apply: one item per (segment, token block), its shrink and expand of every stack.
+int64_t apply_fused(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int64_t w_dt, const float* scales,
+                    int64_t scale_stride, int64_t y_dt, const int64_t* segs, int64_t n_segs, const int64_t* tok_index,
+                    int64_t n_threads, int64_t n_stacks, const int64_t* d) {
+  std::vector<ExpandItem> items;  // o0 / o1 unused: every item covers all outputs
+  int64_t max_rank = 0, work = 0;
+  for (int64_t s = 0; s < n_stacks; ++s) max_rank = std::max(max_rank, d[s * APPLY_FIELDS + 3]);
+  for (int64_t s = 0; s < n_segs; ++s) {
+    const int64_t* sg = segs + s * SEG_FIELDS;
+    for (int64_t j0 = sg[0]; j0 < sg[1]; j0 += TB) {
+      items.push_back({s, j0, std::min(j0 + TB, sg[1]), 0, 0});
+      for (int64_t st = 0; st < n_stacks; ++st)
+        work += seg_rank(sg, d[st * APPLY_FIELDS + 3]) * (n_in + d[st * APPLY_FIELDS + 8]);
+    }
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t wsz = sb::elem_size(w_dt);
+  const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
+#pragma omp parallel num_threads(n_threads) if (parallel)
+  {
+    sb::Scratch sc;
+    std::vector<float> t_block(TB * max_rank);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const ExpandItem& w = items[it];
+      const int64_t* sg = segs + w.seg * SEG_FIELDS;
+      int64_t toks[TB];
+      const float* xs[TB];
+      float* t[TB];
+      const int64_t m = block_tokens(tok_index, w.j0, w.j1, toks);
+      sb::gather_x(x, x_ld, x_dt, n_in, toks, m, xs, sc);
+      for (int64_t j = 0; j < m; ++j) t[j] = t_block.data() + j * max_rank;
+      const float scale = scales[sg[2] * scale_stride];
+      for (int64_t st = 0; st < n_stacks; ++st) {
+        const int64_t* ds = d + st * APPLY_FIELDS;
+        const int64_t r = seg_rank(sg, ds[3]);
+        if (r == 0) continue;
+        const char* a_slot = reinterpret_cast<const char*>(ds[0]) + sg[2] * ds[1] * wsz;
+        const char* b_slot = reinterpret_cast<const char*>(ds[4]) + sg[2] * ds[5] * wsz;
+        sb::shrink_rows(xs, m, a_slot, ds[2], w_dt, n_in, 0, r, t, sc);
+        sb::expand_range(t, toks, m, b_slot, ds[6], ds[7], w_dt, r, 0, ds[8], scale, reinterpret_cast<void*>(ds[9]),
+                         ds[10], y_dt, sc);
+      }
+    }
+  }
+  return n_items;
+}
+
+}  // namespace
+
 // y_s[tok] += scale[slot] * (x[tok] @ A_s[slot, :r]^T) @ B_s[slot, :, :r]^T for every stack s (q/k/v, gate/up,
-// or one projection): the shrink of all stacks in one pass over x into an fp32 workspace, then each expand.
-// The caller sees no intermediate t; tables share `in` (the A side) and dtype w_dt.
+// or one projection); the caller sees no intermediate t; tables share `in` (the A side) and dtype w_dt. Fused
+// schedule when there are at least two token blocks per thread, else the shrink of all stacks in one pass over x
+// into an fp32 workspace, then each expand (so one token or one short prefill still spreads over every thread).
 int64_t sb_lora_apply(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int64_t n_tokens, int64_t w_dt,
                       const float* scales, int64_t scale_stride, int64_t y_dt, const int64_t* segs, int64_t n_segs,
                       const int64_t* tok_index, int64_t n_threads, int64_t n_stacks, const int64_t* d) {
+  if (n_threads <= 1 || count_blocks(segs, n_segs) >= 2 * n_threads)
+    return apply_fused(x, x_ld, x_dt, n_in, w_dt, scales, scale_stride, y_dt, segs, n_segs, tok_index, n_threads,
+                       n_stacks, d);
   int64_t total_rank = 0;
   for (int64_t s = 0; s < n_stacks; ++s) total_rank += d[s * APPLY_FIELDS + 3];
   std::vector<float> t(n_tokens * total_rank, 0.f);
