@@ -14,6 +14,11 @@ inline __m512 load16(const void* p, int64_t dt, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xffff)
+                         : remaining <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
 // r[i] = sum(s[i]) for 16 vectors, as one vector: a transpose-and-add tree (45 ops, not 16 reductions).
 inline __m512 reduce16(__m512* s) {
   __m512 u[4];
@@ -66,6 +71,42 @@ inline void rank_major_tile(const float* b, int64_t ld, int64_t r, const float* 
   _mm512_mask_storeu_ps(out + 48, k3, a3);
 }
 
+// out[j][k + i] = A[i, :n] . x[j][:n] for i < R rows (`ld_bytes` apart from a, dtype dt) and j < M tokens (fp32):
+// R * M independent register accumulators, each A vector loaded once for the M tokens.
+template <int R, int M>
+inline void dot_tile(const char* a, int64_t ld_bytes, int64_t dt, const float* const* x, int64_t n, float* const* out,
+                     int64_t k) {
+  __m512 s[R * M];
+  for (int i = 0; i < R * M; ++i) s[i] = _mm512_setzero_ps();
+  const int64_t esz = dt == 0 ? 4 : 2;
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 mask = tail_mask(n - c);
+    __m512 xv[M];
+    for (int j = 0; j < M; ++j) xv[j] = _mm512_maskz_loadu_ps(mask, x[j] + c);
+    for (int i = 0; i < R; ++i) {
+      const __m512 av = load16(a + i * ld_bytes + c * esz, dt, mask);
+      for (int j = 0; j < M; ++j) s[i * M + j] = _mm512_fmadd_ps(av, xv[j], s[i * M + j]);
+    }
+  }
+  if constexpr (R == 16 && M == 1) {
+    _mm512_storeu_ps(out[0] + k, reduce16(s));
+  } else {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < M; ++j) out[j][k + i] = _mm512_reduce_add_ps(s[i * M + j]);
+  }
+}
+
+// out[j][k] = A[k, :n] . x[j][:n] for k in [k0, k1), M tokens: tiles of 16 / 8 / 4 rows for 1 / 2 / 3-4 tokens.
+template <int M>
+inline void dot_rows_tiled(const char* a, int64_t ld_bytes, int64_t dt, const float* const* x, int64_t n,
+                           float* const* out, int64_t k0, int64_t k1) {
+  constexpr int RT = M == 1 ? 16 : M == 2 ? 8 : 4;
+  int64_t k = k0;
+  for (; k + RT <= k1; k += RT) dot_tile<RT, M>(a + k * ld_bytes, ld_bytes, dt, x, n, out, k);
+  for (; k + 4 <= k1; k += 4) dot_tile<4, M>(a + k * ld_bytes, ld_bytes, dt, x, n, out, k);
+  for (; k < k1; ++k) dot_tile<1, M>(a + k * ld_bytes, ld_bytes, dt, x, n, out, k);
+}
+
 // exp(x) for x <= 0, 16 lanes: the same Cephes polynomial as attention.cpp's scalar exp_neg.
 inline __m512 exp16_neg(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -83,11 +124,6 @@ inline __m512 exp16_neg(__m512 x) {
   y = _mm512_add_ps(_mm512_fmadd_ps(y, z, x), _mm512_set1_ps(1.0f));
   const __m512i n = _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127));
   return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
-}
-
-inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xffff)
-                         : remaining <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << remaining) - 1);
 }
 
 // s[0:n] = exp(s[0:n] - mx) in place; returns their sum.

@@ -39,11 +39,24 @@ inline void gather_x(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, co
   }
 }
 
-// out[j][k] = xs[j] . A[k, :n_in] for k in [k0, k1): A's rows a_ld elements apart from a_slot, dtype a_dt; each row
-// is read once for all m tokens, the next one prefetched meanwhile.
+// out[j][k] = xs[j] . A[k, :n_in] for k in [k0, k1): A's rows a_ld elements apart from a_slot, dtype a_dt. AVX-512:
+// register tiles of rows x tokens (16 x 1 ... 4 x 4, up to 4 tokens per pass); else each row once for all m tokens.
 inline void shrink_rows(const float* const* xs, int64_t m, const char* a_slot, int64_t a_ld, int64_t a_dt,
                         int64_t n_in, int64_t k0, int64_t k1, float* const* out, Scratch& sc) {
   const int64_t asz = elem_size(a_dt);
+#ifdef SB_HAVE_AVX512
+  for (int64_t g = 0; g < m; g += 4) {
+    const char* a = a_slot;
+    const int64_t ld = a_ld * asz;
+    switch (std::min<int64_t>(4, m - g)) {
+      case 4: dot_rows_tiled<4>(a, ld, a_dt, xs + g, n_in, out + g, k0, k1); break;
+      case 3: dot_rows_tiled<3>(a, ld, a_dt, xs + g, n_in, out + g, k0, k1); break;
+      case 2: dot_rows_tiled<2>(a, ld, a_dt, xs + g, n_in, out + g, k0, k1); break;
+      default: dot_rows_tiled<1>(a, ld, a_dt, xs + g, n_in, out + g, k0, k1); break;
+    }
+  }
+  return;
+#endif
   float acc[TB];
   for (int64_t k = k0; k < k1; ++k) {
     const char* arow = a_slot + k * a_ld * asz;
