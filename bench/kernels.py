@@ -1,7 +1,7 @@
 """LoRA kernel benchmark: shrink+expand time, and the decode step with 32 LoRA adapters vs the base model.
 
     .venv/bin/python bench/kernels.py [--repeats 20] [--rounds 3] [--threads N] [--skip-ops] [--skip-engine] [--nf4]
-                                      [--out FILE]
+                                      [--lora-dtype auto|float32|bfloat16] [--out FILE]
 
 Part 1 (op level): tokens x hidden 576 -> out 1536 (SmolLM2's gate_proj), rank 16, 32 adapters, popularity
 distinct / uniform / zipf:1.5 / skewed / identical. Compares our paths (on CPU the torch reference and the
@@ -196,20 +196,20 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def engine_rows(repeats: int, rounds: int, quantize: bool):
+def engine_rows(repeats: int, rounds: int, quantize: bool, lora_dtype: str = "auto"):
     """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules),
     interleaved after a warm-up (bench/decode_step.py)."""
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
 
     engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(),
-                           AdapterPoolConfig(device_slots=32, max_lora_rank=64))
+                           AdapterPoolConfig(device_slots=32, max_lora_rank=64, lora_dtype=lora_dtype))
     for i in range(32):
         engine.pool.register(f"a{i}", random_lora(engine.args, 16, i))
     mode = "NF4" if quantize else "fp32 dense"
     yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
     yield "|---|---:|---:|"
-    lora = "32 distinct rank-16 LoRA (7 modules)"
+    lora = "32 distinct rank-16 LoRA (7 modules)" + ("" if lora_dtype == "auto" else f", {lora_dtype} tables")
     t = interleaved(engine, {"base model": [None] * 32, lora: [f"a{i}" for i in range(32)]}, repeats, rounds)
     for label, times in t.items():
         yield f"| {label} | {times.wall_ms:.1f} | {times.cpu_ms:.1f} |"
@@ -227,6 +227,8 @@ def main() -> None:
     ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--nf4", action="store_true", help="the engine part on the NF4 base (default: fp32 dense)")
+    ap.add_argument("--lora-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="the engine part's LoRA slot tables (AdapterPoolConfig.lora_dtype)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -240,7 +242,7 @@ def main() -> None:
         parts.append(step_rows(max(3, args.repeats // 4)))
         parts.append(attention_rows(max(3, args.repeats // 4)))
     if not args.skip_engine:
-        parts.append(engine_rows(args.repeats, args.rounds, args.nf4))
+        parts.append(engine_rows(args.repeats, args.rounds, args.nf4, args.lora_dtype))
     for part in parts:
         for row in part:
             print(row, flush=True)

@@ -17,6 +17,9 @@ class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
 
 
+LORA_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # None: the model's dtype
+
+
 def require(cond: bool, msg: str) -> None:
     """Raise ConfigError(msg) unless cond (the check every config dataclass uses)."""
     if not cond:
@@ -82,9 +85,14 @@ class AdapterPoolConfig:
     max_virtual_tokens: int = 128  # prompt-tuning / P-tuning / prefix-tuning virtual tokens
     max_bottleneck_size: int = 64  # bottleneck adapters' width (hidden / reduction_factor); tables pad to it
     host_cache_bytes: int = 2 << 30
+    # LoRA slot tables' dtype: "auto" = the model's compute dtype (vLLM's --lora-dtype auto), or "bfloat16" / "float32".
+    # bfloat16 on an fp32 model halves the tables and the adapter bytes a step reads (computed in fp32 either way).
+    lora_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         require(self.device_slots > 0, "device_slots must be > 0")
+        require(self.lora_dtype in LORA_DTYPES,
+                f"lora_dtype must be one of {sorted(LORA_DTYPES)}, not {self.lora_dtype!r}")
         require(1 <= self.max_lora_rank <= 1024, "max_lora_rank must be in [1, 1024]")
         require(self.max_virtual_tokens > 0, "max_virtual_tokens must be > 0")
         require(1 <= self.max_bottleneck_size <= 8192, "max_bottleneck_size must be in [1, 8192]")

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
+from server.config import LORA_DTYPES, AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
 from server.tenants import TenantsFileError
 
 DEFAULT_HTTP_PORT = 8000
@@ -52,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--device-slots", type=int, default=AdapterPoolConfig().device_slots)
     p.add_argument("--max-lora-rank", type=int, default=AdapterPoolConfig().max_lora_rank)
+    p.add_argument("--lora-dtype", choices=sorted(LORA_DTYPES), default=AdapterPoolConfig().lora_dtype,
+                   help="LoRA slot tables' dtype (auto: the model's; bfloat16 halves an fp32 model's adapter reads)")
     p.add_argument("--max-bottleneck-size", type=int, default=AdapterPoolConfig().max_bottleneck_size,
                    help="widest bottleneck adapter served (hidden / reduction_factor)")
     p.add_argument("--per-tenant-concurrency", type=int, default=d.per_tenant_concurrency)
@@ -73,7 +75,7 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
                           max_model_len=args.max_model_len, scheduling=args.scheduling or "fcfs",
                           w_in=args.w_in, w_out=args.w_out, fair_preemption=not args.no_fair_preemption)
     pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank,
-                             max_bottleneck_size=args.max_bottleneck_size)
+                             max_bottleneck_size=args.max_bottleneck_size, lora_dtype=args.lora_dtype)
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
                           metrics_host=args.metrics_host, data_dir=args.data_dir, tenants_file=args.tenants,
                           per_tenant_concurrency=args.per_tenant_concurrency, grace_period_s=args.grace_period)

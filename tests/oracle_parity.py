@@ -52,11 +52,13 @@ def short_prompts(route: str | None, g: torch.Generator) -> int:
 
 def run_mixed(model_dir: Path, adapters: dict[str, Path], routes: list[str | None], quantize: bool,
               new_tokens: int, lengths: Lengths = short_prompts, seed: int | None = None,
-              max_model_len: int | None = None, device_slots: int | None = None) -> MixedRun:
+              max_model_len: int | None = None, device_slots: int | None = None, lora_dtype: str = "auto"
+              ) -> MixedRun:
     """Every route's sequence (random prompts of `lengths`) in one engine, greedy, `new_tokens` each."""
     engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize),
                            EngineConfig(max_model_len=max_model_len),
-                           AdapterPoolConfig(device_slots=device_slots or len(adapters) + 2, max_lora_rank=16))
+                           AdapterPoolConfig(device_slots=device_slots or len(adapters) + 2, max_lora_rank=16,
+                                             lora_dtype=lora_dtype))
     for name, path in adapters.items():
         engine.pool.register(name, path)
     seen: dict[str, list[torch.Tensor]] = {}

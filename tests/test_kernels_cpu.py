@@ -325,3 +325,23 @@ def test_lora_apply_thread_counts_and_schedules_agree(n_tokens: int, popularity:
             why = f"seed={seed} T={n_tokens} {popularity} threads={n}"
             torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4, msg=lambda m, w=why: f"{m}\n{w}")
             torch.testing.assert_close(y, y1, atol=1e-5, rtol=1e-5, msg=lambda m, w=why: f"vs 1 thread: {m}\n{w}")
+
+
+@pytest.mark.parametrize("n_tokens", [1, 7, 33, 256])
+def test_lora_apply_fp32_activations_on_bf16_tables(n_tokens: int) -> None:
+    """lora_dtype=bfloat16 on an fp32 model: x and y fp32, A and B bf16 (both B layouts), against the reference."""
+    seed = fresh_seed()
+    cases = [make_case(seed + i, n_tokens, r, "zipf:1.5", torch.float32, True, True, n_out=o, rank_major=rm)
+             for i, (r, o, rm) in enumerate([(16, 80, True), (8, 48, False)])]
+    slots, x, _, _, scales, _, ranks = cases[0]
+    ranks = [min(r, 8) for r in ranks]
+    meta = build_lora_meta(slots, ranks)
+    a_s = [c[2].to(torch.bfloat16) for c in cases]
+    b_s = [c[3].transpose(1, 2).contiguous().transpose(1, 2).to(torch.bfloat16) if rm else c[3].to(torch.bfloat16)
+           for c, rm in zip(cases, (True, False), strict=True)]
+    y0s = [c[5] for c in cases]
+    ys = kernels.lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
+    for a, b, y0, y in zip(a_s, b_s, y0s, ys, strict=True):
+        assert y.dtype == torch.float32
+        y_ref = expand_reference(shrink_reference(x, a, meta), b, scales, meta, y0.clone())
+        torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} T={n_tokens}")

@@ -50,8 +50,10 @@ inline void dot16_rows(const char* b, int64_t ld_bytes, int64_t dt, int64_t r, c
   _mm512_storeu_ps(out, reduce16(s));
 }
 
-// out[0:n] = sum_k t[k] * B[k * ld + 0:n] for n <= 64: four register accumulators over the r rows of a B tile.
-inline void rank_major_tile(const float* b, int64_t ld, int64_t r, const float* t, int64_t n, float* out) {
+// out[0:n] = sum_k t[k] * B[k, 0:n] for n <= 64, B's rows ld_bytes apart from b, dtype dt: four register
+// accumulators over the r rows of a B tile.
+inline void rank_major_tile(const char* b, int64_t ld_bytes, int64_t dt, int64_t r, const float* t, int64_t n,
+                            float* out) {
   const __mmask16 k0 = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
   const __mmask16 k1 = n >= 32 ? 0xffff : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
   const __mmask16 k2 = n >= 48 ? 0xffff : n <= 32 ? 0 : static_cast<__mmask16>((1u << (n - 32)) - 1);
@@ -59,11 +61,12 @@ inline void rank_major_tile(const float* b, int64_t ld, int64_t r, const float* 
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   for (int64_t k = 0; k < r; ++k) {
     const __m512 w = _mm512_set1_ps(t[k]);
-    const float* row = b + k * ld;
-    a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k0, row), a0);
-    a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k1, row + 16), a1);
-    a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k2, row + 32), a2);
-    a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k3, row + 48), a3);
+    const char* row = b + k * ld_bytes;
+    const int64_t v = dt == 0 ? 64 : 32;  // bytes per 16 elements
+    a0 = _mm512_fmadd_ps(w, load16(row, dt, k0), a0);
+    a1 = _mm512_fmadd_ps(w, load16(row + v, dt, k1), a1);
+    a2 = _mm512_fmadd_ps(w, load16(row + 2 * v, dt, k2), a2);
+    a3 = _mm512_fmadd_ps(w, load16(row + 3 * v, dt, k3), a3);
   }
   _mm512_mask_storeu_ps(out, k0, a0);
   _mm512_mask_storeu_ps(out + 16, k1, a1);
@@ -72,7 +75,7 @@ inline void rank_major_tile(const float* b, int64_t ld, int64_t r, const float* 
 }
 
 // out[j][k + i] = A[i, :n] . x[j][:n] for i < R rows (`ld_bytes` apart from a, dtype dt) and j < M tokens (fp32):
-// R * M independent register accumulators, each A vector loaded once for the M tokens.
+// R * M independent register accumulators, each A vector loaded once for the M tokens, each summed in the same order.
 template <int R, int M>
 inline void dot_tile(const char* a, int64_t ld_bytes, int64_t dt, const float* const* x, int64_t n, float* const* out,
                      int64_t k) {
@@ -88,12 +91,10 @@ inline void dot_tile(const char* a, int64_t ld_bytes, int64_t dt, const float* c
       for (int j = 0; j < M; ++j) s[i * M + j] = _mm512_fmadd_ps(av, xv[j], s[i * M + j]);
     }
   }
-  if constexpr (R == 16 && M == 1) {
-    _mm512_storeu_ps(out[0] + k, reduce16(s));
-  } else {
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < M; ++j) out[j][k + i] = _mm512_reduce_add_ps(s[i * M + j]);
-  }
+  // one horizontal sum for every tile shape, so a row's result never depends on which tile it fell in (the tiling
+  // follows the work split, which follows the thread count)
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) out[j][k + i] = _mm512_reduce_add_ps(s[i * M + j]);
 }
 
 // out[j][k] = A[k, :n] . x[j][:n] for k in [k0, k1), M tokens: tiles of 16 / 8 / 4 rows for 1 / 2 / 3-4 tokens.

@@ -80,13 +80,13 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
                          int64_t y_ld, int64_t y_dt, Scratch& sc) {
   const int64_t bsz = elem_size(b_dt);
 #ifdef SB_HAVE_AVX512
-  if (b_s2 != 1 && b_dt == F32) {  // rank-major fp32: 64 outputs x r rows per token in registers, B tile from L1
+  if (b_s2 != 1) {  // rank-major: 64 outputs x r rows per token in registers, the B tile from L1 after the first
     float delta[64];
     for (int64_t oc0 = o0; oc0 < o1; oc0 += 64) {
       const int64_t oc = std::min<int64_t>(64, o1 - oc0);
-      const float* bt = reinterpret_cast<const float*>(b_slot) + oc0;
+      const char* bt = b_slot + oc0 * bsz;
       for (int64_t j = 0; j < m; ++j) {
-        rank_major_tile(bt, b_s2, r, ts[j], oc, delta);
+        rank_major_tile(bt, b_s2 * bsz, b_dt, r, ts[j], oc, delta);
         add_scaled(y, y_dt, toks[j] * y_ld + oc0, delta, scale, oc);
       }
     }

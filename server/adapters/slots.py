@@ -47,8 +47,10 @@ class AdapterTables:
             return weights
         pin = str(self.device).startswith("cuda")
 
+        dtype = getattr(tables, "dtype", self.dtype)  # a kind's tables may keep their own (lora_dtype)
+
         def ready(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(self.dtype).contiguous()
+            t = t.to(dtype).contiguous()
             return t.pin_memory() if pin else t
 
         staged = tables.stage(weights.payload, ready)

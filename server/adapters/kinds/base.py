@@ -43,6 +43,7 @@ class ReadLimits:
     max_lora_rank: int
     max_virtual_tokens: int
     max_bottleneck_size: int = 64  # bottleneck adapters' width (its own limit, not the LoRA rank)
+    lora_dtype: torch.dtype | None = None  # plain LoRA's slot tables (None: the model's dtype)
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,7 +175,7 @@ class LoraKind(AdapterKind):
 
     def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
                    device: str) -> LoraTables:
-        return LoraTables(args, num_slots, limits.max_lora_rank, dtype, device)
+        return LoraTables(args, num_slots, limits.max_lora_rank, limits.lora_dtype or dtype, device)
 
     def step(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> LoraStep:
         slots = token_slots(chunks, num_tokens, -1, torch.int32)
