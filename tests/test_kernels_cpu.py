@@ -217,24 +217,31 @@ print("portable ok")
 """
 
 
+# -march levels below AVX-512: x86-64-v3 = AVX2 + FMA (kernels/csrc/vec.h's 8-lane intrinsics), x86-64 = SSE2 only
+# (its generic vector-extension path and the omp-simd loops)
+PORTABLE_MARCHES = ["x86-64-v3", "x86-64"]
+
+
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
-def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
-    """The kernels built for x86-64-v3 (AVX2, none of the AVX-512 paths) in a fresh cache, in a subprocess."""
-    run_portable_check(PORTABLE_CHECK, tmp_path)
+@pytest.mark.parametrize("march", PORTABLE_MARCHES)
+def test_portable_build_without_avx512_matches_reference(tmp_path, march: str) -> None:
+    """The kernels built for an ISA without AVX-512 in a fresh cache, in a subprocess."""
+    run_portable_check(PORTABLE_CHECK, tmp_path, march)
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 2, "both libraries built into the fresh cache"
 
 
-def run_portable_check(check: str, cache: Path) -> None:
-    """`check` (formatted with a fresh seed) in a subprocess whose kernels build for x86-64-v3 (AVX2, none of the
-    AVX-512 paths) into the fresh cache `cache`; it must exit 0 and print "portable ok"."""
+def run_portable_check(check: str, cache: Path, march: str) -> None:
+    """`check` (formatted with a fresh seed) in a subprocess whose kernels build for `march` (-march=) into the
+    fresh cache `cache`; it must exit 0 and print "portable ok"."""
     import subprocess
     import sys
 
     seed = fresh_seed()
-    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": "x86-64-v3", "SWITCHBOARD_CACHE": str(cache)}
+    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": march, "SWITCHBOARD_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-c", check.format(seed=seed)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0 and "portable ok" in proc.stdout, f"seed={seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    why = f"seed={seed} march={march}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0 and "portable ok" in proc.stdout, why
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -345,3 +352,22 @@ def test_lora_apply_fp32_activations_on_bf16_tables(n_tokens: int) -> None:
         assert y.dtype == torch.float32
         y_ref = expand_reference(shrink_reference(x, a, meta), b, scales, meta, y0.clone())
         torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} T={n_tokens}")
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
+def test_every_kernel_compiles_for_avx512_and_plain_x86_64(tmp_path) -> None:
+    """Each ISA branch of kernels/csrc compiles, whatever this machine runs: x86-64-v4 (AVX-512, only compiled when
+    the CPU lacks it) and x86-64 (SSE2). The tests above run the branch of the machine they are on."""
+    import subprocess
+    import sys
+
+    from kernels.build import CSRC
+
+    names = sorted(p.stem for p in CSRC.glob("*.cpp"))
+    check = f"from kernels.build import _build\nfor n in {names!r}:\n    _build(n)\nprint('built')"
+    for march in ("x86-64-v4", "x86-64"):
+        env = {**os.environ, "SWITCHBOARD_CPU_MARCH": march, "SWITCHBOARD_CACHE": str(tmp_path / march)}
+        proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert proc.returncode == 0 and "built" in proc.stdout, f"march={march}\n{proc.stderr[-3000:]}"
+        assert len(list((tmp_path / march / "kernels").glob("*.so"))) == len(names), march

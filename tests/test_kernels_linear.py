@@ -13,7 +13,7 @@ import torch
 import kernels
 from kernels import linear
 from kernels.reference import nf4_linear_reference
-from tests.test_kernels_cpu import run_portable_check
+from tests.test_kernels_cpu import PORTABLE_MARCHES, run_portable_check
 
 pytestmark = pytest.mark.skipif(not linear.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
 
@@ -152,7 +152,9 @@ print("portable ok")
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
-def test_portable_build_without_avx512_matches_reference(tmp_path) -> None:
-    """The kernel built for x86-64-v3 (AVX2: the generic loops, none of the AVX-512 code) in a fresh cache."""
-    run_portable_check(PORTABLE_CHECK, tmp_path)
+@pytest.mark.parametrize("march", PORTABLE_MARCHES)
+def test_portable_build_without_avx512_matches_reference(tmp_path, march: str) -> None:
+    """The kernel built for AVX2 (8-lane intrinsics) and for plain x86-64 (the vector-extension path) in a fresh
+    cache: every register-block shape, tails of the tile, the NF4 lookup."""
+    run_portable_check(PORTABLE_CHECK, tmp_path, march)
     assert len(list((tmp_path / "kernels").glob("linear-*.so"))) == 1

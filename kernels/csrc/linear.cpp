@@ -6,7 +6,8 @@
 // Work item = a tile of NT output rows: its NT x K weights are dequantized once into a thread-private
 // buffer (L2-resident), then every token block reads them from cache. So W is read from memory as 4-bit
 // codes, once per call, never written out as fp32 (what dequantize-then-matmul does: 8x the traffic).
-// Inner kernel: MB tokens x NB rows of dot products over K with 16 fp32 lanes, MB*NB register accumulators.
+// Inner kernel: MB tokens x NB rows of dot products over K in fp32 vectors (kernels/csrc/vec.h: 16 lanes on AVX-512,
+// 8 on AVX2 and elsewhere), MB*NB register accumulators.
 #include "pyargs.h"  // Python.h first, as the C API asks
 
 #include <algorithm>
@@ -16,12 +17,18 @@
 #include <vector>
 
 #include "avx512_rows.h"
+#include "vec.h"
 
 namespace {
 
 constexpr int64_t NT = 16;  // output rows per work item (tile)
-constexpr int64_t MB = 4;   // tokens per register block
-constexpr int64_t NB = 4;   // output rows per register block (MB * NB = 16 accumulators)
+#if defined(SB_VEC_AVX512)
+constexpr int64_t MB = 4;  // tokens per register block
+constexpr int64_t NB = 4;  // output rows per register block (MB * NB = 16 accumulators of 32 zmm registers)
+#else
+constexpr int64_t MB = 3;  // 8-lane vectors: 12 accumulators + 4 weights of 16 ymm registers (the token row is
+constexpr int64_t NB = 4;  // the FMA's memory operand); of 2x6 .. 6x2, 3x4 measured fastest at 8-32 tokens on Zen 3
+#endif
 
 // buf[r][k] = code[q(n0 + r, k)] * absmax[block], for r < rows (rows beyond are zero), k < K.
 void dequant_tile(const uint8_t* packed, const float* absmax, const float* code, int64_t K, int64_t bs,
@@ -31,27 +38,7 @@ void dequant_tile(const uint8_t* packed, const float* absmax, const float* code,
     const uint8_t* p = packed + flat / 2;
     const float* am = absmax + flat / bs;
     float* out = buf + r * K;
-#ifdef SB_HAVE_AVX512
-    const __m512 lut = _mm512_loadu_ps(code);
-    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for (int64_t k = 0; k < K; k += 32) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
-      const __m512i hi = _mm512_srli_epi32(b, 4), lo = _mm512_and_si512(b, _mm512_set1_epi32(15));
-      const __m512 scale = _mm512_set1_ps(am[k / bs]);
-      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, lo_idx, lo), lut),
-                                              scale));
-      _mm512_storeu_ps(out + k + 16,
-                       _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, hi_idx, lo), lut), scale));
-    }
-#else
-    for (int64_t k = 0; k < K; k += 2) {
-      const uint8_t b = p[k / 2];
-      const float s = am[k / bs];
-      out[k] = code[b >> 4] * s;
-      out[k + 1] = code[b & 15] * s;
-    }
-#endif
+    for (int64_t k = 0; k < K; k += 32) sb::nf4_dequant32(p + k / 2, code, am[k / bs], out + k);
   }
   std::memset(buf + rows * K, 0, sizeof(float) * (NT - rows) * K);
 }
@@ -65,29 +52,23 @@ void block(const float* x, int64_t x_ld, int64_t m0, int64_t mr, const float* bu
   const float* wr[NB];
   for (int64_t j = 0; j < NB; ++j) wr[j] = buf + std::min(j0 + j, j0 + nr - 1) * buf_ld;  // pad rows repeat
   float sums[MB * NB];
-#ifdef SB_HAVE_AVX512
-  __m512 acc[MB * NB];
-  for (auto& a : acc) a = _mm512_setzero_ps();
-  const int64_t pf_per_k = pf < pf_end ? ((pf_end - pf + 63) / 64 + K / 16 - 1) / (K / 16) : 0;  // lines per k step
-  for (int64_t k = 0; k < K; k += 16) {
-    for (int64_t q = 0; q < pf_per_k && pf < pf_end; ++q, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
-    __m512 w[NB];
-    for (int64_t j = 0; j < NB; ++j) w[j] = _mm512_loadu_ps(wr[j] + k);
+  sb::vf acc[MB * NB];
+  for (auto& a : acc) a = sb::vzero();
+  constexpr int64_t L = sb::VL;
+  const int64_t pf_per_k = pf < pf_end ? ((pf_end - pf + 63) / 64 + K / L - 1) / (K / L) : 0;  // lines per k step
+  for (int64_t k = 0; k < K; k += L) {  // K % 16 == 0 (checked by the callers)
+    for (int64_t q = 0; q < pf_per_k && pf < pf_end; ++q, pf += 64) __builtin_prefetch(pf, 0, 3);
+    sb::vf w[NB];
+    for (int64_t j = 0; j < NB; ++j) w[j] = sb::vload(wr[j] + k);
     for (int64_t i = 0; i < MB; ++i) {
-      const __m512 xv = _mm512_loadu_ps(xr[i] + k);
-      for (int64_t j = 0; j < NB; ++j) acc[i * NB + j] = _mm512_fmadd_ps(xv, w[j], acc[i * NB + j]);
+      const sb::vf xv = sb::vload(xr[i] + k);
+      for (int64_t j = 0; j < NB; ++j) acc[i * NB + j] = sb::vfma(xv, w[j], acc[i * NB + j]);
     }
   }
+#if defined(SB_VEC_AVX512)
   _mm512_storeu_ps(sums, sb::reduce16(acc));
 #else
-  (void)pf;
-  (void)pf_end;
-  for (int64_t i = 0; i < MB; ++i)
-    for (int64_t j = 0; j < NB; ++j) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += xr[i][k] * wr[j][k];
-      sums[i * NB + j] = s;
-    }
+  for (int64_t i = 0; i < MB * NB; ++i) sums[i] = sb::vsum(acc[i]);
 #endif
   for (int64_t i = 0; i < mr; ++i)
     for (int64_t j = 0; j < nr; ++j) y[(m0 + i) * y_ld + n0 + j0 + j] = sums[i * NB + j];
