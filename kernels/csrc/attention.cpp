@@ -11,7 +11,7 @@
 #include <limits>
 #include <vector>
 
-#include "avx512_rows.h"
+#include "rows.h"
 #include "common.h"
 
 namespace {
@@ -144,7 +144,7 @@ bool run_item(const Geometry& g, const Item& w, Scratch& sc) {
       if (valid <= 0) continue;
       const float* qv = qf.data() + q * D;
       int64_t i = 0;
-#ifdef SB_HAVE_AVX512
+#ifdef SB_HAVE_ROWS
       for (; i + 16 <= valid; i += 16)  // 16 keys of the page at a time, one vector of scores
         sb::dot16_rows(reinterpret_cast<const char*>(kp[i]), k_row_bytes, sb::F32, D, qv, s.data() + i);
 #endif
@@ -159,7 +159,7 @@ bool run_item(const Geometry& g, const Item& w, Scratch& sc) {
         for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
         m[q] = mx;
       }
-#ifdef SB_HAVE_AVX512
+#ifdef SB_HAVE_ROWS
       l[q] += sb::exp_sub_sum(s.data(), valid, mx);
       sb::axpy_rows(a, D, s.data(), vp, valid);
 #else

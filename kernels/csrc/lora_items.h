@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "avx512_rows.h"
+#include "rows.h"
 #include "common.h"
 #include "lora_rows.h"
 
@@ -39,12 +39,13 @@ inline void gather_x(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, co
   }
 }
 
-// out[j][k] = xs[j] . A[k, :n_in] for k in [k0, k1): A's rows a_ld elements apart from a_slot, dtype a_dt. AVX-512:
-// register tiles of rows x tokens (16 x 1 ... 4 x 4, up to 4 tokens per pass); else each row once for all m tokens.
+// out[j][k] = xs[j] . A[k, :n_in] for k in [k0, k1): A's rows a_ld elements apart from a_slot, dtype a_dt. With the
+// vector rows (rows.h): register tiles of rows x tokens (AVX-512 16 x 1 ... 4 x 4, AVX2 8 x 1 ... 2 x 4, up to 4
+// tokens per pass); else each row once for all m tokens.
 inline void shrink_rows(const float* const* xs, int64_t m, const char* a_slot, int64_t a_ld, int64_t a_dt,
                         int64_t n_in, int64_t k0, int64_t k1, float* const* out, Scratch& sc) {
   const int64_t asz = elem_size(a_dt);
-#ifdef SB_HAVE_AVX512
+#ifdef SB_HAVE_ROWS
   for (int64_t g = 0; g < m; g += 4) {
     const char* a = a_slot;
     const int64_t ld = a_ld * asz;
@@ -79,7 +80,7 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
                          int64_t b_s2, int64_t b_dt, int64_t r, int64_t o0, int64_t o1, float scale, void* y,
                          int64_t y_ld, int64_t y_dt, Scratch& sc) {
   const int64_t bsz = elem_size(b_dt);
-#ifdef SB_HAVE_AVX512
+#ifdef SB_HAVE_ROWS
   if (b_s2 != 1) {  // rank-major: 64 outputs x r rows per token in registers, the B tile from L1 after the first
     float delta[64];
     for (int64_t oc0 = o0; oc0 < o1; oc0 += 64) {
@@ -117,7 +118,7 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
     const int64_t oc = std::min(OC, o1 - oc0);
     if (m < 4) {  // few tokens: one pass over B's rows, a rank-long dot per (row, token)
       int64_t o = 0;
-#ifdef SB_HAVE_AVX512
+#ifdef SB_HAVE_ROWS
       for (; o + 16 <= oc; o += 16) {
         for (int64_t j = 0; j < m; ++j)
           dot16_rows(b_slot + (oc0 + o) * b_s1 * bsz, b_s1 * bsz, b_dt, r, ts[j], delta + j * OC + o);
