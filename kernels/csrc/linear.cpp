@@ -95,11 +95,13 @@ void for_tiles(const float* x, int64_t x_ld, int64_t M, int64_t K, int64_t N, fl
         next = ptr;
         next_end = ptr + bytes;
       }
-      const int64_t row_blocks = (rows + NB - 1) / NB, blocks = ((M + MB - 1) / MB) * row_blocks;
+      const int64_t m_blocks = (M + MB - 1) / MB, blocks = m_blocks * ((rows + NB - 1) / NB);
       const int64_t share = ((next_end - next + blocks - 1) / blocks + 63) / 64 * 64;  // bytes per block
-      for (int64_t m0 = 0; m0 < M; m0 += MB)
-        for (int64_t j0 = 0; j0 < rows; j0 += NB) {
-          const char* pf = std::min(next + share * ((m0 / MB) * row_blocks + j0 / NB), next_end);
+      // row blocks outer: a block's NB weight rows stay in L1 for every token block (x streams from L2 instead:
+      // 3-10% on the dense calls at 8-64 tokens, 1.4% on the decode step, Zen 3; unmeasured on AVX-512)
+      for (int64_t j0 = 0; j0 < rows; j0 += NB)
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+          const char* pf = std::min(next + share * ((j0 / NB) * m_blocks + m0 / MB), next_end);
           block(x, x_ld, m0, std::min(MB, M - m0), w, w_ld, K, j0, std::min(NB, rows - j0), y, y_ld, n0, pf,
                 std::min(pf + share, next_end));
         }
