@@ -2,8 +2,9 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
+#include "vec.h"  // the ISA test, once
+
+#if defined(SB_VEC_AVX512)
 #define SB_HAVE_AVX512 1
 
 namespace sb {

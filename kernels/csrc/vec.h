@@ -1,4 +1,4 @@
-// One fp32 vector type for the dense / NF4 linear kernels, per ISA: `sb::vf` of VL lanes with load, store, fma,
+// One fp32 vector type for the dense / NF4 linear kernels, per ISA: `sb::vf` of VL lanes with zero, load, fma,
 // a horizontal sum in one fixed order, and the NF4 code lookup. AVX-512: __m512 (16 lanes); AVX2 + FMA: __m256
 // (8 lanes; what AMD Zen 1-3 and most Intel client CPUs have); anything else: GCC's vector extension of 8 lanes,
 // which the compiler lowers to the machine's own SIMD (SSE, NEON). Without this the non-AVX-512 build ran scalar
@@ -22,10 +22,7 @@ using vf = __m512;
 constexpr int VL = 16;
 inline vf vzero() { return _mm512_setzero_ps(); }
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vf vset1(float s) { return _mm512_set1_ps(s); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c, one rounding
-inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 
 // out[0:32] = code[q] * scale for the 32 4-bit codes of p[0:16] (the even element in the high nibble)
@@ -45,10 +42,7 @@ using vf = __m256;
 constexpr int VL = 8;
 inline vf vzero() { return _mm256_setzero_ps(); }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vf vset1(float s) { return _mm256_set1_ps(s); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline float vsum(vf v) {  // ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -84,10 +78,7 @@ inline vf vload(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline vf vset1(float s) { return vf{} + s; }
 inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
-inline vf vmul(vf a, vf b) { return a * b; }
-inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline float vsum(vf v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 
 inline void nf4_dequant32(const uint8_t* p, const float* code, float scale, float* out) {
