@@ -6,65 +6,17 @@ Fresh random inputs every run; the seed is in every assertion message (rerun a f
 from __future__ import annotations
 
 import itertools
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import kernels
-from bench.workloads import sample_adapter_ids
 from kernels import cpu
 from kernels.meta import build_lora_meta
 from kernels.reference import expand_reference, shrink_reference
-
-# (atol, rtol) on t and on y; bf16 y is rounded once, so one bf16 ulp of |y| is the scale of the error
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
-POPULARITY = ["distinct", "uniform", "zipf:1.5", "identical", "skewed"]
-N_SLOTS = 8
+from tests.lora_cases import N_SLOTS, POPULARITY, TOL, fresh_seed, loop_oracle, make_case
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel falls back")
-
-
-def fresh_seed() -> int:
-    return int(os.environ.get("SEED") or np.random.SeedSequence().entropy % 10**9)
-
-
-def make_case(seed: int, n_tokens: int, max_rank: int, popularity: str, dtype: torch.dtype, grouped: bool,
-              mixed_ranks: bool, n_in: int = 96, n_out: int = 80, strided: bool = True, rank_major: bool = False):
-    """Slots (20% no adapter), x, A/B as strided views of [slots, layers, rank, ...] tables, scales, y0, ranks.
-    rank_major: B [slots, out, rank] is a transposed view of a [slots, layers, rank, out] table (the pool's)."""
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
-    ids = sample_adapter_ids(popularity, n_tokens, N_SLOTS, rng)
-    ids = np.where(rng.random(n_tokens) < 0.2, -1, ids)
-    slots = torch.tensor(ids, dtype=torch.int32)
-    if grouped:
-        slots = torch.sort(slots, stable=True).values
-    ranks = [int(r) for r in rng.integers(1, max_rank + 1, N_SLOTS)] if mixed_ranks else None
-    layers, layer = (3, 1) if strided else (1, 0)
-    a_all = torch.randn(N_SLOTS, layers, max_rank, n_in, generator=g).to(dtype)
-    b_all = torch.randn(N_SLOTS, layers, n_out, max_rank, generator=g).to(dtype)
-    if rank_major:
-        b_all = b_all.transpose(2, 3).contiguous().transpose(2, 3)  # same values, out contiguous
-    a, b = (a_all[:, layer], b_all[:, layer]) if strided else (a_all[:, 0].contiguous(), b_all[:, 0])
-    x = torch.randn(n_tokens, n_in, generator=g).to(dtype)
-    y0 = torch.randn(n_tokens, n_out, generator=g).to(dtype)
-    scales = torch.rand(N_SLOTS, generator=g) + 0.5
-    return slots, x, a, b, scales, y0, ranks
-
-
-def loop_oracle(slots, x, a, b, scales, y0, ranks) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token fp64 loop over each adapter's true rank: t [T, max_rank] and y [T, out]."""
-    t = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float64)
-    y = y0.double().clone()
-    for i, s in enumerate(slots.tolist()):
-        if s >= 0:
-            r = a.shape[1] if ranks is None else ranks[s]
-            t[i, :r] = a[s, :r].double() @ x[i].double()
-            y[i] += scales[s].double() * (b[s, :, :r].double() @ t[i, :r])
-    return t, y
 
 
 @pytest.mark.parametrize("b_layout", ["rank_major", "row_major"])
@@ -87,14 +39,14 @@ def test_cpu_kernel_matches_reference(rank: int, n_tokens: int, popularity: str,
     t = cpu.cpu_shrink(x, a, meta)
     t_ref = shrink_reference(x, a, meta)
     assert t.dtype == torch.float32 and t.shape == t_ref.shape, why
-    torch.testing.assert_close(t, t_ref, atol=atol, rtol=rtol, msg=lambda m: f"shrink: {m}\n{why}")
+    torch.testing.assert_close(t, t_ref, atol=atol, rtol=rtol, msg=lambda m, why=why: f"shrink: {m}\n{why}")
 
     y = y0.clone()
     assert cpu.cpu_expand(t_ref, b, scales, meta, y) is y, why
     y_ref = expand_reference(t_ref, b, scales, meta, y0.clone())
     assert y.dtype == dtype, why
     torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * 10, rtol=rtol,
-                               msg=lambda m: f"expand: {m}\n{why}")
+                               msg=lambda m, why=why: f"expand: {m}\n{why}")
 
     no_lora = slots < 0
     assert torch.count_nonzero(t[no_lora]) == 0, why
@@ -191,59 +143,6 @@ def test_dispatcher_modes_agree(mode: str, monkeypatch: pytest.MonkeyPatch) -> N
                                msg=lambda m: f"lora_apply: {m}\nseed={seed} mode={mode}")
 
 
-PORTABLE_CHECK = """
-import torch
-from kernels import attention, cpu
-from kernels.meta import build_lora_meta
-from kernels.reference import expand_reference, shrink_reference
-from tests.test_kernels_cpu import make_case
-from tests.test_paged_attention import make_case as attention_case
-seed = {seed}
-for dtype in (torch.float32, torch.bfloat16):
-    for rank, n, grouped in ((16, 33, True), (64, 7, False), (5, 256, True)):
-        slots, x, a, b, scales, y0, ranks = make_case(seed, n, rank, "skewed", dtype, grouped, rank != 16)
-        meta = build_lora_meta(slots, ranks)
-        t = cpu.cpu_shrink(x, a, meta)
-        torch.testing.assert_close(t, shrink_reference(x, a, meta), atol=1e-4, rtol=1e-4)
-        y = cpu.cpu_expand(t, b, scales, meta, y0.clone())
-        y_ref = expand_reference(t, b, scales, meta, y0.clone())
-        torch.testing.assert_close(y.float(), y_ref.float(), atol=0.3 if dtype == torch.bfloat16 else 1e-3, rtol=3e-2)
-    q, k, v, meta, _ = attention_case(seed, [(1, 700), (5, 300), (1, 17)], 9, 3, 64, 16, dtype)
-    out = attention.paged_attention(q, k, v, meta, 0.125)
-    ref = attention.paged_attention_reference(q, k, v, meta, 0.125)
-    torch.testing.assert_close(out.float(), ref.float(), atol=1.6e-2 if dtype == torch.bfloat16 else 2e-5, rtol=0)
-assert cpu.available() and attention.available()
-print("portable ok")
-"""
-
-
-# -march levels below AVX-512: x86-64-v3 = AVX2 + FMA (kernels/csrc/vec.h's 8-lane intrinsics), x86-64 = SSE2 only
-# (its generic vector-extension path and the omp-simd loops)
-PORTABLE_MARCHES = ["x86-64-v3", "x86-64"]
-
-
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
-@pytest.mark.parametrize("march", PORTABLE_MARCHES)
-def test_portable_build_without_avx512_matches_reference(tmp_path, march: str) -> None:
-    """The kernels built for an ISA without AVX-512 in a fresh cache, in a subprocess."""
-    run_portable_check(PORTABLE_CHECK, tmp_path, march)
-    assert len(list((tmp_path / "kernels").glob("*.so"))) == 2, "both libraries built into the fresh cache"
-
-
-def run_portable_check(check: str, cache: Path, march: str) -> None:
-    """`check` (formatted with a fresh seed) in a subprocess whose kernels build for `march` (-march=) into the
-    fresh cache `cache`; it must exit 0 and print "portable ok"."""
-    import subprocess
-    import sys
-
-    seed = fresh_seed()
-    env = {**os.environ, "SWITCHBOARD_CPU_MARCH": march, "SWITCHBOARD_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, "-c", check.format(seed=seed)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    why = f"seed={seed} march={march}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0 and "portable ok" in proc.stdout, why
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("n_tokens", [1, 7, 33, 256])
@@ -272,37 +171,6 @@ def test_fused_apply_matches_shrink_then_expand(n_tokens: int, popularity: str, 
     y_same = [y.clone() for y in y0s]
     assert all(torch.equal(g, y) for g, y in zip(kernels.lora_apply(x, a_s, b_s, scales, no_lora, y_same), y0s,
                                                  strict=True)), why
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_table_zeros_is_torch_zeros(dtype: torch.dtype) -> None:
-    """The huge-page table allocation: same shape, dtype, device and (zero) values as torch.zeros, independent
-    storage, for tables both above and below the 2 MiB huge-page size."""
-    for shape in ((4, 3, 64, 1536), (2, 3, 5)):
-        t = cpu.table_zeros(*shape, dtype=dtype, device="cpu")
-        assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
-        assert torch.equal(t, torch.zeros(shape, dtype=dtype))
-        u = cpu.table_zeros(*shape, dtype=dtype, device="cpu")
-        t.fill_(1)
-        assert torch.count_nonzero(u) == 0 and t.data_ptr() != u.data_ptr()
-
-
-def test_arena_copies_are_aligned_independent_equal_copies() -> None:
-    """One arena: every copy equal to its source (shape, dtype, values), 64-byte aligned, sharing no memory with
-    the source, laid out in order without overlap; mixed dtypes and sizes that are not multiples of the line."""
-    g = torch.Generator().manual_seed(3)
-    sources = [torch.randn(7, 5, generator=g), torch.randint(0, 255, (13,), generator=g).to(torch.uint8),
-               torch.randn(3, 576, generator=g).bfloat16(), torch.randn(600, 577, generator=g)[:, 1:]]
-    copies = cpu.arena_copies(sources)
-    ends = []
-    for s, c in zip(sources, copies, strict=True):
-        assert c.shape == s.shape and c.dtype == s.dtype and c.is_contiguous() and torch.equal(c, s)
-        assert c.data_ptr() % cpu.ARENA_ALIGN == 0 and c.data_ptr() != s.data_ptr()
-        ends.append((c.data_ptr(), c.data_ptr() + c.numel() * c.element_size()))
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(ends))
-    sources[0].fill_(0)
-    assert torch.count_nonzero(copies[0]) == copies[0].numel()
-    assert cpu.arena_copies([]) == []
 
 
 @pytest.mark.parametrize("n_tokens, popularity", [(7, "identical"), (33, "distinct"), (256, "zipf:1.5")])
@@ -354,20 +222,32 @@ def test_lora_apply_fp32_activations_on_bf16_tables(n_tokens: int) -> None:
         torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} T={n_tokens}")
 
 
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
-def test_every_kernel_compiles_for_avx512_and_plain_x86_64(tmp_path) -> None:
-    """Each ISA branch of kernels/csrc compiles, whatever this machine runs: x86-64-v4 (AVX-512, only compiled when
-    the CPU lacks it) and x86-64 (SSE2). The tests above run the branch of the machine they are on."""
-    import subprocess
-    import sys
-
-    from kernels.build import CSRC
-
-    names = sorted(p.stem for p in CSRC.glob("*.cpp"))
-    check = f"from kernels.build import _build\nfor n in {names!r}:\n    _build(n)\nprint('built')"
-    for march in ("x86-64-v4", "x86-64"):
-        env = {**os.environ, "SWITCHBOARD_CPU_MARCH": march, "SWITCHBOARD_CACHE": str(tmp_path / march)}
-        proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=600,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        assert proc.returncode == 0 and "built" in proc.stdout, f"march={march}\n{proc.stderr[-3000:]}"
-        assert len(list((tmp_path / march / "kernels").glob("*.so"))) == len(names), march
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n_in, n_out", [(13, 7), (100, 77), (576, 1539)])
+@pytest.mark.parametrize("n_tokens", [1, 2, 7])
+def test_sizes_off_the_vector_width(n_tokens: int, n_in: int, n_out: int, dtype: torch.dtype) -> None:
+    """In / out sizes that are no multiple of 8 or 16 lanes (the vector loops' tails: the shrink's register tiles,
+    the decode expand's sequential rows, the row-major dots), one token per adapter and several, both B layouts:
+    shrink, expand and the fused apply against the reference, and fp32 against the fp64 loop."""
+    seed = fresh_seed()
+    atol, rtol = TOL[dtype]
+    for popularity, rank_major in itertools.product(("distinct", "identical"), (True, False)):
+        case = make_case(seed, n_tokens, 16, popularity, dtype, True, seed % 2 == 0, n_in=n_in, n_out=n_out,
+                         rank_major=rank_major)
+        slots, x, a, b, scales, y0, ranks = case
+        meta = build_lora_meta(slots, ranks)
+        why = f"seed={seed} T={n_tokens} in={n_in} out={n_out} {popularity} rank_major={rank_major} {dtype}"
+        t_ref = shrink_reference(x, a, meta)
+        torch.testing.assert_close(cpu.cpu_shrink(x, a, meta), t_ref, atol=atol, rtol=rtol,
+                                   msg=lambda m, why=why: f"shrink: {m}\n{why}")
+        y_ref = expand_reference(t_ref, b, scales, meta, y0.clone())
+        y = cpu.cpu_expand(t_ref, b, scales, meta, y0.clone())
+        torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * 10, rtol=rtol,
+                                   msg=lambda m, why=why: f"expand: {m}\n{why}")
+        (y_apply,) = kernels.lora_apply(x, [a], [b], scales, meta, [y0.clone()])
+        torch.testing.assert_close(y_apply.float(), y_ref.float(), atol=atol * 10, rtol=rtol,
+                                   msg=lambda m, why=why: f"apply: {m}\n{why}")
+        if dtype == torch.float32:
+            _, y64 = loop_oracle(*case)
+            torch.testing.assert_close(y_apply.double(), y64, atol=1e-3, rtol=1e-4,
+                                       msg=lambda m, why=why: f"apply/loop: {m}\n{why}")

@@ -13,7 +13,7 @@ import torch
 import kernels
 from kernels import linear
 from kernels.reference import nf4_linear_reference
-from tests.test_kernels_cpu import PORTABLE_MARCHES, run_portable_check
+from tests.test_kernels_cpu_build import PORTABLE_MARCHES, run_portable_check
 
 pytestmark = pytest.mark.skipif(not linear.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
 
@@ -139,7 +139,7 @@ PORTABLE_CHECK = """
 import torch
 from kernels import linear
 from kernels.reference import nf4_linear_reference
-from tests.test_kernels_cpu import run_portable_check
+from tests.test_kernels_cpu_build import run_portable_check
 from tests.test_kernels_linear import make_case
 for m, n, k in ((1, 16, 64), (33, 49, 576), (256, 100, 1536)):
     x, packed, absmax, code = make_case({seed} + m, m, n, k)
