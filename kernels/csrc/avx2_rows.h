@@ -63,20 +63,6 @@ inline void dot16_rows(const char* b, int64_t ld_bytes, int64_t dt, int64_t r, c
   }
 }
 
-// out[0:n] = sum_k t[k] * B[k, 0:n] for n <= 64, B's rows ld_bytes apart from b, dtype dt: 8 register accumulators.
-inline void rank_major_tile(const char* b, int64_t ld_bytes, int64_t dt, int64_t r, const float* t, int64_t n,
-                            float* out) {
-  __m256 a[8];
-  for (auto& v : a) v = _mm256_setzero_ps();
-  const int64_t v8 = dt == 0 ? 32 : 16;  // bytes per 8 elements
-  for (int64_t k = 0; k < r; ++k) {
-    const __m256 w = _mm256_set1_ps(t[k]);
-    const char* row = b + k * ld_bytes;
-    for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(w, load8(row + c * v8, dt, n - 8 * c), a[c]);
-  }
-  for (int c = 0; c < 8; ++c) store8(out + 8 * c, a[c], n - 8 * c);
-}
-
 // 8 values of compile-time dtype DT (0 fp32, 1 bf16) from p as fp32, no tail: the hot loops' body.
 template <int DT>
 inline __m256 load8_full(const void* p) {
@@ -139,8 +125,8 @@ inline void dot_rows_tiled(const char* a, int64_t ld_bytes, int64_t dt, const fl
 }
 
 // d[j * n + o] += sum_k t[j][k] * B[k, o] for o < n, j < m: B's r rows (ld_bytes apart, dtype DT) read once, in
-// order, each row's n values as one stream, the m fp32 rows of d in L1. Each output's sum runs over k in order, one
-// FMA per k: the same values as rank_major_tile.
+// order, each row's n values as one stream, the m fp32 rows of d in L1 / L2. Each output's sum runs over k in
+// order, one FMA per k: the same values as avx512_rows.h's rank_major_tile.
 template <int DT>
 inline void rank_major_rows_t(const char* b, int64_t ld_bytes, int64_t r, const float* const* t, int64_t m, int64_t n,
                               float* d) {
