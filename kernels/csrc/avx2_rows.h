@@ -18,13 +18,20 @@ inline __m256 lanes_below(int64_t n) {  // as a maskload mask: lane i set when i
                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
-// 8 values of dtype dt (0 fp32, 1 bf16) from p as fp32; only the first n (< 8: the rest read as 0, not touched).
-inline __m256 load8(const void* p, int64_t dt, int64_t n) {
-  if (n >= 8) {
-    if (dt == 0) return _mm256_loadu_ps(static_cast<const float*>(p));
+// 8 values of compile-time dtype DT (0 fp32, 1 bf16) from p as fp32, no tail: the hot loops' body.
+template <int DT>
+inline __m256 load8_full(const void* p) {
+  if constexpr (DT == 0) {
+    return _mm256_loadu_ps(static_cast<const float*>(p));
+  } else {
     const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+}
+
+// 8 values of dtype dt (0 fp32, 1 bf16) from p as fp32; only the first n (< 8: the rest read as 0, not touched).
+inline __m256 load8(const void* p, int64_t dt, int64_t n) {
+  if (n >= 8) return dt == 0 ? load8_full<0>(p) : load8_full<1>(p);
   if (n <= 0) return _mm256_setzero_ps();
   if (dt == 0) return _mm256_maskload_ps(static_cast<const float*>(p), _mm256_castps_si256(lanes_below(n)));
   uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -60,17 +67,6 @@ inline void dot16_rows(const char* b, int64_t ld_bytes, int64_t dt, int64_t r, c
       for (int i = 0; i < 8; ++i) s[i] = _mm256_fmadd_ps(load8(bg + i * ld_bytes + k * esz, dt, r - k), tv, s[i]);
     }
     _mm256_storeu_ps(out + 8 * g, reduce8(s));
-  }
-}
-
-// 8 values of compile-time dtype DT (0 fp32, 1 bf16) from p as fp32, no tail: the hot loops' body.
-template <int DT>
-inline __m256 load8_full(const void* p) {
-  if constexpr (DT == 0) {
-    return _mm256_loadu_ps(static_cast<const float*>(p));
-  } else {
-    const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
 }
 

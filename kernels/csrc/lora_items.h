@@ -80,19 +80,7 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
                          int64_t b_s2, int64_t b_dt, int64_t r, int64_t o0, int64_t o1, float scale, void* y,
                          int64_t y_ld, int64_t y_dt, Scratch& sc) {
   const int64_t bsz = elem_size(b_dt);
-#ifdef SB_HAVE_ROWS
-#ifdef SB_HAVE_AVX2_ROWS
-  if (b_s2 != 1) {  // rank-major: B's rows as one sequential stream into the block's fp32 deltas (L1 / L2). On a Zen 3
-    // 5-17% faster per step's LoRA work at 1-8 tokens per adapter than the register tiles of the #else, whose 16
-    // short strided reads per 64 outputs the prefetcher follows worse; AVX-512 keeps those tiles: not measured there
-    const int64_t ow = o1 - o0;
-    float* d = Scratch::at_least(sc.dwide, m * ow);
-    std::fill(d, d + m * ow, 0.f);
-    rank_major_rows(b_slot + o0 * bsz, b_s2 * bsz, b_dt, r, ts, m, ow, d);
-    for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + o0, d + j * ow, scale, ow);
-    return;
-  }
-#else
+#if defined(SB_HAVE_ROWS) && !defined(SB_HAVE_AVX2_ROWS)
   if (b_s2 != 1) {  // rank-major: 64 outputs x r rows per token in registers, the B tile from L1 after the first
     float delta[64];
     for (int64_t oc0 = o0; oc0 < o1; oc0 += 64) {
@@ -106,11 +94,16 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
     return;
   }
 #endif
-#endif
-  if (b_s2 != 1) {  // rank-major
+  if (b_s2 != 1) {  // rank-major: B's rows once, in order, an axpy each into every token's fp32 delta
     const int64_t ow = o1 - o0;
     float* d = Scratch::at_least(sc.dwide, m * ow);
     std::fill(d, d + m * ow, 0.f);
+#ifdef SB_HAVE_AVX2_ROWS
+    // each row one stream, converted in registers: on a Zen 3 5-17% faster per step's LoRA work at 1-8 tokens per
+    // adapter than AVX-512's register tiles above, whose 16 short strided reads per 64 outputs the prefetcher
+    // follows worse (AVX-512 keeps those tiles: not measured there)
+    rank_major_rows(b_slot + o0 * bsz, b_s2 * bsz, b_dt, r, ts, m, ow, d);
+#else
     prefetch_bytes(b_slot + o0 * bsz, ow * bsz);
     for (int64_t k = 0; k < r; ++k) {
       const char* row = b_slot + (k * b_s2 + o0) * bsz;
@@ -123,6 +116,7 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
       }
       for (int64_t j = 0; j < m; ++j) axpy(d + j * ow, br, ts[j][k], ow);
     }
+#endif
     for (int64_t j = 0; j < m; ++j) add_scaled(y, y_dt, toks[j] * y_ld + o0, d + j * ow, scale, ow);
     return;
   }
