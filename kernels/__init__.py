@@ -15,17 +15,27 @@ probes fall back cleanly (tests/test_engine.py checks it).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from kernels import attention as _attention
 from kernels.attention import PagedAttentionMeta, build_paged_attention_meta
-from kernels.cpu import cpu_apply, cpu_expand, cpu_shrink, cpu_shrink_many
+from kernels.cpu import (
+    CpuApplyPlan,
+    cpu_apply,
+    cpu_apply_plan,
+    cpu_apply_planned,
+    cpu_expand,
+    cpu_shrink,
+    cpu_shrink_many,
+)
 from kernels.meta import LoraBatchMeta, build_lora_meta
 from kernels.reference import SlotViews, expand_reference, shrink_reference
 
-__all__ = ["MODE", "LoraBatchMeta", "PagedAttentionMeta", "SlotViews", "build_lora_meta", "build_paged_attention_meta",
-           "lora_apply", "lora_expand", "lora_shrink", "lora_shrink_many", "paged_attention"]
+__all__ = ["MODE", "LoraBatchMeta", "LoraGroup", "PagedAttentionMeta", "SlotViews", "build_lora_meta",
+           "build_paged_attention_meta", "lora_apply", "lora_apply_group", "lora_expand", "lora_group", "lora_shrink",
+           "lora_shrink_many", "paged_attention"]
 
 MODES = ("auto", "triton", "cpu", "reference")
 MODE = os.environ.get("SWITCHBOARD_KERNELS", "auto").strip().lower() or "auto"
@@ -82,6 +92,34 @@ def lora_expand(
 
         return sgmv_expand(t, b_stack, scales, meta, y)
     return expand_reference(t, b_stack, scales, meta, y, b_views)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraGroup:
+    """The A and B stacks of one projection group (q/k/v, gate/up, or one projection) for lora_apply_group, with
+    the compiled CPU kernel's plan of them made once (None: not the CPU kernel's tables). Made per layer and group
+    once by the adapter pool (tables are never reallocated), so a step's calls only pass x, ys and the meta."""
+
+    a_stacks: tuple[torch.Tensor, ...]  # each [slots, max_rank_s, in]
+    b_stacks: tuple[torch.Tensor, ...]  # each [slots, out_s, max_rank_s]
+    cpu: CpuApplyPlan | None
+
+
+def lora_group(a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor]) -> LoraGroup:
+    cpu = None if a_stacks[0].is_cuda else cpu_apply_plan(a_stacks, b_stacks)
+    return LoraGroup(tuple(a_stacks), tuple(b_stacks), cpu)
+
+
+def lora_apply_group(x: torch.Tensor, group: LoraGroup, scales: torch.Tensor, meta: LoraBatchMeta,
+                     ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Semantics: lora_apply(x, group.a_stacks, group.b_stacks, scales, meta, ys), through the group's CPU plan
+    where it has one (the same compiled call without re-checking the tables)."""
+    if not meta.has_lora:
+        return ys
+    if _path(x) == "cpu" and group.cpu is not None and cpu_apply_planned(x, group.cpu, scales, meta, ys):
+        return ys
+    ts = lora_shrink_many(x, list(group.a_stacks), meta)
+    return [lora_expand(t, b, scales, meta, y) for t, b, y in zip(ts, group.b_stacks, ys, strict=True)]
 
 
 def lora_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor], scales: torch.Tensor,

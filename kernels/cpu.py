@@ -18,6 +18,7 @@ import functools
 import math
 import sys
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -145,6 +146,60 @@ def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, met
     return y
 
 
+@dataclass(frozen=True, slots=True)
+class CpuApplyPlan:
+    """One projection group's tables as the compiled apply reads them, checked once: the pool's tables are never
+    reallocated, so a group's descriptors are the same at every step and only x, y and the step's segments vary."""
+
+    stacks: tuple[torch.Tensor, ...]  # the A and B stacks described (kept alive while the plan is)
+    w_dtype: int  # the tables' dtype code (_DTYPES)
+    n_in: int  # x's features
+    outs: tuple[int, ...]  # each stack's out features (y's columns)
+    fields: tuple[tuple[int, ...], ...]  # per stack: A ptr, strides 0/1, rank rows; B ptr, strides 0/1/2, out
+
+
+def cpu_apply_plan(a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor]) -> CpuApplyPlan | None:
+    """The plan of cpu_apply for these stacks (A [slots, R_s, in], B [slots, out_s, R_s]), or None when the kernel
+    cannot read them (then cpu_apply falls back, as without a plan)."""
+    if _kernels() is None or not a_stacks or len(a_stacks) > 8 or len(a_stacks) != len(b_stacks):
+        return None
+    fields, outs, dtypes = [], [], set()
+    for a, b in zip(a_stacks, b_stacks, strict=True):
+        da, db = _a_table(a), _table(b)
+        if da is None or db is None or da[5] != db[5] or db[4] != da[3] or da[4] != a_stacks[0].shape[2]:
+            return None
+        dtypes.add(da[5])
+        outs.append(db[3])
+        fields.append((da[0], da[1], da[2], da[3], db[0], db[1], db[2], db[6], db[3]))
+    if len(dtypes) > 1:
+        return None
+    return CpuApplyPlan((*a_stacks, *b_stacks), dtypes.pop(), a_stacks[0].shape[2], tuple(outs), tuple(fields))
+
+
+def cpu_apply_planned(x: torch.Tensor, plan: CpuApplyPlan, scales: torch.Tensor, meta: LoraBatchMeta,
+                      ys: list[torch.Tensor]) -> bool:
+    """cpu_apply over a plan's stacks (see its Semantics); False, having touched nothing, when x, ys or scales are
+    not what the kernel reads (the caller falls back)."""
+    n = x.shape[0]
+    y_dtype = ys[0].dtype if ys else None
+    if (n == 0 or x.dtype not in _DTYPES or x.stride(-1) != 1 or not x.is_cpu or x.shape[1] != plan.n_in
+            or y_dtype not in _DTYPES or len(ys) != len(plan.fields)):
+        return False
+    desc: list[int] = []
+    for f, out, y in zip(plan.fields, plan.outs, ys, strict=True):
+        if y.dtype != y_dtype or y.stride(-1) != 1 or y.shape[0] != n or y.shape[1] != out or not y.is_cpu:
+            return False
+        desc += f
+        desc += (y.data_ptr(), y.stride(0))
+    if scales.dtype != torch.float32 or not scales.is_cpu:
+        return False
+    segs, index = _segments(meta)
+    _kernels().apply(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], plan.n_in, n, plan.w_dtype, scales.data_ptr(),
+                     scales.stride(0), _DTYPES[y_dtype], segs.data_ptr(), segs.shape[0], index,
+                     torch.get_num_threads(), *desc)
+    return True
+
+
 def cpu_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor], scales: torch.Tensor,
               meta: LoraBatchMeta, ys: list[torch.Tensor]) -> bool:
     """Shrink + expand of several projections of one x in one compiled call (no t tensor in between).
@@ -153,26 +208,8 @@ def cpu_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torc
     fp32 (rounded once into y's dtype) for slot[i] >= 0; other rows untouched. x [T, in]; A_s [slots, R_s, in];
     B_s [slots, out_s, R_s] (rank or out contiguous); ys[s] [T, out_s], updated in place; scales [slots] fp32.
     Returns False, having touched nothing, when the kernel cannot take these tensors (the caller falls back)."""
-    lib = _kernels()
-    n = x.shape[0]
-    if lib is None or n == 0 or len(a_stacks) > 8 or not _usable(x) or not _usable(*ys):
-        return False
-    if scales.dtype != torch.float32 or scales.is_cuda or len({y.dtype for y in ys}) > 1:
-        return False
-    desc: list[int] = []
-    w_dt = None
-    for a, b, y in zip(a_stacks, b_stacks, ys, strict=True):
-        da, db = _a_table(a), _table(b)
-        if da is None or db is None or da[5] != db[5] or (w_dt is not None and da[5] != w_dt):
-            return False
-        if db[4] != da[3] or db[3] != y.shape[1] or y.shape[0] != n or da[4] != x.shape[1]:
-            return False
-        w_dt = da[5]
-        desc += (da[0], da[1], da[2], da[3], db[0], db[1], db[2], db[6], db[3], y.data_ptr(), y.stride(0))
-    segs, index = _segments(meta)
-    lib.apply(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], n, w_dt, scales.data_ptr(), scales.stride(0),
-              _DTYPES[ys[0].dtype], segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
-    return True
+    plan = cpu_apply_plan(a_stacks, b_stacks)
+    return plan is not None and cpu_apply_planned(x, plan, scales, meta, ys)
 
 
 _MADV_HUGEPAGE = 14  # linux/mman.h

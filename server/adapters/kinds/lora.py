@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import LoraBatchMeta, SlotViews, build_lora_meta, lora_apply
+from kernels import LoraBatchMeta, LoraGroup, SlotViews, build_lora_meta, lora_apply_group, lora_group
 from kernels.cpu import table_zeros
 from server.adapters import validation
 from server.adapters.kinds.base import (
@@ -55,6 +55,9 @@ class LoraTables(SlotTables):
         self.scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks: list[int] = [0] * num_slots
         self._views: dict[tuple[int, str], tuple[SlotViews, SlotViews]] = {}
+        # (layer, modules) -> (generation, indices of the modules with a table, their kernel group)
+        self._groups: dict[tuple[int, tuple[str, ...]], tuple[int, tuple[int, ...], LoraGroup | None]] = {}
+        self._generation = 0  # bumped after a module's tables are added: groups made before are rebuilt
 
     def _module(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         if module not in self.a:
@@ -65,6 +68,7 @@ class LoraTables(SlotTables):
                                          device=self.device)
             self.a[module] = table_zeros(self.num_slots, layers, self.max_rank, n_in, dtype=self.dtype,
                                          device=self.device)
+            self._generation += 1
         return self.a[module], self.b[module]
 
     def views(self, layer: int, module: str) -> tuple[SlotViews, SlotViews]:
@@ -75,6 +79,20 @@ class LoraTables(SlotTables):
             views = (SlotViews(self.a[module][:, layer], 1), SlotViews(self.b[module][:, layer].transpose(1, 2), 2))
             self._views[(layer, module)] = views
         return views
+
+    def group(self, layer: int, modules: tuple[str, ...]) -> tuple[tuple[int, ...], LoraGroup | None]:
+        """Which of a projection group's modules have tables (their indices in `modules`), and their A / B stacks
+        as one kernels.LoraGroup (None when none has): made once per layer and group, remade after a table is
+        added (the loader adds tables while steps run; a group made from the older set is never kept)."""
+        generation = self._generation  # read first: a table added from here on invalidates what is built below
+        entry = self._groups.get((layer, modules))
+        if entry is not None and entry[0] == generation:
+            return entry[1], entry[2]
+        present = tuple(i for i, m in enumerate(modules) if m in self.a and m in self.b)
+        views = [self.views(layer, modules[i]) for i in present]
+        group = lora_group([a.stack for a, _ in views], [b.stack for _, b in views]) if present else None
+        self._groups[(layer, modules)] = (generation, present, group)
+        return present, group
 
     def stage(self, payload: LoraWeights, ready: Staging) -> LoraWeights:
         if payload.rank > self.max_rank:
@@ -121,13 +139,11 @@ class LoraStep(StepAdapter):
     def project_outputs(self, x: torch.Tensor, ys: list[torch.Tensor], layer: int, modules: tuple[str, ...]
                         ) -> list[torch.Tensor]:
         """The delta of every module of the group that has a table, in place on the base outputs, in one call."""
-        present = [i for i, m in enumerate(modules) if m in self.tables.a and m in self.tables.b]
-        if not present:
+        present, group = self.tables.group(layer, modules)
+        if group is None:
             return ys
-        views = [self.tables.views(layer, modules[i]) for i in present]
         ys = list(ys)
-        done = lora_apply(x, [a.stack for a, _ in views], [b.stack for _, b in views], self.tables.scale, self.meta,
-                          [ys[i] for i in present])
+        done = lora_apply_group(x, group, self.tables.scale, self.meta, [ys[i] for i in present])
         for i, y in zip(present, done, strict=True):
             ys[i] = self.finish(y, layer, modules[i])
         return ys
