@@ -39,7 +39,7 @@ def available() -> bool:
     return _kernels() is not None
 
 
-def _segments(meta: LoraBatchMeta) -> tuple[torch.Tensor, int]:
+def segments(meta: LoraBatchMeta) -> tuple[torch.Tensor, int]:
     """The LoRA segments as an int64 [S, 4] table (lo, hi, slot, rank or -1) and the token index pointer
     (0 when the batch is grouped): made once per step's meta, reused by every layer's calls."""
     global _plan
@@ -101,7 +101,7 @@ def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBat
     if (lib is None or None in tables or len({d[5] for d in tables}) > 1 or len(a_stacks) > 8 or not _usable(x)
             or x.shape[0] == 0):
         return [shrink_reference(x, a, meta) for a in a_stacks]
-    segs, index = _segments(meta)
+    segs, index = segments(meta)
     desc = []
     for d, t in zip(tables, ts, strict=True):
         desc += (d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
@@ -120,7 +120,7 @@ def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> t
     d = _a_table(a_stack)
     if lib is None or d is None or x.shape[0] == 0 or not _usable(x):
         return shrink_reference(x, a_stack, meta)
-    segs, index = _segments(meta)
+    segs, index = segments(meta)
     lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], d[5], segs.data_ptr(), segs.shape[0], index,
                torch.get_num_threads(), d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
     return t
@@ -139,7 +139,7 @@ def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, met
     if (lib is None or d is None or t.dtype != torch.float32 or t.stride(-1) != 1 or not _usable(y)
             or scales.dtype != torch.float32 or scales.is_cuda):
         return expand_reference(t, b_stack, scales, meta, y)
-    segs, index = _segments(meta)
+    segs, index = segments(meta)
     lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[6], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
                y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(), segs.shape[0], index,
                torch.get_num_threads())
@@ -193,7 +193,7 @@ def cpu_apply_planned(x: torch.Tensor, plan: CpuApplyPlan, scales: torch.Tensor,
         desc += (y.data_ptr(), y.stride(0))
     if scales.dtype != torch.float32 or not scales.is_cpu:
         return False
-    segs, index = _segments(meta)
+    segs, index = segments(meta)
     _kernels().apply(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], plan.n_in, n, plan.w_dtype, scales.data_ptr(),
                      scales.stride(0), _DTYPES[y_dtype], segs.data_ptr(), segs.shape[0], index,
                      torch.get_num_threads(), *desc)

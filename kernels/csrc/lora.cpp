@@ -21,7 +21,7 @@
 
 namespace {
 
-using sb::OC, sb::TB;
+using sb::APPLY_FIELDS, sb::OC, sb::TB;
 
 struct ShrinkItem { int64_t seg, j0, j1, stack, k0, k1; };
 struct ExpandItem { int64_t seg, j0, j1, o0, o1; };
@@ -145,9 +145,6 @@ int64_t sb_lora_expand(const float* t, int64_t t_ld, const void* b, int64_t b_s0
   return n_items;
 }
 
-// Per stack of sb_lora_apply: a_ptr, a_s0, a_s1, padded rank, b_ptr, b_s0, b_s1, b_s2, n_out, y_ptr, y_ld.
-constexpr int64_t APPLY_FIELDS = 11;
-
 namespace {
 
 // The fused schedule of sb_lora_apply: one item per (segment, token block), its shrink and expand of every stack.
@@ -166,7 +163,6 @@ int64_t apply_fused(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int
     }
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-  const int64_t wsz = sb::elem_size(w_dt);
   const bool parallel = n_items > 1 && n_threads > 1 && work >= PARALLEL_MIN_WORK;
 #pragma omp parallel num_threads(n_threads) if (parallel)
   {
@@ -177,22 +173,9 @@ int64_t apply_fused(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int
       const ExpandItem& w = items[it];
       const int64_t* sg = segs + w.seg * SEG_FIELDS;
       int64_t toks[TB];
-      const float* xs[TB];
-      float* t[TB];
       const int64_t m = block_tokens(tok_index, w.j0, w.j1, toks);
-      sb::gather_x(x, x_ld, x_dt, n_in, toks, m, xs, sc);
-      for (int64_t j = 0; j < m; ++j) t[j] = t_block.data() + j * max_rank;
-      const float scale = scales[sg[2] * scale_stride];
-      for (int64_t st = 0; st < n_stacks; ++st) {
-        const int64_t* ds = d + st * APPLY_FIELDS;
-        const int64_t r = seg_rank(sg, ds[3]);
-        if (r == 0) continue;
-        const char* a_slot = reinterpret_cast<const char*>(ds[0]) + sg[2] * ds[1] * wsz;
-        const char* b_slot = reinterpret_cast<const char*>(ds[4]) + sg[2] * ds[5] * wsz;
-        sb::shrink_rows(xs, m, a_slot, ds[2], w_dt, n_in, 0, r, t, sc);
-        sb::expand_range(t, toks, m, b_slot, ds[6], ds[7], w_dt, r, 0, ds[8], scale, reinterpret_cast<void*>(ds[9]),
-                         ds[10], y_dt, sc);
-      }
+      sb::apply_block(x, x_ld, x_dt, n_in, w_dt, toks, m, sg[2], sg[3], scales[sg[2] * scale_stride], y_dt, n_stacks,
+                      d, t_block.data(), max_rank, sc);
     }
   }
   return n_items;

@@ -168,4 +168,31 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
   }
 }
 
+// Per stack of an apply call (lora.cpp, projection.cpp): a_ptr, a_s0, a_s1, padded rank, b_ptr, b_s0, b_s1, b_s2,
+// n_out, y_ptr, y_ld.
+constexpr int64_t APPLY_FIELDS = 11;
+
+// One work item of the fused schedule: the m tokens toks of one segment (slot, true rank seg_rank or -1 = the padded
+// rank), shrunk through every stack's A into t (t_block: TB x max_rank fp32 scratch) and expanded through its B into
+// y_s += scale * t @ B^T.
+inline void apply_block(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int64_t w_dt, const int64_t* toks,
+                        int64_t m, int64_t slot, int64_t seg_rank, float scale, int64_t y_dt, int64_t n_stacks,
+                        const int64_t* d, float* t_block, int64_t max_rank, Scratch& sc) {
+  const float* xs[TB];
+  float* t[TB];
+  gather_x(x, x_ld, x_dt, n_in, toks, m, xs, sc);
+  for (int64_t j = 0; j < m; ++j) t[j] = t_block + j * max_rank;
+  const int64_t wsz = elem_size(w_dt);
+  for (int64_t st = 0; st < n_stacks; ++st) {
+    const int64_t* ds = d + st * APPLY_FIELDS;
+    const int64_t r = seg_rank < 0 ? ds[3] : std::min(seg_rank, ds[3]);
+    if (r == 0) continue;
+    const char* a_slot = reinterpret_cast<const char*>(ds[0]) + slot * ds[1] * wsz;
+    const char* b_slot = reinterpret_cast<const char*>(ds[4]) + slot * ds[5] * wsz;
+    shrink_rows(xs, m, a_slot, ds[2], w_dt, n_in, 0, r, t, sc);
+    expand_range(t, toks, m, b_slot, ds[6], ds[7], w_dt, r, 0, ds[8], scale, reinterpret_cast<void*>(ds[9]), ds[10],
+                 y_dt, sc);
+  }
+}
+
 }  // namespace sb

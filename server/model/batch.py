@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from kernels.attention import PagedAttentionMeta
 
@@ -64,6 +65,13 @@ class StepAdapter:
         """Several projections of the same input x (q/k/v, gate/up) at once; the same math as project_output on
         each (a kind may share work between them, e.g. one pass over x)."""
         return [self.project_output(x, y, layer, m) for y, m in zip(ys, modules, strict=True)]
+
+    def project_with_base(self, x: torch.Tensor, bases: list[nn.Module], layer: int, modules: tuple[str, ...]
+                          ) -> list[torch.Tensor] | None:
+        """Asked only when this kind is the step's one adapter kind: [base(x) for base in bases] with this kind's
+        project_input / project_outputs applied, computed together in one pass (e.g. a memory-bound adapter read
+        beside the compute-bound base matmuls), or None (the default) to have the model run them in turn."""
+        return None
     def block_output(self, residual: torch.Tensor, out: torch.Tensor, layer: int, block: str) -> torch.Tensor:
         """out [T, hidden] the output of sub-block `block` ("attention" or "mlp") of `layer`, residual [T, hidden]
         the stream it is added to (the sub-block's input before its norm) -> what is added: the layer computes

@@ -69,17 +69,22 @@ class Rotary(nn.Module):
 
 def project_group(projections: tuple[Projection, ...], x: torch.Tensor, adapters: list[StepAdapter]
                   ) -> list[torch.Tensor]:
-    """[p(x, adapters) for p in projections] for projections of one input (q/k/v, gate/up), with the adapters'
-    output hooks called once for the group (StepAdapter.project_outputs)."""
+    """[p(x, adapters) for p in projections] for projections of one input (q/k/v, gate/up; one for o and down),
+    with the adapters' output hooks called once for the group (StepAdapter.project_outputs), or, when the step has
+    one adapter kind and it can, base and adapter work in one pass (StepAdapter.project_with_base)."""
     if not adapters:
         return [p.base(x) for p in projections]
+    layer, names = projections[0].layer, tuple(p.name for p in projections)
+    if len(adapters) == 1:
+        fused = adapters[0].project_with_base(x, [p.base for p in projections], layer, names)
+        if fused is not None:
+            return fused
     ys = []
     for p in projections:
         x_in = x
         for adapter in adapters:
             x_in = adapter.project_input(x_in, p.layer, p.name)
         ys.append(p.base(x_in))
-    layer, names = projections[0].layer, tuple(p.name for p in projections)
     for adapter in adapters:
         ys = adapter.project_outputs(x, ys, layer, names)
     return ys
@@ -104,10 +109,4 @@ class Projection(nn.Module):
     def forward(self, x: torch.Tensor, adapters: list[StepAdapter]) -> torch.Tensor:
         if not adapters:
             return self.base(x)
-        x_in = x
-        for adapter in adapters:
-            x_in = adapter.project_input(x_in, self.layer, self.name)
-        y = self.base(x_in)
-        for adapter in adapters:
-            y = adapter.project_output(x, y, self.layer, self.name)
-        return y
+        return project_group((self,), x, adapters)[0]

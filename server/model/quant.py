@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.linear import dense_linear, nf4_linear, takes
+from kernels.projection import BaseSpec, dense_spec, nf4_spec
 
 NF4_BLOCKSIZE = 64
 
@@ -65,6 +66,13 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_forward(x, self.weight, self.bias)
 
+    def tile_spec(self) -> BaseSpec | None:
+        """This layer as kernels.projection's tiles read it (the same math as forward on a decode-sized fp32 CPU
+        call), or None (a bias, another dtype or device): made once, the weight never moves."""
+        if not hasattr(self, "_tile_spec"):
+            self._tile_spec = None if self.bias is not None else dense_spec(self.weight)
+        return self._tile_spec
+
 
 class NF4Linear(nn.Module):
     """y = x @ dequant_nf4(Wq)^T (+ b), weights stored as packed 4-bit NF4 codes + absmax per block."""
@@ -99,6 +107,15 @@ class NF4Linear(nn.Module):
             if y is not None:
                 return _plus_bias(y, self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
+
+    def tile_spec(self) -> BaseSpec | None:
+        """As DenseLinear.tile_spec: the NF4 codes for the fused kernel's tiles, or None (bias, dtype, device)."""
+        if not hasattr(self, "_tile_spec"):
+            state = self.quant_state
+            usable = self.bias is None and self.compute_dtype == torch.float32 and not self.packed.is_cuda
+            self._tile_spec = nf4_spec(self.packed, state.absmax, state.code, state.blocksize, self.out_features,
+                                       self.in_features) if usable else None
+        return self._tile_spec
 
     def nbytes(self) -> int:
         state = self.quant_state

@@ -17,6 +17,8 @@ import torch
 
 from kernels import LoraBatchMeta, LoraGroup, SlotViews, build_lora_meta, lora_apply_group, lora_group
 from kernels.cpu import table_zeros
+from kernels.linear import takes
+from kernels.projection import projection_group
 from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
@@ -147,6 +149,24 @@ class LoraStep(StepAdapter):
         for i, y in zip(present, done, strict=True):
             ys[i] = self.finish(y, layer, modules[i])
         return ys
+
+    def project_with_base(self, x: torch.Tensor, bases: list[torch.nn.Module], layer: int, modules: tuple[str, ...]
+                          ) -> list[torch.Tensor] | None:
+        """The base matmuls and the LoRA deltas of a decode-sized CPU group in one compiled call
+        (kernels.projection: the memory-bound LoRA reads beside the compute-bound tiles), when every module of the
+        group has a table and every base layer has tiles; else None (the model runs base, then project_outputs)."""
+        if not self.meta.has_lora or not takes(x):
+            return None
+        present, group = self.tables.group(layer, modules)
+        if group is None or group.cpu is None or len(present) != len(modules):
+            return None
+        specs = [getattr(base, "tile_spec", lambda: None)() for base in bases]
+        if None in specs:
+            return None
+        ys = projection_group(x, specs, group.cpu, self.tables.scale, self.meta)
+        if ys is None:
+            return None
+        return [self.finish(y, layer, m) for y, m in zip(ys, modules, strict=True)]
 
 
 class LoraKind(AdapterKind):

@@ -1,0 +1,82 @@
+"""A projection group's base matmuls and LoRA deltas in one compiled call (kernels/csrc/projection.cpp): the
+decode step's q/k/v, o, gate/up and down on CPU when LoRA is the step's only adapter kind.
+
+Run one after the other, the base matmul (compute-bound) and the LoRA kernel (bound by memory bandwidth that two
+threads share) each use every thread; here a quarter of the threads (at least one) start on the LoRA items while
+the others start on the base tiles, and whoever finishes first takes the other's remaining work. Same math as
+`kernels.linear` (dense / NF4 tiles) followed by `kernels.lora_apply`, in the same order per output: y = x @ W^T,
+then y += scale * delta with delta summed in fp32 exactly as lora_apply sums it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.build import extension
+from kernels.cpu import CpuApplyPlan, segments
+from kernels.meta import LoraBatchMeta
+
+MAX_PROJECTIONS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class BaseSpec:
+    """One base projection's weights as the compiled tiles read them (made once per layer, weights never move)."""
+
+    fields: tuple[int, ...]  # dense ptr (0 = NF4), dense row stride, packed ptr, absmax ptr, code ptr, block size, N
+    n_in: int  # K
+    n_out: int  # N
+    keep: tuple[torch.Tensor, ...]  # the tensors behind the pointers, kept alive with the spec
+
+
+def dense_spec(weight: torch.Tensor) -> BaseSpec | None:
+    """A dense fp32 W [N, K] (unit inner stride, K % 16 == 0) on CPU, or None."""
+    if (weight.dtype != torch.float32 or not weight.is_cpu or weight.dim() != 2 or weight.stride(1) != 1
+            or weight.shape[1] % 16):
+        return None
+    n, k = weight.shape
+    return BaseSpec((weight.data_ptr(), weight.stride(0), 0, 0, 0, 0, n), k, n, (weight,))
+
+
+def nf4_spec(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n_out: int,
+             n_in: int) -> BaseSpec | None:
+    """bitsandbytes' NF4 layout (packed [N*K/2] uint8, absmax [N*K/blocksize] fp32, code [16] fp32), or None."""
+    if (packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or code.dtype != torch.float32
+            or code.numel() != 16 or n_in % blocksize or blocksize % 32 or packed.numel() * 2 != n_out * n_in
+            or not all(t.is_cpu and t.is_contiguous() for t in (packed, absmax, code))):
+        return None
+    return BaseSpec((0, 0, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), blocksize, n_out), n_in, n_out,
+                    (packed, absmax, code))
+
+
+def _kernel():
+    return extension("projection")
+
+
+def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan, scales: torch.Tensor,
+                     meta: LoraBatchMeta) -> list[torch.Tensor] | None:
+    """Semantics: ys[p] = x @ W_p^T, then ys[p][i] += scales[slot[i]] * (x[i] @ A_p[slot[i], :r]^T) @
+    B_p[slot[i], :, :r]^T for every token i with slot[i] >= 0 (r its adapter's true rank), accumulated in fp32; the
+    same math as kernels.linear's kernels then kernels.lora_apply. x [T, K] fp32; bases[p] W_p [N_p, K]; plan: the
+    group's LoRA A_p / B_p stacks (kernels.cpu.cpu_apply_plan), one per base in order; scales [slots] fp32.
+    Returns the ys [T, N_p] fp32, or None when this kernel cannot take the call (the caller runs the two steps)."""
+    lib = _kernel()
+    n = x.shape[0]
+    if (lib is None or not meta.has_lora or n == 0 or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2
+            or x.stride(1) != 1 or len(bases) != len(plan.fields) or len(bases) > MAX_PROJECTIONS
+            or scales.dtype != torch.float32 or not scales.is_cpu or plan.n_in != x.shape[1]):
+        return None
+    if any(b.n_in != x.shape[1] or b.n_out != out for b, out in zip(bases, plan.outs, strict=True)):
+        return None
+    ys = [torch.empty(n, b.n_out, dtype=torch.float32) for b in bases]
+    desc: list[int] = []
+    for base, lora, y in zip(bases, plan.fields, ys, strict=True):
+        desc += base.fields
+        desc += (y.data_ptr(), y.stride(0))
+        desc += lora[:8]
+    segs, index = segments(meta)
+    lib.group(x.data_ptr(), x.stride(0), n, x.shape[1], plan.w_dtype, scales.data_ptr(), scales.stride(0),
+              segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
+    return ys
