@@ -1,5 +1,6 @@
 """A projection group's base matmuls and LoRA deltas in one compiled call (kernels/csrc/projection.cpp): the
-decode step's q/k/v, o, gate/up and down on CPU when LoRA is the step's only adapter kind.
+decode step's q/k/v, o, gate/up and down on CPU when LoRA is the step's only adapter kind (a projection of the
+group without LoRA tables just gets its base output).
 
 Run one after the other, the base matmul (compute-bound) and the LoRA kernel (bound by memory bandwidth that two
 threads share) each use every thread; here a quarter of the threads (at least one) start on the LoRA items while
@@ -55,28 +56,39 @@ def _kernel():
     return extension("projection")
 
 
-def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan, scales: torch.Tensor,
-                     meta: LoraBatchMeta) -> list[torch.Tensor] | None:
+def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan, present: tuple[int, ...],
+                     scales: torch.Tensor, meta: LoraBatchMeta) -> list[torch.Tensor] | None:
     """Semantics: ys[p] = x @ W_p^T, then ys[p][i] += scales[slot[i]] * (x[i] @ A_p[slot[i], :r]^T) @
-    B_p[slot[i], :, :r]^T for every token i with slot[i] >= 0 (r its adapter's true rank), accumulated in fp32; the
-    same math as kernels.linear's kernels then kernels.lora_apply. x [T, K] fp32; bases[p] W_p [N_p, K]; plan: the
-    group's LoRA A_p / B_p stacks (kernels.cpu.cpu_apply_plan), one per base in order; scales [slots] fp32.
-    Returns the ys [T, N_p] fp32, or None when this kernel cannot take the call (the caller runs the two steps)."""
+    B_p[slot[i], :, :r]^T for every token i with slot[i] >= 0 (r its adapter's true rank) and every p that has
+    LoRA tables, accumulated in fp32; the same math, and the same sums, as kernels.linear's kernels then
+    kernels.lora_apply. x [T, K] fp32; bases[p] W_p [N_p, K]; plan: the LoRA A / B stacks
+    (kernels.cpu.cpu_apply_plan) of the bases present[0], present[1], ... (the others have none); scales [slots]
+    fp32. Returns the ys [T, N_p] fp32, or None when this kernel cannot take the call (the caller runs the two
+    steps)."""
     lib = _kernel()
     n = x.shape[0]
     if (lib is None or not meta.has_lora or n == 0 or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2
-            or x.stride(1) != 1 or len(bases) != len(plan.fields) or len(bases) > MAX_PROJECTIONS
+            or x.stride(1) != 1 or len(present) != len(plan.fields) or not bases or len(bases) > MAX_PROJECTIONS
             or scales.dtype != torch.float32 or not scales.is_cpu or plan.n_in != x.shape[1]):
         return None
-    if any(b.n_in != x.shape[1] or b.n_out != out for b, out in zip(bases, plan.outs, strict=True)):
+    lora = [_NO_LORA] * len(bases)
+    for i, fields, out in zip(present, plan.fields, plan.outs, strict=True):
+        if not 0 <= i < len(bases) or bases[i].n_out != out:
+            return None
+        lora[i] = fields[:8]
+    if any(b.n_in != x.shape[1] for b in bases):
         return None
     ys = [torch.empty(n, b.n_out, dtype=torch.float32) for b in bases]
     desc: list[int] = []
-    for base, lora, y in zip(bases, plan.fields, ys, strict=True):
+    for base, y, tables in zip(bases, ys, lora, strict=True):
         desc += base.fields
         desc += (y.data_ptr(), y.stride(0))
-        desc += lora[:8]
+        desc += tables
     segs, index = segments(meta)
     lib.group(x.data_ptr(), x.stride(0), n, x.shape[1], plan.w_dtype, scales.data_ptr(), scales.stride(0),
               segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
     return ys
+
+
+# a projection without LoRA tables: padded rank 0 (its items skip it); B's rank stride 1 satisfies the layout check
+_NO_LORA = (0, 0, 0, 0, 0, 0, 0, 1)

@@ -153,20 +153,22 @@ class LoraStep(StepAdapter):
     def project_with_base(self, x: torch.Tensor, bases: list[torch.nn.Module], layer: int, modules: tuple[str, ...]
                           ) -> list[torch.Tensor] | None:
         """The base matmuls and the LoRA deltas of a decode-sized CPU group in one compiled call
-        (kernels.projection: the memory-bound LoRA reads beside the compute-bound tiles), when every module of the
+        (kernels.projection: the memory-bound LoRA reads beside the compute-bound tiles), when some module of the
         group has a table and every base layer has tiles; else None (the model runs base, then project_outputs)."""
         if not self.meta.has_lora or not takes(x):
             return None
         present, group = self.tables.group(layer, modules)
-        if group is None or group.cpu is None or len(present) != len(modules):
+        if group is None or group.cpu is None:
             return None
         specs = [getattr(base, "tile_spec", lambda: None)() for base in bases]
         if None in specs:
             return None
-        ys = projection_group(x, specs, group.cpu, self.tables.scale, self.meta)
+        ys = projection_group(x, specs, group.cpu, present, self.tables.scale, self.meta)
         if ys is None:
             return None
-        return [self.finish(y, layer, m) for y, m in zip(ys, modules, strict=True)]
+        for i in present:
+            ys[i] = self.finish(ys[i], layer, modules[i])
+        return ys
 
 
 class LoraKind(AdapterKind):
