@@ -61,17 +61,26 @@ def decode_block(engine, adapters: list[str | None], new_tokens: int, label: str
 
 
 def interleaved(engine, variants: dict[str, list[str | None]], steps: int, rounds: int = 3,
-                warmup_tokens: int = 4) -> dict[str, StepTimes]:
+                warmup_tokens: int = 4,
+                contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None
+                ) -> dict[str, StepTimes]:
     """Median decode-step times of each variant: a warm-up block each, then `rounds` interleaved blocks each of
-    `steps` decode steps (split as evenly as rounds allow)."""
+    `steps` decode steps (split as evenly as rounds allow). contexts[name](): entered around each of that variant's
+    blocks (e.g. a code path switched off)."""
+    contexts = contexts or {}
+
+    def block(name: str, adapters: list[str | None], tokens: int, label: str) -> tuple[list[float], list[float]]:
+        with contexts.get(name, contextlib.nullcontext)():
+            return decode_block(engine, adapters, tokens, label)
+
     for name, adapters in variants.items():
-        decode_block(engine, adapters, warmup_tokens, f"warm-{name}")
+        block(name, adapters, warmup_tokens, f"warm-{name}")
     per_block = max(1, -(-steps // rounds))
     walls: dict[str, list[float]] = {name: [] for name in variants}
     cpus: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         for name, adapters in variants.items():
-            w, c = decode_block(engine, adapters, per_block + 1, f"{name}-{r}")  # +1: the prefill's token
+            w, c = block(name, adapters, per_block + 1, f"{name}-{r}")  # +1: the prefill's token
             walls[name] += w
             cpus[name] += c
     return {name: StepTimes(float(np.median(walls[name])) * 1e3 if walls[name] else float("nan"),

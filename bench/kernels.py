@@ -18,6 +18,7 @@ every kind (bench/decode_step.py: a warm-up block each, then interleaved blocks)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -196,9 +197,11 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def engine_rows(repeats: int, rounds: int, quantize: bool, lora_dtype: str = "auto"):
+def engine_rows(repeats: int, rounds: int, quantize: bool, lora_dtype: str = "auto", two_calls: bool = True):
     """Decode steps of 32 sequences on the default model: base vs 32 distinct rank-16 LoRAs (all seven modules),
-    interleaved after a warm-up (bench/decode_step.py)."""
+    interleaved after a warm-up (bench/decode_step.py); two_calls adds the 32 LoRAs with each projection group's
+    base matmuls and LoRA kernel as two calls in turn (kernels.projection's fused call switched off)."""
+    from server.adapters.kinds.lora import LoraStep
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
 
@@ -210,11 +213,29 @@ def engine_rows(repeats: int, rounds: int, quantize: bool, lora_dtype: str = "au
     yield f"| decode step, 32 sequences, default model {mode}, {torch.get_num_threads()} threads | wall ms | CPU ms |"
     yield "|---|---:|---:|"
     lora = "32 distinct rank-16 LoRA (7 modules)" + ("" if lora_dtype == "auto" else f", {lora_dtype} tables")
-    t = interleaved(engine, {"base model": [None] * 32, lora: [f"a{i}" for i in range(32)]}, repeats, rounds)
+    variants = {"base model": [None] * 32, lora: [f"a{i}" for i in range(32)]}
+    separate = f"{lora}, base and LoRA as two calls"
+    if two_calls:
+        variants[separate] = variants[lora]
+
+    @contextlib.contextmanager
+    def without_fused_call():
+        fused = LoraStep.project_with_base
+        LoraStep.project_with_base = lambda self, *args: None
+        try:
+            yield
+        finally:
+            LoraStep.project_with_base = fused
+
+    t = interleaved(engine, variants, repeats, rounds, contexts={separate: without_fused_call})
     for label, times in t.items():
         yield f"| {label} | {times.wall_ms:.1f} | {times.cpu_ms:.1f} |"
-    base, ours = t.values()
+    base, ours = t["base model"], t[lora]
     yield f"| ratio LoRA / base | {ours.wall_ms / base.wall_ms:.2f}x | {ours.cpu_ms / base.cpu_ms:.2f}x |"
+    if two_calls:
+        sep = t[separate]
+        ratios = f"{sep.wall_ms / base.wall_ms:.2f}x | {sep.cpu_ms / base.cpu_ms:.2f}x"
+        yield f"| ratio LoRA as two calls / base | {ratios} |"
 
 
 def main() -> None:
@@ -229,6 +250,8 @@ def main() -> None:
     ap.add_argument("--nf4", action="store_true", help="the engine part on the NF4 base (default: fp32 dense)")
     ap.add_argument("--lora-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="the engine part's LoRA slot tables (AdapterPoolConfig.lora_dtype)")
+    ap.add_argument("--no-two-calls", action="store_true",
+                    help="engine part: skip the row with the fused base + LoRA call switched off")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -242,7 +265,7 @@ def main() -> None:
         parts.append(step_rows(max(3, args.repeats // 4)))
         parts.append(attention_rows(max(3, args.repeats // 4)))
     if not args.skip_engine:
-        parts.append(engine_rows(args.repeats, args.rounds, args.nf4, args.lora_dtype))
+        parts.append(engine_rows(args.repeats, args.rounds, args.nf4, args.lora_dtype, not args.no_two_calls))
     for part in parts:
         for row in part:
             print(row, flush=True)

@@ -13,7 +13,10 @@ timed step):
   forward         LlamaModel.forward, and inside it: embed, rotary tables (cos/sin for the step's positions),
                   RMSNorm, the base matmuls of q/k/v, o, gate/up and down (each Projection's base layer), rotary
                   + KV write (q and k rotated, k and v written into the cache), attention
-                  (kernels.attention.paged_attention), adapters (every StepAdapter hook: the LoRA kernels), LM head
+                  (kernels.attention.paged_attention), adapters (every StepAdapter hook: the LoRA kernels when they
+                  run after the base matmuls), base + adapter in one call (StepAdapter.project_with_base: a group's
+                  base matmuls and LoRA deltas together, kernels/projection.py; the matmul parts then exclude those
+                  groups), LM head
   derived         host outside the runner = step - ModelRunner.run; other forward ops = forward - its timed parts
                   (residual adds, SiLU * up, views, the Python between them)
 
@@ -48,8 +51,9 @@ from bench.workloads import random_lora  # noqa: E402
 
 GROUPS = {"q_proj": "q/k/v matmul", "k_proj": "q/k/v matmul", "v_proj": "q/k/v matmul", "o_proj": "o matmul",
           "gate_proj": "gate/up matmul", "up_proj": "gate/up matmul", "down_proj": "down matmul"}
+FUSED = "base + adapter in one call"
 FORWARD_PARTS = ("embed", "rotary tables", "RMSNorm", *dict.fromkeys(GROUPS.values()), "rotary + KV write",
-                 "attention", "adapters", "LM head")
+                 "attention", "adapters", FUSED, "LM head")
 HOOKS = ("embed_tokens", "rope_factor", "norm", "embed", "project_input", "project_output", "project_outputs",
          "block_output")
 
@@ -129,6 +133,8 @@ def instrumented(engine, clock: PartClock) -> Iterator[None]:
         for hook in HOOKS:
             if hook in cls.__dict__:
                 patch(cls, hook, "adapters")
+        if "project_with_base" in cls.__dict__:
+            patch(cls, "project_with_base", FUSED)
     try:
         yield
     finally:
