@@ -147,7 +147,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def warm_up(device: torch.device) -> None:
     """Build or load the compiled CPU kernels (a one-time compile of a few seconds, then cached) before serving."""
     if device.type == "cpu":
-        from kernels import attention, cpu, linear, pointwise
+        from kernels import attention, cpu, linear, pointwise, projection
 
-        for kernel in (cpu, attention, linear, pointwise):
+        for kernel in (cpu, attention, linear, pointwise, projection):
             kernel.available()

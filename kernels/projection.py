@@ -56,6 +56,11 @@ def _kernel():
     return extension("projection")
 
 
+def available() -> bool:
+    """True when the compiled kernel is usable on this machine (builds it on first call)."""
+    return _kernel() is not None
+
+
 def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan, present: tuple[int, ...],
                      scales: torch.Tensor, meta: LoraBatchMeta) -> list[torch.Tensor] | None:
     """Semantics: ys[p] = x @ W_p^T, then ys[p][i] += scales[slot[i]] * (x[i] @ A_p[slot[i], :r]^T) @

@@ -5,6 +5,7 @@ failure (SEED=N replays it)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -15,10 +16,11 @@ from bench.workloads import sample_adapter_ids
 from kernels import build_lora_meta, lora_apply
 from kernels.cpu import cpu_apply_plan
 from kernels.linear import dense_linear, nf4_linear
-from kernels.projection import _kernel, dense_spec, nf4_spec, projection_group
+from kernels.projection import available, dense_spec, nf4_spec, projection_group
 from tests.lora_cases import N_SLOTS, POPULARITY, fresh_seed
+from tests.test_kernels_cpu_build import PORTABLE_MARCHES, run_portable_check
 
-pytestmark = pytest.mark.skipif(_kernel() is None, reason="no C++ compiler: the projection kernel is not built")
+pytestmark = pytest.mark.skipif(not available(), reason="no C++ compiler: the projection kernel is not built")
 
 K = 128  # a multiple of the NF4 block size (64)
 OUTS = (80, 40, 136)  # tiles of 16 rows with and without a tail
@@ -134,6 +136,22 @@ def test_thread_counts_agree() -> None:
     for n, ys in zip((2, 3, 4), results[1:], strict=True):
         for a, b in zip(results[0], ys, strict=True):
             assert torch.equal(a, b), f"seed={seed}: {n} threads differ from 1"
+
+
+PORTABLE_CHECK = """
+from tests.test_kernels_projection import Group, _check
+_check({seed}, Group({seed}, 13, "zipf:1.5", nf4=False, present=(0, 2), grouped=False))
+_check({seed}, Group({seed}, 40, "uniform", nf4=True, present=(0, 1, 2), table_dtype=__import__("torch").bfloat16))
+print("portable ok")
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
+@pytest.mark.parametrize("march", PORTABLE_MARCHES)
+def test_portable_builds_match(tmp_path, march: str) -> None:
+    """Built for AVX2 (x86-64-v3) and SSE2 (x86-64, the generic vector path) in a fresh cache, in a subprocess: the
+    same checks (the two calls in turn built for the same ISA, and the fp64 oracle)."""
+    run_portable_check(PORTABLE_CHECK, tmp_path, march)
 
 
 def test_refuses_what_it_cannot_take() -> None:
