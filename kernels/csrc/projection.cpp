@@ -79,7 +79,7 @@ void sb_projection_group(const float* x, int64_t x_ld, int64_t M, int64_t K, int
                        reinterpret_cast<const float*>(f[3]), reinterpret_cast<const float*>(f[4]), f[5], f[6], K});
     first_tile[p + 1] = first_tile[p] + weights[p].tiles();
     buf_floats = std::max(buf_floats, weights[p].buf_floats());
-    delta[p].assign(static_cast<size_t>(M * f[6]), 0.f);
+    if (f[12] > 0) delta[p].assign(static_cast<size_t>(M * f[6]), 0.f);  // padded rank 0: no LoRA tables
     const int64_t ds[APPLY_FIELDS] = {f[9], f[10], f[11], f[12], f[13], f[14], f[15], f[16], f[6],
                                       reinterpret_cast<int64_t>(delta[p].data()), f[6]};
     std::copy(ds, ds + APPLY_FIELDS, d.begin() + p * APPLY_FIELDS);
@@ -132,6 +132,7 @@ void sb_projection_group(const float* x, int64_t x_ld, int64_t M, int64_t K, int
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < n_proj * n_segs; ++q) {
       const int64_t p = q / n_segs, *sg = segs + (q % n_segs) * SEG_FIELDS, *f = proj + p * PROJ_FIELDS;
+      if (delta[p].empty()) continue;  // no tables: y keeps its base output, untouched as in the two-call path
       const float scale = scales[sg[2] * scale_stride];
       for (int64_t j = sg[0]; j < sg[1]; ++j) {
         const int64_t tok = tok_at(tok_index, j);
