@@ -210,3 +210,24 @@ def test_engine_steps_equal_the_two_call_path(tiny_llama_dir, monkeypatch: pytes
         with monkeypatch.context() as m:
             m.setattr(lora_kind.LoraStep, "project_with_base", lambda self, *a: None)
             assert run(quantize) == fused, f"quantize={quantize}"
+
+
+def test_base_layers_tile_spec_follows_their_weights() -> None:
+    """A layer's spec is remade when its weight moves (loading copies weights into the arena once), so the fused
+    call never reads a stale copy; a biased or bf16 layer has none."""
+    from server.model.quant import make_linear
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    layer = make_linear(torch.randn(48, 64, generator=g), None, quantize=False, dtype=torch.float32)
+    first = layer.tile_spec()
+    assert first is not None and first.fields[0] == layer.weight.data_ptr()
+    assert layer.tile_spec() is first
+    layer.weight.data = layer.weight.data.clone()
+    assert layer.tile_spec().fields[0] == layer.weight.data_ptr() != first.fields[0]
+    assert make_linear(torch.randn(48, 64), torch.randn(48), quantize=False, dtype=torch.float32).tile_spec() is None
+    assert make_linear(torch.randn(48, 64), None, quantize=False, dtype=torch.bfloat16).tile_spec() is None
+    nf4 = make_linear(torch.randn(48, 64, generator=g), None, quantize=True, dtype=torch.float32)
+    spec = nf4.tile_spec()
+    assert spec is not None and spec.fields[0] == 0 and spec.fields[2] == nf4.packed.data_ptr()
+    x = torch.randn(5, 64, generator=g)
+    assert torch.equal(nf4(x), nf4_linear(x, nf4.packed, nf4.quant_state.absmax, nf4.quant_state.code, 64, 48))

@@ -68,10 +68,13 @@ class DenseLinear(nn.Module):
 
     def tile_spec(self) -> BaseSpec | None:
         """This layer as kernels.projection's tiles read it (the same math as forward on a decode-sized fp32 CPU
-        call), or None (a bias, another dtype or device): made once, the weight never moves."""
-        if not hasattr(self, "_tile_spec"):
-            self._tile_spec = None if self.bias is not None else dense_spec(self.weight)
-        return self._tile_spec
+        call), or None (a bias, another dtype or device). Kept while the weight stays where it is (loading moves
+        it once, into the weights arena)."""
+        cached = getattr(self, "_tile_spec", None)
+        if cached is None or cached[0] != self.weight.data_ptr():
+            cached = (self.weight.data_ptr(), None if self.bias is not None else dense_spec(self.weight))
+            self._tile_spec = cached
+        return cached[1]
 
 
 class NF4Linear(nn.Module):
@@ -110,12 +113,15 @@ class NF4Linear(nn.Module):
 
     def tile_spec(self) -> BaseSpec | None:
         """As DenseLinear.tile_spec: the NF4 codes for the fused kernel's tiles, or None (bias, dtype, device)."""
-        if not hasattr(self, "_tile_spec"):
-            state = self.quant_state
+        state = self.quant_state
+        where = (self.packed.data_ptr(), state.absmax.data_ptr())
+        cached = getattr(self, "_tile_spec", None)
+        if cached is None or cached[0] != where:
             usable = self.bias is None and self.compute_dtype == torch.float32 and not self.packed.is_cuda
-            self._tile_spec = nf4_spec(self.packed, state.absmax, state.code, state.blocksize, self.out_features,
-                                       self.in_features) if usable else None
-        return self._tile_spec
+            cached = (where, nf4_spec(self.packed, state.absmax, state.code, state.blocksize, self.out_features,
+                                      self.in_features) if usable else None)
+            self._tile_spec = cached
+        return cached[1]
 
     def nbytes(self) -> int:
         state = self.quant_state
