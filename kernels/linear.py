@@ -40,6 +40,22 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def nf4_weights_fit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    out_features: int, in_features: int) -> bool:
+    """NF4 weights these kernels read: bitsandbytes' layout on CPU (packed [N*K/2] uint8, absmax [N*K/blocksize]
+    fp32, code [16] fp32, all contiguous), K a multiple of the block size, the block size a multiple of 32."""
+    return (packed.dtype == torch.uint8 and absmax.dtype == torch.float32 and code.dtype == torch.float32
+            and code.numel() == 16 and in_features % blocksize == 0 and blocksize % 32 == 0
+            and packed.numel() * 2 == out_features * in_features
+            and all(t.is_cpu and t.is_contiguous() for t in (packed, absmax, code)))
+
+
+def dense_weight_fits(weight: torch.Tensor) -> bool:
+    """A dense weight these kernels read in place: W [N, K] fp32 on CPU, unit inner stride, K a multiple of 16."""
+    return (weight.dtype == torch.float32 and weight.is_cpu and weight.dim() == 2 and weight.stride(1) == 1
+            and weight.shape[1] % 16 == 0)
+
+
 def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                out_features: int) -> torch.Tensor | None:
     """Semantics: y = x @ W^T, W [N, K] = (code[q] * absmax[flat // blocksize]).reshape(N, K), fp32; the same
@@ -49,10 +65,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     fp32 -> y [..., N] fp32, or None when this kernel cannot take the call."""
     lib = _kernel()
     k = x.shape[-1]
-    if (lib is None or x.dtype != torch.float32 or x.is_cuda or absmax.dtype != torch.float32
-            or code.dtype != torch.float32 or code.numel() != 16 or packed.dtype != torch.uint8
-            or k % blocksize or blocksize % 32 or packed.numel() * 2 != out_features * k
-            or not (packed.is_contiguous() and absmax.is_contiguous() and code.is_contiguous())):
+    if (lib is None or x.dtype != torch.float32 or x.is_cuda
+            or not nf4_weights_fit(packed, absmax, code, blocksize, out_features, k)):
         return None
     return _rows_call(x, out_features, lambda x2, y: lib.linear(
         x2.data_ptr(), x2.stride(0), x2.shape[0], k, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
@@ -65,8 +79,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     F.linear)."""
     lib = _kernel()
     k = x.shape[-1]
-    if (lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.is_cuda or weight.is_cuda
-            or k % 16 or weight.shape[1] != k or weight.stride(1) != 1):
+    if lib is None or x.dtype != torch.float32 or x.is_cuda or not dense_weight_fits(weight) or weight.shape[1] != k:
         return None
     n = weight.shape[0]
     return _rows_call(x, n, lambda x2, y: lib.dense(

@@ -17,6 +17,7 @@ import torch
 
 from kernels.build import extension
 from kernels.cpu import CpuApplyPlan, segments
+from kernels.linear import dense_weight_fits, nf4_weights_fit
 from kernels.meta import LoraBatchMeta
 
 MAX_PROJECTIONS = 8
@@ -24,7 +25,8 @@ MAX_PROJECTIONS = 8
 
 @dataclass(frozen=True, slots=True)
 class BaseSpec:
-    """One base projection's weights as the compiled tiles read them (made once per layer, weights never move)."""
+    """One base projection's weights as the compiled tiles read them (the base layer keeps it while its weights
+    stay where they are: server.model.quant's tile_spec)."""
 
     fields: tuple[int, ...]  # dense ptr (0 = NF4), dense row stride, packed ptr, absmax ptr, code ptr, block size, N
     n_in: int  # K
@@ -33,9 +35,8 @@ class BaseSpec:
 
 
 def dense_spec(weight: torch.Tensor) -> BaseSpec | None:
-    """A dense fp32 W [N, K] (unit inner stride, K % 16 == 0) on CPU, or None."""
-    if (weight.dtype != torch.float32 or not weight.is_cpu or weight.dim() != 2 or weight.stride(1) != 1
-            or weight.shape[1] % 16):
+    """A dense W [N, K] as kernels.linear's dense kernel takes it (dense_weight_fits), or None."""
+    if not dense_weight_fits(weight):
         return None
     n, k = weight.shape
     return BaseSpec((weight.data_ptr(), weight.stride(0), 0, 0, 0, 0, n), k, n, (weight,))
@@ -43,10 +44,8 @@ def dense_spec(weight: torch.Tensor) -> BaseSpec | None:
 
 def nf4_spec(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n_out: int,
              n_in: int) -> BaseSpec | None:
-    """bitsandbytes' NF4 layout (packed [N*K/2] uint8, absmax [N*K/blocksize] fp32, code [16] fp32), or None."""
-    if (packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or code.dtype != torch.float32
-            or code.numel() != 16 or n_in % blocksize or blocksize % 32 or packed.numel() * 2 != n_out * n_in
-            or not all(t.is_cpu and t.is_contiguous() for t in (packed, absmax, code))):
+    """NF4 weights as kernels.linear's NF4 kernel takes them (nf4_weights_fit), or None."""
+    if not nf4_weights_fit(packed, absmax, code, blocksize, n_out, n_in):
         return None
     return BaseSpec((0, 0, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), blocksize, n_out), n_in, n_out,
                     (packed, absmax, code))

@@ -21,12 +21,11 @@
 
 namespace {
 
-using sb::APPLY_FIELDS, sb::OC, sb::TB;
+using sb::APPLY_FIELDS, sb::OC, sb::SEG_FIELDS, sb::TB, sb::block_tokens, sb::seg_rank;
 
 struct ShrinkItem { int64_t seg, j0, j1, stack, k0, k1; };
 struct ExpandItem { int64_t seg, j0, j1, o0, o1; };
 
-inline int64_t tok_at(const int64_t* index, int64_t pos) { return index ? index[pos] : pos; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // below this many table elements a call runs on the calling thread (an OpenMP fork/join costs more)
@@ -34,23 +33,12 @@ constexpr int64_t PARALLEL_MIN_WORK = 32768;
 
 // per stack descriptor: a_ptr, a_stride_slot, a_stride_rank (elements), padded rank, t_ptr, t_ld
 constexpr int64_t STACK_FIELDS = 6;
-// per segment: lo, hi, slot, true rank (-1 = the tables' padded rank)
-constexpr int64_t SEG_FIELDS = 4;
-
-inline int64_t seg_rank(const int64_t* seg, int64_t padded) {
-  return seg[3] < 0 ? padded : std::min(seg[3], padded);
-}
 
 // the number of (segment, token block) pairs: the fused schedule's work items
 inline int64_t count_blocks(const int64_t* segs, int64_t n_segs) {
   int64_t n = 0;
   for (int64_t s = 0; s < n_segs; ++s) n += ceil_div(segs[s * SEG_FIELDS + 1] - segs[s * SEG_FIELDS], TB);
   return n;
-}
-
-inline int64_t block_tokens(const int64_t* tok_index, int64_t j0, int64_t j1, int64_t* toks) {
-  for (int64_t j = j0; j < j1; ++j) toks[j - j0] = tok_at(tok_index, j);
-  return j1 - j0;
 }
 
 }  // namespace
@@ -174,8 +162,8 @@ int64_t apply_fused(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int
       const int64_t* sg = segs + w.seg * SEG_FIELDS;
       int64_t toks[TB];
       const int64_t m = block_tokens(tok_index, w.j0, w.j1, toks);
-      sb::apply_block(x, x_ld, x_dt, n_in, w_dt, toks, m, sg[2], sg[3], scales[sg[2] * scale_stride], y_dt, n_stacks,
-                      d, t_block.data(), max_rank, sc);
+      sb::apply_block(x, x_ld, x_dt, n_in, w_dt, toks, m, sg, scales[sg[2] * scale_stride], y_dt, n_stacks, d,
+                      t_block.data(), max_rank, sc);
     }
   }
   return n_items;

@@ -14,6 +14,22 @@ namespace sb {
 constexpr int64_t TB = 8;   // tokens per work item
 constexpr int64_t OC = 64;  // output features per row-major expand tile (B tile transposed to [rank][OC] in fp32)
 
+// per segment of a call: lo, hi (positions in the stably sorted token order), slot, true rank (-1 = the tables'
+// padded rank)
+constexpr int64_t SEG_FIELDS = 4;
+
+inline int64_t seg_rank(const int64_t* seg, int64_t padded) {
+  return seg[3] < 0 ? padded : std::min(seg[3], padded);
+}
+
+inline int64_t tok_at(const int64_t* index, int64_t pos) { return index ? index[pos] : pos; }
+
+// toks = the tokens at sorted positions [j0, j1) (index: the sorted order, nullptr when the batch is grouped)
+inline int64_t block_tokens(const int64_t* tok_index, int64_t j0, int64_t j1, int64_t* toks) {
+  for (int64_t j = j0; j < j1; ++j) toks[j - j0] = tok_at(tok_index, j);
+  return j1 - j0;
+}
+
 // Per-thread buffers, grown on demand and reused by all of a call's items.
 struct Scratch {
   std::vector<float> x, a, bt, brow, dwide;
@@ -172,12 +188,11 @@ inline void expand_range(const float* const* ts, const int64_t* toks, int64_t m,
 // n_out, y_ptr, y_ld.
 constexpr int64_t APPLY_FIELDS = 11;
 
-// One work item of the fused schedule: the m tokens toks of one segment (slot, true rank seg_rank or -1 = the padded
-// rank), shrunk through every stack's A into t (t_block: TB x max_rank fp32 scratch) and expanded through its B into
-// y_s += scale * t @ B^T.
+// One work item of the fused schedule: the m tokens toks of one segment `seg` (SEG_FIELDS), shrunk through every
+// stack's A into t (t_block: TB x max_rank fp32 scratch) and expanded through its B into y_s += scale * t @ B^T.
 inline void apply_block(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in, int64_t w_dt, const int64_t* toks,
-                        int64_t m, int64_t slot, int64_t seg_rank, float scale, int64_t y_dt, int64_t n_stacks,
-                        const int64_t* d, float* t_block, int64_t max_rank, Scratch& sc) {
+                        int64_t m, const int64_t* seg, float scale, int64_t y_dt, int64_t n_stacks, const int64_t* d,
+                        float* t_block, int64_t max_rank, Scratch& sc) {
   const float* xs[TB];
   float* t[TB];
   gather_x(x, x_ld, x_dt, n_in, toks, m, xs, sc);
@@ -185,10 +200,10 @@ inline void apply_block(const void* x, int64_t x_ld, int64_t x_dt, int64_t n_in,
   const int64_t wsz = elem_size(w_dt);
   for (int64_t st = 0; st < n_stacks; ++st) {
     const int64_t* ds = d + st * APPLY_FIELDS;
-    const int64_t r = seg_rank < 0 ? ds[3] : std::min(seg_rank, ds[3]);
+    const int64_t r = seg_rank(seg, ds[3]);
     if (r == 0) continue;
-    const char* a_slot = reinterpret_cast<const char*>(ds[0]) + slot * ds[1] * wsz;
-    const char* b_slot = reinterpret_cast<const char*>(ds[4]) + slot * ds[5] * wsz;
+    const char* a_slot = reinterpret_cast<const char*>(ds[0]) + seg[2] * ds[1] * wsz;
+    const char* b_slot = reinterpret_cast<const char*>(ds[4]) + seg[2] * ds[5] * wsz;
     shrink_rows(xs, m, a_slot, ds[2], w_dt, n_in, 0, r, t, sc);
     expand_range(t, toks, m, b_slot, ds[6], ds[7], w_dt, r, 0, ds[8], scale, reinterpret_cast<void*>(ds[9]), ds[10],
                  y_dt, sc);

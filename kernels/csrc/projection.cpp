@@ -24,12 +24,11 @@
 
 namespace {
 
-using sb::APPLY_FIELDS, sb::TB;
+using sb::APPLY_FIELDS, sb::SEG_FIELDS, sb::TB, sb::tok_at;
 
 // Per projection: base weights (dense_ptr or 0 for NF4, dense row stride, packed, absmax, code, bs, N), the
 // output y (y_ptr, y_ld), the LoRA tables (a_ptr, a_s0, a_s1, padded rank, b_ptr, b_s0, b_s1, b_s2).
 constexpr int64_t PROJ_FIELDS = 17;
-constexpr int64_t SEG_FIELDS = 4;  // lo, hi, slot, true rank (-1 = the tables' padded rank)
 constexpr int64_t MAX_PROJ = 8;
 
 // Indices [0, n) handed out from both ends, lock-free (one 64-bit word: front << 32 | back).
@@ -56,8 +55,6 @@ class TwoEnds {
 };
 
 struct Item { int64_t seg, j0, j1; };  // one LoRA work item: a segment's tokens [j0, j1) in sorted order
-
-inline int64_t tok_at(const int64_t* index, int64_t pos) { return index ? index[pos] : pos; }
 
 }  // namespace
 
@@ -115,9 +112,9 @@ void sb_projection_group(const float* x, int64_t x_ld, int64_t M, int64_t K, int
         const Item& w = items[it];
         const int64_t* sg = segs + w.seg * SEG_FIELDS;
         int64_t toks[TB];
-        for (int64_t j = w.j0; j < w.j1; ++j) toks[j - w.j0] = tok_at(tok_index, j);
-        sb::apply_block(x, x_ld, sb::F32, K, w_dt, toks, w.j1 - w.j0, sg[2], sg[3], 1.f, sb::F32, n_proj, d.data(),
-                        t_block.data(), max_rank, sc);
+        const int64_t m = sb::block_tokens(tok_index, w.j0, w.j1, toks);
+        sb::apply_block(x, x_ld, sb::F32, K, w_dt, toks, m, sg, 1.f, sb::F32, n_proj, d.data(), t_block.data(),
+                        max_rank, sc);
       }
     };
     int64_t g;

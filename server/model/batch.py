@@ -72,6 +72,7 @@ class StepAdapter:
         project_input / project_outputs applied, computed together in one pass (e.g. a memory-bound adapter read
         beside the compute-bound base matmuls), or None (the default) to have the model run them in turn."""
         return None
+
     def block_output(self, residual: torch.Tensor, out: torch.Tensor, layer: int, block: str) -> torch.Tensor:
         """out [T, hidden] the output of sub-block `block` ("attention" or "mlp") of `layer`, residual [T, hidden]
         the stream it is added to (the sub-block's input before its norm) -> what is added: the layer computes
