@@ -150,3 +150,24 @@ def test_step_loop_keeps_decoding_while_an_adapter_loads(tiny_llama_dir: Path, l
         assert again.token_ids == slow_result.token_ids
     finally:
         engine.shutdown()
+
+
+def test_revive_registers_again_a_key_unregistered_while_in_use(tiny_llama_dir: Path, loras: list[Path]) -> None:
+    from server.adapters.pool import UnknownAdapter
+
+    pool = make_pool(tiny_llama_dir, device_slots=2)
+    assert not pool.revive("k0")  # never registered: the caller registers it
+    pool.register("k0", loras[0])
+    pool.reserve("k0")  # a submitted sequence holds it
+    pool.unregister("k0")
+    assert not pool.known("k0")
+    with pytest.raises(ValueError, match="in use"):
+        pool.register("k0", loras[0])  # what a replica's reload hit before revive
+    assert pool.revive("k0") and pool.known("k0")
+    pool.unreserve("k0")  # the last user ends: a revived key stays
+    assert pool.known("k0")
+    pool.unregister("k0")  # idle: dropped at once
+    assert not pool.revive("k0")
+    with pytest.raises(UnknownAdapter):
+        pool.reserve("k0")
+    pool.close()

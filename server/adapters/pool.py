@@ -102,6 +102,14 @@ class AdapterPool:
             else:
                 entry.retired = True
 
+    def revive(self, key: str) -> bool:
+        """Undo unregister() for a key still held by its sequences; True when `key` is registered now."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.retired = False
+            return entry is not None
+
     def known(self, key: str) -> bool:
         with self._lock:
             entry = self._entries.get(key)

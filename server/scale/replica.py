@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 import queue
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from server.adapters.errors import AdapterNotFound
 from server.adapters.pool import AdapterMeta
 from server.adapters.store import StoredVersion, StoreError, sha256_file
 from server.engine.request import GenerationRequest, TokenEvent, merge_events
+from server.scale.replica_keys import ReplicaKeys
 from server.scale.settings import ScaleSettings
 from server.scale.shared_store import SharedDirectory, parse_key
 
@@ -36,15 +36,15 @@ POLL_S = 1.0  # how often a waiting stream re-checks that the step loop is alive
 
 
 class LoadedAdapter:
-    """What the multiplexed LRU holds for a key; Ray calls __del__ when it evicts it (idempotent)."""
+    """What the multiplexed LRU holds for one load of a key; Ray calls __del__ when it evicts it (idempotent)."""
 
-    def __init__(self, key: str, replica) -> None:
-        self.key, self._replica, self._gone = key, replica, False
+    def __init__(self, key: str, generation: int, replica) -> None:
+        self.key, self.generation, self._replica, self._gone = key, generation, replica, False
 
     def __del__(self) -> None:
         if not self._gone:
             self._gone = True
-            self._replica.evicted(self.key)
+            self._replica.evicted(self.key, self.generation)
 
 
 def engine_deployment(settings: ScaleSettings):
@@ -65,10 +65,7 @@ def engine_deployment(settings: ScaleSettings):
             self.engine.start()
             self.source = SharedDirectory(Path(settings.data_dir) / "adapters")
             self.loop = asyncio.get_running_loop() if _has_loop() else None
-            self.in_use: Counter[str] = Counter()  # key -> requests of this replica holding it
-            self.resident: set[str] = set()  # keys in the multiplexed LRU
-            self.evict_when_idle: set[str] = set()
-            self.loads: Counter[str] = Counter()
+            self.keys = ReplicaKeys()  # which keys stay registered in the engine's pool
             self.requests = self.hits = 0
             self.metrics = ReplicaMetrics()
 
@@ -76,17 +73,20 @@ def engine_deployment(settings: ScaleSettings):
         @serve.multiplexed(max_num_models_per_replica=settings.adapters_per_replica)
         async def adapter(self, key: str) -> LoadedAdapter:
             self.loop = self.loop or asyncio.get_running_loop()
-            stored = self.source.fetch(*parse_key(key))  # AdapterNotFound: deleted or never stored
-            await asyncio.to_thread(self._load, key, stored)
-            self.loads[key] += 1
+            generation = self.keys.load_started(key)
+            ok = False
+            try:
+                stored = self.source.fetch(*parse_key(key))  # AdapterNotFound: deleted or never stored
+                await asyncio.to_thread(self._load, key, stored)
+                ok = True
+            finally:
+                self._unregister_if(self.keys.load_ended(key, ok), key)
             self.metrics.loads.inc()
-            self.resident.add(key)
-            self.evict_when_idle.discard(key)
-            return LoadedAdapter(key, self)
+            return LoadedAdapter(key, generation, self)
 
         def _load(self, key: str, stored: StoredVersion) -> None:
             pool = self.engine.pool
-            if not pool.known(key):
+            if not pool.revive(key):  # a key unregistered while in use is registered again as it is
                 kind = kinds.by_name(stored.meta.get("kind", "LORA"))
                 meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
                 pool.register(key, lambda: self._read(stored), stored.version, meta=meta)
@@ -98,16 +98,13 @@ def engine_deployment(settings: ScaleSettings):
                     raise StoreError(f"{stored.tenant}/{stored.name}@{stored.version}: {fname} fails its sha256")
             return self.engine.pool.reader(stored.path)
 
-        def evicted(self, key: str) -> None:
-            """Ray's LRU let `key` go (any thread): unregister it once no request of this replica holds it."""
+        def evicted(self, key: str, generation: int) -> None:
+            """Ray's LRU let a load of `key` go (any thread): unregister it once nothing holds it."""
             if self.loop is not None:
-                self.loop.call_soon_threadsafe(self._evict, key)
+                self.loop.call_soon_threadsafe(lambda: self._unregister_if(self.keys.evicted(key, generation), key))
 
-        def _evict(self, key: str) -> None:
-            self.resident.discard(key)
-            if self.in_use[key]:
-                self.evict_when_idle.add(key)
-            else:
+        def _unregister_if(self, unused: bool, key: str) -> None:
+            if unused:
                 self.engine.pool.unregister(key)
 
         # ---- requests ----------------------------------------------------------------------------
@@ -120,14 +117,13 @@ def engine_deployment(settings: ScaleSettings):
                 try:
                     self.source.check(*parse_key(key))  # deleted through any ingress: refused here too
                 except AdapterNotFound:
-                    if key in self.resident:
-                        self._evict(key)
+                    self._unregister_if(self.keys.forget(key), key)
                     raise
-                self.hits += key in self.resident
-                if key in self.resident:
+                if key in self.keys.resident:
+                    self.hits += 1
                     self.metrics.hits.inc()
                 await self.adapter(key)
-                self.in_use[key] += 1
+                self.keys.acquire(key)  # no await since the load: no eviction can come between
             try:
                 handle = self.engine.submit(request)  # InvalidRequest / QueueFull / ...: to the caller
                 wake = asyncio.Event()
@@ -154,16 +150,13 @@ def engine_deployment(settings: ScaleSettings):
                         self.engine.abort(request.request_id)
             finally:
                 if key is not None:
-                    self.in_use[key] -= 1
-                    if not self.in_use[key] and key in self.evict_when_idle:
-                        self.evict_when_idle.discard(key)
-                        self.engine.pool.unregister(key)
+                    self._unregister_if(self.keys.release(key), key)
 
         def stats(self) -> dict:
             """This replica's counters (tests and the bench read them through each replica)."""
             ctx = serve.get_replica_context()
             return {"replica": ctx.replica_id.unique_id, "pid": os.getpid(), "requests": self.requests,
-                    "hits": self.hits, "loads": dict(self.loads), "resident": sorted(self.resident),
+                    "hits": self.hits, "loads": dict(self.keys.loads), "resident": sorted(self.keys.resident),
                     "engine_alive": self.engine.alive}
 
         def check_health(self) -> None:
