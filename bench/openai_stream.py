@@ -24,7 +24,7 @@ class HttpStatusError(Exception):
 
 @dataclass
 class OpenAIChunk:
-    """What bench.load_test.send_one reads from a chunk (the gRPC StreamChunk's fields it uses)."""
+    """What bench.load_run.send_one reads from a chunk (the gRPC StreamChunk's fields it uses)."""
 
     token_ids: list[int] = field(default_factory=list)  # one placeholder per content chunk
     finished: bool = False

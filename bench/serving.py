@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load_test import PlannedRequest, Workload, run_closed_loop
+from bench.load_run import PlannedRequest, Workload, run_closed_loop
 from bench.peft_peers import BenchRequest, PeerResult
 
 ROOT = Path(__file__).resolve().parents[1]

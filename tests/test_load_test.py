@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from bench import load_test
-from bench.load_test import Workload, make_plan, run_load
+from bench.load_run import Workload, make_plan, run_load
 
 
 @dataclass
