@@ -66,7 +66,7 @@ class DoraTables(LoraTables):
     def _gain(self, module: str) -> torch.Tensor:
         if module not in self.gain:
             _, n_out = self.args.projection_shape(module)
-            shape = (self.num_slots + 1, self.args.num_layers, n_out)
+            shape = (self.args.num_layers, self.num_slots + 1, n_out)  # a layer's rows contiguous: one index_select
             if self.base is not None and self.base(0, module)[1] is not None:
                 self.shift[module] = torch.zeros(shape, dtype=self.dtype, device=self.device)  # before gain: see LoRA
             self.gain[module] = torch.ones(shape, dtype=self.dtype, device=self.device)
@@ -90,16 +90,16 @@ class DoraTables(LoraTables):
             gains[(layer, module)] = (g, None if bias is None else (1.0 - g) * bias)
         super().fill(slot, lora)
         for (layer, module), (g, shift) in gains.items():
-            self._gain(module)[slot, layer] = g.to(self.dtype)
+            self._gain(module)[layer, slot] = g.to(self.dtype)
             if shift is not None:
-                self.shift[module][slot, layer] = shift.to(self.dtype)
+                self.shift[module][layer, slot] = shift.to(self.dtype)
 
     def clear(self, slot: int) -> None:
         super().clear(slot)
         for table in self.gain.values():
-            table[slot].fill_(1.0)
+            table[:, slot].fill_(1.0)
         for table in self.shift.values():
-            table[slot].zero_()
+            table[:, slot].zero_()
 
 
 class DoraStep(LoraStep):
@@ -115,9 +115,10 @@ class DoraStep(LoraStep):
         gain = tables.gain.get(module)
         if gain is None:
             return y
-        y = y * gain[self.rows, layer]
+        # in place: y is this step's own output. index_select copies rows (advanced indexing took ~3x longer)
+        y.mul_(gain[layer].index_select(0, self.rows))
         shift = tables.shift.get(module)
-        return y if shift is None else y + shift[self.rows, layer]
+        return y if shift is None else y.add_(shift[layer].index_select(0, self.rows))
 
 
 class DoraKind(LoraKind):
