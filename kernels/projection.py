@@ -61,14 +61,16 @@ def available() -> bool:
 
 
 def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan, present: tuple[int, ...],
-                     scales: torch.Tensor, meta: LoraBatchMeta) -> list[torch.Tensor] | None:
+                     scales: torch.Tensor, meta: LoraBatchMeta, gains: list[torch.Tensor | None] | None = None
+                     ) -> list[torch.Tensor] | None:
     """Semantics: ys[p] = x @ W_p^T, then ys[p][i] += scales[slot[i]] * (x[i] @ A_p[slot[i], :r]^T) @
     B_p[slot[i], :, :r]^T for every token i with slot[i] >= 0 (r its adapter's true rank) and every p that has
     LoRA tables, accumulated in fp32; the same math, and the same sums, as kernels.linear's kernels then
-    kernels.lora_apply. x [T, K] fp32; bases[p] W_p [N_p, K]; plan: the LoRA A / B stacks
-    (kernels.cpu.cpu_apply_plan) of the bases present[0], present[1], ... (the others have none); scales [slots]
-    fp32. Returns the ys [T, N_p] fp32, or None when this kernel cannot take the call (the caller runs the two
-    steps)."""
+    kernels.lora_apply; then ys[p][i] *= gains[p][slot[i]] (DoRA's weight-norm gain) where gains[p] is given and
+    p has tables, rounded as that multiply done after. x [T, K] fp32; bases[p] W_p [N_p, K]; plan: the LoRA A / B
+    stacks (kernels.cpu.cpu_apply_plan) of the bases present[0], present[1], ... (the others have none); scales
+    [slots] fp32; gains[p] [>= slots, N_p] fp32, rows contiguous. Returns the ys [T, N_p] fp32, or None when this
+    kernel cannot take the call (the caller runs the two steps)."""
     lib = _kernel()
     n = x.shape[0]
     if (lib is None or not meta.has_lora or n == 0 or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2
@@ -82,16 +84,31 @@ def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan,
         lora[i] = fields[:8]
     if any(b.n_in != x.shape[1] for b in bases):
         return None
+    gain_fields = [_gain_fields(g, b.n_out, scales.shape[0]) for g, b in zip(gains or [None] * len(bases), bases,
+                                                                             strict=True)]
+    if None in gain_fields:
+        return None
     ys = [torch.empty(n, b.n_out, dtype=torch.float32) for b in bases]
     desc: list[int] = []
-    for base, y, tables in zip(bases, ys, lora, strict=True):
+    for base, y, tables, gain in zip(bases, ys, lora, gain_fields, strict=True):
         desc += base.fields
         desc += (y.data_ptr(), y.stride(0))
         desc += tables
+        desc += gain
     segs, index = segments(meta)
     lib.group(x.data_ptr(), x.stride(0), n, x.shape[1], plan.w_dtype, scales.data_ptr(), scales.stride(0),
               segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
     return ys
+
+
+def _gain_fields(gain: torch.Tensor | None, n_out: int, n_slots: int) -> tuple[int, int] | None:
+    """(pointer, row stride) of a gain table the kernel can read, (0, 0) for none, None for one it cannot."""
+    if gain is None:
+        return (0, 0)
+    if (gain.dtype != torch.float32 or not gain.is_cpu or gain.dim() != 2 or gain.shape[1] != n_out
+            or gain.shape[0] < n_slots or gain.stride(1) != 1):
+        return None
+    return (gain.data_ptr(), gain.stride(0))
 
 
 # a projection without LoRA tables: padded rank 0 (its items skip it); B's rank stride 1 satisfies the layout check

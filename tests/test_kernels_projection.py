@@ -138,6 +138,36 @@ def test_thread_counts_agree() -> None:
             assert torch.equal(a, b), f"seed={seed}: {n} threads differ from 1"
 
 
+def test_gains_equal_the_multiply_after() -> None:
+    """DoRA's gain folded into the call (rows of a [layers, slots + 1, N] table, one projection without a gain)
+    equals the two calls then y[tok] *= gain[slot] on each adapter token, bit for bit."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    group = Group(seed, 33, "zipf:1.5", nf4=True, present=(0, 1, 2), grouped=False)
+    tables = [torch.rand(3, N_SLOTS + 1, n, generator=g) + 0.5 for n in OUTS]
+    gains = [tables[0][1], None, tables[2][2]]
+    got = projection_group(group.x, group.specs(), cpu_apply_plan(group.a, group.b), group.present, group.scales,
+                           group.meta, gains)
+    assert got is not None, f"seed={seed}"
+    want = group.two_calls()
+    for gain, y in zip(gains, want, strict=True):
+        for tok, slot in enumerate(group.slots.tolist()):
+            if gain is not None and slot >= 0:
+                y[tok] *= gain[slot]
+    for p, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), f"seed={seed} projection {p}"
+
+
+@pytest.mark.parametrize("bad", ["bf16", "too few rows", "width", "column stride"])
+def test_refuses_gains_it_cannot_read(bad: str) -> None:
+    group = Group(fresh_seed(), 5, "uniform", nf4=False, present=(0, 1))
+    gain = {"bf16": torch.ones(N_SLOTS + 1, OUTS[0], dtype=torch.bfloat16), "too few rows": torch.ones(2, OUTS[0]),
+            "width": torch.ones(N_SLOTS + 1, OUTS[1]), "column stride": torch.ones(OUTS[0], N_SLOTS + 1).T}[bad]
+    plan = cpu_apply_plan(group.a, group.b)
+    assert projection_group(group.x, group.specs(), plan, (0, 1), group.scales, group.meta,
+                            [gain, None, None]) is None
+
+
 PORTABLE_CHECK = """
 from tests.test_kernels_projection import Group, _check
 _check({seed}, Group({seed}, 13, "zipf:1.5", nf4=False, present=(0, 2), grouped=False))
@@ -231,3 +261,47 @@ def test_base_layers_tile_spec_follows_their_weights() -> None:
     assert spec is not None and spec.fields[0] == 0 and spec.fields[2] == nf4.packed.data_ptr()
     x = torch.randn(5, 64, generator=g)
     assert torch.equal(nf4(x), nf4_linear(x, nf4.packed, nf4.quant_state.absmax, nf4.quant_state.code, 64, 48))
+
+
+def test_engine_dora_steps_equal_the_two_call_path(tiny_llama_dir, tmp_path, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    """DoRA sequences (PEFT-made adapters on q/v and on every projection) beside base ones decode the same tokens with
+    the gain folded into the one call as through the two calls and DoRA's finish, and the call got the gains."""
+    from server.adapters.kinds import lora as lora_kind
+    from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+    from server.engine.engine import Engine
+    from server.engine.request import GenerationRequest, SamplingParams
+    from tests.engine_utils import collect
+    from tests.kinds_adapters import make_dora_adapter
+
+    all_seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    paths = [make_dora_adapter(tiny_llama_dir, tmp_path / f"d{i}", rank=4, alpha=8.0, targets=t, seed=i)
+             for i, t in enumerate((["q_proj", "v_proj"], all_seven))]
+
+    def run(quantize: bool) -> list[list[int]]:
+        engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=quantize), EngineConfig(),
+                               AdapterPoolConfig(device_slots=4, max_lora_rank=16))
+        for i, path in enumerate(paths):
+            engine.pool.register(f"d{i}", path)
+        engine.start()
+        try:
+            params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+            names = ["d0", None, "d1", "d1", None, "d0"]
+            handles = [engine.submit(GenerationRequest(f"r{i}", tuple(range(3 + i, 12 + i)), params, adapter=a))
+                       for i, a in enumerate(names)]
+            return [collect(h).token_ids for h in handles]
+        finally:
+            engine.shutdown()
+
+    gains_seen = []
+    real = lora_kind.projection_group
+    monkeypatch.setattr(lora_kind, "projection_group",
+                        lambda *a: gains_seen.append(a[-1] is not None and any(g is not None for g in a[-1]))
+                        or real(*a))
+    for quantize in (False, True):
+        gains_seen.clear()
+        fused = run(quantize)
+        assert any(gains_seen), "the one call never got DoRA's gains"
+        with monkeypatch.context() as m:
+            m.setattr(lora_kind.LoraStep, "project_with_base", lambda self, *a: None)
+            assert run(quantize) == fused, f"quantize={quantize}"

@@ -8,7 +8,8 @@
 // runs out of its own work takes the other's: tiles are handed out from both ends of one list (compute threads
 // from the front, LoRA threads from the back, so each end's next tile is the one it prefetches), LoRA items from
 // one counter. The items write their unscaled deltas into fp32 buffers; after a barrier, every LoRA token's row
-// gets y += scale * delta, the same rounding as lora.cpp's expand into y.
+// gets y += scale * delta, the same rounding as lora.cpp's expand into y, then (DoRA) y *= gain[slot], the same
+// rounding as the multiply the two-call path does after it.
 // Tiles: linear_tiles.h. LoRA items: lora_items.h (apply_block).
 #include "pyargs.h"  // Python.h first, as the C API asks
 
@@ -27,8 +28,9 @@ namespace {
 using sb::APPLY_FIELDS, sb::SEG_FIELDS, sb::TB, sb::tok_at;
 
 // Per projection: base weights (dense_ptr or 0 for NF4, dense row stride, packed, absmax, code, bs, N), the
-// output y (y_ptr, y_ld), the LoRA tables (a_ptr, a_s0, a_s1, padded rank, b_ptr, b_s0, b_s1, b_s2).
-constexpr int64_t PROJ_FIELDS = 17;
+// output y (y_ptr, y_ld), the LoRA tables (a_ptr, a_s0, a_s1, padded rank, b_ptr, b_s0, b_s1, b_s2), a gain
+// table applied after the delta (gain_ptr or 0 for none, gain_ld: fp32 [slots, N] rows gain_ld apart).
+constexpr int64_t PROJ_FIELDS = 19;
 constexpr int64_t MAX_PROJ = 8;
 
 // Indices [0, n) handed out from both ends, lock-free (one 64-bit word: front << 32 | back).
@@ -61,7 +63,8 @@ struct Item { int64_t seg, j0, j1; };  // one LoRA work item: a segment's tokens
 extern "C" {
 
 // y_p = x @ W_p^T for every projection p of the group; then for every token of every segment (slot >= 0):
-// y_p[tok] += scale[slot] * (x[tok] @ A_p[slot, :r]^T) @ B_p[slot, :, :r]^T in fp32, r = the segment's true rank.
+// y_p[tok] += scale[slot] * (x[tok] @ A_p[slot, :r]^T) @ B_p[slot, :, :r]^T in fp32, r = the segment's true rank,
+// then y_p[tok] *= gain_p[slot] where p has a gain table.
 // x [M, K] fp32 (rows x_ld apart), y_p [M, N_p] fp32, tables of dtype w_dt.
 void sb_projection_group(const float* x, int64_t x_ld, int64_t M, int64_t K, int64_t n_proj, const int64_t* proj,
                          int64_t w_dt, const float* scales, int64_t scale_stride, const int64_t* segs,
@@ -134,6 +137,11 @@ void sb_projection_group(const float* x, int64_t x_ld, int64_t M, int64_t K, int
       for (int64_t j = sg[0]; j < sg[1]; ++j) {
         const int64_t tok = tok_at(tok_index, j);
         sb::add_scaled(reinterpret_cast<void*>(f[7]), sb::F32, tok * f[8], delta[p].data() + tok * f[6], scale, f[6]);
+        if (f[17] != 0) {
+          float* y = reinterpret_cast<float*>(f[7]) + tok * f[8];
+          const float* gain = reinterpret_cast<const float*>(f[17]) + sg[2] * f[18];
+          for (int64_t o = 0; o < f[6]; ++o) y[o] *= gain[o];
+        }
       }
     }
   }
@@ -143,13 +151,13 @@ void sb_projection_group(const float* x, int64_t x_ld, int64_t M, int64_t K, int
 
 namespace {
 
-// group(x, x_ld, M, K, w_dt, scales, scale_stride, segs, n_segs, tok_index, n_threads, *projections): 17 ints per
+// group(x, x_ld, M, K, w_dt, scales, scale_stride, segs, n_segs, tok_index, n_threads, *projections): 19 ints per
 // projection (PROJ_FIELDS), 1..8 projections
 PyObject* py_group(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   constexpr Py_ssize_t FIXED = 11;
   const Py_ssize_t n_proj = (nargs - FIXED) / PROJ_FIELDS;
   if (nargs < FIXED + PROJ_FIELDS || (nargs - FIXED) % PROJ_FIELDS || n_proj > MAX_PROJ)
-    return sb::arg_error("group: 11 ints then 17 per projection (1..8 projections)");
+    return sb::arg_error("group: 11 ints then 19 per projection (1..8 projections)");
   int64_t v[FIXED + PROJ_FIELDS * MAX_PROJ];
   if (!sb::read_ints(args, nargs, v)) return nullptr;
   if (v[3] % 16) return sb::arg_error("group: K must be a multiple of 16");

@@ -121,6 +121,18 @@ class DoraStep(LoraStep):
         return y if shift is None else y.add_(shift[layer].index_select(0, self.rows))
 
 
+    def fused_gains(self, layer: int, modules: tuple[str, ...]) -> list[torch.Tensor | None] | None:
+        """The gain rows of this layer for the one compiled call (fp32 tables of unbiased layers; a shift, or
+        bf16 tables, keep finish())."""
+        tables: DoraTables = self.tables
+        if any(m in tables.shift for m in modules):
+            return None
+        gains = [tables.gain.get(m) for m in modules]
+        if any(g is not None and g.dtype != torch.float32 for g in gains):
+            return None
+        return [None if g is None else g[layer] for g in gains]
+
+
 class DoraKind(LoraKind):
     name = "DORA"
     peft_types = ("LORA",)  # PEFT's LoRA config with use_dora: true

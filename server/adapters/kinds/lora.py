@@ -163,12 +163,19 @@ class LoraStep(StepAdapter):
         specs = [getattr(base, "tile_spec", lambda: None)() for base in bases]
         if None in specs:
             return None
-        ys = projection_group(x, specs, group.cpu, present, self.tables.scale, self.meta)
+        gains = self.fused_gains(layer, modules)
+        ys = projection_group(x, specs, group.cpu, present, self.tables.scale, self.meta, gains)
         if ys is None:
             return None
         for i in present:
-            ys[i] = self.finish(ys[i], layer, modules[i])
+            if gains is None or gains[i] is None:
+                ys[i] = self.finish(ys[i], layer, modules[i])
         return ys
+
+    def fused_gains(self, layer: int, modules: tuple[str, ...]) -> list[torch.Tensor | None] | None:
+        """Per module, a gain table [>= slots, out] fp32 the one call multiplies in after the delta instead of
+        finish() (kernels.projection's gains); None: finish() runs on every module. DoRA overrides it."""
+        return None
 
 
 class LoraKind(AdapterKind):
