@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels import build_lora_meta
 from server.adapters import validation
@@ -156,6 +157,7 @@ class LongLoraStep(LoraStep):
         self.eps = tables.args.rms_norm_eps
         self.norm_rows = token_slots(chunks, num_tokens, tables.base_row).to(device)  # [T] norm table row
         self.mine = self.norm_rows != tables.base_row  # [T] bool: this kind's tokens
+        self.all_mine = sum(c.count for c in chunks) == num_tokens
         embedded = [c for c in chunks if tables.has_embed[c.slot]]
         self.embed_tokens_at = None  # [n] flat tokens whose embedding row is the adapter's, and their slots
         if embedded:
@@ -187,9 +189,14 @@ class LongLoraStep(LoraStep):
         mine = self.mine if rows is None else self.mine[rows]
         # [n, hidden]; index_select copies rows (advanced indexing over the 3-d table took ~3x longer)
         weight = self.tables.norm[:, norm_index(self.tables.args, layer, name)].index_select(0, slot_rows)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return torch.where(mine[:, None], weight * h.to(x.dtype), y)
+        if x.dtype == torch.float32:  # the same math in one fused op (rms_norm_reference's fp32 case)
+            h = F.rms_norm(x, (x.shape[-1],), None, self.eps)
+        else:
+            h = x.float()
+            h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if rows is None and self.all_mine:  # every token is this kind's: no base row to keep
+            return weight * h
+        return torch.where(mine[:, None], weight * h, y)
 
 
 class LongLoraKind(LoraKind):
