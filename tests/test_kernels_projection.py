@@ -198,10 +198,11 @@ def test_refuses_what_it_cannot_take() -> None:
     assert dense_spec(torch.randn(8, 32, dtype=torch.bfloat16)) is None
 
 
-def test_engine_steps_equal_the_two_call_path(tiny_llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch of base and LoRA sequences (all seven projections, q/v only, k/o/up/down: groups with and without
-    tables) decodes the same tokens through the fused path as with it switched off, and the fused path ran."""
-    from bench.workloads import random_lora
+def _fused_equals_path_off(monkeypatch: pytest.MonkeyPatch, model_dir, sources: dict[str, object],
+                           names: list[str | None], saw_call) -> None:
+    """The engine (model_dir, dense then NF4, `sources` registered by name) decodes the same tokens for one request
+    per entry of `names` (None = base) with the one call as with it switched off, and the call ran:
+    saw_call(args of each projection_group call) is True for at least one."""
     from server.adapters.kinds import lora as lora_kind
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
@@ -209,37 +210,49 @@ def test_engine_steps_equal_the_two_call_path(tiny_llama_dir, monkeypatch: pytes
     from tests.engine_utils import collect
 
     def run(quantize: bool) -> list[list[int]]:
-        engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=quantize), EngineConfig(),
+        engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize), EngineConfig(),
                                AdapterPoolConfig(device_slots=4, max_lora_rank=16))
-        targets = [None, ["q_proj", "v_proj"], ["k_proj", "o_proj", "up_proj", "down_proj"]]
-        for i, modules in enumerate(targets):
-            weights = random_lora(engine.args, 4 + 4 * i, seed=i, std=0.2)
-            if modules:
-                lora = weights.payload
-                weights = replace(weights, payload=replace(
-                    lora, a={k: v for k, v in lora.a.items() if k[1] in modules},
-                    b={k: v for k, v in lora.b.items() if k[1] in modules}))
-            engine.pool.register(f"l{i}", weights)
+        for name, source in sources.items():
+            engine.pool.register(name, source)
         engine.start()
         try:
             params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-            names = ["l0", None, "l1", "l2", "l0", None]
             handles = [engine.submit(GenerationRequest(f"r{i}", tuple(range(3 + i, 12 + i)), params, adapter=a))
                        for i, a in enumerate(names)]
             return [collect(h).token_ids for h in handles]
         finally:
             engine.shutdown()
 
-    calls = []
+    seen: list[bool] = []
     real = lora_kind.projection_group
-    monkeypatch.setattr(lora_kind, "projection_group", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lora_kind, "projection_group", lambda *a: seen.append(saw_call(a)) or real(*a))
     for quantize in (False, True):
-        calls.clear()
+        seen.clear()
         fused = run(quantize)
-        assert calls, "the fused path never ran"
+        assert any(seen), f"quantize={quantize}: the one call never ran (as the test needs it)"
         with monkeypatch.context() as m:
             m.setattr(lora_kind.LoraStep, "project_with_base", lambda self, *a: None)
             assert run(quantize) == fused, f"quantize={quantize}"
+
+
+def test_engine_steps_equal_the_two_call_path(tiny_llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of base and LoRA sequences (all seven projections, q/v only, k/o/up/down: groups with and without
+    tables) decodes the same tokens through the fused path as with it switched off, and the fused path ran."""
+    from bench.workloads import random_lora
+    from server.model.args import ModelArgs
+
+    args = ModelArgs.from_dir(tiny_llama_dir)
+    sources = {}
+    for i, modules in enumerate([None, ["q_proj", "v_proj"], ["k_proj", "o_proj", "up_proj", "down_proj"]]):
+        weights = random_lora(args, 4 + 4 * i, seed=i, std=0.2)
+        if modules:
+            lora = weights.payload
+            weights = replace(weights, payload=replace(
+                lora, a={k: v for k, v in lora.a.items() if k[1] in modules},
+                b={k: v for k, v in lora.b.items() if k[1] in modules}))
+        sources[f"l{i}"] = weights
+    _fused_equals_path_off(monkeypatch, tiny_llama_dir, sources, ["l0", None, "l1", "l2", "l0", None],
+                           lambda call: True)
 
 
 def test_base_layers_tile_spec_follows_their_weights() -> None:
@@ -267,41 +280,10 @@ def test_engine_dora_steps_equal_the_two_call_path(tiny_llama_dir, tmp_path, mon
                                                     ) -> None:
     """DoRA sequences (PEFT-made adapters on q/v and on every projection) beside base ones decode the same tokens with
     the gain folded into the one call as through the two calls and DoRA's finish, and the call got the gains."""
-    from server.adapters.kinds import lora as lora_kind
-    from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
-    from server.engine.engine import Engine
-    from server.engine.request import GenerationRequest, SamplingParams
-    from tests.engine_utils import collect
     from tests.kinds_adapters import make_dora_adapter
 
     all_seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    paths = [make_dora_adapter(tiny_llama_dir, tmp_path / f"d{i}", rank=4, alpha=8.0, targets=t, seed=i)
-             for i, t in enumerate((["q_proj", "v_proj"], all_seven))]
-
-    def run(quantize: bool) -> list[list[int]]:
-        engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=quantize), EngineConfig(),
-                               AdapterPoolConfig(device_slots=4, max_lora_rank=16))
-        for i, path in enumerate(paths):
-            engine.pool.register(f"d{i}", path)
-        engine.start()
-        try:
-            params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-            names = ["d0", None, "d1", "d1", None, "d0"]
-            handles = [engine.submit(GenerationRequest(f"r{i}", tuple(range(3 + i, 12 + i)), params, adapter=a))
-                       for i, a in enumerate(names)]
-            return [collect(h).token_ids for h in handles]
-        finally:
-            engine.shutdown()
-
-    gains_seen = []
-    real = lora_kind.projection_group
-    monkeypatch.setattr(lora_kind, "projection_group",
-                        lambda *a: gains_seen.append(a[-1] is not None and any(g is not None for g in a[-1]))
-                        or real(*a))
-    for quantize in (False, True):
-        gains_seen.clear()
-        fused = run(quantize)
-        assert any(gains_seen), "the one call never got DoRA's gains"
-        with monkeypatch.context() as m:
-            m.setattr(lora_kind.LoraStep, "project_with_base", lambda self, *a: None)
-            assert run(quantize) == fused, f"quantize={quantize}"
+    sources = {f"d{i}": make_dora_adapter(tiny_llama_dir, tmp_path / f"d{i}", rank=4, alpha=8.0, targets=t, seed=i)
+               for i, t in enumerate((["q_proj", "v_proj"], all_seven))}
+    _fused_equals_path_off(monkeypatch, tiny_llama_dir, sources, ["d0", None, "d1", "d1", None, "d0"],
+                           lambda call: call[-1] is not None and any(g is not None for g in call[-1]))
