@@ -35,14 +35,20 @@ def _rows(x: torch.Tensor) -> bool:
     return x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda and x.stride(1) == 1
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last axis, computed in fp32 and returned in x's dtype (RMSNorm before
+    its weight; LongLoRA multiplies in a weight per token)."""
+    if x.dtype == torch.float32:  # the same math in one fused op
+        return F.rms_norm(x, (x.shape[-1],), None, eps)
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 as transformers' LlamaRMSNorm does."""
-    dtype = x.dtype
-    if dtype == torch.float32 and weight.dtype == torch.float32:  # the same math in one fused op
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the same math in one fused op
         return F.rms_norm(x, weight.shape, weight, eps)
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    return weight * rms_normalize(x, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -84,8 +84,8 @@ def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan,
         lora[i] = fields[:8]
     if any(b.n_in != x.shape[1] for b in bases):
         return None
-    gain_fields = [_gain_fields(g, b.n_out, scales.shape[0]) for g, b in zip(gains or [None] * len(bases), bases,
-                                                                             strict=True)]
+    gains = gains or [None] * len(bases)
+    gain_fields = [_gain_fields(g, b.n_out, scales.shape[0]) for g, b in zip(gains, bases, strict=True)]
     if None in gain_fields:
         return None
     ys = [torch.empty(n, b.n_out, dtype=torch.float32) for b in bases]

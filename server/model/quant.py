@@ -15,6 +15,7 @@ run a dense matmul in the compute dtype (exact with respect to the stored NF4 we
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,15 @@ def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
+def _cached_tile_spec(layer: nn.Module, where: object, make: Callable[[], BaseSpec | None]) -> BaseSpec | None:
+    """layer's tile spec, made again (make()) only when its weights' storage `where` moved since the last one."""
+    cached = getattr(layer, "_tile_spec", None)
+    if cached is None or cached[0] != where:
+        cached = (where, make())
+        layer._tile_spec = cached
+    return cached[1]
+
+
 def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through kernels/linear.py's dense kernel for decode-sized CPU calls (every dense
     base projection and the LM head)."""
@@ -70,11 +80,8 @@ class DenseLinear(nn.Module):
         """This layer as kernels.projection's tiles read it (the same math as forward on a decode-sized fp32 CPU
         call), or None (a bias, another dtype or device). Kept while the weight stays where it is (loading moves
         it once, into the weights arena)."""
-        cached = getattr(self, "_tile_spec", None)
-        if cached is None or cached[0] != self.weight.data_ptr():
-            cached = (self.weight.data_ptr(), None if self.bias is not None else dense_spec(self.weight))
-            self._tile_spec = cached
-        return cached[1]
+        return _cached_tile_spec(self, self.weight.data_ptr(),
+                                 lambda: None if self.bias is not None else dense_spec(self.weight))
 
 
 class NF4Linear(nn.Module):
@@ -114,14 +121,14 @@ class NF4Linear(nn.Module):
     def tile_spec(self) -> BaseSpec | None:
         """As DenseLinear.tile_spec: the NF4 codes for the fused kernel's tiles, or None (bias, dtype, device)."""
         state = self.quant_state
-        where = (self.packed.data_ptr(), state.absmax.data_ptr())
-        cached = getattr(self, "_tile_spec", None)
-        if cached is None or cached[0] != where:
-            usable = self.bias is None and self.compute_dtype == torch.float32 and not self.packed.is_cuda
-            cached = (where, nf4_spec(self.packed, state.absmax, state.code, state.blocksize, self.out_features,
-                                      self.in_features) if usable else None)
-            self._tile_spec = cached
-        return cached[1]
+
+        def make() -> BaseSpec | None:
+            if self.bias is not None or self.compute_dtype != torch.float32 or self.packed.is_cuda:
+                return None
+            return nf4_spec(self.packed, state.absmax, state.code, state.blocksize, self.out_features,
+                            self.in_features)
+
+        return _cached_tile_spec(self, (self.packed.data_ptr(), state.absmax.data_ptr()), make)
 
     def nbytes(self) -> int:
         state = self.quant_state

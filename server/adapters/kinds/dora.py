@@ -120,7 +120,6 @@ class DoraStep(LoraStep):
         shift = tables.shift.get(module)
         return y if shift is None else y.add_(shift[layer].index_select(0, self.rows))
 
-
     def fused_gains(self, layer: int, modules: tuple[str, ...]) -> list[torch.Tensor | None] | None:
         """The gain rows of this layer for the one compiled call (fp32 tables of unbiased layers; a shift, or
         bf16 tables, keep finish())."""

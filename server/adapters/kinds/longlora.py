@@ -31,9 +31,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels import build_lora_meta
+from kernels.pointwise import rms_normalize
 from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
@@ -189,11 +189,7 @@ class LongLoraStep(LoraStep):
         mine = self.mine if rows is None else self.mine[rows]
         # [n, hidden]; index_select copies rows (advanced indexing over the 3-d table took ~3x longer)
         weight = self.tables.norm[:, norm_index(self.tables.args, layer, name)].index_select(0, slot_rows)
-        if x.dtype == torch.float32:  # the same math in one fused op (rms_norm_reference's fp32 case)
-            h = F.rms_norm(x, (x.shape[-1],), None, self.eps)
-        else:
-            h = x.float()
-            h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        h = rms_normalize(x, self.eps)
         if rows is None and self.all_mine:  # every token is this kind's: no base row to keep
             return weight * h
         return torch.where(mine[:, None], weight * h, y)
