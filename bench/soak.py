@@ -18,6 +18,7 @@ stopped, drained) no KV block held, no staging file left.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -178,11 +179,21 @@ def sample(srv, started: float, tally: Tally) -> Sample:
     import psutil
 
     proc = psutil.Process()
-    staging = srv.registry.store.root / ".staging"
-    size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.exists() else 0
+    size = tree_bytes(srv.registry.store.root / ".staging")
     s = srv.engine.stats()
     return Sample(round(time.monotonic() - started, 1), proc.memory_info().rss / 2**20, proc.num_fds(),
                   proc.num_threads(), size, s.kv_blocks_used, s.running, s.waiting, tally.total)
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of the files under root, walked while uploads create and remove their staging directories: a
+    directory or file gone before it is read counts 0 (rglob raised FileNotFoundError on one)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):  # os.walk skips a directory that vanished (and a missing root)
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def judge(report: Report, rss_slack_mb: float) -> None:

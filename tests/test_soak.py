@@ -23,3 +23,27 @@ def test_short_soak_is_flat_with_no_unexpected_status(tiny_llama_dir, tmp_path):
     assert report.end == {"kv_blocks_used": 0, "staging_bytes": 0, "running": 0, "waiting": 0}, report.end
     assert report.flat, (report.drift, [(s.rss_mb, s.fds, s.threads) for s in report.samples])
     assert (tmp_path / "soak.png").stat().st_size > 0
+
+
+def test_staging_bytes_tolerate_uploads_vanishing_mid_walk(tmp_path, monkeypatch):
+    """The sampler walks .staging while uploads remove their directories: a file gone before its stat counts 0
+    (rglob raised FileNotFoundError there once in CI), a missing root is 0."""
+    import os
+
+    from bench import soak
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "x").write_bytes(b"12345")
+    (tmp_path / "a" / "b" / "y").write_bytes(b"123")
+    (tmp_path / "gone").write_bytes(b"1234567")
+    assert soak.tree_bytes(tmp_path) == 15
+    assert soak.tree_bytes(tmp_path / "missing") == 0
+    real_stat = os.stat
+
+    def stat(path, *a, **kw):
+        if str(path).endswith("gone"):
+            raise FileNotFoundError(path)
+        return real_stat(path, *a, **kw)
+
+    monkeypatch.setattr(soak.os, "stat", stat)
+    assert soak.tree_bytes(tmp_path) == 8
