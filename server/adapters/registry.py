@@ -53,7 +53,7 @@ class AdapterInfo:
     tenant: str
     version: int  # the newest
     versions: tuple[int, ...]
-    kind: str  # LORA | PROMPT_TUNING | P_TUNING | PREFIX_TUNING | IA3
+    kind: str  # the adapter kind's name (server/adapters/kinds: LORA, DORA, IA3, BOTTLENECK, ...)
     rank: int  # LoRA rank; 0 for other kinds
     target_modules: tuple[str, ...]
     size_bytes: int  # files of the newest version

@@ -1,4 +1,5 @@
-"""Offline adapter trainer: LoRA, QLoRA, prompt tuning, P-tuning, prefix tuning and IA3, written as PEFT dirs.
+"""Offline adapter trainer: one method per served kind (server/trainer/methods.py lists them), written as PEFT
+(or AdapterHub, for bottleneck adapters) directories.
 
 Entry points: `python -m server.trainer ...` and `python -m server train ...` (server/trainer/cli.py).
 """

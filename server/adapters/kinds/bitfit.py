@@ -46,12 +46,6 @@ class BitFitWeights:
         return tuple(sorted({m for _, m in self.biases}))
 
 
-def bias_key(layer: int, module: str) -> str:
-    """The safetensors key of one bias vector (the base model's parameter name)."""
-    parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"model.layers.{layer}.{parent}.{module}.bias"
-
-
 class BitFitTables(SlotTables):
     def __init__(self, args: ModelArgs, num_slots: int, dtype: torch.dtype, device: str) -> None:
         self.args, self.num_slots, self.dtype, self.device = args, num_slots, dtype, device
