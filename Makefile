@@ -3,7 +3,7 @@
 #                OpenAI-compatible HTTP API on $(HOST):$(HTTP_PORT), metrics on $(METRICS_PORT); prints how to call it
 #   make test    install into .venv, then run the whole test suite (what CI runs)
 # make serve is the same as make run; make generate runs one prompt through the engine without a server
-# (PROMPT=...); make bench runs the engine throughput benchmark (the others: bench/*.py, see bench/RESULTS.md).
+# (PROMPT=...); make bench runs the engine throughput benchmark (the suites: `python -m bench`, see bench/RESULTS.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -45,7 +45,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) bench/engine_throughput.py
+	$(PY) -m bench.engine_throughput
 
 clean:
 	rm -rf $(VENV) switchboard .pytest_cache

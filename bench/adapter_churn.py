@@ -1,6 +1,6 @@
 """Adapter churn: many stored adapters, few device slots; how long does the step loop stall while they load?
 
-    .venv/bin/python bench/adapter_churn.py [--adapters 1000] [--slots 8] [--cycle 200] [--requests 400]
+    .venv/bin/python -m bench.adapter_churn [--adapters 1000] [--slots 8] [--cycle 200] [--requests 400]
         [--concurrency 16] [--new-tokens 4] [--model DIR] [--device cpu|cuda]
 
 The store is filled with --adapters LoRA adapters (PEFT-made, 10 distinct contents copied; rank 8 on
@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.adapters.registry import open_registry  # noqa: E402
-from server.adapters.store import AdapterStore  # noqa: E402
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
+from server.adapters.registry import open_registry
+from server.adapters.store import AdapterStore
+from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, SamplingParams
 
 
 def fill_store(root: Path, model_dir: Path, n: int, contents: int = 10) -> None:
@@ -44,7 +40,7 @@ def fill_store(root: Path, model_dir: Path, n: int, contents: int = 10) -> None:
     clone_store(store, "bench", n, contents)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--slots", type=int, default=8)
@@ -54,7 +50,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="adapter-churn-"))
     try:
         model_dir = args.model

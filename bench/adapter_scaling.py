@@ -27,12 +27,9 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.load_run import Workload, run_load, warm_up  # noqa: E402
-from bench.peft_peers import make_lora_adapters  # noqa: E402
-from bench.stats import format_summary  # noqa: E402
+from bench.load_run import Workload, run_load, warm_up
+from bench.peft_peers import make_lora_adapters
+from bench.stats import format_summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.peft_peers import (  # noqa: E402
+from bench.peft_peers import (
     BenchRequest,
     PeerResult,
     base_batched,
@@ -48,7 +45,7 @@ from bench.peft_peers import (  # noqa: E402
     peft_mixed_batches,
     peft_one_at_a_time,
 )
-from bench.workloads import sample_adapter_ids  # noqa: E402
+from bench.workloads import sample_adapter_ids
 
 
 def make_requests(tokenizer, n: int, adapters: list[str], prompt_len: int, popularity: str,

@@ -1,6 +1,6 @@
 """Engine throughput on the default model: ours at 1 / 8 / 32 concurrent sequences vs transformers generate.
 
-    .venv/bin/python bench/engine_throughput.py [--new-tokens 32] [--prompt-len 32] [--out bench/RESULTS.md]
+    .venv/bin/python -m bench.engine_throughput [--new-tokens 32] [--prompt-len 32] [--out bench/RESULTS.md]
 
 Every request generates exactly --new-tokens tokens (EOS ignored) from a --prompt-len token prompt.
 Peers, in the same run: transformers `generate` one request at a time, and batched with left padding.
@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.config import EngineConfig, ModelConfig  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
-from server.model.checkpoint import resolve_model_dir  # noqa: E402
+from server.config import EngineConfig, ModelConfig
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, SamplingParams
+from server.model.checkpoint import resolve_model_dir
 
 
 def make_prompts(tokenizer, n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
@@ -55,14 +52,14 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, batch: int, pa
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--hf-single-requests", type=int, default=4)
     ap.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[tuple[str, float]] = []
     for quantize in (True, False):
@@ -91,7 +88,7 @@ def main() -> None:
     table = [
         f"### Engine throughput ({dt.date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, CPU)",
         "",
-        f"`.venv/bin/python bench/engine_throughput.py --new-tokens {args.new_tokens} --prompt-len {args.prompt_len}`"
+        f"`.venv/bin/python -m bench.engine_throughput --new-tokens {args.new_tokens} --prompt-len {args.prompt_len}`"
         " (SmolLM2-135M-Instruct, greedy, EOS ignored)",
         "",
         "| setup | tokens/s |",

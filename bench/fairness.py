@@ -1,6 +1,6 @@
 """Fair scheduling across tenants: FCFS vs VTC on the same workloads, in the same run.
 
-    .venv/bin/python bench/fairness.py [--model DIR] [--steps 400] [--out bench/results/fairness]
+    .venv/bin/python -m bench.fairness [--model DIR] [--steps 400] [--out bench/results/fairness]
 
 The engine is driven step by step (bench/fair_drive.py: arrivals in requests per engine step, so every
 run sees the same arrivals), on a tiny random Llama by default (what matters is the schedule, not the
@@ -22,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.fair_drive import Shape, TenantLoad, Trace, drive, vtc_bound  # noqa: E402
-from bench.stats import percentiles  # noqa: E402
-from server.config import EngineConfig, ModelConfig  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
+from bench.fair_drive import Shape, TenantLoad, Trace, drive, vtc_bound
+from bench.stats import percentiles
+from server.config import EngineConfig, ModelConfig
+from server.engine.engine import Engine
 
 SHAPE = Shape(prompt_len=(4, 24), new_tokens=(4, 16))
 MAX_RUNNING = 16  # capacity: about 1.5 requests per step with these shapes

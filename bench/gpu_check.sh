@@ -24,4 +24,4 @@ fi
 # compiled Triton kernels against the torch reference, and the mixed-adapter batch against PEFT on CUDA
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" -o addopts="" -rs \
   tests/test_kernels.py tests/test_adapter_parity.py tests/test_paged_attention.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
-timeout 180 "$PY" bench/gpu_llama7b.py 2>&1 | tail -60 | tee "$OUT/gpu_llama7b.txt"
+timeout 180 "$PY" -m bench.gpu_llama7b 2>&1 | tail -60 | tee "$OUT/gpu_llama7b.txt"

@@ -32,10 +32,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
+from bench.workloads import random_lora, sample_adapter_ids
 
 POPULARITIES = ("distinct", "uniform", "zipf:1.5", "identical")
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -19,10 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import load_test  # noqa: E402
+from bench import load_test
 
 DEFAULT_WORKLOAD = ["--adapters", "32", "--adapter-rank", "16", "--num-requests", "64", "--prompt-len", "fixed:32",
                     "--output-len", "fixed:32", "--concurrency", "32", "--popularity", "distinct", "--warmup", "4",

@@ -1,6 +1,6 @@
 """LoRA kernel benchmark: shrink+expand time, and the decode step with 32 LoRA adapters vs the base model.
 
-    .venv/bin/python bench/kernels.py [--repeats 20] [--rounds 3] [--threads N] [--skip-ops] [--skip-engine] [--nf4]
+    .venv/bin/python -m bench.kernels [--repeats 20] [--rounds 3] [--threads N] [--skip-ops] [--skip-engine] [--nf4]
                                       [--lora-dtype auto|float32|bfloat16] [--out FILE]
 
 Part 1 (op level): tokens x hidden 576 -> out 1536 (SmolLM2's gate_proj), rank 16, 32 adapters, popularity
@@ -28,14 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.decode_step import interleaved  # noqa: E402
-from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
-from kernels import lora_apply, lora_expand, lora_shrink  # noqa: E402
-from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many  # noqa: E402
-from kernels.meta import build_lora_meta  # noqa: E402
-from kernels.reference import expand_reference, shrink_reference  # noqa: E402
+from bench.decode_step import interleaved
+from bench.workloads import random_lora, sample_adapter_ids
+from kernels import lora_apply, lora_expand, lora_shrink
+from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many
+from kernels.meta import build_lora_meta
+from kernels.reference import expand_reference, shrink_reference
 
 
 def timed(fn, repeats: int) -> float:
@@ -162,12 +160,11 @@ def step_rows(repeats: int, layers: int = 30, rank: int = 16, n_adapters: int = 
 
 
 def attention_rows(repeats: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, block_size: int = 16):
-    """One layer's attention (SmolLM2-135M's heads) over the paged cache: the new kernel vs today's padded gather."""
-    from bench.attention_today import padded_gather_attention
-    from kernels.attention import build_paged_attention_meta, paged_attention
+    """One layer's attention (SmolLM2-135M's heads) over the paged cache: the compiled kernel vs the torch reference."""
+    from kernels.attention import build_paged_attention_meta, paged_attention, paged_attention_reference
 
     yield (f"| attention, one layer ({heads} heads, {kv_heads} kv heads, dim {dim}, block {block_size}), "
-           f"{torch.get_num_threads()} threads | paged kernel (ms) | K/V GB/s | today's padded gather (ms) | ratio |")
+           f"{torch.get_num_threads()} threads | paged kernel (ms) | K/V GB/s | torch reference (ms) | ratio |")
     yield "|---|---:|---:|---:|---:|"
     cases = [("decode 32 x 512", [(1, 512)] * 32), ("decode 32 x 2048", [(1, 2048)] * 32),
              ("decode 8 x 4096", [(1, 4096)] * 8), ("decode 1 x 4096 + 31 x 64", [(1, 4096)] + [(1, 64)] * 31),
@@ -186,7 +183,7 @@ def attention_rows(repeats: int, heads: int = 9, kv_heads: int = 3, dim: int = 6
         q = torch.randn(sum(q for q, _ in seqs), heads, dim, generator=g)
         meta = build_paged_attention_meta([q for q, _ in seqs], [c for _, c in seqs], tables, block_size)
         t_new = timed(lambda q=q, k=k_cache, v=v_cache, meta=meta: paged_attention(q, k, v, meta, dim**-0.5), repeats)
-        t_old = timed(lambda q=q, k=k_cache, v=v_cache, meta=meta: padded_gather_attention(q, k, v, meta, dim**-0.5),
+        t_old = timed(lambda q=q, k=k_cache, v=v_cache, meta=meta: paged_attention_reference(q, k, v, meta, dim**-0.5),
                       max(1, repeats // 4))
         kv_bytes = 2 * sum(c for _, c in seqs) * kv_heads * dim * 4
         yield (f"| {label} | {t_new * 1e3:.2f} | {kv_bytes / t_new / 1e9:.1f} | {t_old * 1e3:.2f} | "
@@ -238,7 +235,7 @@ def engine_rows(repeats: int, rounds: int, quantize: bool, lora_dtype: str = "au
         yield f"| ratio LoRA as two calls / base | {ratios} |"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
@@ -253,12 +250,12 @@ def main() -> None:
     ap.add_argument("--no-two-calls", action="store_true",
                     help="engine part: skip the row with the fused base + LoRA call switched off")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = "Triton SGMV" if args.device.startswith("cuda") else "the compiled CPU kernel"
     title = f"### LoRA kernels ({dt.date.today()}, {args.device}, {torch.get_num_threads()} threads; ours = {path})"
-    lines = [title, "", f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", ""]
+    lines = [title, "", f"`python -m bench.kernels {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
     print("\n".join(lines), flush=True)
     parts = [] if args.skip_ops else [op_rows(args.device, args.repeats)]
     if not args.skip_ops and not args.device.startswith("cuda"):

@@ -1,6 +1,6 @@
 """Decode-step cost of the adapter kinds of issue 14: 32 sequences on 32 distinct adapters of one kind vs base.
 
-    .venv/bin/python bench/kinds.py [--repeats 12] [--rounds 3] [--threads N] [--nf4] [--kinds lora dora ...]
+    .venv/bin/python -m bench.kinds [--repeats 12] [--rounds 3] [--threads N] [--nf4] [--kinds lora dora ...]
                                     [--out FILE]
 
 Default model (fp32 dense, or NF4 with --nf4), 32 sequences of 32 prompt tokens, pure decode steps timed (median
@@ -31,10 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.decode_step import interleaved  # noqa: E402
-from server.model.args import PROJECTIONS, ModelArgs  # noqa: E402
+from bench.decode_step import interleaved
+from server.model.args import PROJECTIONS, ModelArgs
 
 KINDS = ("lora", "dora", "bitfit", "houlsby", "pfeiffer", "longlora", "longlora-embed")
 _PARENT = {m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for m in PROJECTIONS}
@@ -132,7 +130,7 @@ def rows(kinds: list[str], steps: int, rounds: int, quantize: bool, max_lora_ran
             gc.collect()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=12, help="timed decode steps per variant (base, kind)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved blocks per variant the steps are split into")
@@ -141,11 +139,11 @@ def main() -> None:
     ap.add_argument("--max-lora-rank", type=int, default=64, help="the pool's LoRA rank bound (tables pad to it)")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = [f"### Adapter kinds, decode step ({dt.date.today()})", "",
-             f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", ""]
+             f"`python -m bench.kinds {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
     print("\n".join(lines), flush=True)
     for row in rows(args.kinds, args.repeats, args.rounds, args.nf4, args.max_lora_rank):
         print(row, flush=True)

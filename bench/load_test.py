@@ -26,13 +26,10 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the checkout importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.arrivals import ARRIVAL_KINDS  # noqa: E402
-from bench.load_run import Workload, run_load, warm_up  # noqa: E402
-from bench.stats import SLO, format_summary  # noqa: E402
-from bench.workloads import POPULARITY_KINDS  # noqa: E402
+from bench.arrivals import ARRIVAL_KINDS
+from bench.load_run import Workload, run_load, warm_up
+from bench.stats import SLO, format_summary
+from bench.workloads import POPULARITY_KINDS
 
 
 def parse_list(text: str, cast) -> list:

@@ -1,6 +1,6 @@
 """Long contexts: our engine vs transformers batched `generate`, TTFT and decode speed per prompt length.
 
-    .venv/bin/python bench/long_context.py [--lengths 64,512,2048,4096] [--batch 8] [--new-tokens 32]
+    .venv/bin/python -m bench.long_context [--lengths 64,512,2048,4096] [--batch 8] [--new-tokens 32]
         [--quantize] [--threads N] [--skip-mixed] [--out bench/RESULTS.md] [--plot bench/results/long_context.png]
 
 Part 1: --batch sequences of L prompt tokens + --new-tokens new ones (greedy, EOS ignored), for each L, on
@@ -29,9 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine_throughput import make_prompts  # noqa: E402
+from bench.engine_throughput import make_prompts
 
 
 @dataclass
@@ -125,7 +123,7 @@ def theirs(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> Run
     return RunTimes([list(streamer.steps) for _ in prompts], seconds)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="64,512,2048,4096")
     ap.add_argument("--batch", type=int, default=8)
@@ -137,7 +135,7 @@ def main() -> None:
     ap.add_argument("--mixed-short", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -161,7 +159,7 @@ def main() -> None:
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     lines = [f"### Long contexts ({dt.date.today()}, CPU, {torch.get_num_threads()} threads, ours {mode}, "
              f"transformers fp32; load average before: {load})", "",
-             f"`.venv/bin/python bench/long_context.py {' '.join(sys.argv[1:])}`", "",
+             f"`python -m bench.long_context {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              "| prompt | ours TTFT p50 s | ours TTFT all s | theirs TTFT s | ours decode tok/s | "
              f"theirs decode tok/s | ours tok/s | theirs tok/s | ours/theirs | ({args.batch} sequences, "
              f"{args.new_tokens} new tokens each) |",

@@ -1,6 +1,6 @@
 """LongLoRA training: S2-Attn vs full attention at the same extended length (memory, time per step, held-out loss).
 
-    .venv/bin/python bench/longlora.py [--model DIR] [--length 2048] [--rope-factor 2] [--steps 20] [--modes s2 full]
+    .venv/bin/python -m bench.longlora [--model DIR] [--length 2048] [--rope-factor 2] [--steps 20] [--modes s2 full]
                                        [--lr 1e-3] [--embed-norm-lr X] [--threads N] [--device cpu|cuda] [--out FILE]
 
 Each attention mode trains in its own process (so its peak memory is its own) the same LongLoRA adapter
@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.model.checkpoint import resolve_model_dir  # noqa: E402
-from server.trainer.base import load_base, load_tokenizer  # noqa: E402
-from server.trainer.longlora import attach_longlora  # noqa: E402
-from server.trainer.methods import method_defaults  # noqa: E402
-from server.trainer.optim import SAVED_MODULE_MARK  # noqa: E402
-from server.trainer.tasks import task_splits  # noqa: E402
+from server.model.checkpoint import resolve_model_dir
+from server.trainer.base import load_base, load_tokenizer
+from server.trainer.longlora import attach_longlora
+from server.trainer.methods import method_defaults
+from server.trainer.optim import SAVED_MODULE_MARK
+from server.trainer.tasks import task_splits
 
 
 def streams(tokenizer, length: int, n_train: int, n_test: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -93,7 +91,7 @@ def run_mode(args) -> dict:
             "held_out_loss": statistics.mean(held), "load_1min": os.getloadavg()[0]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded SmolLM2-135M)")
     ap.add_argument("--length", type=int, default=2048, help="training sequence length (tokens)")
@@ -110,21 +108,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mode", choices=["s2", "full"], help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode:
         print(json.dumps(run_mode(args)), flush=True)
         return
-    child = [a for a in sys.argv[1:] if a]
+    child = [a for a in (sys.argv[1:] if argv is None else argv) if a]
     results = []
     for mode in args.modes:
-        out = subprocess.run([sys.executable, __file__, *child, "--mode", mode], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run([sys.executable, "-m", "bench.longlora", *child, "--mode", mode], check=True,
+                             capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"  {mode}: {results[-1]}", flush=True)
     lines = [f"### LongLoRA training, S2-Attn vs full attention ({dt.date.today()})", "",
-             f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
+             f"`python -m bench.longlora {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              f"| {args.length} tokens, RoPE x{args.rope_factor:g}, {args.steps} steps, {args.device}, "
              f"{torch.get_num_threads()} threads | step wall s | step CPU s | peak MiB | loss first -> last "
              f"| held-out loss (full attention) | load (1 min) at end |", "|---|---:|---:|---:|---|---:|---:|"]

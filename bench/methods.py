@@ -1,6 +1,6 @@
 """In-context learning vs parameter-efficient tuning on a shipped task, with the default model.
 
-    .venv/bin/python bench/methods.py [--task topic] [--methods lora qlora prompt p_tuning prefix ia3 dora bitfit
+    .venv/bin/python -m bench.methods [--task topic] [--methods lora qlora prompt p_tuning prefix ia3 dora bitfit
                                       bottleneck longlora]
                                       [--k 4] [--orderings 4] [--threads 1] [--out bench/RESULTS.md]
 
@@ -26,15 +26,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.model.checkpoint import resolve_model_dir  # noqa: E402
-from server.trainer.base import load_base, load_tokenizer  # noqa: E402
-from server.trainer.config import TrainConfig  # noqa: E402
-from server.trainer.data import Example  # noqa: E402
-from server.trainer.evaluate import engine_greedy, evaluate, max_new_tokens_for  # noqa: E402
-from server.trainer.loop import load_splits, train  # noqa: E402
-from server.trainer.methods import ALL_METHODS as METHODS  # noqa: E402  (PEFT's + dora, bitfit, bottleneck, longlora)
+from server.model.checkpoint import resolve_model_dir
+from server.trainer.base import load_base, load_tokenizer
+from server.trainer.config import TrainConfig
+from server.trainer.data import Example
+from server.trainer.evaluate import engine_greedy, evaluate, max_new_tokens_for
+from server.trainer.loop import load_splits, train
+from server.trainer.methods import ALL_METHODS as METHODS  # (PEFT's + dora, bitfit, bottleneck, longlora)
 
 
 def shot_ids(e: Example, eos_id: int, sep: list[int]) -> list[int]:
@@ -130,7 +128,7 @@ def table(res: dict, args) -> str:
     return "\n".join(lines) + f"\n\n({n} held-out rows of task `{args.task}`; training rows: {args.n_train})\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="topic")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -145,7 +143,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None, help="JSON of finished rows (default: work-dir/results.json)")
     p.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     cache = args.cache or args.work_dir / "results.json"
@@ -180,7 +178,7 @@ def main() -> None:
     print(out)
     print(f"(bench wall time this run: {time.perf_counter() - started:.0f}s)")
     if args.out:
-        cmd = "bench/methods.py " + " ".join(sys.argv[1:])
+        cmd = "python -m bench.methods " + " ".join(sys.argv[1:] if argv is None else argv)
         header = (f"\n## Adapter methods vs in-context learning (issue 6), {dt.date.today()}, "
                   f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), cores shared with other jobs\n\n"
                   f"`.venv/bin/python {cmd}`\n\n")

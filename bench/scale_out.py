@@ -1,7 +1,7 @@
 """Scale-out on Ray Serve: 1 vs 2 engine replicas measured, and affinity routing at scale simulated.
 
-    .venv/bin/python bench/scale_out.py            # both parts (default model, NF4, CPU)
-    .venv/bin/python bench/scale_out.py --sim-only # only the simulation (seconds)
+    .venv/bin/python -m bench.scale_out            # both parts (default model, NF4, CPU)
+    .venv/bin/python -m bench.scale_out --sim-only # only the simulation (seconds)
 
 Part 1 (measured): for 1 and 2 replicas (--replicas-list), the Ray Serve application (server/scale) on a local
 Ray instance, one torch thread and one CPU per replica; --adapters LoRA adapters (PEFT-made, rank 8) uploaded
@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from bench.stats import percentiles  # noqa: E402
-from server.scale.affinity_sim import simulate  # noqa: E402
+from bench.stats import percentiles
+from server.scale.affinity_sim import simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["Name three colors.", "Write a haiku about a switchboard.", "What is the capital of France?",
@@ -127,7 +124,7 @@ def plot(sim: dict, out: Path) -> Path:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF dir (default: the embedded SmolLM2-135M)")
     p.add_argument("--no-quantize", action="store_true")
@@ -143,7 +140,7 @@ def main() -> None:
     p.add_argument("--sim-adapters", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000])
     p.add_argument("--sim-replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--out", default="scale_out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report: dict = {}
     if not args.sim_only:

@@ -32,9 +32,6 @@ from pathlib import Path
 
 import grpc
 
-if __package__ in (None, ""):  # run as a script: make the checkout importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 OK, CANCELLED, DEADLINE = "OK", "CANCELLED", "DEADLINE_EXCEEDED"
 BAD_REQUESTS = [  # (what, generate kwargs, the status it must get)
     ("NaN temperature", {"token_ids": [5, 6], "temperature": float("nan")}, "INVALID_ARGUMENT"),

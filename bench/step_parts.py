@@ -1,6 +1,6 @@
 """Where a decode step's time goes: one engine's pure decode steps of 32 sequences, split into their parts.
 
-    .venv/bin/python bench/step_parts.py [--threads 2] [--nf4] [--steps 12] [--rounds 3] [--no-lora]
+    .venv/bin/python -m bench.step_parts [--threads 2] [--nf4] [--steps 12] [--rounds 3] [--no-lora]
                                          [--torch-pointwise] [--json FILE]
 
 Default model (fp32 dense, or NF4 with --nf4), 32 sequences of 32 prompt tokens, the base model and 32 distinct
@@ -44,10 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.decode_step import decode_block  # noqa: E402
-from bench.workloads import random_lora  # noqa: E402
+from bench.decode_step import decode_block
+from bench.workloads import random_lora
 
 GROUPS = {"q_proj": "q/k/v matmul", "k_proj": "q/k/v matmul", "v_proj": "q/k/v matmul", "o_proj": "o matmul",
           "gate_proj": "gate/up matmul", "up_proj": "gate/up matmul", "down_proj": "down matmul"}
@@ -204,7 +202,7 @@ def report(results: dict[str, dict], args, rows: int) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--nf4", action="store_true", help="the NF4 base (default: fp32 dense)")
@@ -214,7 +212,7 @@ def main() -> None:
     ap.add_argument("--torch-pointwise", action="store_true",
                     help="RMSNorm and rotary through their torch references (kernels/pointwise.py), as before")
     ap.add_argument("--json", type=Path, default=None)
-    cli = ap.parse_args()
+    cli = ap.parse_args(argv)
     if cli.threads:
         torch.set_num_threads(cli.threads)
     if cli.torch_pointwise:
@@ -236,7 +234,7 @@ def main() -> None:
     results = measure(engine, variants, cli.steps, cli.rounds)
     print(f"### Decode step parts ({dt.datetime.now():%Y-%m-%d %H:%M}, default model {mode}, 32 sequences, "
           f"{torch.get_num_threads()} threads, load average {start} -> {load_average()})\n")
-    print(f"`.venv/bin/python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`\n")
+    print(f"`python -m bench.step_parts {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     print("\n".join(report(results, engine.args, 32)))
     if cli.json:
         cli.json.write_text(json.dumps({"mode": mode, "threads": torch.get_num_threads(), "results": results},

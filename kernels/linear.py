@@ -7,7 +7,7 @@ thread dequantizes a tile of 16 output rows into a private L2-resident buffer an
 it, so W is read once, as 4-bit codes. fp32 activations only; anything else (another dtype, K not a
 multiple of the block size, no compiler) returns None and the caller keeps bitsandbytes' path. The dense
 kernel reads each tile of 16 weight rows in place (the first token block pulls it into cache): at up to 64 tokens
-it measured 2x torch's F.linear on this machine (bench/nf4_linear.py), whose blocking is tuned for large calls.
+it measured 2x torch's F.linear on this machine (bench/probes/nf4_linear.py), whose blocking is tuned for large calls.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import kernels
 from kernels.build import extension
 
 # Above this many tokens per call the dense matmul's blocking wins over the fused kernel's register blocks
-# (bench/nf4_linear.py, 2 threads: fused 2.1x bitsandbytes at 32 tokens, 0.96x at 128, 0.88x at 512), so
+# (bench/probes/nf4_linear.py, 2 threads: fused 2.1x bitsandbytes at 32 tokens, 0.96x at 128, 0.88x at 512), so
 # prefill chunks keep bitsandbytes' dequantize-then-matmul.
 FUSED_MAX_TOKENS = 64
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.attention_today import padded_gather_attention
 from kernels import attention as att
 from kernels.attention import build_paged_attention_meta, paged_attention, paged_attention_reference
+from tests.padded_attention import padded_gather_attention
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}  # atol on outputs of magnitude ~1
 

@@ -6,7 +6,7 @@ with double quantization (compress_statistics) where the backend supports it. bi
 runs NF4 on CPU as well as on CUDA. On CPU with fp32 compute we run kernels/linear.py: the dequantization
 fused into the matmul, tile by tile in cache, so the weights are read as 4-bit codes and never written out
 as fp32 (measured 2x bitsandbytes' dequantize-then-matmul and faster than the dense fp32 matmul at decode
-batch sizes, up to kernels.linear.FUSED_MAX_TOKENS rows: bench/nf4_linear.py); longer calls (prefill), other
+batch sizes, up to kernels.linear.FUSED_MAX_TOKENS rows: bench/probes/nf4_linear.py); longer calls (prefill), other
 compute dtypes, or `SWITCHBOARD_KERNELS=reference`, dequantize and
 run a dense matmul in the compute dtype (exact with respect to the stored NF4 weights); on CUDA we call
 `bitsandbytes.matmul_4bit`.

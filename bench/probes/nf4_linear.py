@@ -1,7 +1,7 @@
 """Projections on CPU: NF4 through bitsandbytes' dequantize-then-matmul vs our fused kernel, and dense fp32 through
 torch's F.linear vs our dense kernel (kernels/linear.py).
 
-    .venv/bin/python bench/nf4_linear.py [--tokens 1 8 32 128 512] [--repeats 7] [--threads N]
+    .venv/bin/python -m bench.nf4_linear [--tokens 1 8 32 128 512] [--repeats 7] [--threads N]
 
 Every projection of one decode (or prefill) step of the default model's shapes (30 layers x q, k, v, o,
 gate, up, down: 106M weights), random weights quantized by bitsandbytes, M tokens of random activations.
@@ -14,29 +14,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels  # noqa: E402
-from kernels.linear import dense_linear, nf4_linear  # noqa: E402
-from server.model.quant import NF4Linear  # noqa: E402
+import kernels
+from kernels.linear import dense_linear, nf4_linear
+from server.model.quant import NF4Linear
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # [out, in]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--layers", type=int, default=30)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

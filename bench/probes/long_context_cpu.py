@@ -1,6 +1,6 @@
 """Long contexts in CPU time: our engine's steps vs transformers batched `generate`, one thread, same process.
 
-    .venv/bin/python bench/long_context_cpu.py [--length 4096] [--batch 8] [--new-tokens 32] [--budget 2048]
+    .venv/bin/python -m bench.long_context_cpu [--length 4096] [--batch 8] [--new-tokens 32] [--budget 2048]
 
 A check that survives loaded cores (bench/long_context.py wants quiet ones): torch runs on one thread, the
 engine is stepped from this thread (no step-loop thread), and both sides are timed with `time.thread_time()`,
@@ -11,24 +11,20 @@ so another job's share of the cores does not count. Prints ours / theirs in CPU 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine_throughput import make_prompts  # noqa: E402
+from bench.engine_throughput import make_prompts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--budget", type=int, default=None, help="EngineConfig.max_batch_tokens (default: its default)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 

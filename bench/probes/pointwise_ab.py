@@ -2,32 +2,28 @@
 side by side in one engine: decode steps of 32 sequences, base and 32 distinct rank-16 LoRAs, blocks alternating
 between the two paths (the order flipped every round) so that a change of load lands on both.
 
-    .venv/bin/python bench/pointwise_ab.py [--rounds 6] [--nf4] [--threads 2]
+    .venv/bin/python -m bench.pointwise_ab [--rounds 6] [--nf4] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.decode_step import decode_block  # noqa: E402
-from bench.workloads import random_lora  # noqa: E402
+from bench.decode_step import decode_block
+from bench.workloads import random_lora
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=7, help="new tokens per sequence per block (6 timed steps)")
     ap.add_argument("--nf4", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    cli = ap.parse_args()
+    cli = ap.parse_args(argv)
     torch.set_num_threads(cli.threads)
     import kernels.pointwise as pointwise
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig

@@ -17,8 +17,6 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def _engine_once(engine, ids: list[int], tokens: int) -> None:
     from server.engine.request import GenerationRequest, SamplingParams

@@ -1,8 +1,6 @@
-"""Today's model attention path, for comparisons: every context gathered into a padded [B, kv_max] batch.
-
-The same math as server/model/llama.py `Attention.forward` with the metadata of server/engine/runner.py
-`_attention_meta` (a copy, so the comparison survives the model's move to kernels/attention.py): cost grows
-with batch x longest context, whatever each sequence's own length.
+"""A second, independent attention oracle for tests/test_paged_attention.py: every context gathered into a padded
+[B, kv_max] batch and masked, the way the model computed attention before the paged kernel (kernels/attention.py).
+It shares no code with the kernel or its torch reference beyond the metadata builder.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prefill-chunk attention: the compiled paged kernel vs the flash-kernel chunk path, per (rows, past).
 
-    .venv/bin/python bench/attention_routes.py [--threads 2] [--heads 9 --kv-heads 3 --dim 64]
+    .venv/bin/python -m bench.attention_routes [--threads 2] [--heads 9 --kv-heads 3 --dim 64]
 
 One sequence's chunk of `rows` query rows over `past` earlier context entries (one layer, fp32, block size 16),
 best of 5 after a warm-up, for both routes of kernels/attention.py; the ratio kernel / flash > 1 means the flash
@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import attention as att  # noqa: E402
+from kernels import attention as att
 
 
 def best_ms(fn, repeats: int = 5) -> float:
@@ -32,7 +29,7 @@ def best_ms(fn, repeats: int = 5) -> float:
     return best * 1e3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--heads", type=int, default=9)
@@ -40,7 +37,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--rows", default="16,64,128,256,512,1024,2048")
     ap.add_argument("--pasts", default="0,512,2048")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not att.available():
