@@ -54,7 +54,7 @@ class ReadLimits:
     max_lora_rank: int
     max_virtual_tokens: int
     max_bottleneck_size: int = 64  # bottleneck adapters' width (its own limit, not the LoRA rank)
-    lora_dtype: torch.dtype | None = None  # plain LoRA's slot tables (None: the model's dtype)
+    lora_dtype: torch.dtype | None = None  # the LoRA family's A / B slot tables (None: the model's dtype)
 
 
 @dataclass(frozen=True, slots=True)
