@@ -139,8 +139,8 @@ class AdapterKind:
     def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
         """Before any tensor is read (server/adapters/validation.py): True when `key` is one of this kind's own
         tensors and `shape` fits the base; raise AdapterFormatError / BaseModelMismatch when it is its key with
-        a bad shape; False when it is not its key. The PEFT module keys (lora_A/B, ia3_l) and
-        prompt_embeddings are checked by validation itself."""
+        a bad shape; False when it is not its key (keys parsed by server/adapters/kinds/peft_keys.py). A key no
+        registered kind claims is refused."""
         return False
 
     def tensors(self, payload: object) -> list[torch.Tensor]:

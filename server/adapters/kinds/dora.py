@@ -14,19 +14,15 @@ to each lora_A / lora_B pair.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
 from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.lora_weights import DoraWeights
-from server.adapters.kinds.modules import module_tensors
+from server.adapters.kinds.peft_keys import module_key, module_shape, module_tensors
 from server.model.args import ModelArgs
 
 MAGNITUDE = "lora_magnitude_vector"
-_MAGNITUDE_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
-                            r"lora_magnitude_vector(?:\.weight)?$")
 
 
 class DoraKind(LoraKind):
@@ -65,17 +61,12 @@ class DoraKind(LoraKind):
         return DoraWeights(lora, magnitude)
 
     def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
-        """The magnitude vectors, from the safetensors header alone (lora_A / lora_B are checked as LoRA's)."""
-        m = _MAGNITUDE_KEY.match(key)
-        if m is None:
-            return False
-        layer, module = int(m[1]), m[2]
-        if layer >= args.num_layers:
-            raise BaseModelMismatch(f"tensor {key!r} addresses layer {layer}; the base has {args.num_layers} layers")
-        try:
-            _, n_out = args.projection_shape(module)
-        except KeyError:
-            raise AdapterFormatError(f"unknown target module {module!r} in {key!r}") from None
+        """The magnitude vectors, from the safetensors header alone (lora_A / lora_B: LoRA's check)."""
+        parsed = module_key(key)
+        if parsed is None or parsed.suffix != MAGNITUDE:
+            return super().check_tensor_header(key, shape, args, limits)
+        layer, module = parsed.layer, parsed.module
+        _, n_out = module_shape(key, parsed, args)
         if len(shape) != 1:
             raise AdapterFormatError(f"{MAGNITUDE} of layer {layer} {module} has shape {shape}; it must be a vector")
         if shape[0] != n_out:

@@ -22,24 +22,18 @@ and, next to lora_A / lora_B, the saved modules under PEFT's names:
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from server.adapters import validation
 from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
 from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.lora_weights import LongLoraWeights
+from server.adapters.kinds.peft_keys import EMBED_KEY, is_lora_matrix, norm_key
 from server.clip import clip
 from server.model.args import ModelArgs
 
 MAX_ROPE_FACTOR = 64.0
 SAVED_MODULES = ("embed_tokens", "input_layernorm", "post_attention_layernorm", "norm")
-EMBED_KEY = "base_model.model.model.embed_tokens.weight"
-FINAL_NORM_KEY = "base_model.model.model.norm.weight"
-_LAYER_NORM_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)"
-                             r"\.weight$")
-_LORA_KEY = re.compile(r"\.(lora_A|lora_B)(?:\.weight)?$")
 
 
 def is_longlora(cfg: dict) -> bool:
@@ -86,7 +80,7 @@ class LongLoraKind(LoraKind):
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs,
              limits: ReadLimits) -> LongLoraWeights:
         self.check_config(cfg)
-        lora_tensors = {k: t for k, t in tensors.items() if _LORA_KEY.search(k)}
+        lora_tensors = {k: t for k, t in tensors.items() if is_lora_matrix(k)}
         norms: dict[tuple[int, str], torch.Tensor] = {}
         embed = None
         for key, t in tensors.items():
@@ -96,11 +90,8 @@ class LongLoraKind(LoraKind):
                 raise AdapterFormatError(f"unexpected tensor {clip(key)} in a LongLoRA adapter")
             if key == EMBED_KEY:
                 embed = t
-            elif key == FINAL_NORM_KEY:
-                norms[(args.num_layers, "norm")] = t
             else:
-                m = _LAYER_NORM_KEY.match(key)
-                norms[(int(m[1]), m[2])] = t
+                norms[norm_key(key, args)] = t
         saved = set(cfg.get("modules_to_save") or [])
         if embed is not None and "embed_tokens" not in saved:
             raise AdapterFormatError("the adapter holds an embedding table but modules_to_save lacks embed_tokens")
@@ -113,6 +104,7 @@ class LongLoraKind(LoraKind):
         return LongLoraWeights(lora, norms, embed, rope_factor(cfg))
 
     def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """The saved embedding table and norm weights (lora_A / lora_B: LoRA's check)."""
         if key == EMBED_KEY:
             if len(shape) != 2:
                 raise AdapterFormatError(f"{key} has shape {shape}; it must be [vocab, hidden]")
@@ -120,11 +112,8 @@ class LongLoraKind(LoraKind):
                 raise BaseModelMismatch(f"{key} has shape {shape}; the base's table is "
                                         f"({args.vocab_size}, {args.hidden_size})")
             return True
-        m = _LAYER_NORM_KEY.match(key)
-        if key != FINAL_NORM_KEY and m is None:
-            return False
-        if m is not None and int(m[1]) >= args.num_layers:
-            raise BaseModelMismatch(f"tensor {key} addresses layer {m[1]}; the base has {args.num_layers} layers")
+        if norm_key(key, args) is None:
+            return super().check_tensor_header(key, shape, args, limits)
         if len(shape) != 1:
             raise AdapterFormatError(f"{key} has shape {shape}; a norm weight is a vector")
         if shape[0] != args.hidden_size:

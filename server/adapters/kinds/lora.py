@@ -23,7 +23,8 @@ from server.adapters.kinds.base import (
 from server.adapters.kinds.lora_step import LoraStep
 from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.kinds.lora_weights import LoraWeights
-from server.adapters.kinds.modules import check_served_options, module_tensors
+from server.adapters.kinds.modules import check_served_options
+from server.adapters.kinds.peft_keys import LORA_MATRICES, module_key, module_shape, module_tensors
 from server.model.args import ModelArgs
 
 __all__ = ["LoraKind", "LoraStep", "LoraTables", "LoraWeights"]
@@ -52,7 +53,7 @@ class LoraKind(AdapterKind):
         validation.check_scale("the LoRA scale lora_alpha/r", scale)
         a: dict[tuple[int, str], torch.Tensor] = {}
         b: dict[tuple[int, str], torch.Tensor] = {}
-        for (layer, module, suffix), t in module_tensors(tensors, args, ("lora_A", "lora_B")).items():
+        for (layer, module, suffix), t in module_tensors(tensors, args, LORA_MATRICES).items():
             n_in, n_out = args.projection_shape(module)
             want = (r, n_in) if suffix == "lora_A" else (n_out, r)
             if tuple(t.shape) != want:
@@ -63,6 +64,24 @@ class LoraKind(AdapterKind):
         if a.keys() != b.keys():
             raise AdapterFormatError("every lora_A needs its lora_B (and vice versa)")
         return LoraWeights(rank=r, scale=float(scale), a=a, b=b)
+
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """lora_A [r, in] / lora_B [out, r] from the safetensors header alone: 2-d, 1 <= r <= the server's maximum
+        rank, the base projection's width."""
+        parsed = module_key(key)
+        if parsed is None or parsed.suffix not in LORA_MATRICES:
+            return False
+        n_in, n_out = module_shape(key, parsed, args)
+        where = f"{parsed.suffix} of layer {parsed.layer} {parsed.module}"
+        if len(shape) != 2:
+            raise AdapterFormatError(f"{where} has shape {shape}; LoRA tensors are 2-dimensional")
+        rank, width, need = (shape[0], shape[1], n_in) if parsed.suffix == "lora_A" else (shape[1], shape[0], n_out)
+        if not 1 <= rank <= limits.max_lora_rank:
+            raise AdapterFormatError(f"{where} has rank {rank}: LoRA rank {rank} exceeds the server's maximum rank "
+                                     f"{limits.max_lora_rank} (or is 0)")
+        if width != need:
+            raise BaseModelMismatch(f"{where} has shape {shape}; the base needs {need} in that dimension")
+        return True
 
     def tensors(self, payload: LoraWeights) -> list[torch.Tensor]:
         return [*payload.a.values(), *payload.b.values()]
