@@ -16,6 +16,8 @@ temporary directory in each kind's file format, loaded by the pool):
               table left to the base: the per-token norm and RoPE cost on top of LoRA)
   longlora-embed  the same + its own embedding table (PEFT modules_to_save embed_tokens: vocab x hidden per slot,
               113 MB fp32 on SmolLM2-135M, so 32 slots hold 3.6 GB)
+  mixed       the LoRA family in one step: lora, dora and longlora adapters in turn (11 / 11 / 10 sequences),
+              one table set and one fused base + LoRA call per projection group (target: within 1.15x of base)
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from safetensors.torch import save_file
 from bench.decode_step import interleaved
 from server.model.args import PROJECTIONS, ModelArgs
 
-KINDS = ("lora", "dora", "bitfit", "houlsby", "pfeiffer", "longlora", "longlora-embed")
+KINDS = ("lora", "dora", "bitfit", "houlsby", "pfeiffer", "longlora", "longlora-embed", "mixed")
+MIXED = ("lora", "dora", "longlora")  # the kinds of the mixed row, adapter i of the step being MIXED[i % 3]
 _PARENT = {m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for m in PROJECTIONS}
 
 
@@ -119,7 +122,8 @@ def rows(kinds: list[str], steps: int, rounds: int, quantize: bool, max_lora_ran
             engine = Engine.create(ModelConfig(quantize=quantize), EngineConfig(), pool_config(max_lora_rank))
             names = []
             for i in range(32):
-                path = write_adapter(kind, engine.args, Path(tmp) / f"{row}-{kind}-{i}", seed=i)
+                file_kind = MIXED[i % len(MIXED)] if kind == "mixed" else kind
+                path = write_adapter(file_kind, engine.args, Path(tmp) / f"{row}-{kind}-{i}", seed=i)
                 engine.pool.register(f"{kind}-{i}", path)
                 names.append(f"{kind}-{i}")
             t = interleaved(engine, {"base": [None] * 32, kind: names}, steps, rounds)

@@ -203,7 +203,7 @@ def _fused_equals_path_off(monkeypatch: pytest.MonkeyPatch, model_dir, sources: 
     """The engine (model_dir, dense then NF4, `sources` registered by name) decodes the same tokens for one request
     per entry of `names` (None = base) with the one call as with it switched off, and the call ran:
     saw_call(args of each projection_group call) is True for at least one."""
-    from server.adapters.kinds import lora as lora_kind
+    from server.adapters.kinds import lora_step
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, SamplingParams
@@ -224,14 +224,14 @@ def _fused_equals_path_off(monkeypatch: pytest.MonkeyPatch, model_dir, sources: 
             engine.shutdown()
 
     seen: list[bool] = []
-    real = lora_kind.projection_group
-    monkeypatch.setattr(lora_kind, "projection_group", lambda *a: seen.append(saw_call(a)) or real(*a))
+    real = lora_step.projection_group
+    monkeypatch.setattr(lora_step, "projection_group", lambda *a: seen.append(saw_call(a)) or real(*a))
     for quantize in (False, True):
         seen.clear()
         fused = run(quantize)
         assert any(seen), f"quantize={quantize}: the one call never ran (as the test needs it)"
         with monkeypatch.context() as m:
-            m.setattr(lora_kind.LoraStep, "project_with_base", lambda self, *a: None)
+            m.setattr(lora_step.LoraStep, "project_with_base", lambda self, *a: None)
             assert run(quantize) == fused, f"quantize={quantize}"
 
 

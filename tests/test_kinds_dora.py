@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters import kinds
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
-from server.adapters.kinds.dora import DoraTables, dora_gain
+from server.adapters.kinds.lora_extras import dora_gain
+from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.peft_format import read_adapter
 from server.model.args import ModelArgs
 from tests.kinds_adapters import make_dora_adapter
@@ -72,10 +73,10 @@ def test_gain_is_magnitude_over_the_merged_row_norm() -> None:
 def test_fill_without_base_weights_is_refused(tiny_llama_dir: Path, dora_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
     weights = read_adapter(dora_dirs["dora-a"], args, 16, 32)
-    tables = DoraTables(args, 2, 16, torch.float32, "cpu")
+    tables = LoraTables(args, 2, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="base model's weights"):
         tables.fill(0, weights.payload)
-    assert tables.ranks == [0, 0]  # nothing half-filled
+    assert tables.ranks == [0, 0] and tables.dora.gain == {}  # nothing half-filled
 
 
 def _broken(src: Path, dst: Path, *, cfg: dict | None = None, drop: str | None = None,

@@ -30,7 +30,7 @@ def test_every_tensor_of_a_good_file_is_claimed_by_its_kind(tiny_llama_dir: Path
     for name, path in files.items():
         kind = kinds.by_name(name)
         for key, t in load_file(path).items():
-            if "lora_A" in key or "lora_B" in key:  # checked by the header validation itself
+            if "lora_A" in key or "lora_B" in key:  # claimed by every LoRA-family kind (tests/test_peft_keys.py)
                 continue
             assert kind.check_tensor_header(key, tuple(t.shape), args, LIMITS), (name, key)
             others = [k.name for k in kinds.registered() if k.name != name and

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
-from server.adapters.kinds.longlora import LongLoraTables
+from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.peft_format import read_adapter
 from server.model.args import ModelArgs
 from tests.longlora_adapters import make_longlora_adapter, with_linear_rope
@@ -108,10 +108,10 @@ def test_longlora_config_is_read_by_the_longlora_kind(tiny_llama_dir: Path, long
 def test_fill_without_base_weights_is_refused(tiny_llama_dir: Path, longlora_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
     weights = read_adapter(longlora_dirs["ll-all"], args, 16, 32)
-    tables = LongLoraTables(args, 2, 16, torch.float32, "cpu")
+    tables = LoraTables(args, 2, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="LongLoRA .* base model's weights"):
         tables.fill(0, weights.payload)
-    assert tables.ranks == [0, 0] and tables.norm is None  # nothing half-filled
+    assert tables.ranks == [0, 0] and tables.longlora.norm is None  # nothing half-filled
 
 
 def _broken(src: Path, dst: Path, *, cfg: dict | None = None, drop: str | None = None,

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from server.adapters.errors import AdapterRejected
 from server.adapters.kinds.lora import LoraWeights
+from server.adapters.kinds.peft_keys import adapter_key
 from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError
 from server.adapters.validation import check_finite, check_scale
 from server.adapters.weights import AdapterWeights
@@ -40,7 +41,6 @@ METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 MAX_SOURCES = 16  # a merge reads every source whole: bounded work and memory (issue 16 item 5)
 _SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")
 _NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties")
-_PARENT = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for m in PROJECTIONS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +166,8 @@ def write_peft_lora(lora: LoraWeights, out_dir: Path, *, base_model: str | None 
     out_dir.mkdir(parents=True, exist_ok=False)
     tensors = {}
     for (layer, module), a in lora.a.items():
-        stem = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
-        tensors[f"{stem}.lora_A.weight"] = a.float().contiguous()
-        tensors[f"{stem}.lora_B.weight"] = lora.b[(layer, module)].float().contiguous()
+        tensors[adapter_key(layer, module, "lora_A")] = a.float().contiguous()
+        tensors[adapter_key(layer, module, "lora_B")] = lora.b[(layer, module)].float().contiguous()
     save_file(tensors, str(out_dir / WEIGHTS_FILE))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.scale * lora.rank,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from server.adapters import kinds, validation
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch, ReadLimits
-from server.adapters.kinds.modules import WEIGHTS_FILE
+from server.adapters.kinds.peft_keys import WEIGHTS_FILE
 from server.adapters.weights import AdapterWeights
 from server.model.args import ModelArgs
 

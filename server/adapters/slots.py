@@ -1,5 +1,5 @@
-"""Preallocated, slot-indexed adapter tables on the compute device: one `SlotTables` per registered kind
-that keeps something on the device (server/adapters/kinds/).
+"""Preallocated, slot-indexed adapter tables on the compute device: one `SlotTables` per registered kind family
+that keeps something on the device (server/adapters/kinds/; LoRA, DoRA and LongLoRA share one).
 
 Loading an adapter is a copy into a slot, never a reallocation, so tensor addresses stay fixed. A slot
 holds one adapter of one kind; clearing it resets every kind's tables for that slot.
@@ -21,15 +21,20 @@ class AdapterTables:
         self.num_slots = num_slots
         self.dtype = dtype
         self.device = device
-        self.by_kind: dict[str, SlotTables] = {}  # kind name -> its tables (kinds with device state only)
+        self.by_kind: dict[str, SlotTables] = {}  # kind name -> its family's tables (kinds with device state only)
+        self.by_family: dict[str, SlotTables] = {}  # family -> its tables, made by its first registered kind
         for kind in kinds.registered():
-            tables = kind.new_tables(args, num_slots, limits, dtype, device)
-            if tables is not None:
-                self.by_kind[kind.name] = tables
+            family = kind.family_name
+            if family not in self.by_family:
+                tables = kind.new_tables(args, num_slots, limits, dtype, device)
+                if tables is None:
+                    continue
+                self.by_family[family] = tables
+            self.by_kind[kind.name] = self.by_family[family]
 
     def bind_base(self, base: BaseWeights) -> None:
         """Give every kind's tables the served model's base weights (the runner calls this once, before any fill)."""
-        for tables in self.by_kind.values():
+        for tables in self.by_family.values():
             tables.bind_base(base)
 
     def ensure(self, weights: AdapterWeights) -> None:
@@ -47,10 +52,10 @@ class AdapterTables:
             return weights
         pin = str(self.device).startswith("cuda")
 
-        dtype = getattr(tables, "dtype", self.dtype)  # a kind's tables may keep their own (lora_dtype)
+        table_dtype = getattr(tables, "dtype", self.dtype)  # a kind's tables may keep their own (lora_dtype)
 
-        def ready(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(dtype).contiguous()
+        def ready(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+            t = t.to(dtype or table_dtype).contiguous()
             return t.pin_memory() if pin else t
 
         staged = tables.stage(weights.payload, ready)
@@ -63,5 +68,5 @@ class AdapterTables:
             tables.fill(slot, weights.payload)
 
     def clear(self, slot: int) -> None:
-        for tables in self.by_kind.values():
+        for tables in self.by_family.values():
             tables.clear(slot)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import BinaryIO
 import torch
 
 from server.adapters import kinds
-from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
+from server.adapters.kinds.base import AdapterFormatError, ReadLimits
 from server.clip import clip
-from server.model.args import PROJECTIONS, ModelArgs
+from server.model.args import ModelArgs
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
@@ -36,9 +35,6 @@ MAX_HEADER_BYTES = 4 << 20  # a real header: ~150 bytes per tensor, 2 tensors pe
 MAX_SCALE = 1e4  # |lora_alpha|, |alpha / r|, |merge weight|
 MAX_ABS_WEIGHT = 65504.0  # the largest float16: weights within it are finite in every served dtype
 SERVED_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
-                  r"(lora_A|lora_B|ia3_l)(?:\.weight)?$")
-_PARENT = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for m in PROJECTIONS}
 # config fields we read, with the JSON types they may have (None is always allowed: "not set")
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "peft_type": (str,), "r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,),
@@ -63,10 +59,6 @@ class HeaderLimits:
 
 def _fail(msg: str) -> Exception:
     return AdapterFormatError(msg)
-
-
-def _mismatch(msg: str) -> Exception:
-    return BaseModelMismatch(msg)
 
 
 def json_depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
@@ -203,41 +195,10 @@ def check_header_entries(header: dict, data_bytes: int, limits: HeaderLimits) ->
 
 
 def _check_entry_shape(key: str, shape: tuple[int, ...], limits: HeaderLimits) -> None:
-    args = limits.args
-    if key == "prompt_embeddings":
-        prefix = args.num_layers * 2 * args.num_kv_heads * args.head_dim
-        if len(shape) != 2:
-            raise _fail(f"prompt_embeddings has shape {shape}; it must be [num_virtual_tokens, width]")
-        if shape[0] > limits.max_virtual_tokens:
-            raise _fail(f"{shape[0]} virtual tokens exceed the server's maximum of {limits.max_virtual_tokens}")
-        if shape[1] not in (args.hidden_size, prefix):
-            raise _mismatch(f"prompt_embeddings width {shape[1]} is neither the base hidden size "
-                                    f"{args.hidden_size} nor its prefix width {prefix} (layers*2*kv_heads*head_dim)")
-        return
-    m = _KEY.match(key)
-    if m is None:
-        if any(kind.check_tensor_header(key, shape, args, limits.read_limits) for kind in kinds.registered()):
-            return  # a tensor of a kind with keys of its own (its read() checks it again)
+    """Each kind claims and checks its own keys (AdapterKind.check_tensor_header, through kinds/peft_keys.py); a key
+    no kind claims is refused."""
+    if not any(kind.check_tensor_header(key, shape, limits.args, limits.read_limits) for kind in kinds.registered()):
         raise _fail(f"unexpected tensor {clip(key)} (only the seven projections of decoder layers are served)")
-    layer, parent, module, suffix = int(m[1]), m[2], m[3], m[4]
-    if module not in PROJECTIONS or _PARENT[module] != parent:
-        raise _fail(f"unknown target module {clip(module)} in {clip(key)}; served: {', '.join(PROJECTIONS)}")
-    if layer >= args.num_layers:
-        raise _mismatch(f"tensor {clip(key)} addresses layer {layer}; the base has {args.num_layers} layers")
-    n_in, n_out = args.projection_shape(module)
-    where = f"{suffix} of layer {layer} {module}"
-    if suffix == "ia3_l":
-        if shape not in ((n_out, 1), (1, n_in)):
-            raise _mismatch(f"{where} has shape {shape}; the base needs ({n_out}, 1) or (1, {n_in})")
-        return
-    if len(shape) != 2:
-        raise _fail(f"{where} has shape {shape}; LoRA tensors are 2-dimensional")
-    rank, width, need = (shape[0], shape[1], n_in) if suffix == "lora_A" else (shape[1], shape[0], n_out)
-    if not 1 <= rank <= limits.max_lora_rank:
-        raise _fail(f"{where} has rank {rank}: LoRA rank {rank} exceeds the server's maximum rank "
-                    f"{limits.max_lora_rank} (or is 0)")
-    if width != need:
-        raise _mismatch(f"{where} has shape {shape}; the base needs {need} in that dimension")
 
 
 def check_safetensors_header(path: Path, limits: HeaderLimits) -> int:

@@ -30,7 +30,7 @@ class StepLayout:
     write_slots: list[torch.Tensor] = field(default_factory=list)  # B x [n] KV slots the new tokens fill
     logits_index: list[int] = field(default_factory=list)  # [S] flat token whose logits are sampled
     sampled: list[Sequence] = field(default_factory=list)  # [S]
-    chunks: dict[str, list[ChunkView]] = field(default_factory=dict)  # adapter kind -> its sequences' chunks
+    chunks: dict[str, list[ChunkView]] = field(default_factory=dict)  # kind family -> its sequences' chunks
 
 
 class ModelRunner:
@@ -82,14 +82,18 @@ class ModelRunner:
             if lease is not None:
                 chunk = ChunkView(lease.adapter_slot, lease.weights.payload, start, n, offset,
                                   ContextLayout(seq.n_prefix, seq.n_virtual))
-                out.chunks.setdefault(lease.weights.kind, []).append(chunk)
+                out.chunks.setdefault(kinds.family_of(lease.weights.kind), []).append(chunk)
         return out
 
     def _step_adapters(self, chunks: dict[str, list[ChunkView]], num_tokens: int) -> list[StepAdapter]:
-        adapters = []
-        for kind in kinds.registered():  # registration order = the order hooks run in a projection
-            if kind.name in chunks:
-                step = kind.step(self.tables.by_kind.get(kind.name), chunks[kind.name], num_tokens, self.device)
+        """One StepAdapter per kind family present, asked of its first registered kind (registration order = the
+        order hooks run in a projection), over the chunks of every kind of the family."""
+        adapters, done = [], set()
+        for kind in kinds.registered():
+            family = kind.family_name
+            if family in chunks and family not in done:
+                done.add(family)
+                step = kind.step(self.tables.by_kind.get(kind.name), chunks[family], num_tokens, self.device)
                 if step is not None:
                     adapters.append(step)
         return adapters

@@ -4,7 +4,7 @@ One `ForwardBatch` describes a mix of prefill chunks and single decode tokens of
 each possibly with its own adapter. Tokens are laid out sequence after sequence ("flat"); attention
 reads each sequence's context from the paged KV cache in place through its block table.
 
-Adapters reach the model only as `StepAdapter`s: one object per adapter kind present in the step,
+Adapters reach the model only as `StepAdapter`s: one object per adapter kind family present in the step,
 called at the model's application points (input embeddings, a projection's input, a projection's
 output, a decoder sub-block's output before it joins the residual stream). The model never knows which
 kinds exist (server/adapters/kinds/ does).
@@ -68,7 +68,7 @@ class StepAdapter:
 
     def project_with_base(self, x: torch.Tensor, bases: list[nn.Module], layer: int, modules: tuple[str, ...]
                           ) -> list[torch.Tensor] | None:
-        """Asked only when this kind is the step's one adapter kind: [base(x) for base in bases] with this kind's
+        """Asked only when this is the step's one StepAdapter: [base(x) for base in bases] with this kind's
         project_input / project_outputs applied, computed together in one pass (e.g. a memory-bound adapter read
         beside the compute-bound base matmuls), or None (the default) to have the model run them in turn."""
         return None

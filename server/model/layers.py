@@ -71,7 +71,7 @@ def project_group(projections: tuple[Projection, ...], x: torch.Tensor, adapters
                   ) -> list[torch.Tensor]:
     """[p(x, adapters) for p in projections] for projections of one input (q/k/v, gate/up; one for o and down),
     with the adapters' output hooks called once for the group (StepAdapter.project_outputs), or, when the step has
-    one adapter kind and it can, base and adapter work in one pass (StepAdapter.project_with_base)."""
+    one StepAdapter (one kind family) and it can, base and adapter work in one pass (StepAdapter.project_with_base)."""
     if not adapters:
         return [p.base(x) for p in projections]
     layer, names = projections[0].layer, tuple(p.name for p in projections)

@@ -3,6 +3,8 @@
 Order matters where kinds meet in one projection: their hooks run in registration order (IA3's input
 and output scaling, then LoRA's addition), each on the rows of its own sequences only. Reading picks the
 first kind whose `accepts(cfg)` is true (LoRA and DoRA share peft_type LORA; use_dora tells them apart).
+Kinds of one family (AdapterKind.family: LoRA, DoRA, LongLoRA) share one table set and one StepAdapter, which
+runs at the position of the family's first registered kind.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from server.adapters.kinds.prefix import PrefixKind
 from server.adapters.kinds.virtual import VirtualTokenKind
 
 __all__ = ["AdapterFormatError", "AdapterKind", "BaseModelMismatch", "ChunkView", "ContextLayout", "ReadLimits",
-           "SlotTables", "by_config", "by_name", "by_peft_type", "register", "registered", "unregister"]
+           "SlotTables", "by_config", "by_name", "by_peft_type", "family_of", "register", "registered", "unregister"]
 
 _KINDS: dict[str, AdapterKind] = {}
 
@@ -45,6 +47,12 @@ def unregister(name: str) -> None:
 
 def registered() -> tuple[AdapterKind, ...]:
     return tuple(_KINDS.values())
+
+
+def family_of(name: str) -> str:
+    """The family of kind `name` (its own name when it has none, or when it is not registered)."""
+    kind = _KINDS.get(name)
+    return name if kind is None else kind.family_name
 
 
 def by_name(name: str) -> AdapterKind:

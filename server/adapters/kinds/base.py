@@ -6,9 +6,13 @@ generic parts use it at five moments of an adapter's life:
   read      peft_format.read_adapter -> kind.read(cfg, tensors, args, limits)   validate, normalize
             (before that, kind.check_tensor_header bounds its tensors from the safetensors header alone)
   describe  the registry records kind.describe(payload) with each stored version
-  slots     the pool: kind.new_tables(...) once; per load tables.stage / ensure / fill / clear
+  slots     the pool: kind.new_tables(...) once per family; per load tables.stage / ensure / fill / clear
   admit     the engine: kind.layout(n) at submit (context entries it adds), kind.cached_prefix at admission
-  step      the runner: kind.step(tables, chunks, T, device) -> a StepAdapter the model calls
+  step      the runner: kind.step(tables, chunks, T, device) -> a StepAdapter the model calls, once per family
+
+A family is kinds that share one slot table set and one StepAdapter per step (LoRA, DoRA and LongLoRA: one
+LoRA table set with per-slot extras): the pool creates the tables with the family's first registered kind and
+every member fills them; the runner asks that first kind for one step over the chunks of every member.
 
 Engine, runner, pool and model iterate over the registered kinds (server/adapters/kinds/__init__.py)
 and name none of them.
@@ -18,13 +22,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
-Staging = Callable[[torch.Tensor], torch.Tensor]  # host tensor -> table dtype, contiguous, pinned on CUDA
+
+class Staging(Protocol):
+    def __call__(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """host tensor -> `dtype` (default: the tables' dtype), contiguous, pinned on CUDA."""
+        ...
+
+
 # (layer, module) -> the base projection's dense weight [out, in] fp32 (dequantized on an NF4 model) and its
 # bias [out] fp32 or None: what kinds whose slot tables derive from the base (e.g. a weight norm) read at fill
 BaseWeights = Callable[[int, str], tuple[torch.Tensor, torch.Tensor | None]]
@@ -43,7 +54,7 @@ class ReadLimits:
     max_lora_rank: int
     max_virtual_tokens: int
     max_bottleneck_size: int = 64  # bottleneck adapters' width (its own limit, not the LoRA rank)
-    lora_dtype: torch.dtype | None = None  # plain LoRA's slot tables (None: the model's dtype)
+    lora_dtype: torch.dtype | None = None  # the LoRA family's A / B slot tables (None: the model's dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +119,11 @@ class SlotTables:
 class AdapterKind:
     name: str = ""  # stored with each version and shown to users, e.g. "LORA"
     peft_types: tuple[str, ...] = ()  # adapter_config.json peft_type values this kind reads
+    family: str = ""  # kinds of one family share slot tables and a StepAdapter; "" = a family of its own
+
+    @property
+    def family_name(self) -> str:
+        return self.family or self.name
 
     def accepts(self, cfg: dict) -> bool:
         """Whether this kind reads an adapter_config.json (by default: its peft_type is one of ours)."""
@@ -123,8 +139,8 @@ class AdapterKind:
     def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
         """Before any tensor is read (server/adapters/validation.py): True when `key` is one of this kind's own
         tensors and `shape` fits the base; raise AdapterFormatError / BaseModelMismatch when it is its key with
-        a bad shape; False when it is not its key. The PEFT module keys (lora_A/B, ia3_l) and
-        prompt_embeddings are checked by validation itself."""
+        a bad shape; False when it is not its key (keys parsed by server/adapters/kinds/peft_keys.py). A key no
+        registered kind claims is refused."""
         return False
 
     def tensors(self, payload: object) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ from server.adapters.kinds.base import (
     Staging,
     token_slots,
 )
-from server.adapters.kinds.modules import BASE_PARAM_KEY, module_tensors
+from server.adapters.kinds.peft_keys import base_param_key, module_shape, module_tensors
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
@@ -97,7 +97,7 @@ class BitFitKind(AdapterKind):
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs,
              limits: ReadLimits) -> BitFitWeights:
         biases: dict[tuple[int, str], torch.Tensor] = {}
-        for (layer, module, _), t in module_tensors(tensors, args, ("bias",), BASE_PARAM_KEY).items():
+        for (layer, module, _), t in module_tensors(tensors, args, ("bias",), base_param_key).items():
             _, n_out = args.projection_shape(module)
             if t.dim() != 1:
                 raise AdapterFormatError(f"bias of layer {layer} {module} has shape {tuple(t.shape)}; "
@@ -119,11 +119,11 @@ class BitFitKind(AdapterKind):
 
     def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
         """One bias vector, from the safetensors header alone: True when `key` is ours and fits the base."""
-        if BASE_PARAM_KEY.match(key) is None:
+        parsed = base_param_key(key)
+        if parsed is None:
             return False
-        (layer, module, _), _t = next(iter(module_tensors({key: torch.empty(0)}, args, ("bias",),
-                                                         BASE_PARAM_KEY).items()))
-        _, n_out = args.projection_shape(module)
+        layer, module = parsed.layer, parsed.module
+        _, n_out = module_shape(key, parsed, args)
         if len(shape) != 1:
             raise AdapterFormatError(f"bias of layer {layer} {module} has shape {shape}; it must be a vector")
         if shape[0] != n_out:

@@ -22,7 +22,8 @@ from server.adapters.kinds.base import (
     Staging,
     token_slots,
 )
-from server.adapters.kinds.modules import check_served_options, module_tensors
+from server.adapters.kinds.modules import check_served_options
+from server.adapters.kinds.peft_keys import module_key, module_shape, module_tensors
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
@@ -110,6 +111,17 @@ class IA3Kind(AdapterKind):
             scales[(layer, module)] = t.reshape(-1)
         modules = {m for _, m in scales}
         return IA3Weights(scales=scales, feedforward_modules=frozenset(m for m in modules if m in ff_set))
+
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        """ia3_l [out, 1] or [1, in] (feed-forward) from the safetensors header alone."""
+        parsed = module_key(key)
+        if parsed is None or parsed.suffix != "ia3_l":
+            return False
+        n_in, n_out = module_shape(key, parsed, args)
+        if shape not in ((n_out, 1), (1, n_in)):
+            raise BaseModelMismatch(f"ia3_l of layer {parsed.layer} {parsed.module} has shape {shape}; the base needs "
+                                    f"({n_out}, 1) or (1, {n_in})")
+        return True
 
     def tensors(self, payload: IA3Weights) -> list[torch.Tensor]:
         return list(payload.scales.values())

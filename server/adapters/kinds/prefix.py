@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from server.adapters.kinds.base import AdapterKind, BaseModelMismatch, ContextLayout, ReadLimits
-from server.adapters.kinds.virtual import prompt_embeddings
+from server.adapters.kinds.virtual import check_prompt_embeddings_header, prompt_embeddings
 from server.model.args import ModelArgs
 
 
@@ -39,6 +39,9 @@ class PrefixKind(AdapterKind):
         keys = kv[:, 0::2].permute(1, 0, 2, 3).contiguous()  # [layers, n, kv_heads, head_dim]
         values = kv[:, 1::2].permute(1, 0, 2, 3).contiguous()
         return PrefixWeights(keys=keys, values=values)
+
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        return check_prompt_embeddings_header(key, shape, args, limits)
 
     def tensors(self, payload: PrefixWeights) -> list[torch.Tensor]:
         return [payload.keys, payload.values]

@@ -19,6 +19,7 @@ from server.adapters.kinds.base import (
     ContextLayout,
     ReadLimits,
 )
+from server.adapters.kinds.peft_keys import PROMPT_EMBEDDINGS
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
@@ -32,10 +33,10 @@ class PromptWeights:
 
 def prompt_embeddings(cfg: dict, tensors: dict[str, torch.Tensor], max_virtual: int) -> torch.Tensor:
     """The single `prompt_embeddings` tensor [n, width] of a prompt-learning adapter, checked against its config."""
-    if set(tensors) != {"prompt_embeddings"}:
-        extra = sorted(set(tensors) - {"prompt_embeddings"})
+    if set(tensors) != {PROMPT_EMBEDDINGS}:
+        extra = sorted(set(tensors) - {PROMPT_EMBEDDINGS})
         raise AdapterFormatError(f"expected only 'prompt_embeddings', found {extra or 'nothing'}")
-    emb = tensors["prompt_embeddings"]
+    emb = tensors[PROMPT_EMBEDDINGS]
     n = cfg.get("num_virtual_tokens")
     if emb.dim() != 2 or emb.shape[0] != n:
         raise AdapterFormatError(f"prompt_embeddings shape {tuple(emb.shape)} does not match num_virtual_tokens={n}")
@@ -44,6 +45,23 @@ def prompt_embeddings(cfg: dict, tensors: dict[str, torch.Tensor], max_virtual: 
     if n > max_virtual:
         raise AdapterFormatError(f"{n} virtual tokens exceed the server's maximum of {max_virtual}")
     return emb
+
+
+def check_prompt_embeddings_header(key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    """prompt_embeddings [n, width] from the safetensors header alone, for prompt tuning, P-tuning and prefix tuning
+    (the header says not which: width is the hidden size or the prefix width; read() checks the kind's own)."""
+    if key != PROMPT_EMBEDDINGS:
+        return False
+    prefix = args.num_layers * 2 * args.num_kv_heads * args.head_dim
+    if len(shape) != 2:
+        raise AdapterFormatError(f"prompt_embeddings has shape {shape}; it must be [num_virtual_tokens, width]")
+    if shape[0] > limits.max_virtual_tokens:
+        raise AdapterFormatError(f"{shape[0]} virtual tokens exceed the server's maximum of "
+                                 f"{limits.max_virtual_tokens}")
+    if shape[1] not in (args.hidden_size, prefix):
+        raise BaseModelMismatch(f"prompt_embeddings width {shape[1]} is neither the base hidden size "
+                                f"{args.hidden_size} nor its prefix width {prefix} (layers*2*kv_heads*head_dim)")
+    return True
 
 
 class VirtualTokenStep(StepAdapter):
@@ -70,6 +88,9 @@ class VirtualTokenKind(AdapterKind):
         if emb.shape[1] != args.hidden_size:
             raise BaseModelMismatch(f"prompt_embeddings width {emb.shape[1]} != base hidden size {args.hidden_size}")
         return PromptWeights(emb)
+
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+        return check_prompt_embeddings_header(key, shape, args, limits)
 
     def tensors(self, payload: PromptWeights) -> list[torch.Tensor]:
         return [payload.embeddings]
