@@ -226,7 +226,7 @@ def test_default_model_json_and_tools_through_openai(default_model_dir):
                 jsonschema.validate(json.loads(choice.message.content), schema)
         r = s.openai("acme").chat.completions.create(
             model="lora1", messages=[{"role": "user", "content": "What's the weather in Paris for 2 days?"}],
-            tools=[WEATHER], tool_choice="required", max_tokens=64, temperature=0)
-        assert r.choices[0].finish_reason == "tool_calls"
-        [(name, args)] = _calls(r.choices[0].message)[:1]
-        jsonschema.validate(args, WEATHER["function"]["parameters"])
+            tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False, max_tokens=96, temperature=0)
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message.content
+        [(name, args)] = _calls(r.choices[0].message)
+        jsonschema.validate(args, {"get_weather": WEATHER, "get_time": CLOCK}[name]["function"]["parameters"])

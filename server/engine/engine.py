@@ -216,6 +216,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._thread = None
+        self.grammars.close()
 
     def take_submitted(self) -> None:
         """Move submitted sequences into the scheduler's queue and apply aborts: what the step loop does before
