@@ -74,8 +74,9 @@ def decode_block(engine, adapters: list[str], constraint, new_tokens: int, label
 def step_rows(engine, names: list[str], steps: int, rounds: int) -> list[str]:
     from server.structured.constraint import Constraint
 
-    compiled = engine.grammars.compile(Constraint.json_schema(OPEN_SCHEMA))
-    variants = {"none": None, "half-json": compiled}
+    constraint = Constraint.json_schema(OPEN_SCHEMA)
+    engine.grammars.compile(constraint)
+    variants = {"none": None, "half-json": constraint}
     for name, c in variants.items():
         decode_block(engine, names, c, 4, f"warm-{name}")
     walls: dict[str, list[float]] = {name: [] for name in variants}

@@ -220,11 +220,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
         ids = self._tokens(req, given[0])
         request_id = req.request_id or uuid.uuid4().hex
-        constraint = constraint_of(req)  # compiled here, on this call's worker thread (ConstraintError: invalid)
+        constraint = constraint_of(req)
+        if constraint is not None:  # compiled (or found cached) on this call's worker thread: invalid -> here
+            self.engine.grammars.compile(constraint)
         gen = GenerationRequest(
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
-            adapter=adapter_key, tenant=tenant.name, arrival_time=started,
-            constraint=self.engine.grammars.compile(constraint) if constraint is not None else None,
+            adapter=adapter_key, tenant=tenant.name, arrival_time=started, constraint=constraint,
         )
         return Prepared(gen, request_id, adapter_name, shared)
 

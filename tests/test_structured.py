@@ -125,15 +125,17 @@ def test_engine_batch_of_constraints_every_finished_output_valid(engine):
     reqs, checks = [], []
     for i, schema in enumerate(SCHEMAS):
         sampling = SamplingParams(max_new_tokens=96, temperature=1.0 if i % 2 else 0.0, seed=i)
-        compiled = engine.grammars.compile(Constraint.json_schema(schema))
-        reqs.append(GenerationRequest(f"js-{i}", prompt, sampling, constraint=compiled))
+        c = Constraint.json_schema(schema)
+        if i % 2:  # compiled ahead, as the API faces do; the others compile inside submit
+            engine.grammars.compile(c)
+        reqs.append(GenerationRequest(f"js-{i}", prompt, sampling, constraint=c))
         checks.append(("json", schema))
     for i, (c, check) in enumerate([(Constraint.regex(r"[0-9]{2}-[a-c]{1,3}"), r"[0-9]{2}-[a-c]{1,3}"),
                                     (Constraint.choice(["north", "south", "east"]), "north|south|east"),
                                     (Constraint.grammar('root ::= "<" [a-d] ("," [a-d])? ">"'),
                                      r"<[a-d](,[a-d])?>")]):
         reqs.append(GenerationRequest(f"re-{i}", prompt, SamplingParams(max_new_tokens=32, temperature=1.0, seed=i),
-                                      constraint=engine.grammars.compile(c)))
+                                      constraint=c))
         checks.append(("regex", check))
     reqs.append(GenerationRequest("free", prompt, SamplingParams(max_new_tokens=8, ignore_eos=True)))
     checks.append(("free", None))
@@ -151,7 +153,7 @@ def test_engine_batch_of_constraints_every_finished_output_valid(engine):
 
 def test_engine_siblings_stop_strings_and_length(engine):
     prompt = tuple(engine.tokenizer.encode("Pick:"))
-    compiled = engine.grammars.compile(Constraint.json_schema(SCHEMAS[15]))
+    compiled = Constraint.json_schema(SCHEMAS[15])
     siblings = [GenerationRequest(f"sib-{i}", prompt, SamplingParams(max_new_tokens=96, temperature=1.0, seed=i),
                                   constraint=compiled) for i in range(4)]
     short = GenerationRequest("short", prompt, SamplingParams(max_new_tokens=2), constraint=compiled)
@@ -163,3 +165,12 @@ def test_engine_siblings_stop_strings_and_length(engine):
         jsonschema.validate(json.loads(r.text), SCHEMAS[15])
     assert results[4].finish_reason is FinishReason.LENGTH and len(results[4].token_ids) == 2
     assert results[5].finish_reason is FinishReason.STOP and results[5].text == "{"  # cut at the stop string
+
+
+def test_engine_submit_refuses_a_bad_constraint_and_keeps_serving(engine):
+    bad = GenerationRequest("bad-c", (5, 6), SamplingParams(max_new_tokens=4), constraint=Constraint.regex("(x"))
+    good = GenerationRequest("good-c", (5, 6), SamplingParams(max_new_tokens=16),
+                             constraint=Constraint.choice(["ok", "fine"]))
+    with pytest.raises(ConstraintError, match="unclosed group"):
+        engine.submit_group([good, bad])  # all or none
+    assert collect(engine.submit(good)).text in ("ok", "fine")

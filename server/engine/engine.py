@@ -183,6 +183,8 @@ class Engine:
         capacity = self.kv.num_blocks * self.kv.block_size
         if context + 1 > capacity:
             raise InvalidRequest(f"the prompt needs {context + 1} KV slots; the cache holds {capacity}")
+        # the matcher: a cache hit when the API face compiled it; else compiled here, on the caller's thread
+        grammar = self.grammars.compile(req.constraint).new_state() if req.constraint is not None else None
         seed = req.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
@@ -193,7 +195,7 @@ class Engine:
             n_prefix=n_prefix,
             n_virtual=n_virtual,
             generator=torch.Generator().manual_seed(seed),
-            grammar=req.constraint.new_state() if req.constraint is not None else None,
+            grammar=grammar,
         )
 
     # ---- the step loop (engine thread) --------------------------------------------------------

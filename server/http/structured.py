@@ -39,14 +39,16 @@ def output_spec(body: dict, chat: bool) -> OutputSpec:
     return OutputSpec(constraint or implied, tools)
 
 
-async def compile_output(engine, spec: OutputSpec):
-    """The compiled constraint (server.structured.compiler.CompiledConstraint), or None for free text."""
+async def compile_output(engine, spec: OutputSpec) -> Constraint | None:
+    """The constraint for the engine requests (None: free text), compiled on a worker thread first so that a bad
+    one is a 400 here and the engine's submit finds it in the compile cache."""
     if spec.constraint is None:
         return None
     try:
-        return await asyncio.to_thread(engine.grammars.compile, spec.constraint)
+        await asyncio.to_thread(engine.grammars.compile, spec.constraint)
     except ConstraintError as exc:
         raise invalid(str(exc), exc.param) from None
+    return spec.constraint
 
 
 def render_chat(prompts: PromptTokenizer, messages: list[dict], tools: ToolSpec | None, hint: str) -> list[int]:
