@@ -3,6 +3,7 @@ and constrained generation through a real engine (tiny random Llama) checked wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -104,9 +105,12 @@ def test_a_slow_compile_times_out_for_its_own_request(monkeypatch):
     monkeypatch.setattr(gc, "_build", lambda c: (release.wait(5), real(c))[1])
     with pytest.raises(ConstraintError, match="longer than 0.2 s"):
         gc.compile(Constraint.regex("slow+"))
+    with pytest.raises(ConstraintError, match="longer than 0.2 s"):  # the event loop's way
+        asyncio.run(gc.compile_async(Constraint.regex("slower+")))
     release.set()
-    with pytest.raises(ConstraintError, match="longer than"):  # cached as failed: no second wait
-        gc.compile(Constraint.regex("slow+"), timeout_s=5)
+    for c in (Constraint.regex("slow+"), Constraint.regex("slower+")):  # cached as failed: no second wait
+        with pytest.raises(ConstraintError, match="longer than"):
+            gc.compile(c, timeout_s=5)
 
 
 # ---- through the engine ------------------------------------------------------------------------------------

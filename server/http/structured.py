@@ -8,7 +8,6 @@ constraint is a 400 naming its field before the request takes a tenant slot or a
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from server.http.errors import invalid
@@ -40,12 +39,12 @@ def output_spec(body: dict, chat: bool) -> OutputSpec:
 
 
 async def compile_output(engine, spec: OutputSpec) -> Constraint | None:
-    """The constraint for the engine requests (None: free text), compiled on a worker thread first so that a bad
-    one is a 400 here and the engine's submit finds it in the compile cache."""
+    """The constraint for the engine requests (None: free text), compiled on the compiler's worker thread first
+    (the event loop awaits it) so that a bad one is a 400 here and the engine's submit finds it in the cache."""
     if spec.constraint is None:
         return None
     try:
-        await asyncio.to_thread(engine.grammars.compile, spec.constraint)
+        await engine.grammars.compile_async(spec.constraint)
     except ConstraintError as exc:
         raise invalid(str(exc), exc.param) from None
     return spec.constraint

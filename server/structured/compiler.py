@@ -10,6 +10,7 @@ lexer states, fuel per mask step), so a constraint that compiles cannot stall a 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,12 +95,26 @@ class GrammarCompiler:
         except ConstraintError as exc:  # maybe cached from a request that named another field
             raise ConstraintError(str(exc), constraint.param) from None
         except FutureTimeout:
-            with self._lock:  # a later request must not wait on it again
-                if self._cache.get(constraint) is future:
-                    failed: Future = Future()
-                    failed.set_exception(self._timeout_error(constraint))
-                    self._cache[constraint] = failed
-            raise self._timeout_error(constraint) from None
+            raise self._timed_out(constraint, future) from None
+
+    async def compile_async(self, constraint: Constraint) -> CompiledConstraint:
+        """compile() for an event loop: awaits the worker thread without holding one of the loop's threads."""
+        future = self.submit(constraint)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout_s)
+        except ConstraintError as exc:
+            raise ConstraintError(str(exc), constraint.param) from None
+        except TimeoutError:
+            raise self._timed_out(constraint, future) from None
+
+    def _timed_out(self, constraint: Constraint, future: Future) -> ConstraintError:
+        """The timeout error, cached in place of the still-running compile: a later request must not wait again."""
+        with self._lock:
+            if self._cache.get(constraint) is future:
+                failed: Future = Future()
+                failed.set_exception(self._timeout_error(constraint))
+                self._cache[constraint] = failed
+        return self._timeout_error(constraint)
 
     def submit(self, constraint: Constraint) -> Future:
         """A future of the compiled constraint (shared by every caller of the same constraint)."""
