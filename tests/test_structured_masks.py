@@ -15,7 +15,7 @@ from server.engine.request import GenerationRequest, RequestHandle, SamplingPara
 from server.engine.sampler import sample
 from server.engine.sequence import Sequence
 from server.structured.constraint import Constraint
-from server.structured.masks import fill_bitmasks, unpack
+from server.structured.masks import apply_grammar_masks, fill_bitmasks, unpack
 from tests.structured_utils import SCHEMAS, compiler, tokenizer
 
 CONSTRAINTS = [Constraint.json_schema(s) for s in SCHEMAS[:6]] + [
@@ -55,6 +55,21 @@ def test_unpack_equals_a_bit_loop():
         for r in range(3):
             want = [t < 128 and bool((int(bits[r, t // 32]) >> (t % 32)) & 1) for t in range(vocab)]
             assert got[r].tolist() == want
+
+
+def test_apply_masks_rows_in_any_order_and_a_subset():
+    rng = random.Random(7)
+    states = [advanced_state(c, 2, rng) for c in CONSTRAINTS[6:9]]
+    V = len(tokenizer())
+    logits = torch.randn(4, V)
+    for rows in ([2, 0, 1], [0, 1, 2], [3, 1, 0]):
+        n = len(logits) if len(rows) == 3 and max(rows) == 2 else 4
+        got = apply_grammar_masks(logits[:n].clone(), rows, states)
+        for j, r in enumerate(rows):
+            want = logits[r].masked_fill(~allowed_reference(states[j])[:V], float("-inf"))
+            assert torch.equal(got[r], want), (rows, j)
+        untouched = [r for r in range(n) if r not in rows]
+        assert all(torch.equal(got[r], logits[r]) for r in untouched)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
