@@ -5,5 +5,6 @@ compiler.py    (tokenizer, constraint) -> a compiled grammar, cached, built on a
 state.py       one sequence's matcher, advanced as its tokens are accepted
 masks.py       the batched vocabulary bitmask of the constrained rows of a step, applied to the logits
 openai_fields.py  OpenAI / vLLM request fields (response_format, guided_*, structured_outputs) -> a constraint
+proto_fields.py   the gRPC GenerateRequest.constraint (OutputConstraint) -> a constraint
 The grammar engine is llguidance (see README, "Structured output").
 """
