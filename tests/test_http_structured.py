@@ -230,3 +230,39 @@ def test_default_model_json_and_tools_through_openai(default_model_dir):
         assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message.content
         [(name, args)] = _calls(r.choices[0].message)
         jsonschema.validate(args, {"get_weather": WEATHER, "get_time": CLOCK}[name]["function"]["parameters"])
+
+
+def test_a_compiling_constraint_delays_only_its_own_request(server, monkeypatch):
+    import threading
+
+    grammars = server.grpc.engine.grammars
+    release, started = threading.Event(), threading.Event()
+    real = grammars._build
+
+    def slow_build(c):
+        if "slowpoke" in c.spec:
+            started.set()
+            release.wait(60)
+        return real(c)
+
+    monkeypatch.setattr(grammars, "_build", slow_build)
+    client = server.openai("acme")
+    result = {}
+
+    def constrained():
+        result["r"] = client.chat.completions.create(model="base", messages=CHAT, max_tokens=16, temperature=0,
+                                                     extra_body={"guided_choice": ["slowpoke", "fast"]})
+
+    thread = threading.Thread(target=constrained)
+    thread.start()
+    try:
+        assert started.wait(60)
+        for extra in ({}, {"guided_regex": "[a-z]{3}"}):  # free text, and a constraint already compiling elsewhere
+            r = client.chat.completions.create(model="lora1", messages=CHAT, max_tokens=4, temperature=0,
+                                               extra_body=extra)
+            assert r.choices[0].finish_reason in ("stop", "length")
+        assert thread.is_alive() and "r" not in result  # still waiting for its own compile
+    finally:
+        release.set()
+        thread.join(60)
+    assert result["r"].choices[0].message.content in ("slowpoke", "fast")
