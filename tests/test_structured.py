@@ -33,6 +33,7 @@ def nested(depth: int) -> dict:
 BAD = [  # (what, make the constraint and compile it, words the message must contain)
     ("malformed schema text", lambda: Constraint.json_schema('{"type": "object",'), "not valid JSON"),
     ("schema not an object", lambda: Constraint.json_schema([1, 2]), "must be an object"),
+    ("schema false", lambda: Constraint.json_schema(False), "accepts no value"),
     ("unknown type", lambda: Constraint.json_schema({"type": "objectx"}), "objectx"),
     ("dangling $ref", lambda: Constraint.json_schema({"$ref": "#/definitions/nope"}), "nope"),
     ("unsupported keyword not", lambda: Constraint.json_schema({"not": {"type": "string"}}), "not"),

@@ -62,8 +62,10 @@ class Constraint:
                 schema = json.loads(schema)
             except json.JSONDecodeError as exc:
                 raise ConstraintError(f"the JSON schema is not valid JSON: {exc}", param) from None
-        if isinstance(schema, bool):
-            schema = {} if schema else {"not": {}}
+        if schema is False:
+            raise ConstraintError("the JSON schema `false` accepts no value", param)
+        if schema is True:
+            schema = {}
         if not isinstance(schema, dict):
             raise ConstraintError(f"a JSON schema must be an object, got {type(schema).__name__}", param)
         _check_schema(schema, param)
