@@ -47,6 +47,13 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-logprobs", type=int, default=None)
     p.add_argument("--request-id", default="")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    g = p.add_mutually_exclusive_group()  # structured output: at most one
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA", help="output valid for this JSON schema "
+                   "(JSON text, or @FILE)")
+    g.add_argument("--json-object", action="store_true", help="output is a JSON object")
+    g.add_argument("--regex", default=None, help="the whole output matches this regex")
+    g.add_argument("--choice", action="append", default=None, help="output is one of these strings (repeatable)")
+    g.add_argument("--grammar", default=None, metavar="GRAMMAR", help="a Lark or GBNF grammar (text, or @FILE)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -103,12 +110,22 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
                   request_id=args.request_id, min_p=args.min_p, presence_penalty=args.presence_penalty,
                   frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
                   logit_bias=_logit_bias(args.logit_bias), min_tokens=args.min_tokens, logprobs=args.logprobs,
-                  top_logprobs=args.top_logprobs)
+                  top_logprobs=args.top_logprobs, json_schema=_text_or_file(args.json_schema),
+                  json_object=args.json_object, regex=args.regex, choice=args.choice,
+                  grammar=_text_or_file(args.grammar))
     if args.raw:
         return dict(prompt=args.prompt, **kwargs)
     chat = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     return dict(messages=chat, **kwargs)
+
+
+def _text_or_file(value: str | None) -> str | None:
+    """The argument's text, or the contents of FILE for "@FILE"."""
+    if value is None or not value.startswith("@"):
+        return value
+    with open(value[1:], encoding="utf-8") as f:
+        return f.read()
 
 
 def _logit_bias(items: list[str] | None) -> dict[int, float] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,13 @@ class GenerateOptions(TypedDict, total=False):
     min_tokens: int
     logprobs: bool  # the sampled token's log-probability on every token
     top_logprobs: int  # and the k most likely alternatives
+    # structured output, at most one: a JSON schema (dict or JSON text), any JSON object, a regex the whole
+    # output matches, one of a list of strings, or a Lark / GBNF grammar
+    json_schema: dict | str
+    json_object: bool
+    regex: str
+    choice: list[str]
+    grammar: str
 
 
 def generate_request(prompt: str | None = None, **options: Unpack[GenerateOptions]) -> inference_pb2.GenerateRequest:
@@ -64,7 +72,24 @@ def generate_request(prompt: str | None = None, **options: Unpack[GenerateOption
     for token, bias in (o.get("logit_bias") or {}).items():
         req.logit_bias[int(token)] = bias
     req.logprobs = bool(o.get("logprobs", False))
+    _constraint(req, o)
     return req
+
+
+def _constraint(req: inference_pb2.GenerateRequest, o: dict) -> None:
+    given = [k for k in ("json_schema", "json_object", "regex", "choice", "grammar") if o.get(k) not in (None, False)]
+    if len(given) > 1:
+        raise TypeError(f"set at most one output constraint, got {', '.join(given)}")
+    if not given:
+        return
+    key = given[0]
+    value = o[key]
+    if key == "json_schema":
+        req.constraint.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif key == "choice":
+        req.constraint.choice.options.extend(value)
+    else:
+        setattr(req.constraint, key, value)
 
 
 def adapter_payload(path: str | Path) -> bytes:

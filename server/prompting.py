@@ -55,9 +55,9 @@ class PromptTokenizer:
         if n > self.max_messages:
             raise InvalidRequest(f"{n} messages; at most {self.max_messages} are accepted")
 
-    def chat(self, messages: list[dict], no_template_hint: str) -> list[int]:
+    def chat(self, messages: list[dict], no_template_hint: str, tools: list[dict] | None = None) -> list[int]:
         """Token ids of `messages` ({"role", "content"}) rendered by the chat template with the generation prompt
-        (what apply_chat_template(tokenize=True) gives)."""
+        (what apply_chat_template(tokenize=True) gives); `tools` (OpenAI function tools) go to the template."""
         self.check_message_count(len(messages))
         limit = self.char_limit
         if sum(len(m["content"]) for m in messages) > limit:
@@ -66,7 +66,8 @@ class PromptTokenizer:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(f"this model has no chat template; {no_template_hint}")
         try:  # jinja, not the shared tokenizer: no lock held while it runs
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                          **({"tools": tools} if tools else {}))
         except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
             from server.clip import clip
 

@@ -33,6 +33,7 @@ from server.metrics import UNRESOLVED_LABEL, ServerMetrics
 from server.prompting import PromptTokenizer
 from server.quotas import QuotaExceeded, Quotas
 from server.status import RequestError, invalid, message_of, status_of
+from server.structured.proto_fields import constraint_of
 from server.tenants import ConcurrencyLimiter, Tenant
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc
@@ -219,9 +220,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
         ids = self._tokens(req, given[0])
         request_id = req.request_id or uuid.uuid4().hex
+        constraint = constraint_of(req)
+        if constraint is not None:  # compiled (or found cached) on this call's worker thread: invalid -> here
+            self.engine.grammars.compile(constraint)
         gen = GenerationRequest(
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
-            adapter=adapter_key, tenant=tenant.name, arrival_time=started,
+            adapter=adapter_key, tenant=tenant.name, arrival_time=started, constraint=constraint,
         )
         return Prepared(gen, request_id, adapter_name, shared)
 

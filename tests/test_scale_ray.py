@@ -220,3 +220,21 @@ def test_openai_http_api_through_the_ingress_equals_grpc(cluster):
     assert status == 404 and b"no-such-adapter" in raw
     status, raw = _post(f"{cluster.http_url}/v1/completions", {**body, "prompt": "x " * 600})  # > context limit
     assert status == 400, raw
+
+
+def test_output_constraints_through_the_ingress(cluster, reference):
+    """A constraint travels to the replica as a plain value and is compiled there; a bad one is refused at
+    the ingress (INVALID_ARGUMENT)."""
+    import grpc
+
+    from clients.errors import SwitchboardError
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    for case in ({"prompt": PROMPTS[0], "adapter": "a2", "max_new_tokens": 24, "json_schema": schema},
+                 {"prompt": PROMPTS[1], "adapter": "", "max_new_tokens": 24, "choice": ["yes", "no"]}):
+        ours, theirs = cluster.generate(**case), reference.generate(**case)
+        assert ours.token_ids == theirs.token_ids and ours.finish_reason == "stop", case
+    with pytest.raises(SwitchboardError) as info:
+        cluster.generate(PROMPTS[0], regex="(x", max_new_tokens=4)
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT

@@ -35,6 +35,7 @@ from server.engine.scheduler import Admission, Scheduler
 from server.engine.sequence import IncrementalDetokenizer, Sequence
 from server.engine.siblings import SiblingForks
 from server.model.loader import LoadedModel, load_model
+from server.structured.compiler import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
         self.siblings = SiblingForks()
         self.post = Postprocessor(self.args.eos_token_ids, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size)  # output constraints, off the loop
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -181,6 +183,8 @@ class Engine:
         capacity = self.kv.num_blocks * self.kv.block_size
         if context + 1 > capacity:
             raise InvalidRequest(f"the prompt needs {context + 1} KV slots; the cache holds {capacity}")
+        # the matcher: a cache hit when the API face compiled it; else compiled here, on the caller's thread
+        grammar = self.grammars.compile(req.constraint).new_state() if req.constraint is not None else None
         seed = req.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
@@ -191,6 +195,7 @@ class Engine:
             n_prefix=n_prefix,
             n_virtual=n_virtual,
             generator=torch.Generator().manual_seed(seed),
+            grammar=grammar,
         )
 
     # ---- the step loop (engine thread) --------------------------------------------------------
@@ -213,6 +218,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._thread = None
+        self.grammars.close()
 
     def take_submitted(self) -> None:
         """Move submitted sequences into the scheduler's queue and apply aborts: what the step loop does before
@@ -271,7 +277,13 @@ class Engine:
                 self._finish(seq, FinishReason.ERROR, error=out.errors[i])
                 continue
             self.scheduler.waiting.on_tokens(seq, 1)  # the fairness counters (server.engine.fairness)
-            event = self.post.on_token(seq, out.tokens[i], out.logprobs[i], out.top_logprobs[i])
+            complete = False
+            if seq.grammar is not None:  # advance the constraint; complete: it can take no more tokens
+                if not seq.grammar.accept(out.tokens[i]):
+                    self._finish(seq, FinishReason.ERROR, error=seq.grammar.error or "the constraint refused a token")
+                    continue
+                complete = seq.grammar.done
+            event = self.post.on_token(seq, out.tokens[i], out.logprobs[i], out.top_logprobs[i], complete)
             if event.finished:
                 self._finish(seq, event.finish_reason, event=event)
             else:

@@ -15,7 +15,8 @@ class Postprocessor:
         self.max_model_len = max_model_len
 
     def on_token(self, seq: Sequence, token: int, logprob: float | None = None,
-                 top_logprobs: list[tuple[int, float]] | None = None) -> TokenEvent:
+                 top_logprobs: list[tuple[int, float]] | None = None, complete: bool = False) -> TokenEvent:
+        """`complete`: the sequence's output constraint is satisfied and takes no more tokens (ends it: stop)."""
         params = seq.request.sampling
         seq.output_ids.append(token)
         first = seq.first_token_time is None
@@ -28,6 +29,8 @@ class Postprocessor:
             seq.text += seq.detok.push(token)
             if len(seq.output_ids) >= params.min_tokens:  # stop strings wait for min_tokens, as in vLLM
                 reason = self._stop_string(seq)
+            if reason is None and complete:
+                reason = FinishReason.STOP
         if reason is None and (
             len(seq.output_ids) >= params.max_new_tokens or seq.context_len >= self.max_model_len
         ):

@@ -13,6 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.structured.constraint import Constraint
 
 GREEDY_EPSILON = 1e-5  # temperatures below this are greedy (dividing by them overflows fp32)
 MAX_TOP_LOGPROBS = 20
@@ -125,6 +129,9 @@ class GenerationRequest:
     adapter: str | None = None  # adapter key as the adapter provider knows it; None = base model
     tenant: str = "local"
     arrival_time: float = field(default_factory=time.monotonic)
+    # the output's constraint (server.structured; a plain value, so a request pickles to a Ray replica); the
+    # API faces compile it before submit (the engine then finds it in its compile cache); None = free text
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True, slots=True)

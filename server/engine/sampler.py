@@ -9,6 +9,8 @@ Semantics, for row i with params p (all as tensor ops over the [S, V] logits; no
     l           -= frequency_penalty * count + presence_penalty * (count > 0)
     l[t]        += logit_bias[t]
     l[eos]       = -inf while len(output) < min_tokens
+    l[t]         = -inf for every token t the row's output constraint forbids (server/structured/masks.py;
+                   rows without one untouched, and no work at all when no row has one)
     greedy (temperature < GREEDY_EPSILON): argmax(l)
     otherwise:   p = softmax(l / T) over the top_k largest, entries below min_p * max(p) dropped, then the
                  nucleus (top_p: the smallest prefix of the sorted p whose mass reaches top_p; keeps the first);
@@ -27,6 +29,7 @@ import torch
 
 from server.engine.request import SamplingParams
 from server.engine.sequence import Sequence
+from server.structured.masks import apply_grammar_masks
 
 
 @dataclass(slots=True)
@@ -156,6 +159,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
         hold_rows = torch.tensor(hold, dtype=torch.int64, device=device)
         eos_cols = torch.tensor(eos, dtype=torch.int64, device=device)
         processed[hold_rows[:, None], eos_cols[None, :]] = float("-inf")
+    constrained = [j for j, i in enumerate(ok) if seqs[i].grammar is not None]
+    if constrained:
+        processed = processed.clone() if processed is raw else processed
+        processed = apply_grammar_masks(processed, constrained, [seqs[ok[j]].grammar for j in constrained])
     if processed is raw:  # greedy rows keep these
         chosen = row_argmax if len(ok) == S else row_argmax.index_select(0, torch.tensor(ok, device=device))
         dead = torch.zeros(len(ok), dtype=torch.bool, device=device)
@@ -181,7 +188,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
     chosen_list, dead_list = chosen.tolist(), dead.tolist()
     for j, i in enumerate(ok):
         if dead_list[j]:
-            errors[i] = NO_MASS
+            grammar = seqs[i].grammar
+            errors[i] = (grammar.error if grammar is not None else None) or NO_MASS
         else:
             tokens[i] = int(chosen_list[j])
     want = [j for j, p in enumerate(ps) if p.wants_logprobs and errors[ok[j]] is None]

@@ -10,6 +10,7 @@ import torch
 
 from server.adapters.residency import Lease
 from server.engine.request import FinishReason, GenerationRequest, RequestHandle
+from server.structured.state import GrammarState
 
 
 class SeqStatus(Enum):
@@ -67,6 +68,7 @@ class Sequence:
     first_scheduled: float | None = None
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
+    grammar: GrammarState | None = None  # the output constraint's matcher (server.structured); None = free text
 
     @property
     def request_id(self) -> str:

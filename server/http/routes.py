@@ -22,6 +22,8 @@ from server.http.bridge import events
 from server.http.calls import Call, EventStream
 from server.http.errors import INTERNAL, NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
+from server.http.structured import OutputSpec, compile_output, output_spec, render_chat
+from server.http.tools import ToolStream, chat_message, stream_tail
 from server.metrics import UNRESOLVED_LABEL
 from server.prompting import PromptTokenizer
 from server.tenants import Unauthenticated
@@ -81,12 +83,15 @@ class OpenAIApi:
                 raise ApiError(UNAVAILABLE, "the server is shutting down; retry on another replica")
             tenant = self._auth(request)
             call = Call(self, tenant, UNRESOLVED_LABEL)
-            parsed = schemas.parse(await self._json(request), chat=chat, vocab_size=self.engine.args.vocab_size,
+            body = await self._json(request)
+            parsed = schemas.parse(body, chat=chat, vocab_size=self.engine.args.vocab_size,
                                    max_new_tokens_limit=self.engine.config.max_new_tokens_limit)
+            output = output_spec(body, chat)  # response_format, guided_*, tools (server/http/structured.py)
             adapter_key, call.adapter_label = self._resolve(tenant, parsed)
-            prompts = self._tokenize(parsed)
+            prompts = self._tokenize(parsed, output)
+            compiled = await compile_output(self.engine, output)  # a worker thread, before any slot is taken
             call.hold_slot()
-            call.submit(self._requests(tenant, parsed, prompts, adapter_key))
+            call.submit(self._requests(tenant, parsed, prompts, adapter_key, compiled))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error object
             error = from_exception(exc, "messages" if chat else "prompt")
             if call is not None:
@@ -94,9 +99,9 @@ class OpenAIApi:
             return error.response()
         envelope = Envelope(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, parsed.model, chat)
         if parsed.stream:
-            return EventStream(self._stream(call, parsed, envelope), call)
+            return EventStream(self._stream(call, parsed, envelope, output), call)
         try:
-            return await self._unary(request, call, parsed, envelope, prompts)
+            return await self._unary(request, call, parsed, envelope, prompts, output)
         except ApiError as exc:
             call.close(exc.kind.grpc_status)
             return exc.response()
@@ -137,11 +142,12 @@ class OpenAIApi:
             raise ApiError(error.kind, f"The model '{name}' is not available: {error.message}", param) from None
         return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
 
-    def _tokenize(self, parsed: schemas.ParsedRequest) -> list[list[int]]:
+    def _tokenize(self, parsed: schemas.ParsedRequest, output: OutputSpec | None = None) -> list[list[int]]:
         max_len, vocab = self.engine.max_model_len, self.engine.args.vocab_size
         if parsed.chat:
             try:
-                prompts = [self.prompts.chat(parsed.messages, "use /v1/completions")]
+                tools = output.tools if output is not None else None
+                prompts = [render_chat(self.prompts, parsed.messages, tools, "use /v1/completions")]
             except InvalidRequest as exc:
                 raise invalid(str(exc), "messages") from None
         else:
@@ -162,8 +168,8 @@ class OpenAIApi:
                               "to generate", "messages" if parsed.chat else "prompt", "context_length_exceeded")
         return prompts
 
-    def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None
-                  ) -> list[GenerationRequest]:
+    def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None,
+                  constraint=None) -> list[GenerationRequest]:
         base = uuid.uuid4().hex
         started = time.monotonic()
         out = []
@@ -175,10 +181,11 @@ class OpenAIApi:
                 out.append(GenerationRequest(
                     request_id=f"{tenant.name}/http-{base}-{p_index * parsed.n + i}", prompt_token_ids=tuple(ids),
                     sampling=sampling if i == 0 else _with_seed(sampling, seed), adapter=adapter_key,
-                    tenant=tenant.name, arrival_time=started))
+                    tenant=tenant.name, arrival_time=started, constraint=constraint))
         return out
 
-    async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts) -> Response:
+    async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts,
+                     output: OutputSpec | None = None) -> Response:
         choices = [Choice() for _ in call.handles]
         text_of = self.token_text.as_ids if parsed.tokens_as_ids else self.token_text
         checked = time.monotonic()
@@ -201,9 +208,10 @@ class OpenAIApi:
         for i, c in enumerate(choices):
             text = "".join(c.text)
             if parsed.chat:
-                body = {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                message, finish = chat_message(text, c.finish_reason, output.tools if output else None)
+                body = {"index": i, "message": message,
                         "logprobs": chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs, text_of)
-                        if parsed.logprobs else None, "finish_reason": c.finish_reason}
+                        if parsed.logprobs else None, "finish_reason": finish}
             else:
                 prefix = self.engine.tokenizer.decode(prompts[i // parsed.n]) if parsed.echo else ""
                 body = {"index": i, "text": prefix + text, "finish_reason": c.finish_reason,
@@ -213,8 +221,10 @@ class OpenAIApi:
         prompt_tokens = sum(len(p) for p in prompts)
         return JSONResponse(envelope.wrap(out, chunk=False, usage_=usage(prompt_tokens, call.completion_tokens)))
 
-    async def _stream(self, call: Call, parsed, envelope: Envelope):
+    async def _stream(self, call: Call, parsed, envelope: Envelope, output: OutputSpec | None = None):
         with_usage = parsed.include_usage
+        spec = output.tools if output is not None and parsed.chat else None
+        tool_streams = [ToolStream(spec) for _ in call.handles] if spec is not None else None
         if parsed.chat:
             for i in range(len(call.handles)):
                 yield sse(envelope.wrap([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -245,13 +255,22 @@ class OpenAIApi:
             if not (event.text or event.finished or (parsed.logprobs and event.token_ids)):
                 continue
             finish = str(event.finish_reason) if event.finished else None
+            delta = {"content": event.text} if event.text else {}
+            if tool_streams is not None:  # chat with tools: text that may be a call is held to the end
+                text = tool_streams[i].feed(event.text)
+                delta = {"content": text} if text else {}
+                if event.finished:
+                    tail, finish = stream_tail(tool_streams[i], finish)
+                    content = text + tail.pop("content", "")
+                    delta = {**({"content": content} if content else {}), **tail}
+                elif not delta and not parsed.logprobs:
+                    continue
             lp = None
             if parsed.logprobs:
                 args = (list(event.token_ids), list(event.logprobs), list(event.top_logprobs), text_of)
                 lp = chat_logprobs(*args) if parsed.chat else completion_logprobs(*args, offsets[i])
             offsets[i] += len(event.text)
-            choice = ({"index": i, "delta": {"content": event.text} if event.text else {}, "logprobs": lp,
-                       "finish_reason": finish} if parsed.chat else
+            choice = ({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish} if parsed.chat else
                       {"index": i, "text": event.text, "logprobs": lp, "finish_reason": finish})
             yield sse(envelope.wrap([choice], True, None, with_usage))
         if with_usage:

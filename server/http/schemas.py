@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from server.engine.request import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 from server.http.errors import invalid
+from server.http.tools import message_fields
 
 MAX_N = 16
 MAX_STOP = 16
@@ -144,7 +145,7 @@ def _messages(body: dict) -> list[dict]:
             raise invalid(f"'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
                           f"messages[{i}].role")
         out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(m.get("content"), f"messages[{i}].content")})
+                    "content": _content(m.get("content"), f"messages[{i}].content"), **message_fields(m, i)})
     if len(out) == 1 and not out[0]["content"]:
         raise invalid("the prompt is empty: 'messages[0].content' is empty", "messages[0].content")
     return out

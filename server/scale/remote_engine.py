@@ -28,6 +28,7 @@ from server.engine.engine import EngineStats
 from server.engine.request import EngineStopped, GenerationRequest, InvalidRequest, RequestHandle
 from server.scale.settings import ScaleSettings
 from server.status import RequestError, status_of
+from server.structured.compiler import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class RemoteEngine:
         model_dir = resolve_model_dir(model_cfg.path, model_cfg.cache_dir)
         self.args = ModelArgs.from_dir(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # output constraints checked at the ingress (a bad one is INVALID_ARGUMENT here); replicas compile their own
+        self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size)
         self.config = settings.engine_config()
         self.max_model_len = min(self.config.max_model_len or self.args.max_position_embeddings,
                                  self.args.sliding_window or 1 << 62)
