@@ -25,6 +25,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "load": ("bench.load_test", "open- or closed-loop load through the server, gRPC or OpenAI HTTP"),
     "fairness": ("bench.fairness", "FCFS vs VTC across tenants (step counts deterministic)"),
     "methods": ("bench.methods", "adapter methods vs in-context learning on the shipped tasks"),
+    "structured": ("bench.structured", "decode step with JSON-constrained rows vs none; grammar compile times"),
     "parts": ("bench.step_parts", "where a decode step's time goes, part by part"),
     "soak": ("bench.soak", "long mixed run: hot swaps, cancels, deadlines, bad input; resources over time"),
     "scale": ("bench.scale_out", "Ray Serve replicas and adapter-affinity routing"),

@@ -1,7 +1,7 @@
 """Cost of structured output (issue 32): the decode step with half the rows JSON-constrained vs none, and
 the compile time per schema, cold and cached.
 
-    .venv/bin/python bench/structured.py [--model DIR] [--steps 24] [--rounds 3] [--threads N] [--smoke]
+    .venv/bin/python -m bench structured [--model DIR] [--steps 24] [--rounds 3] [--threads N] [--smoke]
 
 32 sequences of 32 prompt tokens on 32 distinct random LoRA adapters (rank 16 on the seven projections,
 bench/kinds.py's), default model fp32 dense unless --model; pure decode steps timed (bench/decode_step.py's
@@ -19,16 +19,14 @@ import argparse
 import contextlib
 import queue
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.decode_step import PROMPT  # noqa: E402
-from bench.kinds import pool_config, write_adapter  # noqa: E402
+from bench.decode_step import PROMPT
+from bench.kinds import pool_config, write_adapter
 
 OPEN_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
     "id": {"type": "integer"}, "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}}}}
@@ -113,14 +111,14 @@ def compile_rows(tokenizer, vocab: int) -> list[str]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF directory (default: the embedded SmolLM2-135M)")
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps per variant")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="2 rounds of 2 steps: proves the script runs (no figures)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
