@@ -16,12 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.adapters.errors import AdapterForbidden, AdapterNotFound
-from server.engine.request import FinishReason, GenerationRequest, InvalidRequest
+from server.engine.request import GenerationRequest, InvalidRequest
 from server.http import schemas
 from server.http.bridge import events
-from server.http.calls import Call, EventStream
-from server.http.errors import INTERNAL, NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
+from server.http.calls import EventStream
+from server.http.errors import NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
+from server.lifecycle import Call, ContextTooLong, check_prompt, failure
 from server.metrics import UNRESOLVED_LABEL
 from server.prompting import PromptTokenizer
 from server.tenants import Unauthenticated
@@ -80,13 +81,14 @@ class OpenAIApi:
             if self.draining:
                 raise ApiError(UNAVAILABLE, "the server is shutting down; retry on another replica")
             tenant = self._auth(request)
-            call = Call(self, tenant, UNRESOLVED_LABEL)
+            call = self._open(tenant)
             parsed = schemas.parse(await self._json(request), chat=chat, vocab_size=self.engine.args.vocab_size,
                                    max_new_tokens_limit=self.engine.config.max_new_tokens_limit)
             adapter_key, call.adapter_label = self._resolve(tenant, parsed)
             prompts = self._tokenize(parsed)
             call.hold_slot()
-            call.submit(self._requests(tenant, parsed, prompts, adapter_key))
+            call.submit(self._requests(tenant, parsed, prompts, adapter_key),
+                        [i // parsed.n for i in range(len(prompts) * parsed.n)])  # n choices share a prompt
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error object
             error = from_exception(exc, "messages" if chat else "prompt")
             if call is not None:
@@ -102,6 +104,15 @@ class OpenAIApi:
             return exc.response()
         finally:
             call.close("CANCELLED")
+
+    def _open(self, tenant) -> Call:
+        """A lifecycle Call (server.lifecycle, shared with gRPC) counted in `active_calls` until it closes."""
+        self.active_calls += 1
+
+        def closed() -> None:
+            self.active_calls -= 1
+
+        return Call(self, tenant, UNRESOLVED_LABEL, on_close=closed)
 
     def _auth(self, request: Request):
         header = request.headers.get("authorization")
@@ -138,7 +149,6 @@ class OpenAIApi:
         return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
 
     def _tokenize(self, parsed: schemas.ParsedRequest) -> list[list[int]]:
-        max_len, vocab = self.engine.max_model_len, self.engine.args.vocab_size
         if parsed.chat:
             try:
                 prompts = [self.prompts.chat(parsed.messages, "use /v1/completions")]
@@ -152,14 +162,15 @@ class OpenAIApi:
                         p = self.prompts.encode(p)
                     except InvalidRequest as exc:
                         raise invalid(str(exc), "prompt") from None
-                bad = next((t for t in p if not 0 <= t < vocab), None)
-                if bad is not None:
-                    raise invalid(f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})", "prompt")
                 prompts.append(p)
+        param = "messages" if parsed.chat else "prompt"
         for ids in prompts:
-            if len(ids) >= max_len:
-                raise invalid(f"the prompt has {len(ids)} tokens; the context limit is {max_len}, leaving no room "
-                              "to generate", "messages" if parsed.chat else "prompt", "context_length_exceeded")
+            try:
+                check_prompt(ids, self.engine)  # the vocabulary range and the context limit, as gRPC checks them
+            except ContextTooLong as exc:
+                raise invalid(str(exc), param, "context_length_exceeded") from None
+            except InvalidRequest as exc:
+                raise invalid(str(exc), param) from None
         return prompts
 
     def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None
@@ -193,8 +204,10 @@ class OpenAIApi:
             if item is None:
                 continue
             i, event = item
-            call.observe(i, event)
-            _raise_if_failed(event)
+            call.saw(i, event)
+            error = failure(event)
+            if error is not None:
+                raise from_exception(error)
             choices[i].add(event)
         call.close("OK")
         out = []
@@ -235,10 +248,10 @@ class OpenAIApi:
                     return
                 continue
             i, event = item
-            call.observe(i, event)
-            try:
-                _raise_if_failed(event)
-            except ApiError as exc:  # mid-stream: an error event, as vLLM sends it, then the stream ends
+            call.saw(i, event)
+            error = failure(event)
+            if error is not None:  # mid-stream: an error event, as vLLM sends it, then the stream ends
+                exc = from_exception(error)
                 yield sse(exc.body())
                 call.close(exc.kind.grpc_status)
                 return
@@ -259,15 +272,6 @@ class OpenAIApi:
             yield sse(envelope.wrap([], True, usage(prompt_tokens, call.completion_tokens)))
         call.close("OK")
         yield sse("[DONE]")
-
-
-def _raise_if_failed(event) -> None:
-    if not event.finished:
-        return
-    if event.finish_reason is FinishReason.ABORT:
-        raise ApiError(UNAVAILABLE, "the request was aborted: the server is shutting down")
-    if event.finish_reason is FinishReason.ERROR:
-        raise ApiError(INTERNAL, event.error or "the engine failed this request")
 
 
 def _with_seed(sampling, seed: int | None):
