@@ -63,6 +63,8 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         wait = self.retry_after or str(RETRY_AFTER_S)
         headers = {"Retry-After": wait} if self.kind.status in (429, 503) else None
+        if self.kind.status == 413:  # the rest of the body is not read: this connection cannot be reused
+            headers = {"Connection": "close"}
         return JSONResponse(self.body(), status_code=self.kind.status, headers=headers)
 
 

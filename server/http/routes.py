@@ -20,7 +20,7 @@ from server.engine.request import GenerationRequest, InvalidRequest
 from server.http import schemas
 from server.http.bridge import events
 from server.http.calls import EventStream
-from server.http.errors import NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
+from server.http.errors import NOT_FOUND, TOO_LARGE, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
 from server.lifecycle import Call, ContextTooLong, check_prompt, failure
 from server.metrics import UNRESOLVED_LABEL
@@ -42,6 +42,7 @@ class OpenAIApi:
         self.prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len)  # shared bounds and lock with gRPC
         self.draining = False
         self.active_calls = 0
+        self.max_body_bytes = MAX_BODY_BYTES
 
     # ---- endpoints ------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -124,12 +125,17 @@ class OpenAIApi:
             raise ApiError(from_exception(exc).kind, message) from None
 
     async def _json(self, request: Request) -> object:
+        """The body as JSON, read chunk by chunk: a body over `max_body_bytes` (declared, or chunked and only
+        found out while reading) is a 413 as soon as it passes the limit, never held whole in memory."""
+        limit = self.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise invalid(f"the request body has {declared} bytes; the limit is {MAX_BODY_BYTES}")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise invalid(f"the request body has {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(TOO_LARGE, f"the request body has {declared} bytes; the limit is {limit}")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(TOO_LARGE, f"the request body is over the limit of {limit} bytes")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
