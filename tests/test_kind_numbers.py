@@ -113,3 +113,32 @@ def test_every_number_of_every_kind_is_checked(tiny_llama_dir: Path, kind_dirs: 
 @pytest.mark.parametrize("kind", ["lora", "dora", "longlora", "ia3", "prefix", "prompt", "bitfit", "bottleneck"])
 def test_the_unchanged_adapters_are_read(tiny_llama_dir: Path, kind_dirs: dict[str, Path], kind: str) -> None:
     assert read_adapter(kind_dirs[kind], ModelArgs.from_dir(tiny_llama_dir), 16, 32, max_bottleneck_size=16)
+
+
+@pytest.mark.parametrize("other", ["dora", "longlora", "ia3", "prefix", "bitfit", "bottleneck"])
+def test_merges_across_kinds_are_refused_by_name(tiny_llama_dir: Path, kind_dirs: dict[str, Path],
+                                                  other: str) -> None:
+    """A merge is of LoRA adapters only: DoRA's magnitudes, BitFit's biases, a bottleneck's blocks... would be
+    silently dropped by a LoRA merge, so a source of another kind is refused, in either position."""
+    from server.adapters.errors import AdapterRejected
+    from server.adapters.merge import MergeSpec, merge_lora
+
+    args = ModelArgs.from_dir(tiny_llama_dir)
+    lora, foreign = (read_adapter(kind_dirs[k], args, 16, 32, max_bottleneck_size=16) for k in ("lora", other))
+    for sources, index in (([lora, foreign], 1), ([foreign, lora], 0)):
+        with pytest.raises(AdapterRejected, match=f"source {index} is a {foreign.kind} adapter; only LoRA"):
+            merge_lora(sources, MergeSpec("linear"))
+
+
+def test_an_upload_with_a_nan_reduction_factor_is_invalid_argument(tiny_llama_dir: Path, kind_dirs: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """Was UNKNOWN "cannot convert float NaN to integer" (and a NaN scaling was stored, then failed each request)."""
+    from clients import InvalidArgument
+    from tests.server_utils import running_server
+
+    with running_server(tiny_llama_dir, tenants=["acme"]) as s, s.client("acme") as c:
+        for case, change in (("rf", {"reduction_factor": NAN}), ("sc", {"scaling": NAN})):
+            dst = _variant(kind_dirs["bottleneck"], tmp_path / case, change, None)
+            with pytest.raises(InvalidArgument, match=next(iter(change))):
+                c.upload_adapter(dst, f"bn-{case}")
+        assert c.list_adapters() == []
