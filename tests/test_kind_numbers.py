@@ -44,7 +44,7 @@ def _variant(src: Path, dst: Path, cfg: dict | None, tensor: tuple[str, float] |
     shutil.copytree(src, dst)
     config_path = dst / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    inner = config["config"] if "config" in config else config  # AdapterHub nests its BnConfig
+    inner = config.get("config", config)  # AdapterHub nests its BnConfig
     for key, value in (cfg or {}).items():
         if key == "rope_factor":
             inner["rope_scaling"] = {"rope_type": "linear", "factor": value}

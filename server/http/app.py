@@ -17,11 +17,13 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from server.http.connections import ConnectionGuard, HttpLimits, KeyGate, guarded_protocol, rate_limit_logs
 from server.http.errors import INTERNAL, METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, UNAVAILABLE, ApiError, ErrorKind
+from server.http.openapi import document
 from server.http.routes import OpenAIApi
 from server.tenants import Unauthenticated
 
@@ -56,6 +58,7 @@ def _routes_app(api: OpenAIApi) -> Starlette:
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
+        Route("/openapi.json", openapi_route(api), methods=["GET"]),
     ]
 
     async def http_error(request, exc: HTTPException):
@@ -68,6 +71,15 @@ def _routes_app(api: OpenAIApi) -> Starlette:
         return ApiError(INTERNAL, f"internal error ({type(exc).__name__})").response()
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: crash})
+
+
+def openapi_route(api: OpenAIApi):
+    doc = document(api.model_id, api.engine.config.max_new_tokens_limit)
+
+    async def openapi(request) -> JSONResponse:
+        return JSONResponse(doc)
+
+    return openapi
 
 
 class HttpServer:
