@@ -20,7 +20,7 @@ from clients import DeadlineExceeded
 from tests.http_utils import MODEL_ID, running_http_server
 from tests.server_utils import wait_until
 
-TENANTS = ["sse", "unary", "stream", "deadline", "choices"]
+TENANTS = ["sse", "unary", "stream", "deadline", "choices", "mixed"]
 PROMPT = [5, 6, 7]
 
 
@@ -113,3 +113,57 @@ def test_n_choices_bill_their_prompt_once_as_the_response_says(server):
                                                          extra_body={"ignore_eos": True})
     prompt, completion, requests = _settled(server, "choices", 12)
     assert (prompt, completion, requests) == (reply.usage.prompt_tokens, reply.usage.completion_tokens, 1)
+
+
+def test_a_mixed_load_is_billed_exactly_what_was_computed(server):
+    """60 calls of one tenant at once over gRPC and HTTP, finished, cut mid-stream, hung up and past their
+    deadline: usage and the quota bucket equal the engine's count; the prompts lie between those of the calls
+    that finished and those of every call."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    seed = 3301
+    rng = random.Random(seed)
+    jobs = [(rng.choice(["grpc", "http"]), rng.choice(["finish", "cut", "deadline"]), rng.randint(2, 9),
+             rng.randint(4, 40)) for _ in range(60)]
+    finished_prompts = []
+
+    def one(job) -> None:
+        face, how, n_prompt, n_new = job
+        ids = [rng.randint(10, 999) for _ in range(n_prompt)]
+        if face == "grpc":
+            with server.grpc.client("mixed") as c:
+                if how == "finish":
+                    c.generate(token_ids=ids, max_new_tokens=n_new, ignore_eos=True)
+                    finished_prompts.append(n_prompt)
+                elif how == "cut":
+                    chunks = c.stream(token_ids=ids, max_new_tokens=4000, ignore_eos=True)
+                    for _ in range(min(3, n_new)):
+                        next(chunks)
+                    chunks.close()
+                else:
+                    with pytest.raises(DeadlineExceeded):
+                        c.generate(token_ids=ids, max_new_tokens=4000, ignore_eos=True, timeout=0.3)
+            return
+        body = {"model": MODEL_ID, "prompt": ids, "max_tokens": n_new if how == "finish" else 4000,
+                "ignore_eos": True, "stream": how == "cut"}
+        sock = _post(server, "mixed", body)
+        got = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                got += chunk
+                if not chunk or (how == "finish" and got.rstrip().endswith(b"}")) or (
+                        how == "cut" and got.count(b"data: ") >= 3) or how == "deadline":
+                    break
+        finally:
+            sock.close()  # "deadline" over HTTP: the client hangs up at once
+        if how == "finish":
+            finished_prompts.append(n_prompt)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, jobs))
+    prompt, completion, requests = _settled(server, "mixed", 1)
+    every_prompt = sum(j[2] for j in jobs)
+    assert sum(finished_prompts) <= prompt <= every_prompt, f"seed {seed}"
+    assert len(finished_prompts) <= requests <= len(jobs), f"seed {seed}"
