@@ -13,16 +13,23 @@ keyless connections lowest, and rate-limited logging of repeated errors (a flood
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 
+def default_max_connections() -> int:
+    """4096, or half the process's file-descriptor limit when that is lower (the rest: gRPC, files, the store)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 4096 if soft == resource.RLIM_INFINITY else max(64, min(4096, soft // 2))
+
+
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
-    max_connections: int = 4096  # open connections on the port, all addresses together
+    max_connections: int = field(default_factory=default_max_connections)  # on the port, all addresses together
     max_per_address: int = 256  # open connections from one client address
     header_timeout_s: float = 10.0  # a request's headers complete within this long of its first byte
     keep_alive_s: float = 30.0  # an idle keep-alive connection is closed after this long
