@@ -252,7 +252,14 @@ class Call:
             if self._settled:
                 return
             for i, s in enumerate(self.bill.sequences):
-                while not s.finished and (event := take(self.handles[i])) is not None:
+                while not s.finished:
+                    try:
+                        event = take(self.handles[i])
+                    except Exception:  # noqa: BLE001 - a remote handle's failure (server.scale) ends it
+                        s.finished = True
+                        break
+                    if event is None:
+                        break
                     self._record(i, event)
             done = all(s.finished for s in self.bill.sequences)
             if not done and self.services.engine.alive:
