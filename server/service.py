@@ -3,8 +3,9 @@
 A request's way through: authenticated tenant (server.auth) -> `_prepare` (exactly one of prompt /
 messages / token_ids, sampling values, stop strings, adapter resolved through the registry, chat
 template) -> per-tenant concurrency slot -> quotas (server.quotas: requests and tokens per minute) ->
-`Engine.submit` -> TokenEvents -> response or chunks -> usage record (server.usage).
-A cancelled call or an expired deadline aborts the engine sequence (its KV is freed at the next step).
+`Engine.submit` -> TokenEvents -> response or chunks -> usage record (server.usage). Slot, quota, submit,
+abort and the bill are server.lifecycle's `Call`, the object the HTTP face uses too: a cancelled call or an
+expired deadline aborts the engine sequence (its KV is freed at the next step) and is billed what it computed.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         sampling = self._sampling(req)
         adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
         ids = self._tokens(req, given[0])
+        check_prompt(ids, self.engine)  # the vocabulary range and the context limit, as the HTTP face checks them
         request_id = req.request_id or uuid.uuid4().hex
         gen = GenerationRequest(
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
@@ -204,9 +206,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
         if source == "token_ids":
-            ids = list(req.token_ids)
-            check_prompt(ids, self.engine)  # the vocabulary range and the context limit, as HTTP checks them
-            return ids
+            return list(req.token_ids)
         if source == "prompt":
             return self.prompts.encode(req.prompt)
         self.prompts.check_message_count(len(req.messages))
