@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
@@ -150,11 +151,21 @@ class Bill:
         return sum(s.completion_tokens for s in self.sequences)
 
 
-class Call:
-    """One generation call of one tenant: `services` has engine, limiter, metrics, quotas (or None) and usage
-    (or None). Open it, `hold_slot()`, `submit()`, feed it every event with `saw()`, then `close()`."""
+class CallServices(Protocol):
+    """What a face shares with its calls (the gRPC servicer and the HTTP api both are one)."""
 
-    def __init__(self, services, tenant, adapter_label: str = UNRESOLVED_LABEL, shared: bool = True,
+    engine: object  # Engine or server.scale's RemoteEngine: submit_group, abort, alive, config, args, max_model_len
+    limiter: object  # server.tenants.ConcurrencyLimiter
+    metrics: object  # server.metrics.ServerMetrics
+    quotas: object | None  # server.quotas.Quotas
+    usage: object | None  # server.usage.UsageRecorder
+
+
+class Call:
+    """One generation call of one tenant. Open it, `hold_slot()`, `submit()`, feed it every event with `saw()`,
+    then `close()` (exactly once counts; later calls are no-ops)."""
+
+    def __init__(self, services: CallServices, tenant, adapter_label: str = UNRESOLVED_LABEL, shared: bool = True,
                  on_close: Callable[[], None] | None = None) -> None:
         self.services = services
         self.tenant = tenant
