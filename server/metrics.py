@@ -166,6 +166,15 @@ class ServerMetrics:
             if ttft_s is not None and completion_tokens > 1:
                 self.tpot.labels(t, a).observe((total_s - ttft_s) / (completion_tokens - 1))
 
+    def observe_tokens(self, tenant: str, adapter: str, prompt_tokens: int, completion_tokens: int,
+                       shared: bool = True) -> None:
+        """Tokens of a request counted after observe_request (a cancelled one's last events come later)."""
+        t, a = self.labels(tenant, adapter, shared)
+        if prompt_tokens:
+            self.prompt_tokens.labels(t, a).inc(prompt_tokens)
+        if completion_tokens:
+            self.generated_tokens.labels(t, a).inc(completion_tokens)
+
     def observe_throttled(self, tenant: str, limit: str) -> None:
         self.throttled.labels(tenant, limit).inc()
 

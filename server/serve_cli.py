@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from server.config import LORA_DTYPES, AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
+from server.http.connections import HttpLimits
 from server.tenants import TenantsFileError
 
 DEFAULT_HTTP_PORT = 8000
@@ -34,6 +35,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                    help="OpenAI-compatible HTTP API port, on --host (0 = any free port)")
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
+    h = HttpLimits()
+    p.add_argument("--http-max-connections", type=int, default=h.max_connections,
+                   help="open HTTP connections at most; over it keyless ones make room and are refused")
+    p.add_argument("--http-max-per-address", type=int, default=h.max_per_address,
+                   help="open HTTP connections from one client address at most")
+    p.add_argument("--http-header-timeout", type=float, default=h.header_timeout_s,
+                   help="seconds a client has to send a request's headers")
     p.add_argument("--model-id", default=None,
                    help="the base model's id in the HTTP API (default: the model's directory/file name)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 = any)")
@@ -156,9 +164,12 @@ def main(argv: list[str]) -> int:
             from server.http.app import HttpServer
 
             http = HttpServer(server.engine, server.registry, server.tenants, server.limiter, server.metrics,
-                              model_id(args), args.host, args.http_port, quotas=server.quotas, usage=server.usage)
+                              model_id(args), args.host, args.http_port, quotas=server.quotas, usage=server.usage,
+                              limits=HttpLimits(max_connections=args.http_max_connections,
+                                                max_per_address=args.http_max_per_address,
+                                                header_timeout_s=args.http_header_timeout))
             http.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a port taken, an HttpLimits value out of range
         print(f"error: {exc}", file=sys.stderr)
         server.stop(0)
         return 1

@@ -3,16 +3,16 @@
 A request's way through: authenticated tenant (server.auth) -> `_prepare` (exactly one of prompt /
 messages / token_ids, sampling values, stop strings, adapter resolved through the registry, chat
 template) -> per-tenant concurrency slot -> quotas (server.quotas: requests and tokens per minute) ->
-`Engine.submit` -> TokenEvents -> response or chunks -> usage record (server.usage).
-A cancelled call or an expired deadline aborts the engine sequence (its KV is freed at the next step).
+`Engine.submit` -> TokenEvents -> response or chunks -> usage record (server.usage). Slot, quota, submit,
+abort and the bill are server.lifecycle's `Call`, the object the HTTP face uses too: a cancelled call or an
+expired deadline aborts the engine sequence (its KV is freed at the next step) and is billed what it computed.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import re
-import time
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,13 +22,8 @@ import grpc
 from server import grpc_messages as msg
 from server.auth import caller
 from server.clip import clip
-from server.engine.request import (
-    FinishReason,
-    GenerationRequest,
-    SamplingParams,
-    TokenEvent,
-    merge_events,
-)
+from server.engine.request import GenerationRequest, SamplingParams, TokenEvent
+from server.lifecycle import ENGINE_CHECK_S, Call, check_prompt, check_sampling, failure, wait_events
 from server.metrics import UNRESOLVED_LABEL, ServerMetrics
 from server.prompting import PromptTokenizer
 from server.quotas import QuotaExceeded, Quotas
@@ -49,27 +44,6 @@ DEFAULTS = SamplingParams()
 _invalid = invalid
 
 
-@dataclass(slots=True)
-class CallRecord:
-    """What one call's metrics record: its final status and what the engine reported."""
-
-    adapter_label: str  # never a caller-chosen string: an adapter name only once it resolved
-    shared: bool = False  # the adapter is shared (its name may appear in other tenants' metrics)
-    status: str | None = None  # gRPC status name, once decided
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_s: float | None = None
-    ttft_s: float | None = None
-    reached_engine: bool = False  # an event came back: tokens were consumed
-    quota_charged: bool = False  # the prompt was charged to the tenant's token bucket
-
-    def saw(self, event: TokenEvent) -> None:
-        self.reached_engine = True
-        self.queue_s = self.queue_s if self.queue_s is not None else event.queue_s
-        self.ttft_s = self.ttft_s if self.ttft_s is not None else event.ttft_s
-        self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
-
-
 @dataclass(frozen=True, slots=True)
 class Prepared:
     request: GenerationRequest  # what the engine gets (request_id is tenant-scoped)
@@ -80,14 +54,14 @@ class Prepared:
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, engine, registry, limiter: ConcurrencyLimiter, metrics: ServerMetrics,
-                 poll_s: float = 0.25, quotas: Quotas | None = None, usage=None) -> None:
+                 engine_check_s: float = ENGINE_CHECK_S, quotas: Quotas | None = None, usage=None) -> None:
         self.quotas = quotas
         self.usage = usage  # server.usage.UsageRecorder or None
         self.engine = engine
         self.registry = registry  # server.adapters.registry.AdapterRegistry, or None (base model only)
         self.limiter = limiter
         self.metrics = metrics
-        self.poll_s = poll_s  # how often a waiting worker re-checks that its call is alive
+        self.engine_check_s = engine_check_s  # how often a waiting worker checks that the step loop is alive
         self.prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len)
 
     # ---- RPCs ----------------------------------------------------------------------------------
@@ -125,86 +99,54 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 chunk.timings.CopyFrom(msg.timings(prepared.request.arrival_time, first_event, final=True))
             yield chunk
 
-    # ---- one call's life -----------------------------------------------------------------------
+    # ---- one call's life (server.lifecycle: the same object the HTTP face uses) --------------------
     def _serve(self, request: pb.GenerateRequest, context) -> Iterator[tuple[Prepared, TokenEvent]]:
         """Yields (prepared, event) until the finishing event; aborts the call with a status on failure."""
         tenant = caller(context)
-        started = time.monotonic()
-        record = CallRecord(adapter_label=UNRESOLVED_LABEL if request.adapter else "")
+        call = Call(self, tenant, UNRESOLVED_LABEL if request.adapter else "")
         try:
-            prepared = self._prepare(request, tenant, started)
-            record.adapter_label, record.shared = prepared.adapter_name, prepared.adapter_shared
-            with self.limiter.hold(tenant):
-                if self.quotas is not None:
-                    self.quotas.admit(tenant.name, tenant.limits, len(prepared.request.prompt_token_ids))
-                    record.quota_charged = True
-                self.metrics.in_flight.labels(tenant.name).inc()
-                try:
-                    for event in self._run(prepared, context, record):
-                        yield prepared, event
-                finally:
-                    self.metrics.in_flight.labels(tenant.name).dec()
-            record.status = record.status or grpc.StatusCode.OK.name
+            prepared = self._prepare(request, tenant, call.started)
+            call.adapter_label, call.shared = prepared.adapter_name, prepared.adapter_shared
+            call.hold_slot()
+            yield from ((prepared, event) for event in self._run(prepared, context, call))
+            call.status = call.status or grpc.StatusCode.OK.name
         except Exception as exc:
             code = status_of(exc)
             if code is None:
                 raise
-            record.status = code.name
-            if isinstance(exc, QuotaExceeded):
-                self.metrics.observe_throttled(tenant.name, exc.limit)
-                if exc.retry_after_header is not None:
-                    context.set_trailing_metadata((("retry-after", exc.retry_after_header),))
+            call.status = code.name
+            if isinstance(exc, QuotaExceeded) and exc.retry_after_header is not None:
+                context.set_trailing_metadata((("retry-after", exc.retry_after_header),))
             context.abort(code, message_of(exc))
         finally:  # also when gRPC stops iterating a stream whose call ended (cancelled, deadline)
-            record.status = record.status or _gone_status(context)
-            self._account(tenant, record)
-            self.metrics.observe_request(
-                tenant.name, record.adapter_label, record.status, prompt_tokens=record.prompt_tokens,
-                completion_tokens=record.completion_tokens, queue_s=record.queue_s, ttft_s=record.ttft_s,
-                total_s=time.monotonic() - started, shared=record.shared,
-            )
+            call.close(_gone_status(context))
 
-    def _run(self, prepared: Prepared, context, record: CallRecord) -> Iterator[TokenEvent]:
-        """The engine's events for one call (submit errors propagate to the status table)."""
-        engine_id = prepared.request.request_id
-        handle = self.engine.submit(prepared.request)
-        finished = False
-        # the callback runs when the call ends for any reason (a no-op for a finished sequence);
-        # add_callback is False when the call already ended (e.g. a deadline that expired meanwhile)
-        if not context.add_callback(lambda: None if finished else self.engine.abort(engine_id)):
-            self.engine.abort(engine_id)
-        try:
-            while True:
-                try:
-                    event = handle.get(timeout=self.poll_s)
-                except queue.Empty:
-                    if not context.is_active():
-                        record.status = _gone_status(context)
-                        return
-                    if not self.engine.alive:  # never wait forever on a step loop that is gone
-                        raise RequestError(grpc.StatusCode.UNAVAILABLE, "the engine is not running") from None
-                    continue
-                event = _coalesce(event, handle)
-                record.saw(event)
-                if event.finished:
-                    finished = True
-                    if event.finish_reason is FinishReason.ABORT:
-                        if not context.is_active():
-                            record.status = _gone_status(context)
-                            return
-                        raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                                           "the request was aborted: the server is shutting down")
-                    if event.finish_reason is FinishReason.ERROR:
-                        raise RequestError(grpc.StatusCode.INTERNAL, event.error or "the engine failed this request")
-                if not context.is_active():
-                    record.status = _gone_status(context)
-                    return
-                yield event
-                if event.finished:
-                    return
-        finally:
-            if not finished:
-                self.engine.abort(engine_id)
+    def _run(self, prepared: Prepared, context, call: Call) -> Iterator[TokenEvent]:
+        """The engine's events for one call, woken by the engine (or by the call ending) rather than polling."""
+        wake = threading.Event()
+        (handle,) = call.submit([prepared.request])
+
+        def ended() -> None:  # the call ended for any reason: abort (a no-op once finished) and wake the reader
+            call.close(_gone_status(context))
+            wake.set()
+
+        if not context.add_callback(ended):  # the call already ended (e.g. a deadline that expired meanwhile)
+            ended()
+        for item in wait_events([handle], wake, self.engine_check_s):
+            if item is not None:
+                call.saw(0, item[1])  # before anything else: the bill counts what the engine computed
+            if not context.is_active():
+                call.status = call.status or _gone_status(context)
+                return
+            if item is None:
+                if not self.engine.alive:  # never wait forever on a step loop that is gone
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
+                continue
+            event = item[1]
+            error = failure(event)
+            if error is not None:
+                raise error
+            yield event
 
     # ---- validation and tokenization ------------------------------------------------------------
     def _prepare(self, req: pb.GenerateRequest, tenant: Tenant, started: float) -> Prepared:
@@ -219,6 +161,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         sampling = self._sampling(req)
         adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
         ids = self._tokens(req, given[0])
+        check_prompt(ids, self.engine)  # the vocabulary range and the context limit, as the HTTP face checks them
         request_id = req.request_id or uuid.uuid4().hex
         constraint = constraint_of(req)
         if constraint is not None:  # compiled (or found cached) on this call's worker thread: invalid -> here
@@ -254,7 +197,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs if req.HasField("top_logprobs") else DEFAULTS.top_logprobs,
         )
-        sampling.validate(self.engine.config.max_new_tokens_limit, self.engine.args.vocab_size)  # -> INVALID_ARGUMENT
+        check_sampling(sampling, self.engine)  # InvalidRequest -> INVALID_ARGUMENT
         return sampling
 
     def _resolve_adapter(self, tenant: Tenant, name: str) -> tuple[str | None, str, bool]:
@@ -267,7 +210,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
         if source == "token_ids":
-            return list(req.token_ids)  # the engine checks the vocabulary range and the context limit
+            return list(req.token_ids)
         if source == "prompt":
             return self.prompts.encode(req.prompt)
         self.prompts.check_message_count(len(req.messages))
@@ -283,29 +226,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     @property
     def _tokenizer_lock(self):
         return self.prompts.lock
-
-    def _account(self, tenant: Tenant, record: CallRecord) -> None:
-        """What a request that reached the engine consumed: completion tokens against its tokens-per-minute
-        bucket, and a usage record (the same counts as the response's `usage`)."""
-        if not record.reached_engine:
-            return
-        if record.quota_charged and self.quotas is not None:
-            self.quotas.charge_completion(tenant.name, tenant.limits, record.completion_tokens)
-        if self.usage is not None:
-            adapter = record.adapter_label if record.adapter_label != UNRESOLVED_LABEL else ""
-            self.usage.record(tenant.name, adapter, record.prompt_tokens, record.completion_tokens)
-
-
-def _coalesce(event: TokenEvent, handle) -> TokenEvent:
-    """`event` merged with the events already queued behind it: a caller that fell behind the engine
-    gets one chunk per wake-up instead of one per token (less per-message overhead, same text)."""
-    merged = [event]
-    while not merged[-1].finished:
-        try:
-            merged.append(handle.get(timeout=0))
-        except queue.Empty:
-            break
-    return merge_events(merged)
 
 
 DEADLINE_SLACK_S = 0.05  # a client cancels at its own deadline, which can reach us just before ours

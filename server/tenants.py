@@ -18,8 +18,11 @@ only) every caller is the single tenant "local", with admin rights, and no key i
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import tomllib
@@ -29,6 +32,8 @@ from pathlib import Path
 
 from server.clip import clip
 from server.quotas import LIMIT_FIELDS, TenantLimits, parse_limits
+
+log = logging.getLogger(__name__)
 
 ADMIN_TENANT = "admin"
 LOCAL_TENANT = "local"
@@ -157,6 +162,7 @@ class TenantDirectory:
 
     @classmethod
     def from_file(cls, path: Path) -> TenantDirectory:
+        warn_if_readable(Path(path), "the tenants file (key hashes and quotas)")
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -274,3 +280,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def warn_if_readable(path: Path, what: str) -> bool:
+    """Log a warning (and return True) when `path` is readable by its group or by others: keep it 0600."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # reading it reports the problem
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s %s is accessible to its group or others (mode %o); chmod 600 it", what, path,
+                    stat.S_IMODE(mode))
+        return True
+    return False

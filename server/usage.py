@@ -12,6 +12,7 @@ Schema: usage(tenant, adapter, minute, prompt_tokens, completion_tokens, request
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -40,6 +41,20 @@ ON CONFLICT (tenant, adapter, minute) DO UPDATE SET
 """
 
 
+def private_file(path: Path) -> None:
+    """`path` exists with mode 0600 (created so, or an older world-readable file narrowed): usage names every
+    tenant, adapter and its traffic."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):  # left by an older version or a crash
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.chmod(side, 0o600)
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
     tenant: str
@@ -58,6 +73,7 @@ class UsageRecorder:
         self._pending: dict[tuple[str, str, int], list[int]] = {}
         self._lock = threading.Lock()  # guards _pending
         self._db_lock = threading.Lock()  # one writer / reader on the connection at a time
+        private_file(self.path)  # SQLite gives its -wal and -shm files the database file's mode
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill

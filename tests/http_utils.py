@@ -26,13 +26,14 @@ class RunningHttp:
 
 
 @contextmanager
-def running_http_server(model_dir, **kwargs):
+def running_http_server(model_dir, http_limits=None, **kwargs):
+    """http_limits: server.http.connections.HttpLimits for the HTTP port (None: the defaults)."""
     from server.http.app import HttpServer
 
     with running_server(model_dir, **kwargs) as s:
         srv = s.server
         http = HttpServer(srv.engine, srv.registry, srv.tenants, srv.limiter, srv.metrics, MODEL_ID, "127.0.0.1", 0,
-                          quotas=srv.quotas, usage=srv.usage)
+                          quotas=srv.quotas, usage=srv.usage, **({"limits": http_limits} if http_limits else {}))
         http.start()
         try:
             yield RunningHttp(s, http, f"{http.url}/v1")

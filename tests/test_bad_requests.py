@@ -59,6 +59,19 @@ CASES = [
      InvalidArgument, "5000 messages; at most 512"),
     ("rendered chat too long", {"messages": [{"role": "user", "content": "x" * 10}] * 500, "token_ids": None},
      InvalidArgument, "the rendered chat has"),
+    # issue 33: the checks both faces share (server/lifecycle.py, SamplingParams.validate), over gRPC
+    ("5000 stop strings", {"stop": ["ab"] * 5000}, InvalidArgument, "at most 16 stop strings"),
+    ("100k-character stop", {"stop": ["x" * 100_000]}, InvalidArgument, "at most 256 characters"),
+    ("logit_bias over the vocabulary", {"logit_bias": {t: 1.0 for t in range(2000)}}, InvalidArgument,
+     "2000 entries; at most 1024"),
+    ("logit_bias NaN", {"logit_bias": {5: float("nan")}}, InvalidArgument, "must be in [-100, 100]"),
+    ("logit_bias token beyond vocab", {"logit_bias": {10**8: 1.0}}, InvalidArgument, "outside the vocabulary"),
+    ("top_logprobs 21", {"logprobs": True, "top_logprobs": 21}, InvalidArgument, "top_logprobs must be in [0, 20]"),
+    ("min_p 2", {"min_p": 2.0}, InvalidArgument, "min_p must be in [0, 1]"),
+    ("presence_penalty NaN", {"presence_penalty": float("nan")}, InvalidArgument, "presence_penalty must be in"),
+    ("repetition_penalty 0", {"repetition_penalty": 0.0}, InvalidArgument, "repetition_penalty must be in (0, 100]"),
+    ("min_tokens above max", {"min_tokens": 5}, InvalidArgument, "min_tokens must be in [0, max_new_tokens=2]"),
+    ("prompt exactly the context", {"token_ids": [5] * 512}, InvalidArgument, "leaving no room to generate"),
 ]
 
 

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import torch
 
-from server.adapters import kinds
+from server.adapters import kinds, numbers
 from server.adapters.kinds.base import AdapterFormatError, ReadLimits
 from server.clip import clip
 from server.model.args import ModelArgs
@@ -120,14 +120,7 @@ def check_config(raw: bytes) -> dict:
 
 def check_scale(name: str, value: object, bound: float = MAX_SCALE) -> float:
     """`value` as a float if it is a finite number with |value| <= bound; else AdapterFormatError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(f"{name} must be a number, got {clip(value)}")
-    v = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
-    if not math.isfinite(v):
-        raise _fail(f"{name} must be a finite number, got {clip(value)}")
-    if abs(v) > bound:
-        raise _fail(f"{name} = {v:.6g} is out of range: |{name}| must be <= {bound:g}")
-    return v
+    return numbers.magnitude(name, value, bound)
 
 
 def check_finite(name: str, tensor: torch.Tensor, serving_dtype: torch.dtype = torch.float32) -> torch.Tensor:

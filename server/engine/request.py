@@ -190,6 +190,11 @@ class RequestHandle:
         events queued before it was set are not signalled: check with get(timeout=0) after setting it."""
         self._listener = listener
 
+    def drop_listener(self, listener: Callable[[], None]) -> None:
+        """Unset `listener` if it is still the one set (another consumer may have replaced it since)."""
+        if self._listener == listener:
+            self._listener = None
+
     def get(self, timeout: float | None = None) -> TokenEvent:
         """Next event; raises queue.Empty on timeout."""
         event = self._events.get(timeout=timeout)

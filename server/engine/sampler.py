@@ -5,7 +5,7 @@ Semantics, for row i with params p (all as tensor ops over the [S, V] logits; no
                                                                    default `raw_logprobs` mode reports them)
     seen[i, v]   = token v occurs in the prompt or the output      (repetition_penalty, as vLLM / CTRL)
     count[i, v]  = occurrences of v in the output                  (presence / frequency, OpenAI semantics)
-    l            = raw[i]; l[seen] = l / rp if l > 0 else l * rp
+    l            = raw[i]; l[seen] = l / rp if l > 0 else l * rp    (rp at least 1e-5, as temperature)
     l           -= frequency_penalty * count + presence_penalty * (count > 0)
     l[t]        += logit_bias[t]
     l[eos]       = -inf while len(output) < min_tokens
@@ -65,7 +65,8 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     S, V = logits.shape
     device = logits.device
     out = logits.clone()
-    rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)  # [S]
+    rep = torch.tensor([max(p.repetition_penalty, 1e-5) for p in params], dtype=torch.float32,
+                       device=device)  # [S]; a tiny penalty (5e-324 is valid) would divide by fp32 0
     freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device)  # [S]
     pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device)  # [S]
     need_out = bool((rep != 1).any() or (freq != 0).any() or (pres != 0).any())
@@ -112,6 +113,7 @@ def filter_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         top_p = torch.tensor([params[j].top_p for j in nucleus], dtype=torch.float32, device=device)
         mass = sorted_p.sum(dim=-1, keepdim=True)
         drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p[:, None] * mass  # keeps the first token
+        drop[:, 0] = False  # ... also when top_p underflows fp32 to 0 (5e-324 is a valid top_p)
         sub = sub.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs.index_copy(0, rows, sub)
     return probs

@@ -17,20 +17,48 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from server.http.errors import INTERNAL, METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, ApiError, ErrorKind
+from server.http.connections import ConnectionGuard, HttpLimits, KeyGate, guarded_protocol, rate_limit_logs
+from server.http.errors import INTERNAL, METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, UNAVAILABLE, ApiError, ErrorKind
+from server.http.openapi import document
 from server.http.routes import OpenAIApi
+from server.tenants import Unauthenticated
 
 log = logging.getLogger(__name__)
 
 
-def build_app(api: OpenAIApi) -> Starlette:
+def build_app(api: OpenAIApi, guard: ConnectionGuard | None = None):
+    """The Starlette app; with a guard, behind its KeyGate (keyless requests of over-cap connections: 503)."""
+    app = _routes_app(api)
+    if guard is None:
+        return app
+
+    def is_valid_key(header: str | None) -> bool:
+        try:
+            api.tenants.authenticate([("authorization", header)] if header is not None else [])
+        except Unauthenticated:
+            return False
+        return True
+
+    async def unavailable(scope, receive, send) -> None:
+        response = ApiError(UNAVAILABLE, "the HTTP port is at its connection limit; requests without a valid API "
+                            "key are refused until connections close").response()
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+    return KeyGate(app, guard, is_valid_key, unavailable)
+
+
+def _routes_app(api: OpenAIApi) -> Starlette:
     routes = [
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
+        Route("/openapi.json", openapi_route(api), methods=["GET"]),
     ]
 
     async def http_error(request, exc: HTTPException):
@@ -45,10 +73,22 @@ def build_app(api: OpenAIApi) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: crash})
 
 
+def openapi_route(api: OpenAIApi):
+    doc = document(api.model_id, api.engine.config.max_new_tokens_limit)
+
+    async def openapi(request) -> JSONResponse:
+        return JSONResponse(doc)
+
+    return openapi
+
+
 class HttpServer:
     def __init__(self, engine, registry, tenants, limiter, metrics, model_id: str, host: str = "127.0.0.1",
-                 port: int = 8000, quotas=None, usage=None) -> None:
+                 port: int = 8000, quotas=None, usage=None, limits: HttpLimits | None = None) -> None:
         self.api = OpenAIApi(engine, registry, tenants, limiter, metrics, model_id, quotas, usage)
+        self.limits = limits or HttpLimits()
+        self.api.max_body_bytes = self.limits.max_body_bytes
+        self.guard = ConnectionGuard(self.limits.max_connections, self.limits.max_per_address)
         self.host = host
         self.requested_port = port
         self.port: int | None = None
@@ -71,8 +111,11 @@ class HttpServer:
             raise OSError(f"cannot listen on {self.host}:{self.requested_port} (HTTP): {exc}") from None
         sock.listen(2048)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(build_app(self.api), log_level="warning", lifespan="off", access_log=False,
-                                timeout_keep_alive=30, backlog=2048)
+        rate_limit_logs()  # a flood of failed accepts (out of file descriptors) logs once per interval
+        protocol = guarded_protocol(AutoHTTPProtocol, self.guard, self.limits.header_timeout_s)
+        config = uvicorn.Config(build_app(self.api, self.guard), log_level="warning", lifespan="off",
+                                access_log=False, http=protocol, timeout_keep_alive=self.limits.keep_alive_s,
+                                backlog=2048)
         self._server = uvicorn.Server(config)
         started = threading.Event()
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 
-from server.engine.request import RequestHandle, TokenEvent, merge_events
+from server.engine.request import RequestHandle, TokenEvent
+from server.lifecycle import take
 
 
 async def events(handles: list[RequestHandle], idle_s: float = 0.5
@@ -27,10 +27,9 @@ async def events(handles: list[RequestHandle], idle_s: float = 0.5
             wake.clear()  # cleared before draining: a put after this point sets it again
             got = False
             for i in sorted(open_):
-                batch = _drain(handles[i])
-                if batch:
+                event = take(handles[i])
+                if event is not None:
                     got = True
-                    event = merge_events(batch)
                     if event.finished:
                         open_.discard(i)
                     yield i, event
@@ -42,17 +41,7 @@ async def events(handles: list[RequestHandle], idle_s: float = 0.5
                 yield None
     finally:
         for h in handles:
-            h.set_listener(None)
-
-
-def _drain(handle: RequestHandle) -> list[TokenEvent]:
-    out: list[TokenEvent] = []
-    while not handle.done and (not out or not out[-1].finished):
-        try:
-            out.append(handle.get(timeout=0))
-        except queue.Empty:
-            break
-    return out
+            h.drop_listener(signal)
 
 
 class LoopNotifier:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 
-from server.status import status_of
+from server.status import RequestError, status_of
 
 RETRY_AFTER_S = 1  # what a 429 / 503 asks the client to wait
 
@@ -43,6 +43,7 @@ BY_GRPC_STATUS: dict[str, ErrorKind] = {
     "FAILED_PRECONDITION": BAD_REQUEST,
     "RESOURCE_EXHAUSTED": RATE_LIMITED,
     "UNAVAILABLE": UNAVAILABLE,
+    "INTERNAL": INTERNAL,  # a sequence the engine failed (server.lifecycle.failure)
 }
 
 
@@ -62,6 +63,8 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         wait = self.retry_after or str(RETRY_AFTER_S)
         headers = {"Retry-After": wait} if self.kind.status in (429, 503) else None
+        if self.kind.status == 413:  # the rest of the body is not read: this connection cannot be reused
+            headers = {"Connection": "close"}
         return JSONResponse(self.body(), status_code=self.kind.status, headers=headers)
 
 
@@ -76,7 +79,9 @@ def from_exception(exc: BaseException, param: str | None = None) -> ApiError:
     message = str(exc.args[0]) if exc.args else str(exc)
     code = status_of(exc)
     kind = BY_GRPC_STATUS.get(code.name) if code is not None else None
-    if kind is None:
+    if kind is INTERNAL and isinstance(exc, RequestError):  # decided where it happened: its own message
+        return ApiError(INTERNAL, message)
+    if kind is None or kind is INTERNAL:
         return ApiError(INTERNAL, f"internal error ({type(exc).__name__}): {message}")
     named = param if kind is BAD_REQUEST else "model" if kind in (NOT_FOUND, FORBIDDEN) else None
     return ApiError(kind, message, named, retry_after=getattr(exc, "retry_after_header", None))

@@ -16,14 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.adapters.errors import AdapterForbidden, AdapterNotFound
-from server.engine.request import FinishReason, GenerationRequest, InvalidRequest
+from server.engine.request import GenerationRequest, InvalidRequest
 from server.http import schemas
 from server.http.bridge import events
-from server.http.calls import Call, EventStream
-from server.http.errors import INTERNAL, NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
+from server.http.calls import EventStream
+from server.http.errors import NOT_FOUND, TOO_LARGE, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
 from server.http.structured import OutputSpec, compile_output, output_spec, render_chat
 from server.http.tools import ToolStream, chat_message, stream_tail
+from server.lifecycle import Call, ContextTooLong, check_prompt, failure
 from server.metrics import UNRESOLVED_LABEL
 from server.prompting import PromptTokenizer
 from server.tenants import Unauthenticated
@@ -43,6 +44,7 @@ class OpenAIApi:
         self.prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len)  # shared bounds and lock with gRPC
         self.draining = False
         self.active_calls = 0
+        self.max_body_bytes = MAX_BODY_BYTES
 
     # ---- endpoints ------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -82,7 +84,7 @@ class OpenAIApi:
             if self.draining:
                 raise ApiError(UNAVAILABLE, "the server is shutting down; retry on another replica")
             tenant = self._auth(request)
-            call = Call(self, tenant, UNRESOLVED_LABEL)
+            call = self._open(tenant)
             body = await self._json(request)
             parsed = schemas.parse(body, chat=chat, vocab_size=self.engine.args.vocab_size,
                                    max_new_tokens_limit=self.engine.config.max_new_tokens_limit)
@@ -91,7 +93,8 @@ class OpenAIApi:
             prompts = self._tokenize(parsed, output)
             compiled = await compile_output(self.engine, output)  # a worker thread, before any slot is taken
             call.hold_slot()
-            call.submit(self._requests(tenant, parsed, prompts, adapter_key, compiled))
+            call.submit(self._requests(tenant, parsed, prompts, adapter_key, compiled),
+                        [i // parsed.n for i in range(len(prompts) * parsed.n)])  # n choices share a prompt
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error object
             error = from_exception(exc, "messages" if chat else "prompt")
             if call is not None:
@@ -108,6 +111,15 @@ class OpenAIApi:
         finally:
             call.close("CANCELLED")
 
+    def _open(self, tenant) -> Call:
+        """A lifecycle Call (server.lifecycle, shared with gRPC) counted in `active_calls` until it closes."""
+        self.active_calls += 1
+
+        def closed() -> None:
+            self.active_calls -= 1
+
+        return Call(self, tenant, UNRESOLVED_LABEL, on_close=closed)
+
     def _auth(self, request: Request):
         header = request.headers.get("authorization")
         try:
@@ -118,12 +130,17 @@ class OpenAIApi:
             raise ApiError(from_exception(exc).kind, message) from None
 
     async def _json(self, request: Request) -> object:
+        """The body as JSON, read chunk by chunk: a body over `max_body_bytes` (declared, or chunked and only
+        found out while reading) is a 413 as soon as it passes the limit, never held whole in memory."""
+        limit = self.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise invalid(f"the request body has {declared} bytes; the limit is {MAX_BODY_BYTES}")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise invalid(f"the request body has {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(TOO_LARGE, f"the request body has {declared} bytes; the limit is {limit}")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(TOO_LARGE, f"the request body is over the limit of {limit} bytes")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -143,7 +160,6 @@ class OpenAIApi:
         return resolved.pool_key, f"{resolved.tenant}/{resolved.name}"
 
     def _tokenize(self, parsed: schemas.ParsedRequest, output: OutputSpec | None = None) -> list[list[int]]:
-        max_len, vocab = self.engine.max_model_len, self.engine.args.vocab_size
         if parsed.chat:
             try:
                 tools = output.tools if output is not None else None
@@ -158,14 +174,15 @@ class OpenAIApi:
                         p = self.prompts.encode(p)
                     except InvalidRequest as exc:
                         raise invalid(str(exc), "prompt") from None
-                bad = next((t for t in p if not 0 <= t < vocab), None)
-                if bad is not None:
-                    raise invalid(f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})", "prompt")
                 prompts.append(p)
+        param = "messages" if parsed.chat else "prompt"
         for ids in prompts:
-            if len(ids) >= max_len:
-                raise invalid(f"the prompt has {len(ids)} tokens; the context limit is {max_len}, leaving no room "
-                              "to generate", "messages" if parsed.chat else "prompt", "context_length_exceeded")
+            try:
+                check_prompt(ids, self.engine)  # the vocabulary range and the context limit, as gRPC checks them
+            except ContextTooLong as exc:
+                raise invalid(str(exc), param, "context_length_exceeded") from None
+            except InvalidRequest as exc:
+                raise invalid(str(exc), param) from None
         return prompts
 
     def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None,
@@ -200,8 +217,10 @@ class OpenAIApi:
             if item is None:
                 continue
             i, event = item
-            call.observe(i, event)
-            _raise_if_failed(event)
+            call.saw(i, event)
+            error = failure(event)
+            if error is not None:
+                raise from_exception(error)
             choices[i].add(event)
         call.close("OK")
         out = []
@@ -245,10 +264,10 @@ class OpenAIApi:
                     return
                 continue
             i, event = item
-            call.observe(i, event)
-            try:
-                _raise_if_failed(event)
-            except ApiError as exc:  # mid-stream: an error event, as vLLM sends it, then the stream ends
+            call.saw(i, event)
+            error = failure(event)
+            if error is not None:  # mid-stream: an error event, as vLLM sends it, then the stream ends
+                exc = from_exception(error)
                 yield sse(exc.body())
                 call.close(exc.kind.grpc_status)
                 return
@@ -278,15 +297,6 @@ class OpenAIApi:
             yield sse(envelope.wrap([], True, usage(prompt_tokens, call.completion_tokens)))
         call.close("OK")
         yield sse("[DONE]")
-
-
-def _raise_if_failed(event) -> None:
-    if not event.finished:
-        return
-    if event.finish_reason is FinishReason.ABORT:
-        raise ApiError(UNAVAILABLE, "the request was aborted: the server is shutting down")
-    if event.finish_reason is FinishReason.ERROR:
-        raise ApiError(INTERNAL, event.error or "the engine failed this request")
 
 
 def _with_seed(sampling, seed: int | None):

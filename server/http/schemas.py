@@ -10,12 +10,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from server.engine.request import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
+from server.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 from server.http.errors import invalid
 from server.http.tools import message_fields
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_SEQUENCES = 64  # prompts x n: the engine sequences one request may start
+MAX_ALTERNATIVES = 64  # n x top_logprobs: the alternatives reported per generated position, all choices together
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the room left
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 # engine field -> the OpenAI parameter a client set (for messages coming back from SamplingParams.validate)
@@ -97,6 +99,8 @@ def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
         return ()
     if not isinstance(bias, dict):
         raise invalid("'logit_bias' must be an object mapping token ids to biases", "logit_bias", "invalid_type")
+    if len(bias) > MAX_LOGIT_BIAS:  # before reading any entry: a whole vocabulary is refused at once
+        raise invalid(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias")
     out = []
     for key, value in bias.items():
         try:
@@ -226,6 +230,12 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
         raise invalid(f"'min_tokens' ({sampling.min_tokens}) must not exceed '{max_name}' ({max_tokens})",
                       "min_tokens")
     n = _integer(body, "n", 1, 1, MAX_N)
+    if n * top > MAX_ALTERNATIVES:
+        name = "top_logprobs" if chat else "logprobs"
+        raise invalid(f"'n' x '{name}' is {n} x {top}; at most {MAX_ALTERNATIVES} alternatives per position", name)
+    if len(prompts) * n > MAX_SEQUENCES:
+        raise invalid(f"{len(prompts)} prompts x 'n' {n} would start {len(prompts) * n} sequences; at most "
+                      f"{MAX_SEQUENCES} per request", "prompt")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("'user' must be a string", "user", "invalid_type")

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
+from server.adapters.numbers import config_number
 from server.model.args import ModelArgs
 
+MAX_SCALING = 1e4  # |scaling|, as |lora_alpha / r| for LoRA
 PLACEMENTS = {"attention_adapters": "attention", "output_adapters": "mlp"}  # AdapterHub location -> our block
 ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swish": 2}  # AdapterHub names (get_activation) -> our code
 TENSOR_KEY = re.compile(r"^(?:[\w.]*\.)?layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.([^.]+)\."
@@ -54,8 +56,9 @@ def parse_config(cfg: dict, hidden: int, limits: ReadLimits) -> dict:
     if act not in ACTIVATIONS:
         raise AdapterFormatError(f"non_linearity {act!r} is not served; served: relu, gelu, silu (swish)")
     factor = cfg.get("reduction_factor")
-    if isinstance(factor, dict) or not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 0:
+    if isinstance(factor, dict):
         raise AdapterFormatError(f"reduction_factor must be a positive number (one for all layers), got {factor!r}")
+    factor = config_number("reduction_factor", factor, lo=0.0, lo_open=True, hi=float(hidden))
     size = max(1, int(hidden // factor))
     if size > limits.max_bottleneck_size:
         raise AdapterFormatError(f"bottleneck size {size} (hidden {hidden} / reduction_factor {factor}) exceeds "
@@ -64,6 +67,7 @@ def parse_config(cfg: dict, hidden: int, limits: ReadLimits) -> dict:
     scaling = cfg.get("scaling", 1.0)
     if not isinstance(scaling, int | float) or isinstance(scaling, bool):
         raise AdapterFormatError(f"scaling={scaling!r} is not served (a number only)")
+    scaling = config_number("scaling", scaling, lo=-MAX_SCALING, hi=MAX_SCALING)
     if not (_flag(cfg, "mh_adapter", False) or _flag(cfg, "output_adapter", True)):
         raise AdapterFormatError("neither mh_adapter nor output_adapter is set: the adapter is placed nowhere")
     return {"size": size, "activation": "silu" if act == "swish" else act, "scaling": float(scaling),
