@@ -65,6 +65,7 @@ class EngineConfig:
     w_in: float = 1.0  # VTC cost of a prompt token
     w_out: float = 2.0  # VTC cost of a generated token
     fair_preemption: bool = True  # VTC: a tenant under its share of the batch may preempt one over its share
+    prefix_cache: bool = True  # keep full KV blocks for reuse by later requests (server.engine.prefix_cache)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):

@@ -14,6 +14,7 @@ so a key handed out by `resolve` stays usable while a newer version is uploaded.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,7 +218,8 @@ class AdapterRegistry:
         kind = kinds.by_name(stored.meta.get("kind", "LORA"))
         meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
         key = pool_key(stored.tenant, stored.name, stored.version)
-        self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights)
+        self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights,
+                           digest=content_digest(stored))
 
     def _info(self, versions: list[StoredVersion]) -> AdapterInfo:
         newest = versions[-1]
@@ -230,6 +232,14 @@ class AdapterRegistry:
             residency=self.pool.residency(pool_key(newest.tenant, newest.name, newest.version)),
             num_virtual_tokens=int(meta.get("num_virtual_tokens", 0)),
         )
+
+
+def content_digest(stored: StoredVersion) -> str:
+    """sha256 over the version's files (name and recorded sha256 of each, sorted): its content address."""
+    h = hashlib.sha256()
+    for fname in sorted(stored.files):
+        h.update(f"{fname}\x00{stored.files[fname]['sha256']}\x00".encode())
+    return h.hexdigest()
 
 
 def _shared_since(versions: list[StoredVersion]) -> float:

@@ -86,6 +86,7 @@ class Entry:
     users: int = 0
     retired: bool = False
     error: str | None = None  # why it FAILED
+    digest: str = ""  # content digest of the version's bytes, or a token unique to this registration
 
     @property
     def idle(self) -> bool:

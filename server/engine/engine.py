@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +21,7 @@ from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
+from server.engine.prefix_cache import BASE_IDENTITY, PrefixCache
 from server.engine.request import (
     EngineStopped,
     FinishReason,
@@ -52,6 +54,10 @@ class EngineStats:
     preemptions: int  # all preemptions (KV pressure and fair share)
     fair_preemptions: int = 0  # VTC fair-share preemptions among them
     longest_step_s: float = 0.0  # the longest single pass of the step loop (adapter loads run off the loop)
+    prefix_cached_blocks: int = 0  # KV blocks the prefix cache can reuse (referenced or not)
+    prefix_evictions: int = 0  # cached blocks taken for other content
+    # tenant -> (prompt tokens computed, prompt tokens served from the prefix cache)
+    prefix_tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Engine:
@@ -66,7 +72,10 @@ class Engine:
             limit = min(limit, self.args.sliding_window)  # full attention is exact up to the window
         self.max_model_len = limit
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
-        self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter)
+        self.prefix = PrefixCache(self.kv, enabled=cfg.prefix_cache)
+        self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter, self.prefix)
+        self._dropped_identities: deque[str] = deque()  # deleted adapter versions (pool thread -> step loop)
+        pool.on_drop = self._dropped_identities.append
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
         self.siblings = SiblingForks()
         self.post = Postprocessor(self.args.eos_token_ids, self.max_model_len)
@@ -154,7 +163,12 @@ class Engine:
             preemptions=self.scheduler.preemptions,
             fair_preemptions=self.scheduler.fair_preemptions,
             longest_step_s=self.longest_step_s,
+            **self._prefix_stats(),
         )
+
+    def _prefix_stats(self) -> dict:
+        s = self.prefix.stats()
+        return {"prefix_cached_blocks": s.cached_blocks, "prefix_evictions": s.evictions, "prefix_tokens": s.tokens}
 
     def _make_sequence(self, req: GenerationRequest) -> Sequence:
         req.sampling.validate(self.config.max_new_tokens_limit)
@@ -165,10 +179,14 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if req.cache_salt is not None and not 0 < len(req.cache_salt) <= 256:
+            raise InvalidRequest("cache_salt must be a non-empty string of at most 256 characters")
         n_prefix = n_virtual = 0
+        identity = BASE_IDENTITY
         if req.adapter is not None:
             try:
                 layout = self.pool.meta(req.adapter).layout
+                identity = self.pool.cache_identity(req.adapter)
             except UnknownAdapter:
                 raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
             n_prefix, n_virtual = layout.n_prefix, layout.n_virtual
@@ -184,7 +202,7 @@ class Engine:
         seed = req.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
-        return Sequence(
+        seq = Sequence(
             request=req,
             handle=RequestHandle(req.request_id),
             detok=IncrementalDetokenizer(self.tokenizer, list(ids)),
@@ -192,6 +210,8 @@ class Engine:
             n_virtual=n_virtual,
             generator=torch.Generator().manual_seed(seed),
         )
+        self.prefix.prepare(seq, identity)
+        return seq
 
     # ---- the step loop (engine thread) --------------------------------------------------------
     def start(self) -> None:
@@ -222,6 +242,8 @@ class Engine:
             aborts, self._aborts = self._aborts, []
         for seq in inbox:
             self.scheduler.add(seq)
+        while self._dropped_identities:  # a deleted adapter version's cached blocks are freed
+            self.prefix.drop(self._dropped_identities.popleft())
         for request_id in aborts:
             seq = self._by_id.get(request_id)
             if seq is not None:
@@ -254,6 +276,8 @@ class Engine:
         self.steps += 1
         try:
             logits, sampled = self.runner.run(scheduled)
+            for seq, _ in scheduled:
+                self.prefix.commit(seq)  # the blocks this step filled become reusable
             forked = self.siblings.fork(sampled, self.kv, self.scheduler, self.pool)
             if forked:  # siblings sample their first token from their parent's logits row
                 logits = torch.cat([logits, logits[[row for _, row in forked]]])
@@ -291,8 +315,10 @@ class Engine:
             return Admission.NOT_NOW, None
         seq.lease, seq.adapter_version = lease, lease.version
         prefix = lease.weights.spec.cached_prefix(lease.weights.payload)
-        if prefix is not None:
-            self.kv.write_prefix(seq.blocks, *prefix)
+        if prefix is not None and seq.num_computed < seq.n_prefix:  # entries below num_computed came from the cache
+            start = seq.num_computed
+            keys, values = prefix
+            self.kv.write_prefix(seq.blocks, keys[:, start:], values[:, start:], start)
             seq.num_computed = seq.n_prefix
         return Admission.ADMITTED, None
 

@@ -125,6 +125,7 @@ class GenerationRequest:
     adapter: str | None = None  # adapter key as the adapter provider knows it; None = base model
     tenant: str = "local"
     arrival_time: float = field(default_factory=time.monotonic)
+    cache_salt: str | None = None  # narrows the prefix cache's namespace (the tenant) to requests with this salt
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,7 @@ class TokenEvent:
     adapter_version: int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the prefix cache (not computed)
     queue_s: float | None = None  # arrival -> first scheduled (set on the first event)
     ttft_s: float | None = None  # arrival -> first token (set on the first event)
 

@@ -13,6 +13,7 @@ that ends before its prompt completes are queued as ordinary sequences: the same
 from __future__ import annotations
 
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import SeqStatus, Sequence
 
@@ -30,7 +31,8 @@ class SiblingForks:
         parents: dict[tuple, Sequence] = {}
         queued = []
         for seq in seqs:
-            key = (seq.request.prompt_token_ids, seq.request.adapter)
+            req = seq.request
+            key = (req.prompt_token_ids, req.adapter, req.tenant, req.cache_salt)  # one prefix-cache chain too
             parent = parents.get(key)
             if parent is None:
                 parents[key] = seq
@@ -77,6 +79,7 @@ class SiblingForks:
                 return False
         sibling.blocks = kv.share(parent.blocks[:full]) + ([kv.copy_block(parent.blocks[full])] if partial else [])
         sibling.num_computed = computed
+        PrefixCache.fork(parent, sibling, full)
         if lease is not None:
             sibling.lease, sibling.adapter_version = lease, lease.version
         sibling.status = SeqStatus.RUNNING
