@@ -83,7 +83,8 @@ def test_partly_cached_prefixes_turns_and_choices_equal_the_cache_off(tiny_llama
     assert by_id["w2-turn"].cached >= len(contexts1[0]) // 4 * 4  # the whole first turn, answer included
     assert len({tuple(by_id[f"w2-n{i}"].tokens) for i in range(3)}) > 1, seed  # distinct sampled choices
     # counters: every request's prompt once (the n choices count as one), computed + cached
-    counted = [d for r, d in zip(first + reqs2, done[0] + done[1], strict=True) if r.request_id not in ("w2-n1", "w2-n2")]
+    siblings = ("w2-n1", "w2-n2")
+    counted = [d for r, d in zip(first + reqs2, done[0] + done[1], strict=True) if r.request_id not in siblings]
     assert counts[True] == (sum(d.prompt_tokens - d.cached for d in counted), sum(d.cached for d in counted))
     assert counts[False] == (sum(d.prompt_tokens for d in counted), 0)
 
