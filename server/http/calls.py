@@ -29,6 +29,7 @@ class Call:
         self.finished: set[int] = set()
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached: dict[int, int] = {}  # request index -> its prompt tokens served from the prefix cache
         self.queue_s: float | None = None
         self.ttft_s: float | None = None
         self.quota_charged = False
@@ -68,6 +69,11 @@ class Call:
             self.finished.add(index)
             self.completion_tokens += event.completion_tokens
             self.prompt_tokens += event.prompt_tokens
+            self.cached[index] = event.cached_prompt_tokens
+
+    def cached_prompt_tokens(self, n: int) -> int:
+        """Prompt tokens served from the prefix cache, each prompt once (its `n` choices share it)."""
+        return sum(self.cached.get(i, 0) for i in range(0, len(self.requests), n))
 
     def close(self, status: str | None = None) -> None:
         if self._closed:

@@ -175,7 +175,7 @@ class OpenAIApi:
                 out.append(GenerationRequest(
                     request_id=f"{tenant.name}/http-{base}-{p_index * parsed.n + i}", prompt_token_ids=tuple(ids),
                     sampling=sampling if i == 0 else _with_seed(sampling, seed), adapter=adapter_key,
-                    tenant=tenant.name, arrival_time=started))
+                    tenant=tenant.name, arrival_time=started, cache_salt=parsed.cache_salt))
         return out
 
     async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts) -> Response:
@@ -211,7 +211,8 @@ class OpenAIApi:
                                                         len(prefix)) if parsed.logprobs else None}
             out.append(body)
         prompt_tokens = sum(len(p) for p in prompts)
-        return JSONResponse(envelope.wrap(out, chunk=False, usage_=usage(prompt_tokens, call.completion_tokens)))
+        return JSONResponse(envelope.wrap(out, chunk=False, usage_=usage(prompt_tokens, call.completion_tokens,
+                                                                         call.cached_prompt_tokens(parsed.n))))
 
     async def _stream(self, call: Call, parsed, envelope: Envelope):
         with_usage = parsed.include_usage
@@ -256,7 +257,8 @@ class OpenAIApi:
             yield sse(envelope.wrap([choice], True, None, with_usage))
         if with_usage:
             prompt_tokens = sum(len(r.prompt_token_ids) for r in call.requests[:: parsed.n])
-            yield sse(envelope.wrap([], True, usage(prompt_tokens, call.completion_tokens)))
+            yield sse(envelope.wrap([], True, usage(prompt_tokens, call.completion_tokens,
+                                                    call.cached_prompt_tokens(parsed.n))))
         call.close("OK")
         yield sse("[DONE]")
 
