@@ -89,16 +89,17 @@ class EngineCollector:
 def prefix_cache_families(s) -> list:
     """The prefix cache's series from EngineStats: cached blocks, evictions, and per tenant (a fixed set) the
     prompt tokens computed and those served from the cache."""
+    p = s.prefix
     out = [GaugeMetricFamily("switchboard_prefix_cache_blocks", "KV blocks the prefix cache holds for reuse",
-                             value=s.prefix_cached_blocks),
+                             value=p.cached_blocks),
            CounterMetricFamily("switchboard_prefix_cache_evictions", "cached KV blocks evicted for other content",
-                               value=s.prefix_evictions)]
+                               value=p.evictions)]
     computed = CounterMetricFamily("switchboard_prompt_tokens_computed",
                                    "prompt tokens computed at admission (not served from the prefix cache)",
                                    labels=["tenant"])
     cached = CounterMetricFamily("switchboard_prompt_tokens_cached", "prompt tokens served from the prefix cache",
                                  labels=["tenant"])
-    for tenant, (n_computed, n_cached) in sorted(s.prefix_tokens.items()):
+    for tenant, (n_computed, n_cached) in sorted(p.tokens.items()):
         computed.add_metric([tenant], n_computed)
         cached.add_metric([tenant], n_cached)
     return [*out, computed, cached]

@@ -91,7 +91,7 @@ def assert_cache_changes_nothing(model_dir: Path, waves: Waves, quantize: bool =
             assert engine.kv.used_blocks == 0
             assert engine.kv.blocks.problems([]) == []
             if not on:
-                assert engine.stats().prefix_cached_blocks == 0
+                assert engine.stats().prefix.cached_blocks == 0
             if inspect is not None:
                 inspect(engine, on)
         finally:

@@ -60,7 +60,7 @@ def test_partly_cached_prefixes_turns_and_choices_equal_the_cache_off(tiny_llama
     counts = {}
 
     def inspect(engine, on):
-        counts[on] = engine.stats().prefix_tokens.get("local")
+        counts[on] = engine.stats().prefix.tokens.get("local")
 
     cfg = {"max_batch_tokens": max_batch_tokens, "kv_blocks": 128}
     waves = [[[first[0]]], [[first[1]], [first[2]]], second]
@@ -123,12 +123,12 @@ def test_tenants_and_salts_share_nothing_and_the_counters_show_it(tiny_llama_dir
         assert cached("acme", "s1", "again") == 12
         assert cached("globex", tag="again") == 12
         stats = engine.stats()
-        assert stats.prefix_tokens == {"acme": (13 * 3 + 1 * 2, 12 * 2), "globex": (13 + 1, 12)}
+        assert stats.prefix.tokens == {"acme": (13 * 3 + 1 * 2, 12 * 2), "globex": (13 + 1, 12)}
         text = generate_latest(ServerMetrics(engine.stats).registry).decode()
         assert 'switchboard_prompt_tokens_cached_total{tenant="acme"} 24.0' in text
         assert 'switchboard_prompt_tokens_computed_total{tenant="globex"} 14.0' in text
-        assert f"switchboard_prefix_cache_blocks {float(stats.prefix_cached_blocks)}" in text
-        assert stats.prefix_cached_blocks >= 4 * 3  # each chain's 3 prompt blocks (and the answers' ones)
+        assert f"switchboard_prefix_cache_blocks {float(stats.prefix.cached_blocks)}" in text
+        assert stats.prefix.cached_blocks >= 4 * 3  # each chain's 3 prompt blocks (and the answers' ones)
         with pytest.raises(ValueError, match="cache_salt"):
             engine.submit(GenerationRequest("bad-salt", prompt, greedy(), cache_salt=""))
     finally:
@@ -145,6 +145,6 @@ def test_no_prefix_cache_computes_every_prompt(tiny_llama_dir: Path) -> None:
         assert [d.cached for d in runs] == [0, 0]
         assert runs[0].tokens == runs[1].tokens
         stats = engine.stats()
-        assert stats.prefix_cached_blocks == 0 and stats.prefix_tokens == {"local": (40, 0)}
+        assert stats.prefix.cached_blocks == 0 and stats.prefix.tokens == {"local": (40, 0)}
     finally:
         engine.shutdown()

@@ -102,6 +102,6 @@ def test_hot_swap_delete_and_identical_bytes(tiny_llama_dir: Path, tmp_path: Pat
         finish(engine.submit(GenerationRequest("base-b", prompt, greedy(2), tenant="acme")))  # a step drops them
         tags = [t for t in engine.kv.blocks._tag if t is not None]
         assert set(tags) == {"base"}, set(tags)
-        assert engine.stats().prefix_cached_blocks == len(tags) and engine.kv.blocks.problems([]) == []
+        assert engine.stats().prefix.cached_blocks == len(tags) and engine.kv.blocks.problems([]) == []
     finally:
         engine.shutdown()

@@ -67,8 +67,8 @@ def test_500_requests_with_shared_prefixes_on_a_small_kv_budget(tiny_llama_dir: 
     want = drive(off, reqs, check=False)
     assert got == want, f"seed {seed}"
     stats = on.stats()
-    computed, cached = zip(*stats.prefix_tokens.values(), strict=True)
-    assert sum(cached) > 0 and stats.prefix_evictions > 0, (stats, seed)  # it reused blocks and had to evict
+    computed, cached = zip(*stats.prefix.tokens.values(), strict=True)
+    assert sum(cached) > 0 and stats.prefix.evictions > 0, (stats, seed)  # it reused blocks and had to evict
     assert sum(computed) + sum(cached) == sum(len(r.prompt_token_ids) for r in reqs)
     assert stats.kv_blocks_used == 0 and on.kv.blocks.problems([]) == []
-    assert stats.prefix_cached_blocks <= on.kv.num_blocks
+    assert stats.prefix.cached_blocks <= on.kv.num_blocks

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
-from server.engine.prefix_cache import BASE_IDENTITY, PrefixCache
+from server.engine.prefix_cache import BASE_IDENTITY, PrefixCache, PrefixCacheStats
 from server.engine.request import (
     EngineStopped,
     FinishReason,
@@ -54,10 +53,7 @@ class EngineStats:
     preemptions: int  # all preemptions (KV pressure and fair share)
     fair_preemptions: int = 0  # VTC fair-share preemptions among them
     longest_step_s: float = 0.0  # the longest single pass of the step loop (adapter loads run off the loop)
-    prefix_cached_blocks: int = 0  # KV blocks the prefix cache can reuse (referenced or not)
-    prefix_evictions: int = 0  # cached blocks taken for other content
-    # tenant -> (prompt tokens computed, prompt tokens served from the prefix cache)
-    prefix_tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
+    prefix: PrefixCacheStats = field(default_factory=PrefixCacheStats)  # cached blocks, evictions, tokens
 
 
 class Engine:
@@ -74,8 +70,7 @@ class Engine:
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
         self.prefix = PrefixCache(self.kv, enabled=cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter, self.prefix)
-        self._dropped_identities: deque[str] = deque()  # deleted adapter versions (pool thread -> step loop)
-        pool.on_drop = self._dropped_identities.append
+        pool.on_drop = self.prefix.dropped.append  # a deleted adapter version (any thread -> the step loop)
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
         self.siblings = SiblingForks()
         self.post = Postprocessor(self.args.eos_token_ids, self.max_model_len)
@@ -163,12 +158,8 @@ class Engine:
             preemptions=self.scheduler.preemptions,
             fair_preemptions=self.scheduler.fair_preemptions,
             longest_step_s=self.longest_step_s,
-            **self._prefix_stats(),
+            prefix=self.prefix.stats(),
         )
-
-    def _prefix_stats(self) -> dict:
-        s = self.prefix.stats()
-        return {"prefix_cached_blocks": s.cached_blocks, "prefix_evictions": s.evictions, "prefix_tokens": s.tokens}
 
     def _make_sequence(self, req: GenerationRequest) -> Sequence:
         req.sampling.validate(self.config.max_new_tokens_limit)
@@ -179,8 +170,6 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if req.cache_salt is not None and not 0 < len(req.cache_salt) <= 256:
-            raise InvalidRequest("cache_salt must be a non-empty string of at most 256 characters")
         n_prefix = n_virtual = 0
         identity = BASE_IDENTITY
         if req.adapter is not None:
@@ -242,8 +231,7 @@ class Engine:
             aborts, self._aborts = self._aborts, []
         for seq in inbox:
             self.scheduler.add(seq)
-        while self._dropped_identities:  # a deleted adapter version's cached blocks are freed
-            self.prefix.drop(self._dropped_identities.popleft())
+        self.prefix.drop_dropped()
         for request_id in aborts:
             seq = self._by_id.get(request_id)
             if seq is not None:

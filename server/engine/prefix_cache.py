@@ -25,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import KVCache
+from server.engine.request import InvalidRequest
 from server.engine.sequence import Sequence
 
 BASE_IDENTITY = "base"
@@ -66,9 +68,9 @@ def block_key(parent: bytes | None, root: bytes, tokens: list[int]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class PrefixCacheStats:
-    enabled: bool
-    cached_blocks: int  # blocks holding a key (referenced or not)
-    evictions: int  # cached blocks taken for other content
+    enabled: bool = False
+    cached_blocks: int = 0  # blocks holding a key (referenced or not)
+    evictions: int = 0  # cached blocks taken for other content
     # tenant -> (prompt tokens computed, prompt tokens served from the cache), counted at each first admission
     tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -80,13 +82,16 @@ class PrefixCache:
         self.kv = kv
         self.enabled = enabled
         self._tokens: dict[str, list[int]] = {}  # tenant -> [computed, cached] prompt tokens
+        self.dropped: deque[str] = deque()  # identities of deleted adapter versions (appended from any thread)
 
     # ---- submit side ---------------------------------------------------------------------------
     def prepare(self, seq: Sequence, identity: str) -> None:
         """Give `seq` its chain root and its prompt's block keys (hashing off the step loop)."""
+        req = seq.request
+        if req.cache_salt is not None and not (isinstance(req.cache_salt, str) and 0 < len(req.cache_salt) <= 256):
+            raise InvalidRequest("cache_salt must be a non-empty string of at most 256 characters")
         if not self.enabled:
             return
-        req = seq.request
         seq.cache_root = chain_root(namespace(req.tenant, req.cache_salt), identity)
         seq.cache_tag = identity
         self._keys(seq, seq.context_len // self.kv.block_size)
@@ -146,9 +151,12 @@ class PrefixCache:
         """`seq` let go of its blocks (preempted, failed admission or finished)."""
         seq.n_committed = 0
 
-    def drop(self, identity: str) -> int:
-        """A deleted adapter version: its cached blocks are freed. Returns how many lost their key."""
-        return self.kv.blocks.drop_tag(identity)
+    def drop_dropped(self) -> int:
+        """Free the cached blocks of the deleted adapter versions queued in `dropped`; returns how many."""
+        n = 0
+        while self.dropped:
+            n += self.kv.blocks.drop_tag(self.dropped.popleft())
+        return n
 
     def stats(self) -> PrefixCacheStats:
         tokens = {t: (v[0], v[1]) for t, v in list(self._tokens.items())}
