@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from server.engine.request import GenerationRequest, SamplingParams
 from server.metrics import ServerMetrics
 from server.serve_cli import configs, parse_args
+from tests.adapter_files import peft_adapter
 from tests.oracle_parity import draw_seed
 from tests.prefix_cache_utils import (
     BLOCK,
@@ -131,6 +132,25 @@ def test_tenants_and_salts_share_nothing_and_the_counters_show_it(tiny_llama_dir
         assert stats.prefix.cached_blocks >= 4 * 3  # each chain's 3 prompt blocks (and the answers' ones)
         with pytest.raises(ValueError, match="cache_salt"):
             engine.submit(GenerationRequest("bad-salt", prompt, greedy(), cache_salt=""))
+    finally:
+        engine.shutdown()
+
+
+def test_an_operator_may_share_the_base_models_blocks_across_tenants(tiny_llama_dir: Path) -> None:
+    assert configs(parse_args(["--prefix-cache-share-base"]))[1].prefix_cache_share_base is True
+    engine = make_engine(tiny_llama_dir, prefix_cache_share_base=True)
+    try:
+        engine.pool.register("lora", peft_adapter(tiny_llama_dir, seed=33))
+        prompt = tuple(range(3000, 3013))
+
+        def cached(tenant: str, adapter: str | None = None, salt: str | None = None) -> int:
+            req = GenerationRequest(f"{tenant}-{adapter}-{salt}", prompt, greedy(2), adapter=adapter, tenant=tenant,
+                                    cache_salt=salt)
+            return finish(engine.submit(req)).cached
+
+        assert [cached("acme"), cached("globex")] == [0, 12]  # the base model's blocks are shared
+        assert [cached("acme", "lora"), cached("globex", "lora")] == [0, 0]  # an adapter's are not
+        assert [cached("acme", salt="s"), cached("globex", salt="s")] == [0, 12]  # a salt still narrows them
     finally:
         engine.shutdown()
 

@@ -68,7 +68,7 @@ class Engine:
             limit = min(limit, self.args.sliding_window)  # full attention is exact up to the window
         self.max_model_len = limit
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
-        self.prefix = PrefixCache(self.kv, enabled=cfg.prefix_cache)
+        self.prefix = PrefixCache(self.kv, enabled=cfg.prefix_cache, share_base=cfg.prefix_cache_share_base)
         self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter, self.prefix)
         pool.on_drop = self.prefix.dropped.append  # a deleted adapter version (any thread -> the step loop)
         self.runner = ModelRunner(self.model, self.kv, pool.tables)

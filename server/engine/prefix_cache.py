@@ -5,7 +5,8 @@ Key of full block j of a sequence's context (blake2b, 32 bytes, over a fixed lit
     root  = H("switchboard-prefix-v1", namespace, adapter identity)
     key_j = H(key_{j-1} or root, root, token ids of context entries j*bs .. (j+1)*bs-1)
 
-namespace = the tenant, or the tenant and the request's `cache_salt`; adapter identity = "base", or the
+namespace = the tenant (for the base model, "*" when the operator shares its blocks across tenants:
+EngineConfig.prefix_cache_share_base), narrowed by the request's `cache_salt`; adapter identity = "base", or the
 served version's kind and the sha256 of its files (server.adapters.pool.AdapterPool.cache_identity). Any
 adapter changes the K/V of every layer after the first, so the identity is in every key: a hot swap gets new
 keys, another tenant never finds (or times) this tenant's blocks. Context entries the adapter supplies
@@ -33,6 +34,7 @@ from server.engine.request import InvalidRequest
 from server.engine.sequence import Sequence
 
 BASE_IDENTITY = "base"
+SHARED_NAMESPACE = "*"  # not a tenant name: the namespace of blocks an operator shares across tenants
 _VERSION = b"switchboard-prefix-v1"
 _SUPPLIED = -1  # token id of a context entry the adapter supplies (prefix K/V, virtual token)
 
@@ -78,9 +80,10 @@ class PrefixCacheStats:
 class PrefixCache:
     """The engine thread's view of the cache; `root` and `prepare` may run on the submitting thread."""
 
-    def __init__(self, kv: KVCache, enabled: bool = True) -> None:
+    def __init__(self, kv: KVCache, enabled: bool = True, share_base: bool = False) -> None:
         self.kv = kv
         self.enabled = enabled
+        self.share_base = share_base  # the operator shares the base model's blocks across tenants
         self._tokens: dict[str, list[int]] = {}  # tenant -> [computed, cached] prompt tokens
         self.dropped: deque[str] = deque()  # identities of deleted adapter versions (appended from any thread)
 
@@ -92,7 +95,8 @@ class PrefixCache:
             raise InvalidRequest("cache_salt must be a non-empty string of at most 256 characters")
         if not self.enabled:
             return
-        seq.cache_root = chain_root(namespace(req.tenant, req.cache_salt), identity)
+        tenant = SHARED_NAMESPACE if self.share_base and identity == BASE_IDENTITY else req.tenant
+        seq.cache_root = chain_root(namespace(tenant, req.cache_salt), identity)
         seq.cache_tag = identity
         self._keys(seq, seq.context_len // self.kv.block_size)
 
