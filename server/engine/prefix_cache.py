@@ -78,7 +78,7 @@ class PrefixCacheStats:
 
 
 class PrefixCache:
-    """The engine thread's view of the cache; `root` and `prepare` may run on the submitting thread."""
+    """The engine thread's view of the cache; `prepare` runs on the submitting thread, before the sequence is queued."""
 
     def __init__(self, kv: KVCache, enabled: bool = True, share_base: bool = False) -> None:
         self.kv = kv
