@@ -7,7 +7,8 @@ again), gets a copy of the partially filled tail block, pins the same adapter sl
 batch with its context computed; the step then samples its first token from the parent's logits row with
 the sibling's own generator (so it equals a single request with the sibling's seed). A sibling that cannot
 fork (the running limit, no free block for the tail, its adapter not pinnable) and the siblings of a parent
-that ends before its prompt completes are queued as ordinary sequences: the same tokens, computed again.
+that ends before its prompt completes are queued as ordinary sequences (admitted through the prefix cache, they
+reuse whatever full blocks of the prompt were computed).
 """
 
 from __future__ import annotations
