@@ -40,6 +40,7 @@ class GenerateOptions(TypedDict, total=False):
     min_tokens: int
     logprobs: bool  # the sampled token's log-probability on every token
     top_logprobs: int  # and the k most likely alternatives
+    cache_salt: str  # prefix-cache reuse only among the tenant's requests with this salt
 
 
 def generate_request(prompt: str | None = None, **options: Unpack[GenerateOptions]) -> inference_pb2.GenerateRequest:
@@ -58,7 +59,8 @@ def generate_request(prompt: str | None = None, **options: Unpack[GenerateOption
         req.messages.add(role=m.get("role", ""), content=m.get("content", ""))
     if o.get("seed") is not None:
         req.seed = o["seed"]
-    for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs"):
+    for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs",
+                 "cache_salt"):
         if o.get(name) is not None:
             setattr(req, name, o[name])
     for token, bias in (o.get("logit_bias") or {}).items():

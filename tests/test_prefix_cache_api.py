@@ -1,13 +1,13 @@
 """Cached prompt tokens through the APIs: OpenAI's `usage.prompt_tokens_details.cached_tokens` over HTTP (the
 `openai` client, the vLLM-style `cache_salt` extra field) and `Usage.cached_prompt_tokens` / `cache_salt` over
-gRPC, on a real server with 16-token blocks."""
+gRPC (the Python client), on a real server with 16-token blocks."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 
-from switchboard.v1 import inference_pb2 as pb
+from clients.errors import InvalidArgument
 from tests.http_utils import MODEL_ID, running_http_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,10 +49,15 @@ def test_http_usage_reports_cached_prompt_tokens(server) -> None:
 
 def test_grpc_usage_reports_cached_prompt_tokens(server) -> None:
     with server.grpc.client("acme", timeout=60) as c:
-        def cached(salt: str | None = None) -> int:
-            req = pb.GenerateRequest(token_ids=PROMPT[::-1], max_new_tokens=2, cache_salt=salt)
-            usage = c._inference.Generate(req, metadata=c._metadata, timeout=60).usage
-            assert usage.prompt_tokens == 40
-            return usage.cached_prompt_tokens
+        def cached(salt: str | None = None, stream: bool = False) -> int:
+            options = {"cache_salt": salt} if salt else {}
+            if stream:
+                result = list(c.stream(token_ids=PROMPT[::-1], max_new_tokens=2, **options))[-1]
+            else:
+                result = c.generate(token_ids=PROMPT[::-1], max_new_tokens=2, **options)
+            assert result.prompt_tokens == 40
+            return result.cached_prompt_tokens
 
-        assert [cached(), cached(), cached("s"), cached("s")] == [0, 32, 0, 32]
+        assert [cached(), cached(), cached(stream=True), cached("s"), cached("s")] == [0, 32, 32, 0, 32]
+        with pytest.raises(InvalidArgument, match="cache_salt"):
+            c.generate(token_ids=PROMPT, max_new_tokens=2, cache_salt="x" * 257)
