@@ -14,7 +14,6 @@ so a key handed out by `resolve` stays usable while a newer version is uploaded.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,7 +218,7 @@ class AdapterRegistry:
         meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
         key = pool_key(stored.tenant, stored.name, stored.version)
         self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights,
-                           digest=content_digest(stored))
+                           digest=stored.content_digest)
 
     def _info(self, versions: list[StoredVersion]) -> AdapterInfo:
         newest = versions[-1]
@@ -232,14 +231,6 @@ class AdapterRegistry:
             residency=self.pool.residency(pool_key(newest.tenant, newest.name, newest.version)),
             num_virtual_tokens=int(meta.get("num_virtual_tokens", 0)),
         )
-
-
-def content_digest(stored: StoredVersion) -> str:
-    """sha256 over the version's files (name and recorded sha256 of each, sorted): its content address."""
-    h = hashlib.sha256()
-    for fname in sorted(stored.files):
-        h.update(f"{fname}\x00{stored.files[fname]['sha256']}\x00".encode())
-    return h.hexdigest()
 
 
 def _shared_since(versions: list[StoredVersion]) -> float:
