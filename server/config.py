@@ -69,6 +69,7 @@ class EngineConfig:
     # the base model's cached blocks are shared by all tenants (off: a cache hit's TTFT would tell a tenant that
     # another one sent the same prompt); adapters' blocks stay per tenant
     prefix_cache_share_base: bool = False
+    prefix_cache_share_adapters: bool = False  # the same for adapters their owner shared with other tenants
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):

@@ -105,3 +105,26 @@ def test_hot_swap_delete_and_identical_bytes(tiny_llama_dir: Path, tmp_path: Pat
         assert engine.stats().prefix.cached_blocks == len(tags) and engine.kv.blocks.problems([]) == []
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["per-tenant", "operator-shared"])
+def test_an_operator_may_share_the_blocks_of_shared_adapters(tiny_llama_dir: Path, tmp_path: Path,
+                                                            share: bool) -> None:
+    engine = make_engine(tiny_llama_dir, prefix_cache_share_adapters=share)
+    registry = open_registry(tmp_path / "data", engine.pool)
+    try:
+        registry.create("acme", "pub", peft_adapter(tiny_llama_dir, seed=81), shared=True)
+        registry.create("acme", "priv", peft_adapter(tiny_llama_dir, seed=82))
+        prompt = tuple(range(4000, 4013))
+
+        def cached(tenant: str, name: str) -> int:
+            key = registry.resolve(tenant, name).pool_key
+            d = finish(engine.submit(GenerationRequest(f"{tenant}-{name}", prompt, greedy(2), adapter=key,
+                                                       tenant=tenant)))
+            assert d.error is None, d.error
+            return d.cached
+
+        assert [cached("acme", "pub"), cached("globex", "acme/pub")] == [0, 12 if share else 0]
+        assert [cached("acme", "priv"), cached("admin", "acme/priv")] == [0, 0]  # a private adapter: never
+    finally:
+        engine.shutdown()

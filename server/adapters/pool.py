@@ -76,10 +76,10 @@ class AdapterPool:
 
     # ---- registration (any thread) -------------------------------------------------------------
     def register(self, key: str, source: Source, version: int = 1, *, meta: AdapterMeta | None = None,
-                 weights: AdapterWeights | None = None, digest: str | None = None) -> None:
+                 weights: AdapterWeights | None = None, digest: str | None = None, shared: bool = False) -> None:
         """Make `key` usable. `weights` (already validated) seeds the host copy; `meta` avoids a read at submit;
         `digest` (of the version's stored bytes) lets the prefix cache share K/V between registrations of the
-        same content: without one, this registration's blocks are its own."""
+        same content: without one, this registration's blocks are its own. `shared`: other tenants may use it."""
         if isinstance(source, AdapterWeights):
             weights = weights or source
         if weights is not None:
@@ -90,7 +90,8 @@ class AdapterPool:
                 raise ValueError(f"adapter key {key!r} is in use; register new versions under new keys")
             if old is not None:
                 self._drop(key)
-            entry = Entry(source, version, meta, digest=f"sha256:{digest}" if digest else f"once:{uuid.uuid4().hex}")
+            entry = Entry(source, version, meta, digest=f"sha256:{digest}" if digest else f"once:{uuid.uuid4().hex}",
+                          shared=shared)
             self._entries[key] = entry
             if weights is not None:
                 self._set_host(key, entry, self.tables.staged(weights))
@@ -142,11 +143,13 @@ class AdapterPool:
             entry.meta = AdapterMeta.of(weights)
             return entry.meta
 
-    def cache_identity(self, key: str) -> str:
-        """What the prefix cache keys this version's KV blocks by: its kind and content digest."""
+    def cache_identity(self, key: str) -> tuple[str, bool]:
+        """What the prefix cache keys this version's KV blocks by (its kind and content digest), and whether
+        other tenants may use the version."""
         kind = self.meta(key).kind
         with self._lock:
-            return f"{kind}:{self._live(key).digest}"
+            entry = self._live(key)
+            return f"{kind}:{entry.digest}", entry.shared
 
     def reserve(self, key: str) -> None:
         """A submitted sequence will use `key`: keep it registered for it and start loading it to host."""

@@ -218,7 +218,7 @@ class AdapterRegistry:
         meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
         key = pool_key(stored.tenant, stored.name, stored.version)
         self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights,
-                           digest=stored.content_digest)
+                           digest=stored.content_digest, shared=stored.shared)
 
     def _info(self, versions: list[StoredVersion]) -> AdapterInfo:
         newest = versions[-1]

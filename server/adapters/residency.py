@@ -87,6 +87,7 @@ class Entry:
     retired: bool = False
     error: str | None = None  # why it FAILED
     digest: str = ""  # content digest of the version's bytes, or a token unique to this registration
+    shared: bool = False  # visible to other tenants (their prefix-cache blocks may be shared when the operator says)
 
     @property
     def idle(self) -> bool:

@@ -68,7 +68,8 @@ class Engine:
             limit = min(limit, self.args.sliding_window)  # full attention is exact up to the window
         self.max_model_len = limit
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
-        self.prefix = PrefixCache(self.kv, enabled=cfg.prefix_cache, share_base=cfg.prefix_cache_share_base)
+        self.prefix = PrefixCache(self.kv, cfg.prefix_cache, cfg.prefix_cache_share_base,
+                                  cfg.prefix_cache_share_adapters)
         self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter, self.prefix)
         pool.on_drop = self.prefix.dropped.append  # a deleted adapter version (any thread -> the step loop)
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
@@ -171,11 +172,11 @@ class Engine:
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
         n_prefix = n_virtual = 0
-        identity = BASE_IDENTITY
+        identity, shared = BASE_IDENTITY, False
         if req.adapter is not None:
             try:
                 layout = self.pool.meta(req.adapter).layout
-                identity = self.pool.cache_identity(req.adapter)
+                identity, shared = self.pool.cache_identity(req.adapter)
             except UnknownAdapter:
                 raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
             n_prefix, n_virtual = layout.n_prefix, layout.n_virtual
@@ -199,7 +200,7 @@ class Engine:
             n_virtual=n_virtual,
             generator=torch.Generator().manual_seed(seed),
         )
-        self.prefix.prepare(seq, identity)
+        self.prefix.prepare(seq, identity, shared)
         return seq
 
     # ---- the step loop (engine thread) --------------------------------------------------------

@@ -5,11 +5,12 @@ Key of full block j of a sequence's context (blake2b, 32 bytes, over a fixed lit
     root  = H("switchboard-prefix-v1", namespace, adapter identity)
     key_j = H(key_{j-1} or root, root, token ids of context entries j*bs .. (j+1)*bs-1)
 
-namespace = the tenant (for the base model, "*" when the operator shares its blocks across tenants:
-EngineConfig.prefix_cache_share_base), narrowed by the request's `cache_salt`; adapter identity = "base", or the
-served version's kind and the sha256 of its files (server.adapters.pool.AdapterPool.cache_identity). Any
-adapter changes the K/V of every layer after the first, so the identity is in every key: a hot swap gets new
-keys, another tenant never finds (or times) this tenant's blocks. Context entries the adapter supplies
+namespace = the tenant ("*" for the base model, or an adapter its owner shared, when the operator shares
+those blocks across tenants: EngineConfig.prefix_cache_share_base / _share_adapters), narrowed by the
+request's `cache_salt`; adapter identity = "base", or the served version's kind and the sha256 of its files
+(server.adapters.pool.AdapterPool.cache_identity). Any adapter changes the K/V of every layer after the first,
+so the identity is in every key: a hot swap gets new keys, another tenant never finds (or times) this tenant's
+blocks. Context entries the adapter supplies
 (prefix-tuning K/V, prompt-tuning / P-tuning virtual tokens) enter the chain as token id -1: the identity
 fixes their content, so they are cached and shared like any other entry.
 
@@ -80,22 +81,27 @@ class PrefixCacheStats:
 class PrefixCache:
     """The engine thread's view of the cache; `prepare` runs on the submitting thread, before the sequence is queued."""
 
-    def __init__(self, kv: KVCache, enabled: bool = True, share_base: bool = False) -> None:
+    def __init__(self, kv: KVCache, enabled: bool = True, share_base: bool = False, share_adapters: bool = False
+                 ) -> None:
         self.kv = kv
         self.enabled = enabled
         self.share_base = share_base  # the operator shares the base model's blocks across tenants
+        self.share_adapters = share_adapters  # ... and those of adapters their owners shared with other tenants
         self._tokens: dict[str, list[int]] = {}  # tenant -> [computed, cached] prompt tokens
         self.dropped: deque[str] = deque()  # identities of deleted adapter versions (appended from any thread)
 
     # ---- submit side ---------------------------------------------------------------------------
-    def prepare(self, seq: Sequence, identity: str) -> None:
-        """Give `seq` its chain root and its prompt's block keys (hashing off the step loop)."""
+    def prepare(self, seq: Sequence, identity: str, shared_adapter: bool = False) -> None:
+        """Give `seq` its chain root and its prompt's block keys (hashing off the step loop). `shared_adapter`:
+        its adapter is visible to other tenants."""
         req = seq.request
         if req.cache_salt is not None and not (isinstance(req.cache_salt, str) and 0 < len(req.cache_salt) <= 256):
             raise InvalidRequest("cache_salt must be a non-empty string of at most 256 characters")
         if not self.enabled:
             return
-        tenant = SHARED_NAMESPACE if self.share_base and identity == BASE_IDENTITY else req.tenant
+        base = identity == BASE_IDENTITY
+        shared = (self.share_base and base) or (self.share_adapters and shared_adapter and not base)
+        tenant = SHARED_NAMESPACE if shared else req.tenant
         seq.cache_root = chain_root(namespace(tenant, req.cache_salt), identity)
         seq.cache_tag = identity
         self._keys(seq, seq.context_len // self.kv.block_size)
