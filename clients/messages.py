@@ -48,6 +48,7 @@ class GenerateOptions(TypedDict, total=False):
     regex: str
     choice: list[str]
     grammar: str
+    cache_salt: str  # prefix-cache reuse only among the tenant's requests with this salt
 
 
 def generate_request(prompt: str | None = None, **options: Unpack[GenerateOptions]) -> inference_pb2.GenerateRequest:
@@ -66,7 +67,8 @@ def generate_request(prompt: str | None = None, **options: Unpack[GenerateOption
         req.messages.add(role=m.get("role", ""), content=m.get("content", ""))
     if o.get("seed") is not None:
         req.seed = o["seed"]
-    for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs"):
+    for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs",
+                 "cache_salt"):
         if o.get(name) is not None:
             setattr(req, name, o[name])
     for token, bias in (o.get("logit_bias") or {}).items():

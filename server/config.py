@@ -65,6 +65,11 @@ class EngineConfig:
     w_in: float = 1.0  # VTC cost of a prompt token
     w_out: float = 2.0  # VTC cost of a generated token
     fair_preemption: bool = True  # VTC: a tenant under its share of the batch may preempt one over its share
+    prefix_cache: bool = True  # keep full KV blocks for reuse by later requests (server.engine.prefix_cache)
+    # the base model's cached blocks are shared by all tenants (off: a cache hit's TTFT would tell a tenant that
+    # another one sent the same prompt); adapters' blocks stay per tenant
+    prefix_cache_share_base: bool = False
+    prefix_cache_share_adapters: bool = False  # the same for adapters their owner shared with other tenants
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):

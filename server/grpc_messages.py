@@ -17,7 +17,8 @@ def logprobs(event: TokenEvent) -> list[pb.TokenLogprob]:
 
 
 def usage(event: TokenEvent) -> pb.Usage:
-    return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+    return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                    cached_prompt_tokens=event.cached_prompt_tokens)
 
 
 def adapter(adapter_name: str, event: TokenEvent) -> pb.AdapterRef:

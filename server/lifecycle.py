@@ -126,6 +126,7 @@ class SequenceBill:
     group: int  # the prompt it generates from: n choices of one prompt share (and pay) it once
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of its prompt tokens, those served from the prefix cache
     ran: bool = False  # the engine scheduled it (a sequence aborted while waiting computed nothing)
     finished: bool = False
 
@@ -149,6 +150,14 @@ class Bill:
     @property
     def completion_tokens(self) -> int:
         return sum(s.completion_tokens for s in self.sequences)
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache, each prompt once (its n choices share it)."""
+        groups: dict[int, int] = {}
+        for s in self.sequences:
+            groups[s.group] = max(groups.get(s.group, 0), s.cached_prompt_tokens)
+        return sum(groups.values())
 
 
 class CallServices(Protocol):
@@ -190,6 +199,10 @@ class Call:
     def completion_tokens(self) -> int:
         return self.bill.completion_tokens
 
+    @property
+    def cached_prompt_tokens(self) -> int:
+        return self.bill.cached_prompt_tokens
+
     def hold_slot(self) -> None:
         """The tenant's concurrency slot (raises TenantBusy), held until close()."""
         self._stack.enter_context(self.services.limiter.hold(self.tenant))
@@ -223,6 +236,7 @@ class Call:
     def _record(self, index: int, event: TokenEvent) -> None:
         s = self.bill.sequences[index]
         s.prompt_tokens, s.completion_tokens = event.prompt_tokens, event.completion_tokens
+        s.cached_prompt_tokens = max(s.cached_prompt_tokens, event.cached_prompt_tokens)
         s.ran = s.ran or bool(event.token_ids) or event.completion_tokens > 0 or event.queue_s is not None
         s.finished = s.finished or event.finished
         if self.queue_s is None and event.queue_s is not None:

@@ -7,7 +7,8 @@ names never push another tenant's adapters into "other") and is "other" after th
 private adapter (an admin using `alice/secret`) is "other". /metrics binds loopback unless the operator
 passes --metrics-host. Engine gauges (running/waiting sequences, batch, KV, resident adapters) are read from
 `Engine.stats()` at scrape time, and so are the per-tenant fairness counters (the scheduler's
-`WaitingQueue.snapshot()`: VTC counter, service, tokens in/out, waiting sequences).
+`WaitingQueue.snapshot()`: VTC counter, service, tokens in/out, waiting sequences), and the prefix cache's
+(cached blocks, evictions, per tenant prompt tokens computed vs served from the cache).
 """
 
 from __future__ import annotations
@@ -82,6 +83,26 @@ class EngineCollector:
         yield CounterMetricFamily("switchboard_fair_preemptions",
                                   "sequences preempted so that a tenant under its share of the batch could start",
                                   value=s.fair_preemptions)
+        yield from prefix_cache_families(s)
+
+
+def prefix_cache_families(s) -> list:
+    """The prefix cache's series from EngineStats: cached blocks, evictions, and per tenant (a fixed set) the
+    prompt tokens computed and those served from the cache."""
+    p = s.prefix
+    out = [GaugeMetricFamily("switchboard_prefix_cache_blocks", "KV blocks the prefix cache holds for reuse",
+                             value=p.cached_blocks),
+           CounterMetricFamily("switchboard_prefix_cache_evictions", "cached KV blocks evicted for other content",
+                               value=p.evictions)]
+    computed = CounterMetricFamily("switchboard_prompt_tokens_computed",
+                                   "prompt tokens computed at admission (not served from the prefix cache)",
+                                   labels=["tenant"])
+    cached = CounterMetricFamily("switchboard_prompt_tokens_cached", "prompt tokens served from the prefix cache",
+                                 labels=["tenant"])
+    for tenant, (n_computed, n_cached) in sorted(p.tokens.items()):
+        computed.add_metric([tenant], n_computed)
+        cached.add_metric([tenant], n_cached)
+    return [*out, computed, cached]
 
 
 class FairnessCollector:

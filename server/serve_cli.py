@@ -72,6 +72,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--w-out", type=float, default=e.w_out, help="VTC cost of a generated token")
     p.add_argument("--no-fair-preemption", action="store_true",
                    help="VTC without fair-share preemption: a tenant under its share waits for a free batch slot")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt in full (no reuse of cached KV blocks across requests)")
+    p.add_argument("--prefix-cache-share-base", action="store_true",
+                   help="share the base model's cached KV blocks across tenants (a cache hit's TTFT then tells a "
+                        "tenant that another sent the same prompt); adapters' blocks stay per tenant")
+    p.add_argument("--prefix-cache-share-adapters", action="store_true",
+                   help="the same for adapters their owner shared with other tenants")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -81,7 +88,10 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
     engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
                           max_batch_tokens=args.max_batch_tokens, kv_blocks=args.kv_blocks,
                           max_model_len=args.max_model_len, scheduling=args.scheduling or "fcfs",
-                          w_in=args.w_in, w_out=args.w_out, fair_preemption=not args.no_fair_preemption)
+                          w_in=args.w_in, w_out=args.w_out, fair_preemption=not args.no_fair_preemption,
+                          prefix_cache=not args.no_prefix_cache,
+                          prefix_cache_share_base=args.prefix_cache_share_base,
+                          prefix_cache_share_adapters=args.prefix_cache_share_adapters)
     pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank,
                              max_bottleneck_size=args.max_bottleneck_size, lora_dtype=args.lora_dtype)
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,

@@ -169,6 +169,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         gen = GenerationRequest(
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
             adapter=adapter_key, tenant=tenant.name, arrival_time=started, constraint=constraint,
+            cache_salt=req.cache_salt if req.HasField("cache_salt") else None,
         )
         return Prepared(gen, request_id, adapter_name, shared)
 

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -70,11 +71,15 @@ class AdapterPool:
         self.loads = 0
         self.disk_loads = 0
         self.max_slot_copy_s = 0.0
+        # called (pool lock held, any thread) with the cache identity of a dropped version no other entry shares
+        self.on_drop: Callable[[str], None] | None = None
 
     # ---- registration (any thread) -------------------------------------------------------------
     def register(self, key: str, source: Source, version: int = 1, *, meta: AdapterMeta | None = None,
-                 weights: AdapterWeights | None = None) -> None:
-        """Make `key` usable. `weights` (already validated) seeds the host copy; `meta` avoids a read at submit."""
+                 weights: AdapterWeights | None = None, digest: str | None = None, shared: bool = False) -> None:
+        """Make `key` usable. `weights` (already validated) seeds the host copy; `meta` avoids a read at submit;
+        `digest` (of the version's stored bytes) lets the prefix cache share K/V between registrations of the
+        same content: without one, this registration's blocks are its own. `shared`: other tenants may use it."""
         if isinstance(source, AdapterWeights):
             weights = weights or source
         if weights is not None:
@@ -85,7 +90,8 @@ class AdapterPool:
                 raise ValueError(f"adapter key {key!r} is in use; register new versions under new keys")
             if old is not None:
                 self._drop(key)
-            entry = Entry(source, version, meta)
+            entry = Entry(source, version, meta, digest=f"sha256:{digest}" if digest else f"once:{uuid.uuid4().hex}",
+                          shared=shared)
             self._entries[key] = entry
             if weights is not None:
                 self._set_host(key, entry, self.tables.staged(weights))
@@ -136,6 +142,14 @@ class AdapterPool:
         with self._lock:
             entry.meta = AdapterMeta.of(weights)
             return entry.meta
+
+    def cache_identity(self, key: str) -> tuple[str, bool]:
+        """What the prefix cache keys this version's KV blocks by (its kind and content digest), and whether
+        other tenants may use the version."""
+        kind = self.meta(key).kind
+        with self._lock:
+            entry = self._live(key)
+            return f"{kind}:{entry.digest}", entry.shared
 
     def reserve(self, key: str) -> None:
         """A submitted sequence will use `key`: keep it registered for it and start loading it to host."""
@@ -350,3 +364,6 @@ class AdapterPool:
         self._evict(key, entry)
         self._host.drop(key, entry)
         del self._entries[key]
+        if self.on_drop is not None and entry.meta is not None and all(
+                e.digest != entry.digest for e in self._entries.values()):
+            self.on_drop(f"{entry.meta.kind}:{entry.digest}")

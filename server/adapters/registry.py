@@ -217,7 +217,8 @@ class AdapterRegistry:
         kind = kinds.by_name(stored.meta.get("kind", "LORA"))
         meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
         key = pool_key(stored.tenant, stored.name, stored.version)
-        self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights)
+        self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights,
+                           digest=stored.content_digest, shared=stored.shared)
 
     def _info(self, versions: list[StoredVersion]) -> AdapterInfo:
         newest = versions[-1]

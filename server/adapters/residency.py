@@ -86,6 +86,8 @@ class Entry:
     users: int = 0
     retired: bool = False
     error: str | None = None  # why it FAILED
+    digest: str = ""  # content digest of the version's bytes, or a token unique to this registration
+    shared: bool = False  # visible to other tenants (their prefix-cache blocks may be shared when the operator says)
 
     @property
     def idle(self) -> bool:

@@ -67,6 +67,14 @@ class StoredVersion:
     def size_bytes(self) -> int:
         return sum(int(f["size"]) for f in self.files.values())
 
+    @property
+    def content_digest(self) -> str:
+        """sha256 over the files' names and recorded sha256s (sorted): the version's content address."""
+        h = hashlib.sha256()
+        for fname in sorted(self.files):
+            h.update(f"{fname}\x00{self.files[fname]['sha256']}\x00".encode())
+        return h.hexdigest()
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

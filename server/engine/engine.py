@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,7 @@ from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
+from server.engine.prefix_cache import BASE_IDENTITY, PrefixCache, PrefixCacheStats
 from server.engine.request import (
     EngineStopped,
     FinishReason,
@@ -53,6 +54,7 @@ class EngineStats:
     preemptions: int  # all preemptions (KV pressure and fair share)
     fair_preemptions: int = 0  # VTC fair-share preemptions among them
     longest_step_s: float = 0.0  # the longest single pass of the step loop (adapter loads run off the loop)
+    prefix: PrefixCacheStats = field(default_factory=PrefixCacheStats)  # cached blocks, evictions, tokens
 
 
 class Engine:
@@ -67,7 +69,10 @@ class Engine:
             limit = min(limit, self.args.sliding_window)  # full attention is exact up to the window
         self.max_model_len = limit
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
-        self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter)
+        self.prefix = PrefixCache(self.kv, cfg.prefix_cache, cfg.prefix_cache_share_base,
+                                  cfg.prefix_cache_share_adapters)
+        self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter, self.prefix)
+        pool.on_drop = self.prefix.dropped.append  # a deleted adapter version (any thread -> the step loop)
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
         self.siblings = SiblingForks()
         self.post = Postprocessor(self.args.eos_token_ids, self.max_model_len)
@@ -156,6 +161,7 @@ class Engine:
             preemptions=self.scheduler.preemptions,
             fair_preemptions=self.scheduler.fair_preemptions,
             longest_step_s=self.longest_step_s,
+            prefix=self.prefix.stats(),
         )
 
     def _make_sequence(self, req: GenerationRequest) -> Sequence:
@@ -168,9 +174,11 @@ class Engine:
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
         n_prefix = n_virtual = 0
+        identity, shared = BASE_IDENTITY, False
         if req.adapter is not None:
             try:
                 layout = self.pool.meta(req.adapter).layout
+                identity, shared = self.pool.cache_identity(req.adapter)
             except UnknownAdapter:
                 raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
             n_prefix, n_virtual = layout.n_prefix, layout.n_virtual
@@ -188,7 +196,7 @@ class Engine:
         seed = req.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
-        return Sequence(
+        seq = Sequence(
             request=req,
             handle=RequestHandle(req.request_id),
             detok=IncrementalDetokenizer(self.tokenizer, list(ids)),
@@ -197,6 +205,8 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
             grammar=grammar,
         )
+        self.prefix.prepare(seq, identity, shared)
+        return seq
 
     # ---- the step loop (engine thread) --------------------------------------------------------
     def start(self) -> None:
@@ -228,6 +238,7 @@ class Engine:
             aborts, self._aborts = self._aborts, []
         for seq in inbox:
             self.scheduler.add(seq)
+        self.prefix.drop_dropped()
         for request_id in aborts:
             seq = self._by_id.get(request_id)
             if seq is not None:
@@ -260,6 +271,8 @@ class Engine:
         self.steps += 1
         try:
             logits, sampled = self.runner.run(scheduled)
+            for seq, _ in scheduled:
+                self.prefix.commit(seq)  # the blocks this step filled become reusable
             forked = self.siblings.fork(sampled, self.kv, self.scheduler, self.pool)
             if forked:  # siblings sample their first token from their parent's logits row
                 logits = torch.cat([logits, logits[[row for _, row in forked]]])
@@ -303,8 +316,10 @@ class Engine:
             return Admission.NOT_NOW, None
         seq.lease, seq.adapter_version = lease, lease.version
         prefix = lease.weights.spec.cached_prefix(lease.weights.payload)
-        if prefix is not None:
-            self.kv.write_prefix(seq.blocks, *prefix)
+        if prefix is not None and seq.num_computed < seq.n_prefix:  # entries below num_computed came from the cache
+            start = seq.num_computed
+            keys, values = prefix
+            self.kv.write_prefix(seq.blocks, keys[:, start:], values[:, start:], start)
             seq.num_computed = seq.n_prefix
         return Admission.ADMITTED, None
 

@@ -3,7 +3,8 @@
 VTC (Sheng et al., "Fairness in Serving Large Language Models", OSDI'24): every tenant has a counter.
 Admission takes the head of the backlogged tenant (one with waiting sequences) whose counter is the
 smallest; within a tenant the order stays FIFO. A tenant's counter grows by `w_in * prompt tokens` when
-a sequence is first admitted and by `w_out` per generated token, divided by the tenant's weight. When
+a sequence is first admitted (the prompt tokens it computes: those the prefix cache serves are free) and by
+`w_out` per generated token, divided by the tenant's weight. When
 a tenant becomes backlogged (its queue goes from empty to non-empty on a new arrival) its counter is
 lifted to max(its own, the smallest counter among backlogged tenants) -- or, when no tenant is
 backlogged, to the counter of the last tenant whose backlog emptied -- so idle time banks no credit.

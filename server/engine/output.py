@@ -76,6 +76,7 @@ class Postprocessor:
             adapter_version=seq.adapter_version,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
+            cached_prompt_tokens=seq.cached_prompt_tokens,
             queue_s=(seq.first_scheduled - arrival) if first and seq.first_scheduled else None,
             ttft_s=(seq.first_token_time - arrival) if first and seq.first_token_time else None,
         )

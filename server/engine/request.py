@@ -132,6 +132,7 @@ class GenerationRequest:
     # the output's constraint (server.structured; a plain value, so a request pickles to a Ray replica); the
     # API faces compile it before submit (the engine then finds it in its compile cache); None = free text
     constraint: Constraint | None = None
+    cache_salt: str | None = None  # narrows the prefix cache's namespace (the tenant) to requests with this salt
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,7 @@ class TokenEvent:
     adapter_version: int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the prefix cache (not computed)
     queue_s: float | None = None  # arrival -> first scheduled (set on the first event)
     ttft_s: float | None = None  # arrival -> first token (set on the first event)
 

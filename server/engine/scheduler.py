@@ -9,6 +9,9 @@ sequence, one is preempted (FCFS: the newest; VTC: the newest of the tenant most
 freed, it goes back to the front of the queue and is recomputed later): a request that does not fit
 waits, it never crashes the engine. Under VTC a request whose tenant is below its fair share of the batch
 may also preempt a sequence of a tenant above its share (fair-share preemption, server.engine.fairness).
+Admission goes through the prefix cache (server.engine.prefix_cache): a sequence takes the cached blocks of
+its longest cached prefix and computes only the rest (a re-admitted preempted sequence too); the KV budget
+counts cached-but-unreferenced blocks as free, and VTC charges the prompt tokens it computes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from enum import Enum
 from server.config import EngineConfig
 from server.engine.fairness import WaitingQueue
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import SeqStatus, Sequence
 
 
@@ -40,9 +44,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, kv: KVCache, pin: PinAdapter, unpin: UnpinAdapter) -> None:
+    def __init__(self, cfg: EngineConfig, kv: KVCache, pin: PinAdapter, unpin: UnpinAdapter,
+                 prefix: PrefixCache | None = None) -> None:
         self.cfg = cfg
         self.kv = kv
+        self.prefix = prefix or PrefixCache(kv, enabled=False)
         self.pin = pin
         self.unpin = unpin
         self.waiting = WaitingQueue(cfg.scheduling, cfg.w_in, cfg.w_out)  # FCFS or VTC (server.engine.fairness)
@@ -81,21 +87,21 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running:
             seq = self.waiting.pop_next()
-            need = self.kv.blocks_needed(0, seq.context_len + 1)
-            if not self.kv.can_allocate(need):
+            hits = self.prefix.match(seq)
+            if not self.kv.can_allocate(self.prefix.cost(seq, hits)):
                 skipped.append(seq)
                 break  # FIFO for KV: later (smaller) requests don't overtake a waiting large one
-            seq.blocks = self.kv.allocate(need)
+            cached = self.prefix.admit(seq, hits)
             admission, why = self.pin(seq)
             if admission is not Admission.ADMITTED:
-                self.kv.free(seq.blocks)
+                self._release(seq)
                 if admission is Admission.FAILED:
                     plan.failed.append((seq, why or "the request could not be admitted"))
                 else:
                     skipped.append(seq)
                 continue
             seq.status = SeqStatus.RUNNING
-            self.waiting.on_admit(seq, len(seq.prompt_ids) if seq.first_scheduled is None else 0)
+            self.waiting.on_admit(seq, self.prefix.account(seq, cached) if seq.first_scheduled is None else 0)
             seq.mark_scheduled()
             self.running.append(seq)
             n = min(seq.pending, budget)
@@ -110,8 +116,8 @@ class Scheduler:
         seq = self.waiting.peek_next()
         if seq is None:
             return
-        need = self.kv.blocks_needed(0, seq.context_len + 1)
-        while len(self.running) >= self.cfg.max_running or not self.kv.can_allocate(need):
+        while (len(self.running) >= self.cfg.max_running
+               or not self.kv.can_allocate(self.prefix.cost(seq, self.prefix.match(seq)))):
             victim = self.waiting.fair_share_victim(seq.request.tenant, self.running, self.cfg.max_running)
             if victim is None:
                 return
@@ -132,9 +138,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.waiting.on_release(seq)
-        self.kv.free(seq.blocks)
+        self._release(seq)
         self.unpin(seq)
-        seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.push_front(seq)
         self.preemptions += 1
@@ -147,5 +152,11 @@ class Scheduler:
             self.unpin(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq.blocks)
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back `seq`'s blocks (keyed ones stay cached); its context is computed again if it runs again."""
+        self.kv.free(seq.blocks)
+        self.prefix.release(seq)
+        seq.num_computed = 0

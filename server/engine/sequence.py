@@ -61,6 +61,14 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # context entries whose K/V are in the cache (includes n_prefix)
     blocks: list[int] = field(default_factory=list)
+    # prefix cache (server.engine.prefix_cache): the chain's root (None = not cached), the adapter identity its
+    # blocks are tagged with, the keys of the context's full blocks known so far, and how many of `blocks`
+    # are keyed (hits or registered); prompt tokens served from the cache at the first admission
+    cache_root: bytes | None = None
+    cache_tag: str = "base"
+    block_keys: list[bytes] = field(default_factory=list)
+    n_committed: int = 0
+    cached_prompt_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     generator: torch.Generator | None = None
     text: str = ""  # generated text so far (stop strings checked here)

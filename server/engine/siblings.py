@@ -7,12 +7,14 @@ again), gets a copy of the partially filled tail block, pins the same adapter sl
 batch with its context computed; the step then samples its first token from the parent's logits row with
 the sibling's own generator (so it equals a single request with the sibling's seed). A sibling that cannot
 fork (the running limit, no free block for the tail, its adapter not pinnable) and the siblings of a parent
-that ends before its prompt completes are queued as ordinary sequences: the same tokens, computed again.
+that ends before its prompt completes are queued as ordinary sequences (admitted through the prefix cache, they
+reuse whatever full blocks of the prompt were computed).
 """
 
 from __future__ import annotations
 
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import SeqStatus, Sequence
 
@@ -30,7 +32,8 @@ class SiblingForks:
         parents: dict[tuple, Sequence] = {}
         queued = []
         for seq in seqs:
-            key = (seq.request.prompt_token_ids, seq.request.adapter)
+            req = seq.request
+            key = (req.prompt_token_ids, req.adapter, req.tenant, req.cache_salt)  # one prefix-cache chain too
             parent = parents.get(key)
             if parent is None:
                 parents[key] = seq
@@ -77,6 +80,7 @@ class SiblingForks:
                 return False
         sibling.blocks = kv.share(parent.blocks[:full]) + ([kv.copy_block(parent.blocks[full])] if partial else [])
         sibling.num_computed = computed
+        PrefixCache.fork(parent, sibling, full)
         if lease is not None:
             sibling.lease, sibling.adapter_version = lease, lease.version
         sibling.status = SeqStatus.RUNNING

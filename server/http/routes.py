@@ -198,7 +198,8 @@ class OpenAIApi:
                 out.append(GenerationRequest(
                     request_id=f"{tenant.name}/http-{base}-{p_index * parsed.n + i}", prompt_token_ids=tuple(ids),
                     sampling=sampling if i == 0 else _with_seed(sampling, seed), adapter=adapter_key,
-                    tenant=tenant.name, arrival_time=started, constraint=constraint))
+                    tenant=tenant.name, arrival_time=started, constraint=constraint,
+                    cache_salt=parsed.cache_salt))
         return out
 
     async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts,
@@ -238,7 +239,8 @@ class OpenAIApi:
                                                         len(prefix)) if parsed.logprobs else None}
             out.append(body)
         prompt_tokens = sum(len(p) for p in prompts)
-        return JSONResponse(envelope.wrap(out, chunk=False, usage_=usage(prompt_tokens, call.completion_tokens)))
+        return JSONResponse(envelope.wrap(out, chunk=False, usage_=usage(prompt_tokens, call.completion_tokens,
+                                                                         call.cached_prompt_tokens)))
 
     async def _stream(self, call: Call, parsed, envelope: Envelope, output: OutputSpec | None = None):
         with_usage = parsed.include_usage
@@ -294,7 +296,8 @@ class OpenAIApi:
             yield sse(envelope.wrap([choice], True, None, with_usage))
         if with_usage:
             prompt_tokens = sum(len(r.prompt_token_ids) for r in call.requests[:: parsed.n])
-            yield sse(envelope.wrap([], True, usage(prompt_tokens, call.completion_tokens)))
+            yield sse(envelope.wrap([], True, usage(prompt_tokens, call.completion_tokens,
+                                                    call.cached_prompt_tokens)))
         call.close("OK")
         yield sse("[DONE]")
 

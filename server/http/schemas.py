@@ -1,7 +1,7 @@
 """OpenAI request bodies -> what the engine needs, with every invalid value a 400 that names its field.
 
 Unknown fields are ignored (as OpenAI does). Values follow OpenAI's ranges; the vLLM extras (`top_k`,
-`min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`) and the `adapter` field are accepted too.
+`min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `cache_salt`) and the `adapter` field are accepted too.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class ParsedRequest:
     top_logprobs: int
     echo: bool
     tokens_as_ids: bool  # vLLM's `return_tokens_as_token_ids`: logprob tokens as "token_id:N"
+    cache_salt: str | None = None  # vLLM's extra `cache_salt`: prefix-cache reuse only among requests with it
 
 
 def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
@@ -240,9 +241,13 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
     if user is not None and not isinstance(user, str):
         raise invalid("'user' must be a string", "user", "invalid_type")
     echo = _boolean(body, "echo") if not chat else False
+    cache_salt = body.get("cache_salt")
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not 0 < len(cache_salt) <= 256):
+        raise invalid("'cache_salt' must be a non-empty string of at most 256 characters", "cache_salt")
     return ParsedRequest(chat=chat, model=model, adapter=adapter or None, prompts=prompts, messages=messages,
                          sampling=sampling, n=n, stream=stream, include_usage=include_usage, logprobs=logprobs,
-                         top_logprobs=top, echo=echo, tokens_as_ids=_boolean(body, "return_tokens_as_token_ids"))
+                         top_logprobs=top, echo=echo, tokens_as_ids=_boolean(body, "return_tokens_as_token_ids"),
+                         cache_salt=cache_salt)
 
 
 def _top_k(body: dict) -> int:

@@ -89,7 +89,8 @@ def engine_deployment(settings: ScaleSettings):
             if not pool.revive(key):  # a key unregistered while in use is registered again as it is
                 kind = kinds.by_name(stored.meta.get("kind", "LORA"))
                 meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
-                pool.register(key, lambda: self._read(stored), stored.version, meta=meta)
+                pool.register(key, lambda: self._read(stored), stored.version, meta=meta,
+                              digest=stored.content_digest, shared=stored.shared)  # the prefix cache's identity
             pool.host_weights(key)  # read, verified and validated now, off the step loop
 
         def _read(self, stored: StoredVersion):
