@@ -14,6 +14,7 @@ probes fall back cleanly (tests/test_engine.py checks it).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 
 from kernels import attention as _attention
 from kernels.attention import PagedAttentionMeta, build_paged_attention_meta
+from kernels.build import KernelBuildError, KernelError, KernelsUnavailable, toolchain_missing
 from kernels.cpu import (
     CpuApplyPlan,
     cpu_apply,
@@ -33,10 +35,11 @@ from kernels.cpu import (
 from kernels.meta import LoraBatchMeta, build_lora_meta
 from kernels.reference import SlotViews, expand_reference, shrink_reference
 
-__all__ = ["MODE", "LoraBatchMeta", "LoraGroup", "PagedAttentionMeta", "SlotViews", "build_lora_meta",
-           "build_paged_attention_meta", "lora_apply", "lora_apply_group", "lora_expand", "lora_group", "lora_shrink",
-           "lora_shrink_many", "paged_attention"]
+__all__ = ["MODE", "KernelBuildError", "KernelError", "KernelsUnavailable", "LoraBatchMeta", "LoraGroup",
+           "PagedAttentionMeta", "SlotViews", "build_lora_meta", "build_paged_attention_meta", "lora_apply",
+           "lora_apply_group", "lora_expand", "lora_group", "lora_shrink", "lora_shrink_many", "paged_attention"]
 
+_log = logging.getLogger(__name__)
 MODES = ("auto", "triton", "cpu", "reference")
 MODE = os.environ.get("SWITCHBOARD_KERNELS", "auto").strip().lower() or "auto"
 if MODE not in MODES:
@@ -145,8 +148,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def warm_up(device: torch.device) -> None:
-    """Build or load the compiled CPU kernels (a one-time compile of a few seconds, then cached) before serving."""
-    if device.type == "cpu":
+    """Build or load the compiled CPU kernels (a one-time compile of a few seconds, then cached) before serving.
+
+    Raises KernelsUnavailable under `SWITCHBOARD_KERNELS=cpu` on a machine that cannot build them, and
+    KernelBuildError when a kernel does not compile (never a silent fallback to the references)."""
+    if device.type == "cpu" and MODE in ("auto", "cpu"):
+        missing = toolchain_missing()
+        if missing is not None:
+            if MODE == "cpu":
+                raise KernelsUnavailable(f"SWITCHBOARD_KERNELS=cpu, but the CPU kernels cannot be built: {missing}")
+            _log.warning("the compiled CPU kernels are unavailable (%s): the torch references run", missing)
+            return
         from kernels import attention, cpu, linear, pointwise, projection
 
         for kernel in (cpu, attention, linear, pointwise, projection):

@@ -127,6 +127,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("server.model.loader").setLevel(logging.INFO)  # start-up prints the model's memory
+    from kernels import KernelError
     from server.grpc_server import SwitchboardServer, load_tenants
 
     try:
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> int:
             http = HttpServer(server.engine, server.registry, server.tenants, server.limiter, server.metrics,
                               model_id(args), args.host, args.http_port, quotas=server.quotas, usage=server.usage)
             http.start()
-    except OSError as exc:
+    except (OSError, KernelError) as exc:  # KernelError: SWITCHBOARD_KERNELS=cpu without kernels, a kernel build
         print(f"error: {exc}", file=sys.stderr)
         server.stop(0)
         return 1

@@ -14,9 +14,10 @@ import kernels
 from kernels import cpu
 from kernels.meta import build_lora_meta
 from kernels.reference import expand_reference, shrink_reference
+from tests.compiler import needs_compiler
 from tests.lora_cases import N_SLOTS, POPULARITY, TOL, fresh_seed, loop_oracle, make_case
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel falls back")
+pytestmark = needs_compiler
 
 
 @pytest.mark.parametrize("b_layout", ["rank_major", "row_major"])

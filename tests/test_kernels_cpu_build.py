@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from kernels import cpu
+from tests.compiler import needs_compiler
 from tests.lora_cases import fresh_seed
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel falls back")
+pytestmark = needs_compiler
 
 
 PORTABLE_CHECK = """

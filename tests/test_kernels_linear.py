@@ -13,9 +13,10 @@ import torch
 import kernels
 from kernels import linear
 from kernels.reference import nf4_linear_reference
+from tests.compiler import needs_compiler
 from tests.test_kernels_cpu_build import PORTABLE_MARCHES, run_portable_check
 
-pytestmark = pytest.mark.skipif(not linear.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
+pytestmark = needs_compiler
 
 
 def fresh_seed() -> int:

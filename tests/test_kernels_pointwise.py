@@ -12,8 +12,9 @@ import torch
 
 import kernels
 from kernels import pointwise
+from tests.compiler import needs_compiler
 
-pytestmark = pytest.mark.skipif(not pointwise.available(), reason="no C++ compiler: the torch references run")
+pytestmark = needs_compiler
 
 
 def fresh_seed() -> int:

@@ -16,11 +16,12 @@ from bench.workloads import sample_adapter_ids
 from kernels import build_lora_meta, lora_apply
 from kernels.cpu import cpu_apply_plan
 from kernels.linear import dense_linear, nf4_linear
-from kernels.projection import available, dense_spec, nf4_spec, projection_group
+from kernels.projection import dense_spec, nf4_spec, projection_group
+from tests.compiler import needs_compiler
 from tests.lora_cases import N_SLOTS, POPULARITY, fresh_seed
 from tests.test_kernels_cpu_build import PORTABLE_MARCHES, run_portable_check
 
-pytestmark = pytest.mark.skipif(not available(), reason="no C++ compiler: the projection kernel is not built")
+pytestmark = needs_compiler
 
 K = 128  # a multiple of the NF4 block size (64)
 OUTS = (80, 40, 136)  # tiles of 16 rows with and without a tail

@@ -17,6 +17,7 @@ import torch
 from bench.attention_today import padded_gather_attention
 from kernels import attention as att
 from kernels.attention import build_paged_attention_meta, paged_attention, paged_attention_reference
+from tests.compiler import needs_compiler
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}  # atol on outputs of magnitude ~1
 
@@ -79,7 +80,7 @@ CASES = {
 }
 
 
-@pytest.mark.skipif(not att.available(), reason="no C++ compiler: paged_attention falls back to the reference")
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
                          [(9, 3, 64, 16), (8, 8, 32, 32), (8, 1, 128, 16), (4, 2, 64, 1)],
@@ -117,7 +118,7 @@ def test_kernel_matches_reference_and_dense(case: str, route: str, heads: int, k
         torch.testing.assert_close(out, padded, atol=tol, rtol=0, msg=lambda m: f"vs today's path: {m}\n{why}")
 
 
-@pytest.mark.skipif(not att.available(), reason="no C++ compiler")
+@needs_compiler
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_thread_counts_and_context_splits_agree(threads: int) -> None:
     """Few sequences with long contexts split each decode row's context over threads; results stay the same."""
