@@ -30,12 +30,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernels  # noqa: E402
 from bench.decode_step import interleaved  # noqa: E402
 from bench.workloads import random_lora, sample_adapter_ids  # noqa: E402
-from kernels import lora_apply, lora_expand, lora_shrink  # noqa: E402
 from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many  # noqa: E402
 from kernels.meta import build_lora_meta  # noqa: E402
 from kernels.reference import expand_reference, shrink_reference  # noqa: E402
+
+
+def lora_shrink(x, a_stack, meta):
+    return kernels.backend(x.device).lora_shrink(x, a_stack, meta, None)
+
+
+def lora_expand(t, b_stack, scales, meta, y):
+    return kernels.backend(t.device).lora_expand(t, b_stack, scales, meta, y)
+
+
+def lora_apply(x, a_stacks, b_stacks, scales, meta, ys):
+    return kernels.backend(x.device).lora_apply(x, a_stacks, b_stacks, scales, meta, ys)
 
 
 def timed(fn, repeats: int) -> float:
@@ -164,7 +176,8 @@ def step_rows(repeats: int, layers: int = 30, rank: int = 16, n_adapters: int = 
 def attention_rows(repeats: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, block_size: int = 16):
     """One layer's attention (SmolLM2-135M's heads) over the paged cache: the new kernel vs today's padded gather."""
     from bench.attention_today import padded_gather_attention
-    from kernels.attention import build_paged_attention_meta, paged_attention
+    from kernels.attention import build_paged_attention_meta
+    from kernels.attention import paged_attention_kernel as paged_attention
 
     yield (f"| attention, one layer ({heads} heads, {kv_heads} kv heads, dim {dim}, block {block_size}), "
            f"{torch.get_num_threads()} threads | paged kernel (ms) | K/V GB/s | today's padded gather (ms) | ratio |")

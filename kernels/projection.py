@@ -81,7 +81,7 @@ def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan,
     for i, fields, out in zip(present, plan.fields, plan.outs, strict=True):
         if not 0 <= i < len(bases) or bases[i].n_out != out:
             return None
-        lora[i] = fields[:8]
+        lora[i] = fields.lora
     if any(b.n_in != x.shape[1] for b in bases):
         return None
     gains = gains or [None] * len(bases)

@@ -150,6 +150,9 @@ def main(argv: list[str]) -> int:
     except (ModelNotFound, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KernelError as exc:  # SWITCHBOARD_KERNELS=cpu without a C++ compiler, a kernel that does not compile
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     http = None
     try:
         server.start()
@@ -159,7 +162,7 @@ def main(argv: list[str]) -> int:
             http = HttpServer(server.engine, server.registry, server.tenants, server.limiter, server.metrics,
                               model_id(args), args.host, args.http_port, quotas=server.quotas, usage=server.usage)
             http.start()
-    except (OSError, KernelError) as exc:  # KernelError: SWITCHBOARD_KERNELS=cpu without kernels, a kernel build
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         server.stop(0)
         return 1

@@ -67,10 +67,14 @@ def test_cpu_kernels_asked_for_without_a_compiler_is_a_startup_error(monkeypatch
 
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setattr(kernels, "MODE", "cpu")
+    monkeypatch.setattr(kernels, "_backends", {})  # resolved afresh on this "machine"
     with pytest.raises(build.KernelsUnavailable, match=r"SWITCHBOARD_KERNELS=cpu.*no C\+\+ compiler"):
         kernels.warm_up(torch.device("cpu"))
     monkeypatch.setattr(kernels, "MODE", "auto")
     kernels.warm_up(torch.device("cpu"))  # auto: the torch references, with a warning in the log
+    assert kernels.backend("cpu").name == "torch"
+    with pytest.raises(build.KernelsUnavailable):
+        kernels.backend("cpu", "cpu")
 
 
 def test_serve_reports_the_kernel_error_and_exits(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -80,6 +84,7 @@ def test_serve_reports_the_kernel_error_and_exits(tiny_llama_dir: Path, tmp_path
 
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setattr(kernels, "MODE", "cpu")
+    monkeypatch.setattr(kernels, "_backends", {})
     rc = main(["--model", str(tiny_llama_dir), "--port", "0", "--no-http", "--no-metrics", "--no-quantize",
                "--data-dir", str(tmp_path)])
     assert rc == 1

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import LoraBatchMeta, LoraGroup, SlotViews, build_lora_meta, lora_apply_group, lora_group
+import kernels
+from kernels import LoraBatchMeta, LoraGroup, SlotViews, build_lora_meta
 from kernels.cpu import table_zeros
-from kernels.linear import takes
-from kernels.projection import projection_group
 from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
@@ -60,6 +59,7 @@ class LoraTables(SlotTables):
         # (layer, modules) -> (generation, indices of the modules with a table, their kernel group)
         self._groups: dict[tuple[int, tuple[str, ...]], tuple[int, tuple[int, ...], LoraGroup | None]] = {}
         self._generation = 0  # bumped after a module's tables are added: groups made before are rebuilt
+        self.kernels = kernels.backend(device)  # the tables' device's kernels
 
     def _module(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         if module not in self.a:
@@ -92,7 +92,7 @@ class LoraTables(SlotTables):
             return entry[1], entry[2]
         present = tuple(i for i, m in enumerate(modules) if m in self.a and m in self.b)
         views = [self.views(layer, modules[i]) for i in present]
-        group = lora_group([a.stack for a, _ in views], [b.stack for _, b in views]) if present else None
+        group = self.kernels.lora_group([a.stack for a, _ in views], [b.stack for _, b in views]) if present else None
         self._groups[(layer, modules)] = (generation, present, group)
         return present, group
 
@@ -125,7 +125,7 @@ class LoraTables(SlotTables):
 
 class LoraStep(StepAdapter):
     """Shrink then expand through the segmented kernels, for every LoRA token of the step at once: one fused
-    kernel call per projection group (q/k/v, o, gate/up, down) on CPU (kernels.lora_apply)."""
+    kernel call per projection group (q/k/v, o, gate/up, down) on CPU (the kernel backend's lora_apply_group)."""
 
     def __init__(self, tables: LoraTables, meta: LoraBatchMeta) -> None:
         self.tables = tables
@@ -145,7 +145,7 @@ class LoraStep(StepAdapter):
         if group is None:
             return ys
         ys = list(ys)
-        done = lora_apply_group(x, group, self.tables.scale, self.meta, [ys[i] for i in present])
+        done = self.tables.kernels.lora_apply_group(x, group, self.tables.scale, self.meta, [ys[i] for i in present])
         for i, y in zip(present, done, strict=True):
             ys[i] = self.finish(y, layer, modules[i])
         return ys
@@ -155,16 +155,17 @@ class LoraStep(StepAdapter):
         """The base matmuls and the LoRA deltas of a decode-sized CPU group in one compiled call
         (kernels.projection: the memory-bound LoRA reads beside the compute-bound tiles), when some module of the
         group has a table and every base layer has tiles; else None (the model runs base, then project_outputs)."""
-        if not self.meta.has_lora or not takes(x):
+        backend = self.tables.kernels
+        if not self.meta.has_lora or not backend.fuses(x):
             return None
         present, group = self.tables.group(layer, modules)
-        if group is None or group.cpu is None:
+        if group is None:
             return None
         specs = [getattr(base, "tile_spec", lambda: None)() for base in bases]
         if None in specs:
             return None
         gains = self.fused_gains(layer, modules)
-        ys = projection_group(x, specs, group.cpu, present, self.tables.scale, self.meta, gains)
+        ys = backend.fused_projection(x, specs, group, present, self.tables.scale, self.meta, gains)
         if ys is None:
             return None
         for i in present:
