@@ -183,7 +183,8 @@ def _small(x: torch.Tensor) -> bool:
 
 
 def _cpu_fused_projection(x, bases, group, present, scales, meta, gains=None):
-    if group.cpu is None or not _small(x):
+    """Asked after fuses(x) (the caller's check: not repeated here)."""
+    if group.cpu is None:
         return None
     return projection.projection_group(x, bases, group.cpu, present, scales, meta, gains)
 

@@ -33,6 +33,11 @@ def test_the_model_keeps_its_devices_backend(tiny_llama_dir) -> None:
         holders = [m for m in model.modules() if hasattr(m, "kernels")]
         assert len(holders) > 3 * model.args.num_layers
         assert all(m.kernels is kernels.backend("cpu") for m in holders), quantize
+    nf4 = next(m for m in model.modules() if hasattr(m, "nf4_weights"))
+    first = nf4.nf4_weights()
+    assert first.packed is nf4.packed and nf4.nf4_weights() is first  # made once while the codes stay put
+    nf4.packed = nf4.packed.clone()  # moved (as loading moves them into the weights arena)
+    assert nf4.nf4_weights().packed is nf4.packed
 
 
 @pytest.mark.parametrize("mode", MODES)

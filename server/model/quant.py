@@ -98,6 +98,7 @@ class NF4Linear(nn.Module):
         )
         self.register_buffer("packed", packed, persistent=False)  # [out*in/2, 1] uint8
         self.quant_state = state
+        self._nf4: Nf4Weights | None = None  # nf4_weights()' cache
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
@@ -110,10 +111,12 @@ class NF4Linear(nn.Module):
         return self.kernels.nf4_linear(x, self.nf4_weights(), self.bias, self.dense_weight)
 
     def nf4_weights(self) -> Nf4Weights:
-        """The NF4 codes as kernels.linear reads them (made again only after loading moves them)."""
-        state = self.quant_state
-        return _cached(self, "_nf4", (self.packed.data_ptr(), state.absmax.data_ptr()), lambda: Nf4Weights(
-            self.packed, state.absmax, state.code, state.blocksize, self.out_features))
+        """The NF4 codes as kernels.linear reads them, made again only when the tensors are replaced (loading moves
+        `packed` into the weights arena once)."""
+        packed, state, made = self.packed, self.quant_state, self._nf4
+        if made is None or made.packed is not packed or made.absmax is not state.absmax:
+            made = self._nf4 = Nf4Weights(packed, state.absmax, state.code, state.blocksize, self.out_features)
+        return made
 
     def tile_spec(self) -> BaseSpec | None:
         """As DenseLinear.tile_spec: the NF4 codes for the fused kernel's tiles, or None (bias, dtype, device)."""
