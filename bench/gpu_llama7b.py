@@ -126,8 +126,7 @@ def decode_rows(engine, batch: int, n_adapters: int, prompt_len: int, new_tokens
 
 def kernel_rows(n_adapters: int, rank: int, repeats: int) -> list[dict]:
     """SGMV shrink+expand on the 7B gate_proj shape, fp16, against the device copy bandwidth."""
-    from bench.kernels import copy_bandwidth, timed
-    from kernels import lora_expand, lora_shrink
+    from bench.kernels import copy_bandwidth, lora_expand, lora_shrink, timed
     from kernels.meta import build_lora_meta
 
     n_in, n_out, dev = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], "cuda"

@@ -28,12 +28,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import kernels
 from bench.decode_step import interleaved
 from bench.workloads import random_lora, sample_adapter_ids
-from kernels import lora_apply, lora_expand, lora_shrink
 from kernels.cpu import cpu_expand, cpu_shrink, cpu_shrink_many
 from kernels.meta import build_lora_meta
 from kernels.reference import expand_reference, shrink_reference
+
+
+def lora_shrink(x, a_stack, meta):
+    return kernels.backend(x.device).lora_shrink(x, a_stack, meta, None)
+
+
+def lora_expand(t, b_stack, scales, meta, y):
+    return kernels.backend(t.device).lora_expand(t, b_stack, scales, meta, y)
+
+
+def lora_apply(x, a_stacks, b_stacks, scales, meta, ys):
+    return kernels.backend(x.device).lora_apply(x, a_stacks, b_stacks, scales, meta, ys)
 
 
 def timed(fn, repeats: int) -> float:
@@ -161,7 +173,8 @@ def step_rows(repeats: int, layers: int = 30, rank: int = 16, n_adapters: int = 
 
 def attention_rows(repeats: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, block_size: int = 16):
     """One layer's attention (SmolLM2-135M's heads) over the paged cache: the compiled kernel vs the torch reference."""
-    from kernels.attention import build_paged_attention_meta, paged_attention, paged_attention_reference
+    from kernels.attention import build_paged_attention_meta, paged_attention_reference
+    from kernels.attention import paged_attention_kernel as paged_attention
 
     yield (f"| attention, one layer ({heads} heads, {kv_heads} kv heads, dim {dim}, block {block_size}), "
            f"{torch.get_num_threads()} threads | paged kernel (ms) | K/V GB/s | torch reference (ms) | ratio |")

@@ -89,9 +89,11 @@ class PartClock:
 @contextlib.contextmanager
 def instrumented(engine, clock: PartClock) -> Iterator[None]:
     """Wrap the parts' functions (instances where the engine owns them, classes and modules otherwise)."""
-    import server.model.llama as llama
+    import dataclasses
+
     from server.model.batch import StepAdapter
     from server.model.layers import Projection, RMSNorm
+    from server.model.llama import Attention
 
     undo: list[Callable[[], None]] = []
 
@@ -118,9 +120,15 @@ def instrumented(engine, clock: PartClock) -> Iterator[None]:
     patch(model, "embed", "embed")
     patch(model.rotary, "cos_sin", "rotary tables")
     patch(RMSNorm, "forward", "RMSNorm")
-    patch(llama, "rope_and_cache", "rotary + KV write")
-    patch(llama, "paged_attention", "attention")
-    patch(llama, "dense_forward", "LM head")
+    # the kernel backend the model's layers keep: a copy with the timed ops, handed to the modules that call them
+    backend = model.kernels
+    for module in [m for m in model.modules() if isinstance(m, Attention)]:
+        module.kernels = dataclasses.replace(
+            backend, rope_and_cache=clock.wrap("rotary + KV write", backend.rope_and_cache),
+            paged_attention=clock.wrap("attention", backend.paged_attention))
+        undo.append(lambda module=module: setattr(module, "kernels", backend))
+    model.kernels = dataclasses.replace(backend, linear=clock.wrap("LM head", backend.linear))
+    undo.append(lambda: setattr(model, "kernels", backend))
     for module in model.modules():
         if isinstance(module, Projection):
             patch(module.base, "forward", GROUPS[module.name])

@@ -1,11 +1,13 @@
-"""LoRA segmented-gather kernels (Triton on CUDA, the compiled CPU kernel on CPU) and paged attention.
+"""Switchboard's kernels: segmented LoRA (shrink / expand / apply), linear (dense, NF4), pointwise (RMSNorm, rotary
+with the KV-cache write) and paged attention, behind one dispatcher.
 
-`SWITCHBOARD_KERNELS` is read once, at import, into `MODE`: `auto` (default: Triton for CUDA tensors, the
-CPU kernel otherwise), `triton` (Triton everywhere; tests run it on CPU with TRITON_INTERPRET=1), `cpu`
-(the CPU kernel), `reference` (kernels/reference.py). Tests switch paths by setting `kernels.MODE`.
-Triton is imported only when its path is taken. A batch with no LoRA token (`meta.has_lora` False)
-launches nothing. `paged_attention` (kernels/attention.py) is the compiled CPU kernel, or the per-sequence
-SDPA reference under `reference` and for CUDA tensors.
+`backend(device)` resolves the ops of a device once into a KernelBackend (kernels/backend.py), which the model's
+layers and the adapter kinds keep and call. `SWITCHBOARD_KERNELS` is read once, at import, into `MODE`: `auto`
+(default: "triton" on CUDA, "cpu" (the compiled C++ kernels) on CPU, or "torch" where this machine has no C++
+compiler), `cpu`, `triton` (tests run it on CPU with TRITON_INTERPRET=1), or `torch` (the references; `reference`
+is the same). `cpu` on a machine that cannot build the kernels is a start-up error (KernelsUnavailable); a kernel
+that does not compile always is (KernelBuildError). Tests pick a backend with `backend(device, mode)`, or set
+`kernels.MODE` before the model is built.
 
 Note: this package shares its name with the PyPI `kernels` package that transformers and
 bitsandbytes probe for; it deliberately has no `get_kernel` and no distribution metadata, so those
@@ -14,140 +16,61 @@ probes fall back cleanly (tests/test_engine.py checks it).
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
-from kernels import attention as _attention
 from kernels.attention import PagedAttentionMeta, build_paged_attention_meta
-from kernels.cpu import (
-    CpuApplyPlan,
-    cpu_apply,
-    cpu_apply_plan,
-    cpu_apply_planned,
-    cpu_expand,
-    cpu_shrink,
-    cpu_shrink_many,
-)
+from kernels.backend import KernelBackend, LoraGroup, cpu_backend, torch_backend, triton_backend
+from kernels.build import KernelBuildError, KernelError, KernelsUnavailable, toolchain_missing
 from kernels.meta import LoraBatchMeta, build_lora_meta
-from kernels.reference import SlotViews, expand_reference, shrink_reference
+from kernels.reference import SlotViews
 
-__all__ = ["MODE", "LoraBatchMeta", "LoraGroup", "PagedAttentionMeta", "SlotViews", "build_lora_meta",
-           "build_paged_attention_meta", "lora_apply", "lora_apply_group", "lora_expand", "lora_group", "lora_shrink",
-           "lora_shrink_many", "paged_attention"]
+__all__ = ["MODE", "KernelBackend", "KernelBuildError", "KernelError", "KernelsUnavailable", "LoraBatchMeta",
+           "LoraGroup", "PagedAttentionMeta", "SlotViews", "backend", "build_lora_meta", "build_paged_attention_meta",
+           "warm_up"]
 
-MODES = ("auto", "triton", "cpu", "reference")
+_log = logging.getLogger(__name__)
+MODES = ("auto", "torch", "cpu", "triton", "reference")  # reference = torch
 MODE = os.environ.get("SWITCHBOARD_KERNELS", "auto").strip().lower() or "auto"
 if MODE not in MODES:
     raise ValueError(f"SWITCHBOARD_KERNELS={MODE!r}: expected one of {', '.join(MODES)}")
 
-
-def _path(x: torch.Tensor) -> str:
-    if MODE == "auto":
-        return "triton" if x.is_cuda else "cpu"
-    return MODE
+_backends: dict[tuple[str, str], KernelBackend] = {}
 
 
-def lora_shrink(
-    x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta, a_views: SlotViews | None = None
-) -> torch.Tensor:
-    """Semantics: t[i, :r] = x[i] @ A[slot[i], :r]^T (fp32) for slot[i] >= 0, else 0; r = the adapter's true rank.
+def backend(device: torch.device | str, mode: str | None = None) -> KernelBackend:
+    """The kernels of `device` under `mode` (default: MODE), resolved once per (mode, device type) and shared.
 
-    x [T, in], a_stack [slots, max_rank, in] (a strided view of the pool table is fine) -> t [T, max_rank] fp32.
-    a_views: cached per-slot views, used only by the reference path (accepted on every path)."""
-    if not meta.has_lora:
-        return torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
-    path = _path(x)
-    if path == "cpu":
-        return cpu_shrink(x, a_stack, meta)
-    if path == "triton":
-        from kernels.sgmv import sgmv_shrink
-
-        return sgmv_shrink(x, a_stack, meta)
-    return shrink_reference(x, a_stack, meta, a_views)
+    Raises KernelsUnavailable for `cpu` where no kernel can be built (no C++ compiler or Python headers),
+    KernelBuildError when a kernel does not compile, ValueError for an unknown mode."""
+    mode = MODE if mode is None else mode
+    kind = torch.device(device).type
+    found = _backends.get((mode, kind))
+    if found is None:
+        found = _backends[(mode, kind)] = _resolve(mode, kind)
+    return found
 
 
-def lora_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor]:
-    """Semantics: [lora_shrink(x, a, meta) for a in a_stacks], in one pass over x on CPU (q/k/v, gate/up)."""
-    if meta.has_lora and _path(x) == "cpu":
-        return cpu_shrink_many(x, a_stacks, meta)
-    return [lora_shrink(x, a, meta) for a in a_stacks]
-
-
-def lora_expand(
-    t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta, y: torch.Tensor,
-    b_views: SlotViews | None = None,
-) -> torch.Tensor:
-    """Semantics: y[i] += scale[slot[i]] * t[i, :r] @ B[slot[i], :, :r]^T for slot[i] >= 0 (fp32 accumulate, in
-    place; returns y). t [T, max_rank] fp32, b_stack [slots, out, max_rank], scales [slots] fp32, y [T, out].
-    b_views: cached per-slot views, used only by the reference path."""
-    if not meta.has_lora:
-        return y
-    path = _path(t)
-    if path == "cpu":
-        return cpu_expand(t, b_stack, scales, meta, y)
-    if path == "triton":
-        from kernels.sgmv import sgmv_expand
-
-        return sgmv_expand(t, b_stack, scales, meta, y)
-    return expand_reference(t, b_stack, scales, meta, y, b_views)
-
-
-@dataclass(frozen=True, slots=True)
-class LoraGroup:
-    """The A and B stacks of one projection group (q/k/v, gate/up, or one projection) for lora_apply_group, with
-    the compiled CPU kernel's plan of them made once (None: not the CPU kernel's tables). Made per layer and group
-    once by the adapter pool (tables are never reallocated), so a step's calls only pass x, ys and the meta."""
-
-    a_stacks: tuple[torch.Tensor, ...]  # each [slots, max_rank_s, in]
-    b_stacks: tuple[torch.Tensor, ...]  # each [slots, out_s, max_rank_s]
-    cpu: CpuApplyPlan | None
-
-
-def lora_group(a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor]) -> LoraGroup:
-    cpu = None if a_stacks[0].is_cuda else cpu_apply_plan(a_stacks, b_stacks)
-    return LoraGroup(tuple(a_stacks), tuple(b_stacks), cpu)
-
-
-def lora_apply_group(x: torch.Tensor, group: LoraGroup, scales: torch.Tensor, meta: LoraBatchMeta,
-                     ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Semantics: lora_apply(x, group.a_stacks, group.b_stacks, scales, meta, ys), through the group's CPU plan
-    where it has one (the same compiled call without re-checking the tables)."""
-    if not meta.has_lora:
-        return ys
-    if _path(x) == "cpu" and group.cpu is not None and cpu_apply_planned(x, group.cpu, scales, meta, ys):
-        return ys
-    ts = lora_shrink_many(x, list(group.a_stacks), meta)
-    return [lora_expand(t, b, scales, meta, y) for t, b, y in zip(ts, group.b_stacks, ys, strict=True)]
-
-
-def lora_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor], scales: torch.Tensor,
-               meta: LoraBatchMeta, ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Semantics: ys[s] = lora_expand(lora_shrink(x, a_stacks[s]), b_stacks[s], scales, meta, ys[s]) for every s
-    (projections of one input: q/k/v, gate/up, or one), in place; returns ys. On CPU one compiled call for the
-    group (kernels/cpu.py cpu_apply: no intermediate t, one pass over x); elsewhere the two ops per stack."""
-    if not meta.has_lora:
-        return ys
-    if _path(x) == "cpu" and cpu_apply(x, a_stacks, b_stacks, scales, meta, ys):
-        return ys
-    ts = lora_shrink_many(x, a_stacks, meta)
-    return [lora_expand(t, b, scales, meta, y) for t, b, y in zip(ts, b_stacks, ys, strict=True)]
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
-                    scale: float) -> torch.Tensor:
-    """Semantics: kernels/attention.py (causal attention of each sequence's query rows over its own paged context;
-    q [T, H, D], k_cache/v_cache [kv_slots, KVH, D] one layer, out [T, H, D] in q's dtype)."""
-    if MODE == "reference":
-        return _attention.paged_attention_reference(q, k_cache, v_cache, meta, scale)
-    return _attention.paged_attention(q, k_cache, v_cache, meta, scale)
+def _resolve(mode: str, kind: str) -> KernelBackend:
+    if mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "triton" if kind == "cuda" else "cpu"
+        missing = toolchain_missing() if mode == "cpu" else None
+        if missing is not None:
+            _log.warning("the compiled CPU kernels are unavailable (%s): the torch references run", missing)
+            mode = "torch"
+    if mode == "cpu":
+        missing = toolchain_missing()
+        if missing is not None:
+            raise KernelsUnavailable(f"SWITCHBOARD_KERNELS=cpu, but the CPU kernels cannot be built: {missing}")
+        return cpu_backend()
+    return triton_backend() if mode == "triton" else torch_backend()
 
 
 def warm_up(device: torch.device) -> None:
-    """Build or load the compiled CPU kernels (a one-time compile of a few seconds, then cached) before serving."""
-    if device.type == "cpu":
-        from kernels import attention, cpu, linear, pointwise, projection
-
-        for kernel in (cpu, attention, linear, pointwise, projection):
-            kernel.available()
+    """Resolve the device's backend before serving (builds or loads the compiled CPU kernels: a one-time compile of
+    a few seconds, then cached). Raises as backend() does: a start-up error, never a silent fallback."""
+    backend(device)

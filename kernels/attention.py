@@ -10,12 +10,12 @@ context index p = context_lens[b] - q_len_b + j and attends causally to context 
 with group = heads / kv_heads (GQA: query head h reads kv head h // group, as HF's repeat_kv), fp32
 softmax and accumulation, out in q's dtype. Context indices 0..n_prefix-1 may hold prefix-tuning K/V: they
 are ordinary context. `paged_attention_reference` is the oracle (per sequence: gather its context, SDPA);
-`paged_attention` is the compiled CPU kernel (kernels/csrc/attention.cpp: online softmax over the block table,
+`paged_attention_kernel` is the compiled CPU kernel (kernels/csrc/attention.cpp: online softmax over the block table,
 parallel over (sequence, kv head, query block), decode contexts split across threads when there are few
 sequences) for decode rows and short chunks; a long prefill chunk (`takes_flash`) goes to torch's CPU flash
 kernel over its own gathered context, causal over the chunk and unmasked over its past, merged by log-sum-exp
-(a prefill costs what its sequence costs, with GEMM tiles, measured faster there). The reference is the
-explicit fallback (CUDA tensors, fp16, a machine without a compiler).
+(a prefill costs what its sequence costs, with GEMM tiles, measured faster there). The kernel returns None for
+what it cannot take (CUDA tensors, fp16), and kernels/backend.py runs the reference.
 """
 
 from __future__ import annotations
@@ -184,25 +184,39 @@ def available() -> bool:
     return _kernels() is not None
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
-                    scale: float) -> torch.Tensor:
+def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta) -> None:
+    """Raises ValueError on q [T, H, D], caches [kv_slots, KVH, D] and metadata that do not fit together."""
+    t, heads, dim = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[2] != dim or heads % k_cache.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k_cache.shape)} / v {tuple(v_cache.shape)}")
+    if t != meta.num_tokens:
+        raise ValueError(f"q has {t} tokens, the metadata {meta.num_tokens}")
+
+
+def paged_attention_checked_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      meta: PagedAttentionMeta, scale: float) -> torch.Tensor:
+    """paged_attention_reference after the kernel's shape checks (the torch backend's op)."""
+    check_shapes(q, k_cache, v_cache, meta)
+    return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+
+
+def paged_attention_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMeta,
+                           scale: float) -> torch.Tensor | None:
     """Semantics: out[t, h] = sum_{i <= p(t)} softmax_i(scale * q[t, h] . K[slot_b(i), h // group]) V[slot_b(i), ...]
     for query token t of sequence b at context index p(t) = context_lens[b] - q_len_b + (t - q_starts[b]), where
     slot_b(i) = block_tables[b, i // block_size] * block_size + i % block_size (fp32 softmax and accumulation).
 
     q [T, H, D] fp32/bf16, k_cache/v_cache [kv_slots, KVH, D] fp32/bf16 (one layer, same dtype),
-    returns out [T, H, D] in q's dtype. Raises ValueError on shapes that do not fit together."""
+    returns out [T, H, D] in q's dtype, or None when the kernel cannot take these tensors. Raises ValueError on
+    shapes that do not fit together."""
+    check_shapes(q, k_cache, v_cache, meta)
     t, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
-    if k_cache.shape != v_cache.shape or k_cache.shape[2] != dim or heads % kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k_cache.shape)} / v {tuple(v_cache.shape)}")
-    if t != meta.num_tokens:
-        raise ValueError(f"q has {t} tokens, the metadata {meta.num_tokens}")
     lib = _kernels()
     tensors = (q, k_cache, v_cache)
     if (lib is None or any(x.dtype not in _DTYPES or x.stride(-1) != 1 or x.is_cuda for x in tensors)
             or k_cache.dtype != v_cache.dtype):
-        return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+        return None
     out = torch.empty_like(q)
     if t == 0:
         return out

@@ -10,8 +10,12 @@ passes torch's thread count.
 Cache: `$SWITCHBOARD_CACHE/kernels` (default `~/.cache/switchboard/kernels`), one file per
 (source, flags, compiler, CPU) hash, written under a temporary name and renamed into place, so
 concurrent first calls (test workers, several servers) never see a half-written library.
-A machine without a compiler (or Python headers) gets `None` and a warning; callers then use the torch
-reference.
+Failures come in two kinds. A machine with no C++ compiler (or no Python headers) at all cannot build any kernel:
+`toolchain_missing()` says why, `extension()` returns None, and the dispatcher (kernels/backend.py) resolves the
+torch backend (or, asked for `SWITCHBOARD_KERNELS=cpu`, refuses to start: `KernelsUnavailable`). A compiler that
+rejects a source, or a library that does not load, is a bug, not a missing feature: `extension()` raises
+`KernelBuildError` with the compiler's message (every call, from one cached failure), which fails the kernels' tests
+and the server's start-up instead of quietly running the references.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import subprocess
 import sysconfig
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -34,7 +37,20 @@ import torch  # noqa: F401  (loads torch's libgomp first, so the kernels bind to
 CSRC = Path(__file__).resolve().parent / "csrc"
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
 _loaded: dict[str, ModuleType | None] = {}
+_failed: dict[str, KernelBuildError] = {}
 build_seconds: dict[str, float] = {}  # name -> seconds the build took in this process (0 = cache hit)
+
+
+class KernelError(RuntimeError):
+    """A compiled CPU kernel the server needs and cannot have (a start-up error, with the reason)."""
+
+
+class KernelBuildError(KernelError):
+    """A kernel source that does not compile, or a built library that does not load: a bug to fix, never a fallback."""
+
+
+class KernelsUnavailable(KernelError):
+    """The compiled CPU kernels were asked for (`SWITCHBOARD_KERNELS=cpu`) on a machine that cannot build them."""
 
 
 def march() -> str:
@@ -62,33 +78,52 @@ def _compiler() -> str | None:
     return cxx if cxx and shutil.which(cxx) else None
 
 
-def extension(name: str) -> ModuleType | None:
-    """The compiled kernels/csrc/<name>.cpp as module `sb_<name>` (built on first use, cached on disk), or None
-    (with a warning) where it cannot be built."""
-    if name in _loaded:
-        return _loaded[name]
-    lib = None
+def toolchain_missing() -> str | None:
+    """Why no kernel can be built on this machine (no C++ compiler, no Python headers), or None when one can."""
+    if _compiler() is None:
+        cxx = os.environ.get("CXX")
+        return f"no C++ compiler (CXX={cxx!r} is not on PATH)" if cxx else "no C++ compiler (set CXX or install g++)"
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").exists():
+        return f"no Python.h under {include} (install the Python development headers)"
+    return None
+
+
+def extension(name: str, csrc: Path = CSRC) -> ModuleType | None:
+    """The compiled <csrc>/<name>.cpp as module `sb_<name>` (built on first use, cached on disk); None where this
+    machine has no toolchain (toolchain_missing()). Raises KernelBuildError when the source does not compile or the
+    library does not load (the same error again on every later call, without rebuilding)."""
+    key = name if csrc is CSRC else f"{csrc}/{name}"
+    if key in _loaded:
+        return _loaded[key]
+    if key in _failed:
+        raise _failed[key]
+    if toolchain_missing() is not None:
+        _loaded[key] = None
+        return None
     try:
-        path = _build(name)
+        path = _build(name, csrc)
         loader = importlib.machinery.ExtensionFileLoader(f"sb_{name}", str(path))
         spec = importlib.util.spec_from_file_location(f"sb_{name}", path, loader=loader)
         lib = importlib.util.module_from_spec(spec)
         loader.exec_module(lib)
     except (OSError, ImportError, subprocess.SubprocessError, RuntimeError) as exc:
-        warnings.warn(f"switchboard CPU kernel {name!r} unavailable ({exc}); using the torch reference",
-                      RuntimeWarning, stacklevel=2)
-    _loaded[name] = lib
+        if isinstance(exc, KernelBuildError):
+            _failed[key] = exc
+            raise
+        _failed[key] = KernelBuildError(f"kernel {name!r}: {exc}")
+        raise _failed[key] from exc
+    _loaded[key] = lib
     return lib
 
 
-def _build(name: str) -> Path:
+def _build(name: str, csrc: Path = CSRC) -> Path:
+    missing = toolchain_missing()
+    if missing is not None:
+        raise KernelsUnavailable(missing)
     cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (set CXX or install g++)")
     include = sysconfig.get_paths()["include"]
-    if not (Path(include) / "Python.h").exists():
-        raise RuntimeError(f"no Python.h under {include} (install the Python development headers)")
-    sources = [CSRC / f"{name}.cpp", *sorted(CSRC.glob("*.h"))]
+    sources = [csrc / f"{name}.cpp", *sorted(csrc.glob("*.h"))]
     flags = [*FLAGS, f"-march={march()}"]
     h = hashlib.sha256()
     for part in (*[p.read_bytes() for p in sources], " ".join(flags).encode(), cxx.encode(), _cpu_signature().encode(),
@@ -103,10 +138,10 @@ def _build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *flags, "-I", str(CSRC), "-I", include, str(sources[0]), "-o", tmp],
+        proc = subprocess.run([cxx, *flags, "-I", str(csrc), "-I", include, str(sources[0]), "-o", tmp],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
+            raise KernelBuildError(f"kernel {name!r}: {cxx} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -6,9 +6,9 @@ items of (segment, token block[, rank or output range]); each adapter's A and B 
 per call, fp32 accumulation, only each adapter's true rank, tokens with slot -1 untouched. B is read in
 either layout: row-major [out, rank], or rank-major (the pool's tables, seen as [out, rank] through a
 transpose) where a rank-r adapter in a max-rank table reads r contiguous rows and no padding. fp32 and
-bf16 activations and tables; any other dtype, a table without a unit-stride inner axis, or a machine
-without a C++ compiler falls back explicitly to kernels/reference.py (the oracle). `table_zeros` allocates
-slot tables on transparent huge pages.
+bf16 activations and tables. Each function returns None (having touched nothing) for tensors its kernel cannot
+take (another dtype, a table without a unit-stride inner axis, CUDA); kernels/backend.py then runs the torch
+reference (kernels/reference.py, the oracle). `table_zeros` allocates slot tables on transparent huge pages.
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ import ctypes
 import functools
 import math
 import sys
-import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from kernels.build import extension
 from kernels.meta import LoraBatchMeta
-from kernels.reference import expand_reference, shrink_reference
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_plan: tuple[LoraBatchMeta, torch.Tensor, torch.Tensor | None] | None = None  # (meta, segments [S, 4], index [T])
 
 
 def _kernels():
@@ -35,114 +33,120 @@ def _kernels():
 
 
 def available() -> bool:
-    """True when the compiled kernel is usable on this machine (builds it on first call)."""
+    """True when the compiled kernel is usable on this machine (builds it on first call; KernelBuildError when its
+    source does not compile)."""
     return _kernels() is not None
 
 
 def segments(meta: LoraBatchMeta) -> tuple[torch.Tensor, int]:
-    """The LoRA segments as an int64 [S, 4] table (lo, hi, slot, rank or -1) and the token index pointer
-    (0 when the batch is grouped): made once per step's meta, reused by every layer's calls."""
-    global _plan
-    plan = _plan  # one read: another thread may replace it meanwhile
-    if plan is None or plan[0] is not meta:
-        rows = [(lo, hi, slot, -1 if rank is None else rank) for lo, hi, slot, rank in meta.lora_segments()]
-        index = None if meta.contiguous else meta.sorted_tokens.to(torch.int64).contiguous()
-        plan = _plan = (meta, torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), index)
-    return plan[1], 0 if plan[2] is None else plan[2].data_ptr()
+    """The step's LoRA segments as the kernels walk them (meta.segment_table, int64 [S, 4]: lo, hi, slot, rank or -1)
+    and the token index pointer (0 when the batch is grouped): made once per step with the meta."""
+    table = meta.segment_table
+    if table is None:
+        raise ValueError("a LoRA batch on CUDA has no CPU segment table")
+    return table, 0 if meta.contiguous else meta.sorted_tokens.data_ptr()
+
+
+class TableDesc(NamedTuple):
+    """A slot table [slots, rows, cols] (A: [slots, rank, in]; B: [slots, out, rank]) as the kernels address it."""
+
+    ptr: int
+    slot_stride: int
+    row_stride: int
+    rows: int
+    cols: int
+    dtype: int  # _DTYPES code
+    col_stride: int
+
+
+class ApplyTables(NamedTuple):
+    """One projection's A and B in the order the compiled apply (lora.cpp) and group (projection.cpp) calls read
+    them; `lora` is the part both take, `out` the apply call's last field (the group call checks it instead)."""
+
+    a_ptr: int
+    a_slot_stride: int
+    a_row_stride: int
+    rank: int  # padded rank rows
+    b_ptr: int
+    b_slot_stride: int
+    b_row_stride: int
+    b_col_stride: int
+    out: int
+
+    @property
+    def lora(self) -> tuple[int, ...]:
+        return self[:8]
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
     return all(t.dtype in _DTYPES and t.stride(-1) == 1 and not t.is_cuda and not t.is_meta for t in tensors)
 
 
-def _usable_b(b: torch.Tensor) -> bool:
-    """A B stack [slots, out, rank] the kernel reads: row-major (rank contiguous) or rank-major (out contiguous,
-    the pool's layout: `[slots, rank, out]` storage seen through a transpose)."""
-    return b.dtype in _DTYPES and 1 in (b.stride(1), b.stride(2)) and not b.is_cuda and not b.is_meta
+def table_desc(t: torch.Tensor) -> TableDesc | None:
+    """t [slots, rows, cols] as the kernels read it, or None when they cannot: a B stack [slots, out, rank] is read
+    row-major (rank contiguous) or rank-major (out contiguous, the pool's layout: `[slots, rank, out]` storage seen
+    through a transpose); an A stack needs `in` contiguous (a_desc)."""
+    if t.dtype not in _DTYPES or 1 not in (t.stride(1), t.stride(2)) or t.is_cuda or t.is_meta:
+        return None
+    return TableDesc(t.data_ptr(), t.stride(0), t.stride(1), t.shape[1], t.shape[2], _DTYPES[t.dtype], t.stride(2))
 
 
-_tables: dict[int, tuple[weakref.ref, tuple[int, ...] | None]] = {}
+def a_desc(a: torch.Tensor) -> TableDesc | None:
+    d = table_desc(a)
+    return d if d is not None and d.col_stride == 1 else None
 
 
-def _table(a: torch.Tensor) -> tuple[int, ...] | None:
-    """(data_ptr, stride 0, stride 1, dim 1, dim 2, dtype code, stride 2) of a [slots, rank|out, in|rank] table,
-    or None when the kernel cannot read it (A: `in` contiguous; B: either inner axis contiguous). Cached per
-    tensor object: the pool's tables (and the layers' views of them) live for the engine's life and are never
-    reallocated, so this saves a dozen attribute reads per call."""
-    entry = _tables.get(id(a))
-    if entry is not None and entry[0]() is a:
-        return entry[1]
-    desc = None
-    if _usable_b(a):
-        desc = (a.data_ptr(), a.stride(0), a.stride(1), a.shape[1], a.shape[2], _DTYPES[a.dtype], a.stride(2))
-    if len(_tables) > 4096:
-        _tables.clear()
-    _tables[id(a)] = (weakref.ref(a), desc)
-    return desc
-
-
-def _a_table(a: torch.Tensor) -> tuple[int, ...] | None:
-    d = _table(a)
-    return d if d is not None and d[6] == 1 else None
-
-
-def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor]:
+def cpu_shrink_many(x: torch.Tensor, a_stacks: list[torch.Tensor], meta: LoraBatchMeta) -> list[torch.Tensor] | None:
     """Several shrinks over the same x in one pass (q/k/v, gate/up): the stacks share `in` and dtype (<= 8).
 
     Semantics: for every stack s, t_s[i, :r] = x[i] @ A_s[slot[i], :r]^T in fp32 for slot[i] >= 0, where r is
     the adapter's true rank (meta.seg_ranks_list; None = the padded rank); t_s[i] = 0 elsewhere.
     x [T, in]; A_s [slots, max_rank_s, in] (a strided view of the pool table is fine); t_s [T, max_rank_s] fp32.
+    None when the kernel cannot take these tensors (dtype, layout, device).
     """
-    ts = [torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32) for a in a_stacks]
-    if not meta.has_lora or not ts:
-        return ts
+    if not meta.has_lora or not a_stacks:
+        return [torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device) for a in a_stacks]
     lib = _kernels()
-    tables = [_a_table(a) for a in a_stacks]
-    if (lib is None or None in tables or len({d[5] for d in tables}) > 1 or len(a_stacks) > 8 or not _usable(x)
+    tables = [a_desc(a) for a in a_stacks]
+    if (lib is None or None in tables or len({d.dtype for d in tables}) > 1 or len(a_stacks) > 8 or not _usable(x)
             or x.shape[0] == 0):
-        return [shrink_reference(x, a, meta) for a in a_stacks]
+        return None
+    ts = [torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32) for a in a_stacks]
     segs, index = segments(meta)
     desc = []
     for d, t in zip(tables, ts, strict=True):
-        desc += (d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
-    lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], tables[0][5],
+        desc += (d.ptr, d.slot_stride, d.row_stride, d.rows, t.data_ptr(), d.rows)
+    lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], tables[0].dtype,
                segs.data_ptr(), segs.shape[0], index, torch.get_num_threads(), *desc)
     return ts
 
 
-def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
+def cpu_shrink(x: torch.Tensor, a_stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor | None:
     """Semantics: t[i, :r] = x[i] @ A[slot[i], :r]^T in fp32 for slot[i] >= 0 (r = the adapter's true rank),
-    t[i] = 0 otherwise. x [T, in] fp32/bf16, A [slots, max_rank, in], returns t [T, max_rank] fp32."""
-    t = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32)
-    if not meta.has_lora:
-        return t
-    lib = _kernels()
-    d = _a_table(a_stack)
-    if lib is None or d is None or x.shape[0] == 0 or not _usable(x):
-        return shrink_reference(x, a_stack, meta)
-    segs, index = segments(meta)
-    lib.shrink(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], x.shape[1], d[5], segs.data_ptr(), segs.shape[0], index,
-               torch.get_num_threads(), d[0], d[1], d[2], d[3], t.data_ptr(), d[3])
-    return t
+    t[i] = 0 otherwise. x [T, in] fp32/bf16, A [slots, max_rank, in], returns t [T, max_rank] fp32, or None when the
+    kernel cannot take these tensors."""
+    ts = cpu_shrink_many(x, [a_stack], meta)
+    return None if ts is None else ts[0]
 
 
 def cpu_expand(t: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
-               y: torch.Tensor) -> torch.Tensor:
+               y: torch.Tensor) -> torch.Tensor | None:
     """Semantics: y[i] += scale[slot[i]] * t[i, :r] @ B[slot[i], :, :r]^T for slot[i] >= 0, accumulated in fp32
     and rounded once into y's dtype; rows with slot -1 untouched. t [T, max_rank] fp32, B [slots, out, max_rank]
     (rank or out contiguous: a transposed view of a rank-major [slots, max_rank, out] table reads only r rows),
-    scales [slots] fp32, y [T, out] fp32/bf16 updated in place and returned."""
+    scales [slots] fp32, y [T, out] fp32/bf16 updated in place and returned; None (y untouched) when the kernel
+    cannot take these tensors."""
     if not meta.has_lora or y.shape[0] == 0:
         return y
     lib = _kernels()
-    d = _table(b_stack)
+    d = table_desc(b_stack)
     if (lib is None or d is None or t.dtype != torch.float32 or t.stride(-1) != 1 or not _usable(y)
             or scales.dtype != torch.float32 or scales.is_cuda):
-        return expand_reference(t, b_stack, scales, meta, y)
+        return None
     segs, index = segments(meta)
-    lib.expand(t.data_ptr(), t.stride(0), d[0], d[1], d[2], d[6], d[4], d[5], d[3], scales.data_ptr(), scales.stride(0),
-               y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(), segs.shape[0], index,
-               torch.get_num_threads())
+    lib.expand(t.data_ptr(), t.stride(0), d.ptr, d.slot_stride, d.row_stride, d.col_stride, d.cols, d.dtype, d.rows,
+               scales.data_ptr(), scales.stride(0), y.data_ptr(), y.stride(0), _DTYPES[y.dtype], segs.data_ptr(),
+               segs.shape[0], index, torch.get_num_threads())
     return y
 
 
@@ -155,61 +159,62 @@ class CpuApplyPlan:
     w_dtype: int  # the tables' dtype code (_DTYPES)
     n_in: int  # x's features
     outs: tuple[int, ...]  # each stack's out features (y's columns)
-    fields: tuple[tuple[int, ...], ...]  # per stack: A ptr, strides 0/1, rank rows; B ptr, strides 0/1/2, out
+    fields: tuple[ApplyTables, ...]  # per stack
 
 
 def cpu_apply_plan(a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor]) -> CpuApplyPlan | None:
     """The plan of cpu_apply for these stacks (A [slots, R_s, in], B [slots, out_s, R_s]), or None when the kernel
-    cannot read them (then cpu_apply falls back, as without a plan)."""
+    cannot read them (then the caller runs the separate ops, as without a plan)."""
     if _kernels() is None or not a_stacks or len(a_stacks) > 8 or len(a_stacks) != len(b_stacks):
         return None
     fields, outs, dtypes = [], [], set()
     for a, b in zip(a_stacks, b_stacks, strict=True):
-        da, db = _a_table(a), _table(b)
-        if da is None or db is None or da[5] != db[5] or db[4] != da[3] or da[4] != a_stacks[0].shape[2]:
+        da, db = a_desc(a), table_desc(b)
+        if da is None or db is None or da.dtype != db.dtype or db.cols != da.rows or da.cols != a_stacks[0].shape[2]:
             return None
-        dtypes.add(da[5])
-        outs.append(db[3])
-        fields.append((da[0], da[1], da[2], da[3], db[0], db[1], db[2], db[6], db[3]))
+        dtypes.add(da.dtype)
+        outs.append(db.rows)
+        fields.append(ApplyTables(da.ptr, da.slot_stride, da.row_stride, da.rows, db.ptr, db.slot_stride,
+                                  db.row_stride, db.col_stride, db.rows))
     if len(dtypes) > 1:
         return None
     return CpuApplyPlan((*a_stacks, *b_stacks), dtypes.pop(), a_stacks[0].shape[2], tuple(outs), tuple(fields))
 
 
 def cpu_apply_planned(x: torch.Tensor, plan: CpuApplyPlan, scales: torch.Tensor, meta: LoraBatchMeta,
-                      ys: list[torch.Tensor]) -> bool:
-    """cpu_apply over a plan's stacks (see its Semantics); False, having touched nothing, when x, ys or scales are
-    not what the kernel reads (the caller falls back)."""
+                      ys: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """cpu_apply over a plan's stacks (see its Semantics): ys, or None, having touched nothing, when x, ys or scales
+    are not what the kernel reads."""
     n = x.shape[0]
     y_dtype = ys[0].dtype if ys else None
     if (n == 0 or x.dtype not in _DTYPES or x.stride(-1) != 1 or not x.is_cpu or x.shape[1] != plan.n_in
             or y_dtype not in _DTYPES or len(ys) != len(plan.fields)):
-        return False
+        return None
     desc: list[int] = []
     for f, out, y in zip(plan.fields, plan.outs, ys, strict=True):
         if y.dtype != y_dtype or y.stride(-1) != 1 or y.shape[0] != n or y.shape[1] != out or not y.is_cpu:
-            return False
+            return None
         desc += f
         desc += (y.data_ptr(), y.stride(0))
     if scales.dtype != torch.float32 or not scales.is_cpu:
-        return False
+        return None
     segs, index = segments(meta)
     _kernels().apply(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], plan.n_in, n, plan.w_dtype, scales.data_ptr(),
                      scales.stride(0), _DTYPES[y_dtype], segs.data_ptr(), segs.shape[0], index,
                      torch.get_num_threads(), *desc)
-    return True
+    return ys
 
 
 def cpu_apply(x: torch.Tensor, a_stacks: list[torch.Tensor], b_stacks: list[torch.Tensor], scales: torch.Tensor,
-              meta: LoraBatchMeta, ys: list[torch.Tensor]) -> bool:
+              meta: LoraBatchMeta, ys: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """Shrink + expand of several projections of one x in one compiled call (no t tensor in between).
 
     Semantics: for every s, ys[s][i] += scale[slot[i]] * (x[i] @ A_s[slot[i], :r]^T) @ B_s[slot[i], :, :r]^T in
     fp32 (rounded once into y's dtype) for slot[i] >= 0; other rows untouched. x [T, in]; A_s [slots, R_s, in];
     B_s [slots, out_s, R_s] (rank or out contiguous); ys[s] [T, out_s], updated in place; scales [slots] fp32.
-    Returns False, having touched nothing, when the kernel cannot take these tensors (the caller falls back)."""
+    Returns ys, or None, having touched nothing, when the kernel cannot take these tensors."""
     plan = cpu_apply_plan(a_stacks, b_stacks)
-    return plan is not None and cpu_apply_planned(x, plan, scales, meta, ys)
+    return None if plan is None else cpu_apply_planned(x, plan, scales, meta, ys)
 
 
 _MADV_HUGEPAGE = 14  # linux/mman.h

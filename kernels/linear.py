@@ -5,7 +5,7 @@ Dequantize-then-matmul (what bitsandbytes does on CPU) writes every weight out a
 per decode step of the 135M default model ~540 MB written and read for 70 MB of NF4 codes. Here each
 thread dequantizes a tile of 16 output rows into a private L2-resident buffer and runs every token against
 it, so W is read once, as 4-bit codes. fp32 activations only; anything else (another dtype, K not a
-multiple of the block size, no compiler) returns None and the caller keeps bitsandbytes' path. The dense
+multiple of the block size) returns None and kernels/backend.py keeps bitsandbytes' path (F.linear). The dense
 kernel reads each tile of 16 weight rows in place (the first token block pulls it into cache): at up to 64 tokens
 it measured 2x torch's F.linear on this machine (bench/probes/nf4_linear.py), whose blocking is tuned for large calls.
 """
@@ -13,23 +13,27 @@ it measured 2x torch's F.linear on this machine (bench/probes/nf4_linear.py), wh
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-import kernels
 from kernels.build import extension
 
 # Above this many tokens per call the dense matmul's blocking wins over the fused kernel's register blocks
 # (bench/probes/nf4_linear.py, 2 threads: fused 2.1x bitsandbytes at 32 tokens, 0.96x at 128, 0.88x at 512), so
 # prefill chunks keep bitsandbytes' dequantize-then-matmul.
+# (kernels/backend.py sends only calls of up to this many rows here.)
 FUSED_MAX_TOKENS = 64
 
 
-def takes(x: torch.Tensor) -> bool:
-    """True when a layer should try these kernels for input x [..., K]: a CPU tensor, the `auto` or `cpu` kernel
-    mode (`reference` keeps the library path), and at most FUSED_MAX_TOKENS rows (faster there, by measurement)."""
-    return (kernels.MODE in ("auto", "cpu") and not x.is_cuda
-            and x.numel() // max(1, x.shape[-1]) <= FUSED_MAX_TOKENS)
+class Nf4Weights(NamedTuple):
+    """An NF4 weight as nf4_linear takes it (bitsandbytes' CPU layout; nf4_weights_fit says which fit)."""
+
+    packed: torch.Tensor  # [N*K/2] uint8, two 4-bit codes per byte
+    absmax: torch.Tensor  # [N*K/blocksize] fp32
+    code: torch.Tensor  # [16] fp32
+    blocksize: int
+    out_features: int  # N
 
 
 def _kernel():

@@ -25,6 +25,9 @@ class LoraBatchMeta:
     seg_ranks_list: list[int] | None  # true rank of each segment's adapter (<= the tables' padded rank); None = padded
     contiguous: bool  # sorted_tokens is the identity: segment k is tokens seg_starts[k]:seg_starts[k+1]
     has_lora: bool  # any slot >= 0; False = the LoRA kernels are skipped
+    # [S', 4] int64 host: (lo, hi, slot, rank or -1) of each segment with a LoRA, the table the compiled CPU kernels
+    # walk (made once per step here, shared by every layer's calls; None for a batch on CUDA)
+    segment_table: torch.Tensor | None = None
 
     def lora_segments(self) -> list[tuple[int, int, int, int | None]]:
         """(start, end, slot, rank) of each segment that has a LoRA, in sorted-token coordinates."""
@@ -53,7 +56,7 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: Sequence[int] | None 
     torch.cumsum(counts, 0, out=starts[1:])
     seg_slots_list = seg_slots.tolist()
     ranks = None if slot_ranks is None else [slot_ranks[s] if s >= 0 else 0 for s in seg_slots_list]
-    return LoraBatchMeta(
+    meta = LoraBatchMeta(
         token_slots=slots,
         sorted_tokens=order,
         seg_starts=starts,
@@ -64,3 +67,7 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: Sequence[int] | None 
         contiguous=bool(torch.equal(order, torch.arange(order.numel(), device=order.device))),
         has_lora=any(s >= 0 for s in seg_slots_list),
     )
+    if not slots.is_cuda:
+        rows = [(lo, hi, slot, -1 if rank is None else rank) for lo, hi, slot, rank in meta.lora_segments()]
+        meta.segment_table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+    return meta

@@ -1,10 +1,10 @@
 """A decoder layer's pointwise work: RMSNorm, and rotary embeddings with the KV-cache write.
 
-Each op has a torch reference (`*_reference`, the oracle and the fallback) and, for fp32 CPU tensors in the `auto`
-or `cpu` kernel mode, a compiled path (kernels/csrc/pointwise.cpp, built once, cached): one pass over the rows
+Each op has a torch reference (`*_reference`, the oracle and the fallback) and, for fp32 CPU tensors, a compiled
+kernel (`*_kernel`: kernels/csrc/pointwise.cpp, built once, cached; the "cpu" backend's): one pass over the rows
 instead of several small torch ops per call, which at decode sizes cost many times the arithmetic (bench/step_parts.py:
-RMSNorm and rotary ~6% of a 32-sequence decode step of the default model). Anything else (CUDA, bf16, odd
-strides, no compiler) runs the reference.
+RMSNorm and rotary ~6% of a 32-sequence decode step of the default model). A kernel returns None for anything
+else (CUDA, bf16, odd strides), and kernels/backend.py runs the reference.
 """
 
 from __future__ import annotations
@@ -15,19 +15,16 @@ import struct
 import torch
 import torch.nn.functional as F
 
-import kernels
 from kernels.build import extension
 
 
 def _lib():
-    if kernels.MODE not in ("auto", "cpu"):
-        return None
     return extension("pointwise")
 
 
 def available() -> bool:
     """True when the compiled kernels are usable on this machine (builds them on first call)."""
-    return extension("pointwise") is not None
+    return _lib() is not None
 
 
 def _rows(x: torch.Tensor) -> bool:
@@ -51,14 +48,15 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * rms_normalize(x, eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Semantics: y[..., i] = x[..., i] / sqrt(mean_j(x[..., j]^2) + eps) * w[i] (fp32), x [..., N], w [N] -> y
-    [..., N]; rms_norm_reference is the oracle (summed in another order: fp32 rounding)."""
+    [..., N]; rms_norm_reference is the oracle (summed in another order: fp32 rounding). None when the kernel
+    cannot take the call."""
     lib = _lib()
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (reshape costs ~2 us: decoder calls are 2-D)
     if (lib is None or not _rows(rows) or weight.dtype != torch.float32 or weight.is_cuda
             or weight.shape != (x.shape[-1],) or not weight.is_contiguous()):
-        return rms_norm_reference(x, weight, eps)
+        return None
     y = rows.new_empty(rows.shape)
     if rows.shape[0]:
         lib.rms_norm(rows.data_ptr(), rows.stride(0), rows.shape[0], rows.shape[1], weight.data_ptr(),
@@ -88,14 +86,15 @@ def rope_and_cache_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return rotate(q, cos, sin)
 
 
-def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def rope_and_cache_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor | None:
     """Semantics: with rotate(x)[.., i] = x_i cos_i - x_{i+D/2} sin_i for i < D/2 and x_i cos_i + x_{i-D/2} sin_i
     above (rotate-half RoPE), k_cache[slots[t]] = rotate(k[t]), v_cache[slots[t]] = v[t], and the result is rotate(q)
     (fp32); rope_and_cache_reference is the oracle.
 
     q [T, H, D], k/v [T, KVH, D], cos/sin [T, 1, D], slots [T] int64, k_cache/v_cache [kv_slots, KVH, D] -> [T, H, D].
-    Raises ValueError when a slot lies outside the cache (nothing is written then)."""
+    Raises ValueError when a slot lies outside the cache (nothing is written then); None (nothing written) when the
+    kernel cannot take the call."""
     lib = _lib()
     t, heads, dim = q.shape
     kv_heads = k.shape[1]
@@ -105,7 +104,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
             or k.shape != v.shape or k_cache.shape[1:] != (kv_heads, dim) or v_cache.shape != k_cache.shape
             or cos.dtype != torch.float32 or sin.dtype != torch.float32 or slots.dtype != torch.int64
             or slots.is_cuda or slots.shape != (t,)):
-        return rope_and_cache_reference(q, k, v, cos, sin, slots, k_cache, v_cache)
+        return None
     cos2, sin2 = cos.reshape(t, dim).contiguous(), sin.reshape(t, dim).contiguous()
     slots = slots.contiguous()
     out = q.new_empty((t, heads, dim))

@@ -12,15 +12,28 @@ then y += scale * delta with delta summed in fp32 exactly as lora_apply sums it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from kernels.build import extension
-from kernels.cpu import CpuApplyPlan, segments
+from kernels.cpu import ApplyTables, CpuApplyPlan, segments
 from kernels.linear import dense_weight_fits, nf4_weights_fit
 from kernels.meta import LoraBatchMeta
 
 MAX_PROJECTIONS = 8
+
+
+class BaseFields(NamedTuple):
+    """A base weight's fields in the group call (projection.cpp): dense, or NF4 (dense_ptr 0)."""
+
+    dense_ptr: int
+    dense_row_stride: int
+    packed_ptr: int
+    absmax_ptr: int
+    code_ptr: int
+    blocksize: int
+    n_out: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +41,7 @@ class BaseSpec:
     """One base projection's weights as the compiled tiles read them (the base layer keeps it while its weights
     stay where they are: server.model.quant's tile_spec)."""
 
-    fields: tuple[int, ...]  # dense ptr (0 = NF4), dense row stride, packed ptr, absmax ptr, code ptr, block size, N
+    fields: BaseFields
     n_in: int  # K
     n_out: int  # N
     keep: tuple[torch.Tensor, ...]  # the tensors behind the pointers, kept alive with the spec
@@ -39,7 +52,7 @@ def dense_spec(weight: torch.Tensor) -> BaseSpec | None:
     if not dense_weight_fits(weight):
         return None
     n, k = weight.shape
-    return BaseSpec((weight.data_ptr(), weight.stride(0), 0, 0, 0, 0, n), k, n, (weight,))
+    return BaseSpec(BaseFields(weight.data_ptr(), weight.stride(0), 0, 0, 0, 0, n), k, n, (weight,))
 
 
 def nf4_spec(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n_out: int,
@@ -47,8 +60,8 @@ def nf4_spec(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blo
     """NF4 weights as kernels.linear's NF4 kernel takes them (nf4_weights_fit), or None."""
     if not nf4_weights_fit(packed, absmax, code, blocksize, n_out, n_in):
         return None
-    return BaseSpec((0, 0, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), blocksize, n_out), n_in, n_out,
-                    (packed, absmax, code))
+    return BaseSpec(BaseFields(0, 0, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), blocksize, n_out), n_in,
+                    n_out, (packed, absmax, code))
 
 
 def _kernel():
@@ -81,7 +94,7 @@ def projection_group(x: torch.Tensor, bases: list[BaseSpec], plan: CpuApplyPlan,
     for i, fields, out in zip(present, plan.fields, plan.outs, strict=True):
         if not 0 <= i < len(bases) or bases[i].n_out != out:
             return None
-        lora[i] = fields[:8]
+        lora[i] = fields.lora
     if any(b.n_in != x.shape[1] for b in bases):
         return None
     gains = gains or [None] * len(bases)
@@ -112,4 +125,4 @@ def _gain_fields(gain: torch.Tensor | None, n_out: int, n_slots: int) -> tuple[i
 
 
 # a projection without LoRA tables: padded rank 0 (its items skip it); B's rank stride 1 satisfies the layout check
-_NO_LORA = (0, 0, 0, 0, 0, 0, 0, 1)
+_NO_LORA = ApplyTables(0, 0, 0, 0, 0, 0, 0, 1, 0).lora

@@ -145,6 +145,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("server.model.loader").setLevel(logging.INFO)  # start-up prints the model's memory
+    from kernels import KernelError
     from server.grpc_server import SwitchboardServer, load_tenants
 
     try:
@@ -167,6 +168,9 @@ def main(argv: list[str]) -> int:
     except (ModelNotFound, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KernelError as exc:  # SWITCHBOARD_KERNELS=cpu without a C++ compiler, a kernel that does not compile
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     http = None
     try:
         server.start()

@@ -14,9 +14,15 @@ import kernels
 from kernels import cpu
 from kernels.meta import build_lora_meta
 from kernels.reference import expand_reference, shrink_reference
+from tests.compiler import needs_compiler
 from tests.lora_cases import N_SLOTS, POPULARITY, TOL, fresh_seed, loop_oracle, make_case
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel falls back")
+pytestmark = needs_compiler
+
+
+def cpu_ops() -> kernels.KernelBackend:
+    """The compiled kernels' backend (the torch reference for a call a kernel cannot take)."""
+    return kernels.backend("cpu", "cpu")
 
 
 @pytest.mark.parametrize("b_layout", ["rank_major", "row_major"])
@@ -72,7 +78,7 @@ def test_shrink_many_equals_separate_shrinks(n_tokens: int, dtype: torch.dtype) 
     for got, a in zip(many, (a_q, a_k, a_v), strict=True):
         torch.testing.assert_close(got, shrink_reference(x, a, meta), atol=1e-4, rtol=1e-4,
                                    msg=lambda m: f"{m}\nseed={seed} T={n_tokens} {dtype}")
-    assert [t.shape[1] for t in kernels.lora_shrink_many(x, [a_q, a_k, a_v], meta)] == [16, 16, 16]
+    assert [t.shape[1] for t in cpu_ops().lora_shrink_many(x, [a_q, a_k, a_v], meta)] == [16, 16, 16]
 
 
 @pytest.mark.parametrize("rank_major", [True, False], ids=["b_rank_major", "b_row_major"])
@@ -100,8 +106,8 @@ def test_no_lora_batch_and_contiguous_tables() -> None:
     meta = build_lora_meta(torch.tensor([-1, -1, -1], dtype=torch.int32))
     x, y0 = torch.randn(3, 96), torch.randn(3, 80)
     a, b = torch.randn(N_SLOTS, 4, 96), torch.randn(N_SLOTS, 80, 4)
-    assert torch.count_nonzero(kernels.lora_shrink(x, a, meta)) == 0
-    assert torch.equal(kernels.lora_expand(torch.ones(3, 4), b, torch.ones(N_SLOTS), meta, y0.clone()), y0)
+    assert torch.count_nonzero(cpu_ops().lora_shrink(x, a, meta)) == 0
+    assert torch.equal(cpu_ops().lora_expand(torch.ones(3, 4), b, torch.ones(N_SLOTS), meta, y0.clone()), y0)
     slots, x, a, b, scales, y0, ranks = make_case(seed, 33, 8, "uniform", torch.float32, False, False, strided=False)
     meta = build_lora_meta(slots, ranks)
     y = cpu.cpu_expand(cpu.cpu_shrink(x, a, meta), b, scales, meta, y0.clone())
@@ -114,31 +120,31 @@ def test_uncompiled_dtype_falls_back_to_reference() -> None:
     seed = fresh_seed()
     slots, x, a, b, scales, y0, ranks = make_case(seed, 7, 8, "uniform", torch.float16, True, False)
     meta = build_lora_meta(slots, ranks)
-    torch.testing.assert_close(cpu.cpu_shrink(x, a, meta), shrink_reference(x, a, meta), msg=f"seed={seed}")
+    torch.testing.assert_close(cpu_ops().lora_shrink(x, a, meta), shrink_reference(x, a, meta), msg=f"seed={seed}")
     slots, x, a, b, scales, y0, ranks = make_case(seed, 7, 8, "uniform", torch.float32, True, False)
     a_t = a.transpose(1, 2).contiguous().transpose(1, 2)  # same values, stride(-1) != 1
     assert a_t.stride(-1) != 1
-    torch.testing.assert_close(cpu.cpu_shrink(x, a_t, meta), shrink_reference(x, a, meta), msg=f"seed={seed}")
+    torch.testing.assert_close(cpu_ops().lora_shrink(x, a_t, meta), shrink_reference(x, a, meta), msg=f"seed={seed}")
     t = shrink_reference(x, a, meta)
     b_wide = torch.zeros(N_SLOTS, b.shape[1], 2 * b.shape[2], 2)
     b_wide[:, :, ::2, 0] = b  # same values, no unit stride on either inner axis
     b_s = b_wide[:, :, ::2, 0]
     assert 1 not in (b_s.stride(1), b_s.stride(2))
-    torch.testing.assert_close(cpu.cpu_expand(t, b_s, scales, meta, y0.clone()),
+    torch.testing.assert_close(cpu_ops().lora_expand(t, b_s, scales, meta, y0.clone()),
                                expand_reference(t, b, scales, meta, y0.clone()), msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("mode", ["cpu", "reference", "auto"])
-def test_dispatcher_modes_agree(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "MODE", mode)
+def test_dispatcher_modes_agree(mode: str) -> None:
+    ops = kernels.backend("cpu", mode)
     seed = fresh_seed()
     slots, x, a, b, scales, y0, ranks = make_case(seed, 33, 16, "zipf:1.5", torch.float32, True, True)
     meta = build_lora_meta(slots, ranks)
-    y = kernels.lora_expand(kernels.lora_shrink(x, a, meta), b, scales, meta, y0.clone())
+    y = ops.lora_expand(ops.lora_shrink(x, a, meta), b, scales, meta, y0.clone())
     _, y64 = loop_oracle(slots, x, a, b, scales, y0, ranks)
     torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"{m}\nseed={seed} mode={mode}")
     b_rank_major = b.transpose(1, 2).contiguous().transpose(1, 2)
-    (y_fused,) = kernels.lora_apply(x, [a], [b_rank_major], scales, meta, [y0.clone()])
+    (y_fused,) = ops.lora_apply(x, [a], [b_rank_major], scales, meta, [y0.clone()])
     torch.testing.assert_close(y_fused.double(), y64, atol=1e-3, rtol=1e-4,
                                msg=lambda m: f"lora_apply: {m}\nseed={seed} mode={mode}")
 
@@ -157,7 +163,7 @@ def test_fused_apply_matches_shrink_then_expand(n_tokens: int, popularity: str, 
     ranks = [min(r, 4) for r in ranks]  # every stack's padded rank holds each slot's true rank
     meta = build_lora_meta(slots, ranks)
     a_s, b_s, y0s = [c[2] for c in cases], [c[3] for c in cases], [c[5] for c in cases]
-    ys = kernels.lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
+    ys = cpu_ops().lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
     why = f"seed={seed} T={n_tokens} {popularity} grouped={grouped} {dtype}"
     atol, rtol = TOL[dtype]
     for a, b, y0, y in zip(a_s, b_s, y0s, ys, strict=True):
@@ -169,7 +175,7 @@ def test_fused_apply_matches_shrink_then_expand(n_tokens: int, popularity: str, 
             torch.testing.assert_close(y.double(), y64, atol=1e-3, rtol=1e-4, msg=lambda m: f"loop: {m}\n{why}")
     no_lora = build_lora_meta(torch.full((n_tokens,), -1, dtype=torch.int32))
     y_same = [y.clone() for y in y0s]
-    assert all(torch.equal(g, y) for g, y in zip(kernels.lora_apply(x, a_s, b_s, scales, no_lora, y_same), y0s,
+    assert all(torch.equal(g, y) for g, y in zip(cpu_ops().lora_apply(x, a_s, b_s, scales, no_lora, y_same), y0s,
                                                  strict=True)), why
 
 
@@ -192,7 +198,7 @@ def test_lora_apply_thread_counts_and_schedules_agree(n_tokens: int, popularity:
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results[n] = kernels.lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
+            results[n] = cpu_ops().lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
     finally:
         torch.set_num_threads(before)
     for n, ys in results.items():
@@ -215,7 +221,7 @@ def test_lora_apply_fp32_activations_on_bf16_tables(n_tokens: int) -> None:
     b_s = [c[3].transpose(1, 2).contiguous().transpose(1, 2).to(torch.bfloat16) if rm else c[3].to(torch.bfloat16)
            for c, rm in zip(cases, (True, False), strict=True)]
     y0s = [c[5] for c in cases]
-    ys = kernels.lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
+    ys = cpu_ops().lora_apply(x, a_s, b_s, scales, meta, [y.clone() for y in y0s])
     for a, b, y0, y in zip(a_s, b_s, y0s, ys, strict=True):
         assert y.dtype == torch.float32
         y_ref = expand_reference(shrink_reference(x, a, meta), b, scales, meta, y0.clone())
@@ -244,7 +250,7 @@ def test_sizes_off_the_vector_width(n_tokens: int, n_in: int, n_out: int, dtype:
         y = cpu.cpu_expand(t_ref, b, scales, meta, y0.clone())
         torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * 10, rtol=rtol,
                                    msg=lambda m, why=why: f"expand: {m}\n{why}")
-        (y_apply,) = kernels.lora_apply(x, [a], [b], scales, meta, [y0.clone()])
+        (y_apply,) = cpu_ops().lora_apply(x, [a], [b], scales, meta, [y0.clone()])
         torch.testing.assert_close(y_apply.float(), y_ref.float(), atol=atol * 10, rtol=rtol,
                                    msg=lambda m, why=why: f"apply: {m}\n{why}")
         if dtype == torch.float32:

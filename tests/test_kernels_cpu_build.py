@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from kernels import cpu
+from tests.compiler import needs_compiler
 from tests.lora_cases import fresh_seed
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel falls back")
+pytestmark = needs_compiler
 
 
 PORTABLE_CHECK = """
@@ -35,7 +36,7 @@ for dtype in (torch.float32, torch.bfloat16):
         y_ref = expand_reference(t, b, scales, meta, y0.clone())
         torch.testing.assert_close(y.float(), y_ref.float(), atol=0.3 if dtype == torch.bfloat16 else 1e-3, rtol=3e-2)
     q, k, v, meta, _ = attention_case(seed, [(1, 700), (5, 300), (1, 17)], 9, 3, 64, 16, dtype)
-    out = attention.paged_attention(q, k, v, meta, 0.125)
+    out = attention.paged_attention_kernel(q, k, v, meta, 0.125)
     ref = attention.paged_attention_reference(q, k, v, meta, 0.125)
     torch.testing.assert_close(out.float(), ref.float(), atol=1.6e-2 if dtype == torch.bfloat16 else 2e-5, rtol=0)
 assert cpu.available() and attention.available()

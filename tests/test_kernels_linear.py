@@ -13,9 +13,10 @@ import torch
 import kernels
 from kernels import linear
 from kernels.reference import nf4_linear_reference
+from tests.compiler import needs_compiler
 from tests.test_kernels_cpu_build import PORTABLE_MARCHES, run_portable_check
 
-pytestmark = pytest.mark.skipif(not linear.available(), reason="no C++ compiler: NF4 stays on bitsandbytes' path")
+pytestmark = needs_compiler
 
 
 def fresh_seed() -> int:
@@ -58,7 +59,7 @@ def test_fused_nf4_matches_reference(m: int, n: int, k: int) -> None:
     assert_near_fp64(y, ref, fp64_oracle(x, packed, absmax, code, 64, n), why)
 
 
-def test_bitsandbytes_layout_and_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bitsandbytes_layout_and_layer() -> None:
     """On weights bitsandbytes quantized: the kernel equals bnb's dequantize + matmul, and NF4Linear uses it
     (with its bias) for calls of up to FUSED_MAX_TOKENS rows unless SWITCHBOARD_KERNELS=reference."""
     from server.model.quant import NF4Linear
@@ -71,7 +72,7 @@ def test_bitsandbytes_layout_and_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(layer(x), dense, atol=1e-4, rtol=1e-4, msg=lambda s: f"{s}\nseed={seed}")
     long = torch.randn(linear.FUSED_MAX_TOKENS + 1, 576, generator=g)  # a prefill-sized call: bitsandbytes' path
     assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.dense_weight(), layer.bias)), seed
-    monkeypatch.setattr(kernels, "MODE", "reference")
+    layer.kernels = kernels.backend("cpu", "torch")
     assert torch.equal(layer(x), dense), f"reference mode is bitsandbytes' path; seed={seed}"
 
 
@@ -115,7 +116,7 @@ def test_dense_matches_linear(m: int, n: int, k: int) -> None:
     assert_near_fp64(y, ref, x.double() @ w.double().t(), why)
 
 
-def test_dense_layer_routing_and_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dense_layer_routing_and_fallbacks() -> None:
     """DenseLinear takes the kernel for up to FUSED_MAX_TOKENS rows, F.linear above and in reference mode."""
     from server.model.quant import DenseLinear
 
@@ -131,7 +132,7 @@ def test_dense_layer_routing_and_fallbacks(monkeypatch: pytest.MonkeyPatch) -> N
     assert linear.dense_linear(torch.randn(2, 40, generator=g), w) is None  # K % 16
     assert linear.dense_linear(x.bfloat16(), layer.weight.bfloat16()) is None
     assert linear.dense_linear(x, layer.weight.t().contiguous().t()) is None  # no unit inner stride
-    monkeypatch.setattr(kernels, "MODE", "reference")
+    layer.kernels = kernels.backend("cpu", "torch")
     assert torch.equal(layer(x), want), f"reference mode is F.linear; seed={seed}"
 
 

@@ -12,8 +12,14 @@ import torch
 
 import kernels
 from kernels import pointwise
+from tests.compiler import needs_compiler
 
-pytestmark = pytest.mark.skipif(not pointwise.available(), reason="no C++ compiler: the torch references run")
+pytestmark = needs_compiler
+
+
+def cpu_ops() -> kernels.KernelBackend:
+    """The compiled kernels' backend (the torch reference for a call a kernel cannot take)."""
+    return kernels.backend("cpu", "cpu")
 
 
 def fresh_seed() -> int:
@@ -30,23 +36,23 @@ def test_rms_norm_matches_reference(rows: int, n: int) -> None:
     w = torch.randn(n, generator=g)
     eps = float(torch.rand((), generator=g)) * 1e-4 + 1e-6
     why = f"seed={seed} rows={rows} n={n}"
-    y = pointwise.rms_norm(x, w, eps)
+    y = cpu_ops().rms_norm(x, w, eps)
     torch.testing.assert_close(y, pointwise.rms_norm_reference(x, w, eps), atol=1e-5, rtol=1e-5,
                                msg=lambda m: f"{m}\n{why}")
-    y3 = pointwise.rms_norm(x.reshape(1, rows, n), w, eps)  # any leading shape
+    y3 = cpu_ops().rms_norm(x.reshape(1, rows, n), w, eps)  # any leading shape
     assert y3.shape == (1, rows, n) and torch.equal(y3[0], y), why
 
 
-def test_rms_norm_falls_back_where_the_kernel_cannot_take_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rms_norm_falls_back_where_the_kernel_cannot_take_the_call() -> None:
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(5, 64, generator=g), torch.randn(64, generator=g)
     for xs, ws in ((x.bfloat16(), w.bfloat16()), (x, w.double()), (x.t().contiguous().t(), w)):
-        torch.testing.assert_close(pointwise.rms_norm(xs, ws, 1e-6), pointwise.rms_norm_reference(xs, ws, 1e-6),
+        torch.testing.assert_close(cpu_ops().rms_norm(xs, ws, 1e-6), pointwise.rms_norm_reference(xs, ws, 1e-6),
                                    msg=lambda m: f"{m}\nseed={seed}")
-    monkeypatch.setattr(kernels, "MODE", "reference")
-    assert torch.equal(pointwise.rms_norm(x, w, 1e-6), pointwise.rms_norm_reference(x, w, 1e-6)), f"seed={seed}"
-    assert pointwise.rms_norm(x[:0], w, 1e-6).shape == (0, 64)
+    torch_ops = kernels.backend("cpu", "torch")
+    assert torch.equal(torch_ops.rms_norm(x, w, 1e-6), pointwise.rms_norm_reference(x, w, 1e-6)), f"seed={seed}"
+    assert cpu_ops().rms_norm(x[:0], w, 1e-6).shape == (0, 64)
 
 
 def rope_case(seed: int, tokens: int, heads: int, kv_heads: int, dim: int, cache_slots: int):
@@ -73,7 +79,7 @@ def test_rope_and_cache_matches_reference(tokens: int, heads: int, kv_heads: int
     q, k, v, cos, sin, slots, k_cache, v_cache = rope_case(seed, tokens, heads, kv_heads, dim, tokens + 50)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     why = f"seed={seed} T={tokens} heads={heads}/{kv_heads} dim={dim}"
-    out = pointwise.rope_and_cache(q, k, v, cos, sin, slots, k_cache, v_cache)
+    out = cpu_ops().rope_and_cache(q, k, v, cos, sin, slots, k_cache, v_cache)
     want = pointwise.rope_and_cache_reference(q, k, v, cos, sin, slots, k_ref, v_ref)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"q: {m}\n{why}")
     torch.testing.assert_close(k_cache, k_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"k cache: {m}\n{why}")
@@ -88,11 +94,11 @@ def test_rope_and_cache_refuses_a_slot_outside_the_cache() -> None:
         wrong = slots.clone()
         wrong[3] = bad
         with pytest.raises(ValueError, match="outside the cache"):
-            pointwise.rope_and_cache(q, k, v, cos, sin, wrong, k_cache, v_cache)
+            cpu_ops().rope_and_cache(q, k, v, cos, sin, wrong, k_cache, v_cache)
         assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), f"seed={seed}: nothing written"
 
 
-def test_rope_and_cache_falls_back_where_the_kernel_cannot_take_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rope_and_cache_falls_back_where_the_kernel_cannot_take_the_call() -> None:
     seed = fresh_seed()
     q, k, v, cos, sin, slots, k_cache, v_cache = rope_case(seed, 5, 4, 2, 32, 16)
     cases = {
@@ -101,11 +107,10 @@ def test_rope_and_cache_falls_back_where_the_kernel_cannot_take_the_call(monkeyp
     }
     for name, (qs, ks, vs, kc, vc) in cases.items():
         kc_ref, vc_ref = kc.clone(), vc.clone()
-        out = pointwise.rope_and_cache(qs, ks, vs, cos, sin, slots, kc, vc)
+        out = cpu_ops().rope_and_cache(qs, ks, vs, cos, sin, slots, kc, vc)
         want = pointwise.rope_and_cache_reference(qs, ks, vs, cos, sin, slots, kc_ref, vc_ref)
         assert torch.equal(out, want) and torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), f"{name} seed={seed}"
-    monkeypatch.setattr(kernels, "MODE", "reference")
     kc_ref = k_cache.clone()
-    out = pointwise.rope_and_cache(q, k, v, cos, sin, slots, k_cache, v_cache)
+    out = kernels.backend("cpu", "torch").rope_and_cache(q, k, v, cos, sin, slots, k_cache, v_cache)
     want = pointwise.rope_and_cache_reference(q, k, v, cos, sin, slots, kc_ref, v_cache.clone())
     assert torch.equal(out, want) and torch.equal(k_cache, kc_ref), f"reference mode; seed={seed}"

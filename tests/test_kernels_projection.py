@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+import kernels
 from bench.workloads import sample_adapter_ids
-from kernels import build_lora_meta, lora_apply
+from kernels import build_lora_meta
 from kernels.cpu import cpu_apply_plan
 from kernels.linear import dense_linear, nf4_linear
-from kernels.projection import available, dense_spec, nf4_spec, projection_group
+from kernels.projection import dense_spec, nf4_spec, projection_group
+from tests.compiler import needs_compiler
 from tests.lora_cases import N_SLOTS, POPULARITY, fresh_seed
 from tests.test_kernels_cpu_build import PORTABLE_MARCHES, run_portable_check
 
-pytestmark = pytest.mark.skipif(not available(), reason="no C++ compiler: the projection kernel is not built")
+pytestmark = needs_compiler
 
 K = 128  # a multiple of the NF4 block size (64)
 OUTS = (80, 40, 136)  # tiles of 16 rows with and without a tail
@@ -70,7 +72,8 @@ class Group:
             ys = [dense_linear(self.x, w) for w in self.weights]
         else:
             ys = [nf4_linear(self.x, p, s.absmax, s.code, 64, n) for (p, s), n in zip(self.nf4, OUTS, strict=True)]
-        lora_apply(self.x, self.a, self.b, self.scales, self.meta, [ys[i] for i in self.present])
+        ops = kernels.backend("cpu", "cpu")
+        ops.lora_apply(self.x, self.a, self.b, self.scales, self.meta, [ys[i] for i in self.present])
         return ys
 
     def oracle(self) -> list[torch.Tensor]:
@@ -203,6 +206,7 @@ def _fused_equals_path_off(monkeypatch: pytest.MonkeyPatch, model_dir, sources: 
     """The engine (model_dir, dense then NF4, `sources` registered by name) decodes the same tokens for one request
     per entry of `names` (None = base) with the one call as with it switched off, and the call ran:
     saw_call(args of each projection_group call) is True for at least one."""
+    from kernels import projection as projection_kernel
     from server.adapters.kinds import lora_step
     from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
     from server.engine.engine import Engine
@@ -224,8 +228,8 @@ def _fused_equals_path_off(monkeypatch: pytest.MonkeyPatch, model_dir, sources: 
             engine.shutdown()
 
     seen: list[bool] = []
-    real = lora_step.projection_group
-    monkeypatch.setattr(lora_step, "projection_group", lambda *a: seen.append(saw_call(a)) or real(*a))
+    real = projection_kernel.projection_group  # what the CPU backend's fused_projection calls
+    monkeypatch.setattr(projection_kernel, "projection_group", lambda *a: seen.append(saw_call(a)) or real(*a))
     for quantize in (False, True):
         seen.clear()
         fused = run(quantize)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import projection as projection_kernel
 from kernels.linear import FUSED_MAX_TOKENS
-from kernels.projection import available
 from server.adapters.kinds import lora_step
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.model.args import ModelArgs
 from server.model.llama import LlamaModel
+from tests.compiler import needs_compiler
 from tests.kinds_adapters import make_dora_adapter
 from tests.longlora_adapters import make_longlora_adapter
 from tests.oracle_parity import LOGIT_ATOL, assert_run_matches, oracle_for, run_mixed
@@ -56,7 +57,7 @@ class StepSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.steps: list[tuple[int, list, list]] = []
-        real_forward, real_call = LlamaModel.forward, lora_step.projection_group
+        real_forward, real_call = LlamaModel.forward, projection_kernel.projection_group  # the CPU backend's fused call
 
         def forward(model, batch, *args, **kwargs):
             self.steps.append((batch.input_ids.shape[0], list(batch.adapters), []))
@@ -68,7 +69,7 @@ class StepSpy:
             return real_call(*args)
 
         monkeypatch.setattr(LlamaModel, "forward", forward)
-        monkeypatch.setattr(lora_step, "projection_group", call)
+        monkeypatch.setattr(projection_kernel, "projection_group", call)
 
 
 def _kinds_in(step: lora_step.LoraStep) -> set[str]:
@@ -78,7 +79,7 @@ def _kinds_in(step: lora_step.LoraStep) -> set[str]:
             for s in step.meta.seg_slots_list if s >= 0}
 
 
-@pytest.mark.skipif(not available(), reason="no C++ compiler: the projection kernel is not built")
+@needs_compiler
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
 def test_mixed_family_step_matches_peft_through_one_fused_call_per_group(
         tiny_llama_dir: Path, family: dict[str, Path], quantize: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +104,7 @@ def test_mixed_family_step_matches_peft_through_one_fused_call_per_group(
                        LOGIT_ATOL)
 
 
-@pytest.mark.skipif(not available(), reason="no C++ compiler: the projection kernel is not built")
+@needs_compiler
 def test_mixed_family_steps_equal_the_two_call_path(tiny_llama_dir: Path, family: dict[str, Path],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The same tokens with the fused call switched off (base, then the family's kernel, then DoRA's finish)."""

@@ -14,11 +14,19 @@ import numpy as np
 import pytest
 import torch
 
+import kernels
 from kernels import attention as att
-from kernels.attention import build_paged_attention_meta, paged_attention, paged_attention_reference
+from kernels.attention import build_paged_attention_meta, paged_attention_reference
+from tests.compiler import needs_compiler
 from tests.padded_attention import padded_gather_attention
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}  # atol on outputs of magnitude ~1
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
+    """The CPU backend's op (SWITCHBOARD_KERNELS, auto by default): the compiled kernel, the reference where it
+    cannot take the call."""
+    return kernels.backend("cpu").paged_attention(q, k_cache, v_cache, meta, scale)
 
 
 def fresh_seed() -> int:
@@ -79,7 +87,7 @@ CASES = {
 }
 
 
-@pytest.mark.skipif(not att.available(), reason="no C++ compiler: paged_attention falls back to the reference")
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
                          [(9, 3, 64, 16), (8, 8, 32, 32), (8, 1, 128, 16), (4, 2, 64, 1)],
@@ -117,7 +125,7 @@ def test_kernel_matches_reference_and_dense(case: str, route: str, heads: int, k
         torch.testing.assert_close(out, padded, atol=tol, rtol=0, msg=lambda m: f"vs today's path: {m}\n{why}")
 
 
-@pytest.mark.skipif(not att.available(), reason="no C++ compiler")
+@needs_compiler
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_thread_counts_and_context_splits_agree(threads: int) -> None:
     """Few sequences with long contexts split each decode row's context over threads; results stay the same."""
@@ -165,14 +173,11 @@ def test_fp16_falls_back_to_reference() -> None:
 
 
 @pytest.mark.parametrize("mode", ["auto", "reference"])
-def test_dispatcher(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kernels
-
-    monkeypatch.setattr(kernels, "MODE", mode)
+def test_dispatcher(mode: str) -> None:
     seed = fresh_seed()
     seqs = [(1, 100), (20, 20), (3, 50)]
     q, k_cache, v_cache, meta, dense = make_case(seed, seqs, 6, 2, 32, 16, torch.float32)
-    out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.3)
+    out = kernels.backend("cpu", mode).paged_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(out.double(), dense_oracle(q, dense, seqs, 0.3), atol=2e-5, rtol=0,
                                msg=lambda m: f"{m}\nseed={seed} mode={mode}")
 

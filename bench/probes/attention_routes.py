@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             att.FLASH_MIN_Q = 0  # metadata built now routes every row to the compiled kernel
             kernel_meta = att.build_paged_attention_meta([rows], [ctx], [list(range(n_blocks))], bs)
             att.FLASH_MIN_Q = saved
-            kernel = best_ms(lambda: att.paged_attention(q, k_cache, v_cache, kernel_meta, scale))  # noqa: B023
+            kernel = best_ms(lambda: att.paged_attention_kernel(q, k_cache, v_cache, kernel_meta, scale))  # noqa: B023
             route = "flash" if att.takes_flash(rows, past) else "kernel"
             print(f"| {rows} | {past} | {kernel:.2f} | {flash:.2f} | {kernel / flash:.2f} | {route} |", flush=True)
 

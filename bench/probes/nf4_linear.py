@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     nf4_bytes = sum(layer.nbytes() for layer in layers)
     dense_bytes = sum(w.numel() * 4 for w in dense)
 
-    def bnb(xs):
-        kernels.MODE = "reference"  # NF4Linear's bitsandbytes path: dequantize, then F.linear
+    reference = kernels.backend("cpu", "torch")
+
+    def bnb(xs):  # NF4Linear's bitsandbytes path (the torch backend's): dequantize, then F.linear
         for layer in layers:
-            layer(xs[layer.in_features])
-        kernels.MODE = "auto"
+            reference.nf4_linear(xs[layer.in_features], layer.nf4_weights(), layer.bias, layer.dense_weight)
 
     def fused(xs):  # the kernel itself at every size (the layer routes calls above FUSED_MAX_TOKENS to bnb)
         for layer in layers:

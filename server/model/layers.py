@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from kernels.pointwise import rms_norm
+import kernels
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
@@ -15,13 +15,14 @@ from server.model.batch import StepAdapter
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 as transformers does (kernels/pointwise.py)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, backend: kernels.KernelBackend | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [hidden]
         self.eps = eps
+        self.kernels = backend or kernels.backend(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
@@ -49,7 +50,7 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 class Rotary(nn.Module):
     """Rotary embeddings (rotate-half convention of HF Llama) at arbitrary per-token positions: the step's cos/sin
-    tables here, applied to q and k by kernels.pointwise.rope_and_cache."""
+    tables here, applied to q and k by the kernel backend's rope_and_cache."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()

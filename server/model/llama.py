@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import paged_attention
-from kernels.pointwise import rope_and_cache
+import kernels
 from server.model.args import ModelArgs
 from server.model.batch import AttentionMeta, ForwardBatch, StepAdapter
 from server.model.layers import Projection, RMSNorm, Rotary, project_group
-from server.model.quant import dense_forward
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, q: Projection, k: Projection, v: Projection, o: Projection) -> None:
+    def __init__(self, args: ModelArgs, q: Projection, k: Projection, v: Projection, o: Projection,
+                 backend: kernels.KernelBackend | None = None) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.kernels = backend or q.base.kernels  # the base projections' device
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.scale = args.head_dim**-0.5
 
@@ -41,8 +41,8 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         cos, sin = cos_sin
-        q = rope_and_cache(q, k, v, cos, sin, attn.kv_write_slots, k_cache, v_cache)  # K/V rotated into the cache
-        out = paged_attention(q, k_cache, v_cache, attn.paged, self.scale)  # [T, heads, head_dim]
+        q = self.kernels.rope_and_cache(q, k, v, cos, sin, attn.kv_write_slots, k_cache, v_cache)  # K/V rotated in
+        out = self.kernels.paged_attention(q, k_cache, v_cache, attn.paged, self.scale)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), adapters)
 
 
@@ -93,9 +93,11 @@ class LlamaModel(nn.Module):
         layers: list[DecoderLayer],
         norm: RMSNorm,
         lm_head: torch.Tensor,  # [vocab, hidden] (the embedding itself when tied)
+        backend: kernels.KernelBackend | None = None,  # default: kernels.backend(embed.device)
     ) -> None:
         super().__init__()
         self.args = args
+        self.kernels = backend or kernels.backend(embed.device)
         self.embed_tokens = nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -158,7 +160,7 @@ class LlamaModel(nn.Module):
         x = self.norm(h)
         for adapter in batch.adapters:
             x = adapter.norm(h, x, len(self.layers), "norm", rows)
-        return dense_forward(x, self.lm_head).float()  # [S, vocab]
+        return self.kernels.linear(x, self.lm_head, None).float()  # [S, vocab]
 
     def memory_bytes(self) -> int:
         seen: set[int] = set()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+import kernels
 from server.config import ModelConfig
 from server.model.args import ModelArgs
 from server.model.checkpoint import resolve_model_dir
@@ -55,19 +56,20 @@ def build_model(
     model_dir: Path, args: ModelArgs, dtype: torch.dtype, quantize: bool, device: str
 ) -> LlamaModel:
     ckpt = _Checkpoint(model_dir)
+    backend = kernels.backend(device)  # the device's kernels, resolved once, kept by every layer
 
     def proj(layer: int, prefix: str, name: str) -> Projection:
         key = f"model.layers.{layer}.{prefix}.{name}"
         weight = ckpt.get(f"{key}.weight").to(device)
         bias = ckpt.get(f"{key}.bias").to(device) if f"{key}.bias" in ckpt else None
-        return Projection(make_linear(weight, bias, quantize=quantize, dtype=dtype), layer, name)
+        return Projection(make_linear(weight, bias, quantize=quantize, dtype=dtype, backend=backend), layer, name)
 
     def norm(key: str) -> RMSNorm:
-        return RMSNorm(ckpt.get(key).to(device=device, dtype=dtype), args.rms_norm_eps)
+        return RMSNorm(ckpt.get(key).to(device=device, dtype=dtype), args.rms_norm_eps, backend)
 
     layers = []
     for i in range(args.num_layers):
-        attn = Attention(args, *(proj(i, "self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+        attn = Attention(args, *(proj(i, "self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")), backend)
         mlp = MLP(*(proj(i, "mlp", n) for n in ("gate_proj", "up_proj", "down_proj")))
         p = f"model.layers.{i}"
         layers.append(DecoderLayer(attn, mlp, norm(f"{p}.input_layernorm.weight"),
@@ -76,7 +78,7 @@ def build_model(
     lm_head = embed if args.tie_word_embeddings or "lm_head.weight" not in ckpt else (
         ckpt.get("lm_head.weight").to(device=device, dtype=dtype)
     )
-    model = LlamaModel(args, embed, layers, norm("model.norm.weight"), lm_head).eval()
+    model = LlamaModel(args, embed, layers, norm("model.norm.weight"), lm_head, backend).eval()
     if torch.device(device).type == "cpu":
         settle_weights(model)
         retain_freed_heap()  # each step's activations reuse freed heap instead of faulting pages back in

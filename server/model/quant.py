@@ -1,5 +1,6 @@
-"""Base-model linear projections: NF4 (bitsandbytes) or dense. Dense fp32 calls of up to
-kernels.linear.FUSED_MAX_TOKENS rows on CPU run kernels/linear.py's dense kernel (2x F.linear at decode sizes).
+"""Base-model linear projections: NF4 (bitsandbytes) or dense, through the device's kernel backend (kernels.backend):
+on CPU, dense fp32 calls of up to kernels.linear.FUSED_MAX_TOKENS rows run kernels/linear.py's dense kernel (2x
+F.linear at decode sizes).
 
 NF4 follows QLoRA: `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")`,
 with double quantization (compress_statistics) where the backend supports it. bitsandbytes 0.50
@@ -7,7 +8,7 @@ runs NF4 on CPU as well as on CUDA. On CPU with fp32 compute we run kernels/line
 fused into the matmul, tile by tile in cache, so the weights are read as 4-bit codes and never written out
 as fp32 (measured 2x bitsandbytes' dequantize-then-matmul and faster than the dense fp32 matmul at decode
 batch sizes, up to kernels.linear.FUSED_MAX_TOKENS rows: bench/probes/nf4_linear.py); longer calls (prefill), other
-compute dtypes, or `SWITCHBOARD_KERNELS=reference`, dequantize and
+compute dtypes, or the torch backend (`SWITCHBOARD_KERNELS=torch`), dequantize and
 run a dense matmul in the compute dtype (exact with respect to the stored NF4 weights); on CUDA we call
 `bitsandbytes.matmul_4bit`.
 """
@@ -18,10 +19,10 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear import dense_linear, nf4_linear, takes
+import kernels
+from kernels.linear import Nf4Weights
 from kernels.projection import BaseSpec, dense_spec, nf4_spec
 
 NF4_BLOCKSIZE = 64
@@ -45,52 +46,47 @@ def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
-def _cached_tile_spec(layer: nn.Module, where: object, make: Callable[[], BaseSpec | None]) -> BaseSpec | None:
-    """layer's tile spec, made again (make()) only when its weights' storage `where` moved since the last one."""
-    cached = getattr(layer, "_tile_spec", None)
+def _cached(layer: nn.Module, attr: str, where: object, make: Callable[[], object]) -> object:
+    """layer's `attr`, made again (make()) only when its weights' storage `where` moved since the last one (loading
+    moves CPU weights once, into the weights arena)."""
+    cached = getattr(layer, attr, None)
     if cached is None or cached[0] != where:
         cached = (where, make())
-        layer._tile_spec = cached
+        setattr(layer, attr, cached)
     return cached[1]
-
-
-def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through kernels/linear.py's dense kernel for decode-sized CPU calls (every dense
-    base projection and the LM head)."""
-    if takes(x):  # None: the kernel cannot take this one (dtype, layout)
-        y = dense_linear(x, weight)
-        if y is not None:
-            return _plus_bias(y, bias)
-    return F.linear(x, weight, bias)
 
 
 class DenseLinear(nn.Module):
     """y = x @ W^T (+ b). The dense reference (`--no-quantize`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: kernels.KernelBackend | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [out]
         self.out_features, self.in_features = weight.shape
+        self.kernels = backend or kernels.backend(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_forward(x, self.weight, self.bias)
+        return self.kernels.linear(x, self.weight, self.bias)
 
     def tile_spec(self) -> BaseSpec | None:
         """This layer as kernels.projection's tiles read it (the same math as forward on a decode-sized fp32 CPU
         call), or None (a bias, another dtype or device). Kept while the weight stays where it is (loading moves
         it once, into the weights arena)."""
-        return _cached_tile_spec(self, self.weight.data_ptr(),
-                                 lambda: None if self.bias is not None else dense_spec(self.weight))
+        return _cached(self, "_tile_spec", self.weight.data_ptr(),
+                       lambda: None if self.bias is not None else dense_spec(self.weight))
 
 
 class NF4Linear(nn.Module):
     """y = x @ dequant_nf4(Wq)^T (+ b), weights stored as packed 4-bit NF4 codes + absmax per block."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, double_quant: bool
+        self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, double_quant: bool,
+        backend: kernels.KernelBackend | None = None,
     ) -> None:
         super().__init__()
+        self.kernels = backend or kernels.backend(weight.device)
         bnb = _bnb()
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
@@ -102,6 +98,7 @@ class NF4Linear(nn.Module):
         )
         self.register_buffer("packed", packed, persistent=False)  # [out*in/2, 1] uint8
         self.quant_state = state
+        self._nf4: Nf4Weights | None = None  # nf4_weights()' cache
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
@@ -111,12 +108,15 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return _plus_bias(_bnb().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state), self.bias)
-        if takes(x):  # the fused CPU kernel; None: it cannot take this call
-            state = self.quant_state
-            y = nf4_linear(x, self.packed, state.absmax, state.code, state.blocksize, self.out_features)
-            if y is not None:
-                return _plus_bias(y, self.bias)
-        return F.linear(x, self.dense_weight(), self.bias)
+        return self.kernels.nf4_linear(x, self.nf4_weights(), self.bias, self.dense_weight)
+
+    def nf4_weights(self) -> Nf4Weights:
+        """The NF4 codes as kernels.linear reads them, made again only when the tensors are replaced (loading moves
+        `packed` into the weights arena once)."""
+        packed, state, made = self.packed, self.quant_state, self._nf4
+        if made is None or made.packed is not packed or made.absmax is not state.absmax:
+            made = self._nf4 = Nf4Weights(packed, state.absmax, state.code, state.blocksize, self.out_features)
+        return made
 
     def tile_spec(self) -> BaseSpec | None:
         """As DenseLinear.tile_spec: the NF4 codes for the fused kernel's tiles, or None (bias, dtype, device)."""
@@ -128,7 +128,7 @@ class NF4Linear(nn.Module):
             return nf4_spec(self.packed, state.absmax, state.code, state.blocksize, self.out_features,
                             self.in_features)
 
-        return _cached_tile_spec(self, (self.packed.data_ptr(), state.absmax.data_ptr()), make)
+        return _cached(self, "_tile_spec", (self.packed.data_ptr(), state.absmax.data_ptr()), make)
 
     def nbytes(self) -> int:
         state = self.quant_state
@@ -139,10 +139,11 @@ class NF4Linear(nn.Module):
 
 
 def make_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, *, quantize: bool, dtype: torch.dtype
+    weight: torch.Tensor, bias: torch.Tensor | None, *, quantize: bool, dtype: torch.dtype,
+    backend: kernels.KernelBackend | None = None,
 ) -> nn.Module:
     """A base projection from a dense [out, in] weight; NF4 when `quantize`."""
     if not quantize:
-        return DenseLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
+        return DenseLinear(weight.to(dtype), None if bias is None else bias.to(dtype), backend)
     # double quantization where the backend has it: bitsandbytes' CPU path (and transformers on CPU) has none
-    return NF4Linear(weight, bias, dtype, double_quant=weight.is_cuda)
+    return NF4Linear(weight, bias, dtype, double_quant=weight.is_cuda, backend=backend)

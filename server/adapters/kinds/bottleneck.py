@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import SlotViews, build_lora_meta, lora_expand, lora_shrink
+import kernels
+from kernels import SlotViews, build_lora_meta
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
@@ -69,6 +70,7 @@ class BottleneckTables(SlotTables):
         self.sizes: list[int] = [0] * num_slots
         self.activation: list[int] = [0] * num_slots
         self._views: dict[tuple[int, str], tuple[SlotViews, SlotViews]] = {}
+        self.kernels = kernels.backend(device)  # the tables' device's kernels
 
     @property
     def none_row(self) -> int:
@@ -145,14 +147,14 @@ class BottleneckStep(StepAdapter):
         ln_before = t.ln_before[self.rows][:, None]
         x = out + ln_before * residual
         down_v, up_v = t.views(layer, block)
-        z = lora_shrink(x, down_v.stack, self.meta, down_v)  # [T, max_r] fp32, 0 without an adapter
+        z = t.kernels.lora_shrink(x, down_v.stack, self.meta, down_v)  # [T, max_r] fp32, 0 without an adapter
         z = z + t.down_b[block][self.slots, layer].float() * self.has
         if len(self.act_masks) == 1:
             z = _ACT_FNS[self.act_masks[0][0]](z)
         else:
             z = sum(torch.where(mask, _ACT_FNS[code](z), 0.0) for code, mask in self.act_masks)
         up_b = t.up_b[block][self.slots, layer] * t.scale[self.slots][:, None].to(out.dtype) * self.has
-        added = lora_expand(z, up_v.stack, t.scale, self.meta, up_b.to(out.dtype).clone(), up_v)
+        added = t.kernels.lora_expand(z, up_v.stack, t.scale, self.meta, up_b.to(out.dtype).clone(), up_v)
         res = out + t.res_x[self.rows][:, None] * (x - out)
         new = added + res - t.no_ln_after[self.rows][:, None] * residual
         return torch.where(self.has, new, out)

@@ -13,10 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import build_lora_meta, lora_apply_group
-from kernels.linear import takes
+from kernels import build_lora_meta
 from kernels.pointwise import rms_normalize
-from kernels.projection import projection_group
 from server.adapters.kinds.base import ChunkView, token_slots
 from server.adapters.kinds.lora_extras import LongLoraSlots, norm_index
 from server.adapters.kinds.lora_tables import LoraTables
@@ -72,7 +70,8 @@ class LongLoraRows:
 
 class LoraStep(StepAdapter):
     """Shrink then expand through the segmented kernels, for every family token of the step at once: one fused
-    kernel call per projection group on CPU (kernels.lora_apply_group, or kernels.projection with the base)."""
+    kernel call per projection group on CPU (the kernel backend's lora_apply_group, or its fused_projection with the
+    base)."""
 
     def __init__(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> None:
         self.tables = tables
@@ -118,7 +117,7 @@ class LoraStep(StepAdapter):
         if group is None:
             return ys
         ys = list(ys)
-        done = lora_apply_group(x, group, self.tables.scale, self.meta, [ys[i] for i in present])
+        done = self.tables.kernels.lora_apply_group(x, group, self.tables.scale, self.meta, [ys[i] for i in present])
         for i, y in zip(present, done, strict=True):
             ys[i] = self.finish(y, layer, modules[i])
         return ys
@@ -129,16 +128,17 @@ class LoraStep(StepAdapter):
         compiled call (kernels.projection: the memory-bound LoRA reads beside the compute-bound tiles), when some
         module of the group has a table and every base layer has tiles; else None (the model runs base, then
         project_outputs)."""
-        if not self.meta.has_lora or not takes(x):
+        backend = self.tables.kernels
+        if not self.meta.has_lora or not backend.fuses(x):
             return None
         present, group = self.tables.group(layer, modules)
-        if group is None or group.cpu is None:
+        if group is None:
             return None
         specs = [getattr(base, "tile_spec", lambda: None)() for base in bases]
         if None in specs:
             return None
         gains = self.fused_gains(layer, modules)
-        ys = projection_group(x, specs, group.cpu, present, self.tables.scale, self.meta, gains)
+        ys = backend.fused_projection(x, specs, group, present, self.tables.scale, self.meta, gains)
         if ys is None:
             return None
         if self.gain_rows is not None:

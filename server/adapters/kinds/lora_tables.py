@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import LoraGroup, SlotViews, lora_group
+import kernels
+from kernels import LoraGroup, SlotViews
 from kernels.cpu import table_zeros
 from server.adapters.kinds.base import SlotTables, Staging
 from server.adapters.kinds.lora_extras import DoraGains, LongLoraSlots
@@ -38,6 +39,7 @@ class LoraTables(SlotTables):
         self._views: dict[tuple[int, str], tuple[SlotViews, SlotViews]] = {}
         # (layer, modules) -> (generation, indices of the modules with a table, their kernel group)
         self._groups: dict[tuple[int, tuple[str, ...]], tuple[int, tuple[int, ...], LoraGroup | None]] = {}
+        self.kernels = kernels.backend(device)  # the tables' device's kernels
         self._generation = 0  # bumped after a module's tables are added: groups made before are rebuilt
 
     def _module(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +73,7 @@ class LoraTables(SlotTables):
             return entry[1], entry[2]
         present = tuple(i for i, m in enumerate(modules) if m in self.a and m in self.b)
         views = [self.views(layer, modules[i]) for i in present]
-        group = lora_group([a.stack for a, _ in views], [b.stack for _, b in views]) if present else None
+        group = self.kernels.lora_group([a.stack for a, _ in views], [b.stack for _, b in views]) if present else None
         self._groups[(layer, modules)] = (generation, present, group)
         return present, group
 
