@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,8 @@ def run_mixed(model_dir: Path, adapters: dict[str, Path], routes: list[str | Non
                                              lora_dtype=lora_dtype))
     for name, path in adapters.items():
         engine.pool.register(name, path)
+    if len(adapters) <= engine.pool.cfg.device_slots:
+        load_into_slots(engine, list(adapters))  # a mixed batch from the first step, however slow the loader
     seen: dict[str, list[torch.Tensor]] = {}
     engine.on_logits = lambda seqs, logits: [seen.setdefault(s.request_id, []).append(logits[i].clone())
                                               for i, s in enumerate(seqs)]
@@ -77,6 +80,18 @@ def run_mixed(model_dir: Path, adapters: dict[str, Path], routes: list[str | Non
     finally:
         engine.shutdown()
     return MixedRun(seed, routes, prompts, outputs, [torch.stack(seen[f"mix-{i}"]) for i in range(len(routes))])
+
+
+def load_into_slots(engine: Engine, keys: list[str], timeout_s: float = 120.0) -> None:
+    """Bring every adapter into a device slot before the engine starts (the pool's loader thread does it; this
+    waits for it), so a test's requests are admitted together instead of as each adapter's load completes."""
+    deadline = time.monotonic() + timeout_s
+    for key in keys:
+        while (lease := engine.pool.acquire(key)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"adapter {key!r} not loaded into a slot within {timeout_s} s")
+            time.sleep(0.005)
+        engine.pool.release(lease.key)
 
 
 def oracle_for(model_dir: Path, adapters: dict[str, Path], base: torch.nn.Module, quantize: bool) -> Oracle:

@@ -39,7 +39,10 @@ def assert_batch_matches_peft(model_dir: Path, adapters: dict[str, Path], quanti
     from tests.test_model_parity import hf_model
 
     run = run_mixed(model_dir, adapters, [None, None, *adapters], quantize, new_tokens, device_slots=16)
-    assert_run_matches(run, oracle_for(model_dir, adapters, hf_model(model_dir, quantize), quantize), atol)
+    # dense: a float64 oracle to fall back on where fp32 summation order alone moves a logit past atol
+    # (tests.oracle_parity.assert_close_to_oracle; seen on SmolLM2's base route: 0.0027 at seed 689405)
+    exact = None if quantize else oracle_for(model_dir, adapters, hf_model(model_dir, False).double(), False)
+    assert_run_matches(run, oracle_for(model_dir, adapters, hf_model(model_dir, quantize), quantize), atol, exact)
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
