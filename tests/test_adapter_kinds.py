@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters import kinds
-from server.adapters.kinds import AdapterFormatError, AdapterKind, ChunkView, ReadLimits, SlotTables
+from server.adapters.kinds import AdapterFormatError, AdapterKind, AdapterLimits, ChunkView, SlotTables
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
@@ -50,7 +50,7 @@ class ToyScaleKind(AdapterKind):
     name = "TOY_SCALE"
     peft_types = ("TOY_SCALE",)
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> float:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> float:
         if set(tensors) != {"output_scale"} or tensors["output_scale"].shape != (1,):
             raise AdapterFormatError("a toy adapter holds exactly one tensor 'output_scale' of shape [1]")
         return float(tensors["output_scale"][0])

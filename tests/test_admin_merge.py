@@ -11,7 +11,7 @@ import torch
 
 from clients.errors import NotFound
 from server.adapters.peft_format import read_adapter
-from server.config import AdapterPoolConfig
+from server.config import AdapterLimits, AdapterPoolConfig
 from tests.adapter_files import peft_adapter
 from tests.server_utils import running_server
 
@@ -44,7 +44,7 @@ def test_merge_through_the_api_matches_peft(server, tiny_llama_dir, monkeypatch,
         out = acme.generate(token_ids=[3, 4, 5], adapter=f"merged-{method}", max_new_tokens=3)
         assert out.adapter_version == info.version
         _, path = server.registry.version_dir("acme", f"merged-{method}")
-        ours = read_adapter(path, server.engine.args, 64, 16).payload
+        ours = read_adapter(path, server.engine.args, AdapterLimits(64, 16)).payload
         peft_kwargs = {"svd_rank": kwargs["target_rank"]} if "target_rank" in kwargs else dict(kwargs)
         theirs = peft_merged_deltas(tiny_llama_dir, srcs, list(srcs), weights, method, monkeypatch, **peft_kwargs)
         assert set(ours.a) == set(theirs)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from server.__main__ import main as server_main
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from server.trainer.base import load_base, load_tokenizer
 from server.trainer.checkpoint import CheckpointMismatch, latest_checkpoint
@@ -40,7 +41,7 @@ def test_method_learns_and_output_is_served_like_peft(method: str, tiny_llama_di
 
     # our reader accepts the directory unchanged
     args = ModelArgs.from_dir(tiny_llama_dir)
-    weights = read_adapter(cfg.output_dir, args, max_lora_rank=64, max_virtual_tokens=128)
+    weights = read_adapter(cfg.output_dir, args, AdapterLimits(max_lora_rank=64, max_virtual_tokens=128))
     assert weights.kind == json.loads((cfg.output_dir / "adapter_config.json").read_text())["peft_type"]
 
     # PEFT loads it; its greedy completions equal our engine's with the adapter registered in the pool

@@ -12,10 +12,10 @@ from __future__ import annotations
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
     ContextLayout,
-    ReadLimits,
     SlotTables,
 )
 from server.adapters.kinds.bitfit import BitFitKind
@@ -27,7 +27,7 @@ from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.prefix import PrefixKind
 from server.adapters.kinds.virtual import VirtualTokenKind
 
-__all__ = ["AdapterFormatError", "AdapterKind", "BaseModelMismatch", "ChunkView", "ContextLayout", "ReadLimits",
+__all__ = ["AdapterFormatError", "AdapterKind", "BaseModelMismatch", "ChunkView", "ContextLayout", "AdapterLimits",
            "SlotTables", "by_config", "by_name", "by_peft_type", "family_of", "register", "registered", "unregister"]
 
 _KINDS: dict[str, AdapterKind] = {}

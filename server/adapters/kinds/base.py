@@ -4,6 +4,7 @@ A kind is data plus a small dispatch (no class tower: one base class with defaul
 generic parts use it at five moments of an adapter's life:
 
   read      peft_format.read_adapter -> kind.read(cfg, tensors, args, limits)   validate, normalize
+            (limits: server.config.AdapterLimits, the one object built from the pool config)
             (before that, kind.check_tensor_header bounds its tensors from the safetensors header alone)
   describe  the registry records kind.describe(payload) with each stored version
   slots     the pool: kind.new_tables(...) once per family; per load tables.stage / ensure / fill / clear
@@ -26,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
@@ -47,14 +49,6 @@ class AdapterFormatError(ValueError):
 
 class BaseModelMismatch(AdapterFormatError):
     """The adapter is well formed but made for another base (hidden size, layer count, KV shape)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReadLimits:
-    max_lora_rank: int
-    max_virtual_tokens: int
-    max_bottleneck_size: int = 64  # bottleneck adapters' width (its own limit, not the LoRA rank)
-    lora_dtype: torch.dtype | None = None  # the LoRA family's A / B slot tables (None: the model's dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +123,14 @@ class AdapterKind:
         """Whether this kind reads an adapter_config.json (by default: its peft_type is one of ours)."""
         return cfg.get("peft_type") in self.peft_types
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> object:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> object:
         """The normalized payload; raises AdapterFormatError / BaseModelMismatch with a reason."""
         raise NotImplementedError
 
     def check_config(self, cfg: dict) -> None:
         """Refuse a config this kind cannot serve (AdapterFormatError naming the option), before any tensor is read."""
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """Before any tensor is read (server/adapters/validation.py): True when `key` is one of this kind's own
         tensors and `shape` fits the base; raise AdapterFormatError / BaseModelMismatch when it is its key with
         a bad shape; False when it is not its key (keys parsed by server/adapters/kinds/peft_keys.py). A key no
@@ -155,7 +149,7 @@ class AdapterKind:
         """The context entries a sequence using this adapter starts with."""
         return ContextLayout()
 
-    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> SlotTables | None:
         """Device tables for all slots; None when the kind keeps nothing on the device."""
         return None

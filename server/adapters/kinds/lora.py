@@ -16,9 +16,9 @@ from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
-    ReadLimits,
 )
 from server.adapters.kinds.lora_step import LoraStep
 from server.adapters.kinds.lora_tables import LoraTables
@@ -41,7 +41,7 @@ class LoraKind(AdapterKind):
     def check_config(self, cfg: dict) -> None:
         check_served_options(cfg)
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> LoraWeights:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> LoraWeights:
         check_served_options(cfg)
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
         if not isinstance(r, int) or r < 1:
@@ -65,7 +65,7 @@ class LoraKind(AdapterKind):
             raise AdapterFormatError("every lora_A needs its lora_B (and vice versa)")
         return LoraWeights(rank=r, scale=float(scale), a=a, b=b)
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """lora_A [r, in] / lora_B [out, r] from the safetensors header alone: 2-d, 1 <= r <= the server's maximum
         rank, the base projection's width."""
         parsed = module_key(key)
@@ -89,9 +89,9 @@ class LoraKind(AdapterKind):
     def describe(self, payload: LoraWeights) -> dict:
         return {"rank": payload.rank, "target_modules": list(payload.target_modules), "num_virtual_tokens": 0}
 
-    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> LoraTables:
-        return LoraTables(args, num_slots, limits.max_lora_rank, limits.lora_dtype or dtype, device, dtype)
+        return LoraTables(args, num_slots, limits.max_lora_rank, limits.lora_torch_dtype or dtype, device, dtype)
 
     def step(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> LoraStep:
         """One StepAdapter for the sequences of every kind of the family (the runner passes all their chunks)."""
