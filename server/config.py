@@ -113,7 +113,7 @@ class AdapterPoolConfig(AdapterLimits):
     """Adapter residency: fixed device slots (preallocated stacked tensors), host LRU by bytes; and the adapter
     limits (the AdapterLimits fields, so `AdapterPoolConfig(max_lora_rank=8)` sets one; `.limits` hands them on)."""
 
-    device_slots: int = 16  # LoRA / IA3 / prompt slots resident at once
+    device_slots: int = 16  # adapters resident at once (every kind takes a slot)
     host_cache_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:

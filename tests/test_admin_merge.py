@@ -91,3 +91,20 @@ def test_bad_merges_get_clear_statuses(server, tiny_llama_dir) -> None:
             acme.get_adapter("m")
         for name in ("x4", "x2", "x4b"):
             acme.delete_adapter(name)
+
+
+def test_merges_of_other_kinds_are_refused_by_the_kind(server, tiny_llama_dir) -> None:
+    """The merge is the sources' kind's (AdapterKind.merge): IA3 has none, and a LoRA merge refuses a source of
+    another kind; each is INVALID_ARGUMENT naming the kind, and nothing is stored."""
+    with server.client("acme") as acme:
+        acme.upload_adapter(peft_adapter(tiny_llama_dir, kind="ia3", seed=51), "i3")
+        acme.upload_adapter(peft_adapter(tiny_llama_dir, seed=52), "l4")
+        for sources, words in [(["i3", "l4"], "source 0 is a IA3 adapter; adapters of that kind cannot be merged"),
+                               (["l4", "i3"], "source 1 is a IA3 adapter; only LoRA adapters can be merged")]:
+            with pytest.raises(Exception) as exc:  # noqa: PT011 - any client error; its code is checked below
+                acme.merge_adapters("m", sources)
+            assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.message, exc.value
+        with pytest.raises(NotFound):
+            acme.get_adapter("m")
+        for name in ("i3", "l4"):
+            acme.delete_adapter(name)

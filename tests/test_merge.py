@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from server.adapters.errors import AdapterRejected
-from server.adapters.merge import MergeSpec, merge_lora, write_peft_lora
+from server.adapters.kinds.lora_merge import merge_lora, write_peft_lora
+from server.adapters.merge import MergeSpec
 from server.adapters.peft_format import read_adapter
 from server.config import AdapterLimits
 from server.model.args import ModelArgs

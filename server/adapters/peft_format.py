@@ -16,11 +16,10 @@ from safetensors.torch import load_file
 
 from server.adapters import kinds, validation
 from server.adapters.kinds import AdapterFormatError, AdapterLimits, BaseModelMismatch
-from server.adapters.kinds.peft_keys import WEIGHTS_FILE
+from server.adapters.kinds.peft_keys import CONFIG_FILE, WEIGHTS_FILE
 from server.adapters.weights import AdapterWeights
 from server.model.args import ModelArgs
 
-CONFIG_FILE = "adapter_config.json"
 ADAPTERHUB_WEIGHTS_FILE = "adapter.safetensors"  # the AdapterHub `adapters` library's safetensors name
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "AdapterFormatError", "BaseModelMismatch", "read_adapter", "read_config",

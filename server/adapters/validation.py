@@ -180,7 +180,7 @@ def check_header_entries(header: dict, data_bytes: int, args: ModelArgs, limits:
 
 
 def _check_entry_shape(key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> None:
-    """Each kind claims and checks its own keys (AdapterKind.check_tensor_header, through kinds/peft_keys.py); a key
+    """Each kind claims and checks its own keys (each kind's check_tensor_header, through kinds/peft_keys.py); a key
     no kind claims is refused."""
     if not any(kind.check_tensor_header(key, shape, args, limits) for kind in kinds.registered()):
         raise _fail(f"unexpected tensor {clip(key)} (only the seven projections of decoder layers are served)")

@@ -10,6 +10,7 @@ generic parts use it at five moments of an adapter's life:
   slots     the pool: kind.new_tables(...) once per family; per load tables.stage / ensure / fill / clear
   admit     the engine: kind.layout(n) at submit (context entries it adds), kind.cached_prefix at admission
   step      the runner: kind.step(tables, chunks, T, device) -> a StepAdapter the model calls, once per family
+  merge     the admin merge (server/adapters/merge.py): kind.merge(sources, spec, dir) writes the merged adapter
 
 A family is kinds that share one slot table set and one StepAdapter per step (LoRA, DoRA and LongLoRA: one
 LoRA table set with per-slot extras): the pool creates the tables with the family's first registered kind and
@@ -23,13 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from server.adapters.errors import AdapterRejected
 from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
+
+if TYPE_CHECKING:
+    from server.adapters.merge import MergeSpec
+    from server.adapters.weights import AdapterWeights
 
 
 class Staging(Protocol):
@@ -157,6 +164,11 @@ class AdapterKind:
     def cached_prefix(self, payload: object) -> tuple[torch.Tensor, torch.Tensor] | None:
         """K/V [layers, n_prefix, kv_heads, head_dim] to write at context 0..n_prefix-1 at admission."""
         return None
+
+    def merge(self, sources: list[AdapterWeights], spec: MergeSpec, out_dir: Path) -> None:
+        """Write the merge of `sources` (stored adapters, the first of this kind) to the new directory `out_dir`
+        as an adapter this kind reads; AdapterRejected when the kind, a source or the spec cannot be merged."""
+        raise AdapterRejected(f"source 0 is a {self.name} adapter; adapters of that kind cannot be merged")
 
     def step(self, tables: SlotTables | None, chunks: list[ChunkView], num_tokens: int,
              device: torch.device) -> StepAdapter | None:

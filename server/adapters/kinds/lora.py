@@ -9,6 +9,8 @@ per-slot extras (lora_extras.py). A step mixing the three takes one kernel call 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,12 +22,17 @@ from server.adapters.kinds.base import (
     BaseModelMismatch,
     ChunkView,
 )
+from server.adapters.kinds.lora_merge import merge_lora, write_peft_lora
 from server.adapters.kinds.lora_step import LoraStep
 from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.kinds.lora_weights import LoraWeights
 from server.adapters.kinds.modules import check_served_options
 from server.adapters.kinds.peft_keys import LORA_MATRICES, module_key, module_shape, module_tensors
 from server.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from server.adapters.merge import MergeSpec
+    from server.adapters.weights import AdapterWeights
 
 __all__ = ["LoraKind", "LoraStep", "LoraTables", "LoraWeights"]
 
@@ -92,6 +99,10 @@ class LoraKind(AdapterKind):
     def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> LoraTables:
         return LoraTables(args, num_slots, limits.max_lora_rank, limits.lora_torch_dtype or dtype, device, dtype)
+
+    def merge(self, sources: list[AdapterWeights], spec: MergeSpec, out_dir: Path) -> None:
+        """PEFT's add_weighted_adapter over LoRA sources (lora_merge.py; DoRA and LongLoRA sources are refused)."""
+        write_peft_lora(merge_lora(sources, spec), out_dir, base_model=sources[0].base_model)
 
     def step(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> LoraStep:
         """One StepAdapter for the sequences of every kind of the family (the runner passes all their chunks)."""
