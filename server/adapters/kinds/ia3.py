@@ -22,8 +22,8 @@ from server.adapters.kinds.base import (
     Staging,
     token_slots,
 )
-from server.adapters.kinds.modules import check_served_options
 from server.adapters.kinds.peft_keys import module_key, module_shape, module_tensors
+from server.adapters.kinds.peft_options import check_served_options
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 

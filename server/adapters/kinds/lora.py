@@ -26,8 +26,8 @@ from server.adapters.kinds.lora_merge import merge_lora, write_peft_lora
 from server.adapters.kinds.lora_step import LoraStep
 from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.kinds.lora_weights import LoraWeights
-from server.adapters.kinds.modules import check_served_options
 from server.adapters.kinds.peft_keys import LORA_MATRICES, module_key, module_shape, module_tensors
+from server.adapters.kinds.peft_options import check_served_options
 from server.model.args import ModelArgs
 
 if TYPE_CHECKING:
