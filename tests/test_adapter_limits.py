@@ -49,3 +49,17 @@ def test_the_pool_sizes_every_kind_s_tables_by_its_one_limits_object(tiny_llama_
     lora, bottleneck = pool.tables.by_kind["LORA"], pool.tables.by_kind["BOTTLENECK"]
     assert (lora.max_rank, lora.dtype) == (4, torch.bfloat16)
     assert bottleneck.max_size == 8
+
+
+def test_serve_ray_takes_the_same_limit_flags_to_each_replica_pool() -> None:
+    from server.scale.cli import parse_args as ray_args
+    from server.scale.cli import settings_of
+    from server.scale.settings import ScaleSettings
+
+    argv = [a for name, value in NON_DEFAULT.items() for a in ("--" + name.replace("_", "-"), str(value))]
+    settings = settings_of(ray_args(argv))
+    assert settings.pool_config().limits == AdapterLimits(**NON_DEFAULT)
+    assert settings.pool_config().device_slots == settings.adapters_per_replica
+    assert ScaleSettings.from_args({"max_bottleneck_size": 32}).pool_config().max_bottleneck_size == 32
+    with pytest.raises(ConfigError, match="max_virtual_tokens must be > 0"):
+        ScaleSettings.from_args({"max_virtual_tokens": 0})
