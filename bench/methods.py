@@ -32,7 +32,7 @@ from server.trainer.config import TrainConfig
 from server.trainer.data import Example
 from server.trainer.evaluate import engine_greedy, evaluate, max_new_tokens_for
 from server.trainer.loop import load_splits, train
-from server.trainer.methods import ALL_METHODS as METHODS  # (PEFT's + dora, bitfit, bottleneck, longlora)
+from server.trainer.methods import method_names
 
 
 def shot_ids(e: Example, eos_id: int, sep: list[int]) -> list[int]:
@@ -117,7 +117,7 @@ def table(res: dict, args) -> str:
         o = icl["orderings"]
         lines.append(f"| {k}-shot in context, one fixed set, {len(o['all'])} orderings (min / mean / max) | "
                      f"{o['min']:.1%} / {o['mean']:.1%} / {o['max']:.1%} | 0 | - | - | - |")
-    for method in METHODS:
+    for method in method_names():
         r = res.get("methods", {}).get(method)
         if r:
             saved_lr = f", embeddings and norms lr {r['embed_norm_lr']:g}" if r.get("embed_norm_lr") else ""
@@ -131,7 +131,7 @@ def table(res: dict, args) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="topic")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
     p.add_argument("--n-train", type=int, default=256)
     p.add_argument("--n-test", type=int, default=48)
     p.add_argument("--k", type=int, default=4)

@@ -74,7 +74,7 @@ class AdapterInfo:
     tenant: str
     version: int
     versions: list[int]
-    kind: str  # LORA | PROMPT_TUNING | P_TUNING | PREFIX_TUNING | IA3
+    kind: str  # the adapter kind's name as the server reports it (its registered kinds)
     rank: int
     target_modules: list[str]
     size_bytes: int

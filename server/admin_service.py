@@ -21,7 +21,7 @@ from server.adapters.merge import MergeSpec, merge_stored
 from server.adapters.peft_format import AdapterFormatError, BaseModelMismatch
 from server.adapters.store import STAGING, StoreError
 from server.adapters.upload import UploadRefused, UploadSpool, check_sha256, extract_adapter_tar
-from server.adapters.validation import HeaderLimits, check_safetensors_stream
+from server.adapters.validation import check_safetensors_stream
 from server.auth import caller
 from server.quotas import TenantLimits, check_storage
 from server.status import message_of, status_of
@@ -108,12 +108,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         pool = getattr(self.engine, "pool", None)
         if pool is None:
             return None
-        limits = HeaderLimits(pool.args, pool.cfg.max_lora_rank, pool.cfg.max_virtual_tokens,
-                              pool.cfg.max_bottleneck_size)
+        args, limits = pool.args, pool.limits  # the loaded base; the pool's one AdapterLimits
 
         def check(stream, size: int) -> int:
             try:
-                return check_safetensors_stream(stream, size, limits)
+                return check_safetensors_stream(stream, size, args, limits)
             except BaseModelMismatch as exc:
                 raise WrongBaseModel(f"the adapter does not fit the loaded base model: {exc}") from None
             except AdapterFormatError as exc:

@@ -5,7 +5,7 @@ Data flow: CLI flags (server/serve_cli.py, server/generate_cli.py) -> these obje
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -82,25 +82,53 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class AdapterPoolConfig:
-    """Adapter residency: fixed device slots (preallocated stacked tensors), host LRU by bytes."""
+class AdapterLimits:
+    """What an adapter may be on this server, and the slot tables' settings the kinds size by: ONE object, built
+    once from the pool config (`AdapterPoolConfig.limits`) and handed to every reader (peft_format.read_adapter),
+    header check (validation.check_safetensors_*), kind (read / check_tensor_header / new_tables) and the admin
+    service's upload check. A kind's new limit is one field here (its serve flag comes from the field:
+    serve_cli.add_limit_flags; `help` / `choices` in the field's metadata) and its check in __post_init__."""
 
-    device_slots: int = 16  # LoRA / IA3 / prompt slots resident at once
-    max_lora_rank: int = 64
-    max_virtual_tokens: int = 128  # prompt-tuning / P-tuning / prefix-tuning virtual tokens
-    max_bottleneck_size: int = 64  # bottleneck adapters' width (hidden / reduction_factor); tables pad to it
-    host_cache_bytes: int = 2 << 30
+    max_lora_rank: int = field(default=64, metadata={"help": "highest LoRA / DoRA / LongLoRA rank served"})
+    max_virtual_tokens: int = field(  # prompt-tuning / P-tuning / prefix-tuning virtual tokens
+        default=128, metadata={"help": "most virtual tokens of a prompt / P-tuning / prefix adapter"})
+    max_bottleneck_size: int = field(  # bottleneck adapters' width (hidden / reduction_factor); tables pad to it
+        default=64, metadata={"help": "widest bottleneck adapter served (hidden / reduction_factor)"})
     # LoRA slot tables' dtype: "auto" = the model's compute dtype (vLLM's --lora-dtype auto), or "bfloat16" / "float32".
     # bfloat16 on an fp32 model halves the tables and the adapter bytes a step reads (computed in fp32 either way).
-    lora_dtype: str = "auto"
+    lora_dtype: str = field(default="auto", metadata={
+        "choices": sorted(LORA_DTYPES),
+        "help": "LoRA slot tables' dtype (auto: the model's; bfloat16 halves an fp32 model's adapter reads)"})
 
     def __post_init__(self) -> None:
-        require(self.device_slots > 0, "device_slots must be > 0")
         require(self.lora_dtype in LORA_DTYPES,
                 f"lora_dtype must be one of {sorted(LORA_DTYPES)}, not {self.lora_dtype!r}")
         require(1 <= self.max_lora_rank <= 1024, "max_lora_rank must be in [1, 1024]")
         require(self.max_virtual_tokens > 0, "max_virtual_tokens must be > 0")
         require(1 <= self.max_bottleneck_size <= 8192, "max_bottleneck_size must be in [1, 8192]")
+
+    @property
+    def lora_torch_dtype(self) -> torch.dtype | None:
+        """The LoRA tables' torch dtype; None = the model's."""
+        return LORA_DTYPES[self.lora_dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPoolConfig(AdapterLimits):
+    """Adapter residency: fixed device slots (preallocated stacked tensors), host LRU by bytes; and the adapter
+    limits (the AdapterLimits fields, so `AdapterPoolConfig(max_lora_rank=8)` sets one; `.limits` hands them on)."""
+
+    device_slots: int = 16  # adapters resident at once (every kind takes a slot)
+    host_cache_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        AdapterLimits.__post_init__(self)  # (a slotted dataclass: no zero-argument super())
+        require(self.device_slots > 0, "device_slots must be > 0")
+
+    @property
+    def limits(self) -> AdapterLimits:
+        """The limits alone, the one object readers, validators, kinds and the admin service receive."""
+        return AdapterLimits(**{f.name: getattr(self, f.name) for f in fields(AdapterLimits)})
 
 
 @dataclass(frozen=True, slots=True)

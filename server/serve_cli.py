@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from server.config import LORA_DTYPES, AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
+from server.config import AdapterLimits, AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
 from server.http.connections import HttpLimits
 from server.tenants import TenantsFileError
 
@@ -59,11 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-blocks", type=int, default=e.kv_blocks)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--device-slots", type=int, default=AdapterPoolConfig().device_slots)
-    p.add_argument("--max-lora-rank", type=int, default=AdapterPoolConfig().max_lora_rank)
-    p.add_argument("--lora-dtype", choices=sorted(LORA_DTYPES), default=AdapterPoolConfig().lora_dtype,
-                   help="LoRA slot tables' dtype (auto: the model's; bfloat16 halves an fp32 model's adapter reads)")
-    p.add_argument("--max-bottleneck-size", type=int, default=AdapterPoolConfig().max_bottleneck_size,
-                   help="widest bottleneck adapter served (hidden / reduction_factor)")
+    add_limit_flags(p)
     p.add_argument("--per-tenant-concurrency", type=int, default=d.per_tenant_concurrency)
     p.add_argument("--grace-period", type=float, default=d.grace_period_s, help="seconds to drain on SIGTERM")
     p.add_argument("--scheduling", choices=["vtc", "fcfs"], default=None,
@@ -83,6 +79,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per AdapterLimits field (--max-lora-rank, --max-virtual-tokens, --max-bottleneck-size, --lora-dtype),
+    its default, help and choices taken from the field: a kind's new limit needs no edit here."""
+    for f in dataclasses.fields(AdapterLimits):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, **f.metadata)
+
+
+def limit_values(args: argparse.Namespace) -> dict[str, object]:
+    """The AdapterLimits fields parsed by add_limit_flags, by field name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(AdapterLimits)}
+
+
 def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, AdapterPoolConfig, ServerConfig]:
     model = ModelConfig(path=args.model, quantize=not args.no_quantize, dtype=args.dtype, device=args.device)
     engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
@@ -92,8 +100,7 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
                           prefix_cache=not args.no_prefix_cache,
                           prefix_cache_share_base=args.prefix_cache_share_base,
                           prefix_cache_share_adapters=args.prefix_cache_share_adapters)
-    pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank,
-                             max_bottleneck_size=args.max_bottleneck_size, lora_dtype=args.lora_dtype)
+    pool = AdapterPoolConfig(device_slots=args.device_slots, **limit_values(args))
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
                           metrics_host=args.metrics_host, data_dir=args.data_dir, tenants_file=args.tenants,
                           per_tenant_concurrency=args.per_tenant_concurrency, grace_period_s=args.grace_period)

@@ -4,7 +4,10 @@ generic code names no kind."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import pkgutil
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters import kinds
-from server.adapters.kinds import AdapterFormatError, AdapterKind, ChunkView, ReadLimits, SlotTables
+from server.adapters.kinds import AdapterFormatError, AdapterKind, AdapterLimits, ChunkView, SlotTables
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
@@ -50,7 +53,7 @@ class ToyScaleKind(AdapterKind):
     name = "TOY_SCALE"
     peft_types = ("TOY_SCALE",)
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> float:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> float:
         if set(tensors) != {"output_scale"} or tensors["output_scale"].shape != (1,):
             raise AdapterFormatError("a toy adapter holds exactly one tensor 'output_scale' of shape [1]")
         return float(tensors["output_scale"][0])
@@ -132,8 +135,33 @@ def test_a_kind_registered_from_outside_is_served_in_a_mixed_batch(toy_kind, tin
     assert mixed[0] != base[0] or mixed[2] != base[2], f"seed {seed}: the toy scale changed nothing"
 
 
+# Generic code: everything but the kinds' own modules and the trainer (which trains one method per kind).
+GENERIC = ("server", "kernels", "clients")
+PER_KIND = ("server/adapters/kinds/", "server/trainer/")
+# imports of the kinds package that generic code may make: the interface and PEFT's shared key parser
+SHARED_KIND_MODULES = ("base", "peft_keys")
+
+
+def _kind_module_classes() -> list[str]:
+    """The classes each kind module defines (LoraWeights, IA3Tables, BottleneckStep, ...)."""
+    names = set()
+    for module in pkgutil.iter_modules(kinds.__path__):
+        if module.name not in SHARED_KIND_MODULES:
+            mod = importlib.import_module(f"server.adapters.kinds.{module.name}")
+            names |= {n for n, o in vars(mod).items() if inspect.isclass(o) and o.__module__ == mod.__name__}
+    return sorted(names)
+
+
+def _generic_files() -> list[Path]:
+    files = [p for folder in GENERIC for p in sorted((ROOT / folder).rglob("*.py"))]
+    return [p for p in files if not p.relative_to(ROOT).as_posix().startswith(PER_KIND)]
+
+
 def test_generic_code_names_no_kind() -> None:
-    """server/engine and server/model never name a kind, and server/model imports nothing from server/engine."""
+    """server/engine and server/model never name a kind (not even inside a longer name), and server/model imports
+    nothing from server/engine; no generic code (server/ outside the kinds and the trainer, kernels/, clients/)
+    names a kind as a word (LORA, not MAX_LORA_RANK), a kind module's class or a kind module. The name a version
+    stored before kinds were recorded defaults to lives in server/adapters/kinds/__init__.py (LEGACY_KIND)."""
     names = [k.name for k in kinds.registered()] + ["AdapterKind.", "LoraWeights", "IA3Weights", "PrefixWeights"]
     pattern = re.compile("|".join(re.escape(n) for n in names))
     for folder in ("server/engine", "server/model"):
@@ -142,3 +170,24 @@ def test_generic_code_names_no_kind() -> None:
             assert not pattern.search(text), f"{path} names an adapter kind: {pattern.search(text)[0]}"
             if folder == "server/model":
                 assert "server.engine" not in text, f"{path} imports from server/engine"
+    words = [k.name for k in kinds.registered()] + _kind_module_classes()
+    assert {"LORA", "IA3", "LoraWeights", "BottleneckTables"} <= set(words)  # the scan looks for something
+    word = re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b|\bAdapterKind\.")
+    module = re.compile(r"\bserver\.adapters\.kinds\.(?!(?:" + "|".join(SHARED_KIND_MODULES) + r")\b)\w+")
+    files = _generic_files()
+    assert ROOT / "server/adapters/registry.py" in files and ROOT / "clients/results.py" in files
+    assert ROOT / "server/adapters/kinds/lora.py" not in files
+    for path in files:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            found = word.search(line) or module.search(line)
+            assert found is None, f"{path.relative_to(ROOT)}:{n} names an adapter kind: {found[0]}"
+
+
+def test_the_guard_sees_a_kind_as_a_word_only() -> None:
+    """The word scan above flags a kind's name and a kind module's class, not a longer name containing one."""
+    words = [k.name for k in kinds.registered()] + _kind_module_classes()
+    word = re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b")
+    for line in ('kind = "LORA"', "if w.kind == 'IA3':", "payload: LoraWeights", "x = BottleneckTables(args)"):
+        assert word.search(line), line
+    for line in ("max_lora_rank = 64", "MAX_LORA_RANK = 64", "LORA_DTYPES", "lora_dtype", "my_IA3_table"):
+        assert not word.search(line), line

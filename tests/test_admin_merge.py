@@ -11,7 +11,7 @@ import torch
 
 from clients.errors import NotFound
 from server.adapters.peft_format import read_adapter
-from server.config import AdapterPoolConfig
+from server.config import AdapterLimits, AdapterPoolConfig
 from tests.adapter_files import peft_adapter
 from tests.server_utils import running_server
 
@@ -44,7 +44,7 @@ def test_merge_through_the_api_matches_peft(server, tiny_llama_dir, monkeypatch,
         out = acme.generate(token_ids=[3, 4, 5], adapter=f"merged-{method}", max_new_tokens=3)
         assert out.adapter_version == info.version
         _, path = server.registry.version_dir("acme", f"merged-{method}")
-        ours = read_adapter(path, server.engine.args, 64, 16).payload
+        ours = read_adapter(path, server.engine.args, AdapterLimits(64, 16)).payload
         peft_kwargs = {"svd_rank": kwargs["target_rank"]} if "target_rank" in kwargs else dict(kwargs)
         theirs = peft_merged_deltas(tiny_llama_dir, srcs, list(srcs), weights, method, monkeypatch, **peft_kwargs)
         assert set(ours.a) == set(theirs)
@@ -90,4 +90,21 @@ def test_bad_merges_get_clear_statuses(server, tiny_llama_dir) -> None:
         with pytest.raises(NotFound):
             acme.get_adapter("m")
         for name in ("x4", "x2", "x4b"):
+            acme.delete_adapter(name)
+
+
+def test_merges_of_other_kinds_are_refused_by_the_kind(server, tiny_llama_dir) -> None:
+    """The merge is the sources' kind's (AdapterKind.merge): IA3 has none, and a LoRA merge refuses a source of
+    another kind; each is INVALID_ARGUMENT naming the kind, and nothing is stored."""
+    with server.client("acme") as acme:
+        acme.upload_adapter(peft_adapter(tiny_llama_dir, kind="ia3", seed=51), "i3")
+        acme.upload_adapter(peft_adapter(tiny_llama_dir, seed=52), "l4")
+        for sources, words in [(["i3", "l4"], "source 0 is a IA3 adapter; adapters of that kind cannot be merged"),
+                               (["l4", "i3"], "source 1 is a IA3 adapter; only LoRA adapters can be merged")]:
+            with pytest.raises(Exception) as exc:  # noqa: PT011 - any client error; its code is checked below
+                acme.merge_adapters("m", sources)
+            assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.message, exc.value
+        with pytest.raises(NotFound):
+            acme.get_adapter("m")
+        for name in ("i3", "l4"):
             acme.delete_adapter(name)

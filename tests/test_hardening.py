@@ -126,7 +126,8 @@ def test_a_header_declaring_a_huge_tensor_is_refused_before_its_data_is_read(tin
     key was checked. The safetensors header is now checked against the base while the tar streams in."""
     from server.adapters.errors import WrongBaseModel
     from server.adapters.upload import extract_adapter_tar
-    from server.adapters.validation import HeaderLimits, check_safetensors_stream
+    from server.adapters.validation import check_safetensors_stream
+    from server.config import AdapterLimits
     from server.model.args import ModelArgs
 
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -143,13 +144,13 @@ def test_a_header_declaring_a_huge_tensor_is_refused_before_its_data_is_read(tin
     payload = tmp_path / "bomb.tar.gz"
     payload.write_bytes(gzip.compress(buf.getvalue(), compresslevel=1))
     assert payload.stat().st_size < 1 << 20
-    limits = HeaderLimits(ModelArgs.from_dir(tiny_llama_dir), 8, 16)
+    args, limits = ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(max_lora_rank=8, max_virtual_tokens=16)
 
     def check(stream, size):
         from server.adapters.peft_format import BaseModelMismatch
 
         try:
-            return check_safetensors_stream(stream, size, limits)
+            return check_safetensors_stream(stream, size, args, limits)
         except BaseModelMismatch as exc:
             raise WrongBaseModel(str(exc)) from None
 

@@ -15,10 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters.kinds.base import AdapterFormatError
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.kinds_adapters import PFEIFFER, make_bitfit_adapter, make_dora_adapter, write_bottleneck_adapter
 from tests.longlora_adapters import make_longlora_adapter
 from tests.peft_adapters import AdapterSpec, make_peft_adapter
+
+LIMITS = AdapterLimits(16, 32, max_bottleneck_size=16)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -107,12 +110,12 @@ def test_every_number_of_every_kind_is_checked(tiny_llama_dir: Path, kind_dirs: 
                                                kind: str, case: str, cfg, tensor, message: str) -> None:
     dst = _variant(kind_dirs[kind], tmp_path / case, cfg, tensor)
     with pytest.raises(AdapterFormatError, match=message.replace("(", r"\(").replace("+", r"\+")):
-        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), 16, 32, max_bottleneck_size=16)
+        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), LIMITS)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "longlora", "ia3", "prefix", "prompt", "bitfit", "bottleneck"])
 def test_the_unchanged_adapters_are_read(tiny_llama_dir: Path, kind_dirs: dict[str, Path], kind: str) -> None:
-    assert read_adapter(kind_dirs[kind], ModelArgs.from_dir(tiny_llama_dir), 16, 32, max_bottleneck_size=16)
+    assert read_adapter(kind_dirs[kind], ModelArgs.from_dir(tiny_llama_dir), LIMITS)
 
 
 @pytest.mark.parametrize("other", ["dora", "longlora", "ia3", "prefix", "bitfit", "bottleneck"])
@@ -121,10 +124,11 @@ def test_merges_across_kinds_are_refused_by_name(tiny_llama_dir: Path, kind_dirs
     """A merge is of LoRA adapters only: DoRA's magnitudes, BitFit's biases, a bottleneck's blocks... would be
     silently dropped by a LoRA merge, so a source of another kind is refused, in either position."""
     from server.adapters.errors import AdapterRejected
-    from server.adapters.merge import MergeSpec, merge_lora
+    from server.adapters.kinds.lora_merge import merge_lora
+    from server.adapters.merge import MergeSpec
 
     args = ModelArgs.from_dir(tiny_llama_dir)
-    lora, foreign = (read_adapter(kind_dirs[k], args, 16, 32, max_bottleneck_size=16) for k in ("lora", other))
+    lora, foreign = (read_adapter(kind_dirs[k], args, LIMITS) for k in ("lora", other))
     for sources, index in (([lora, foreign], 1), ([foreign, lora], 0)):
         with pytest.raises(AdapterRejected, match=f"source {index} is a {foreign.kind} adapter; only LoRA"):
             merge_lora(sources, MergeSpec("linear"))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.kinds_adapters import bitfit_logits, make_bitfit_adapter
 from tests.oracle_parity import assert_run_matches, oracle_for, run_mixed
@@ -74,7 +75,7 @@ def test_the_oracle_is_a_biased_llama(tiny_llama_dir: Path, bitfit_dirs: dict[st
 
 
 def test_bitfit_is_read_and_described(tiny_llama_dir: Path, bitfit_dirs: dict[str, Path]) -> None:
-    w = read_adapter(bitfit_dirs["bitfit-qv"], ModelArgs.from_dir(tiny_llama_dir), 16, 32)
+    w = read_adapter(bitfit_dirs["bitfit-qv"], ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(16, 32))
     assert w.describe() == {"kind": "BITFIT", "rank": 0, "target_modules": ["down_proj", "q_proj", "v_proj"],
                             "num_virtual_tokens": 0}
 
@@ -118,4 +119,4 @@ def test_malformed_bitfit_is_refused(tiny_llama_dir: Path, bitfit_dirs: dict[str
     }
     _variant(src, dst, **variants[case])
     with pytest.raises(error, match=message):
-        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), 16, 32)
+        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(16, 32))

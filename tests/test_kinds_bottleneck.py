@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.kinds_adapters import HOULSBY, PFEIFFER, bottleneck_logits, write_bottleneck_adapter
 from tests.oracle_parity import assert_run_matches, oracle_for, run_mixed
@@ -60,10 +61,10 @@ def test_the_adapter_changes_the_output(tiny_llama_dir: Path, bn_dirs: dict[str,
 
 def test_bottleneck_is_read_and_described(tiny_llama_dir: Path, bn_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
-    h = read_adapter(bn_dirs["bn-houlsby"], args, 16, 32)
+    h = read_adapter(bn_dirs["bn-houlsby"], args, AdapterLimits(16, 32))
     assert h.describe() == {"kind": "BOTTLENECK", "rank": 4, "target_modules": ["attention", "mlp"],
                             "num_virtual_tokens": 0}
-    p = read_adapter(bn_dirs["bn-pfeiffer"], args, 16, 32)
+    p = read_adapter(bn_dirs["bn-pfeiffer"], args, AdapterLimits(16, 32))
     assert p.describe()["target_modules"] == ["mlp"] and p.payload.activation == "relu"
 
 
@@ -132,7 +133,7 @@ def test_malformed_bottleneck_is_refused(tiny_llama_dir: Path, bn_dirs: dict[str
     }
     _variant(src, dst, **variants[case])
     with pytest.raises(error, match=message):
-        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), 16, 32, max_bottleneck_size=16)
+        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(16, 32, max_bottleneck_size=16))
 
 
 def test_a_bottleneck_wider_than_the_lora_rank_limit_is_served(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -146,9 +147,9 @@ def test_a_bottleneck_wider_than_the_lora_rank_limit_is_served(tiny_llama_dir: P
 
     wide = write_bottleneck_adapter(tiny_llama_dir, tmp_path / "wide", {**PFEIFFER, "reduction_factor": 2}, seed=45)
     args = ModelArgs.from_dir(tiny_llama_dir)
-    assert read_adapter(wide, args, 4, 32, max_bottleneck_size=32).describe()["rank"] == 32
+    assert read_adapter(wide, args, AdapterLimits(4, 32, max_bottleneck_size=32)).describe()["rank"] == 32
     with pytest.raises(AdapterFormatError, match="at most 31|maximum bottleneck size 31"):
-        read_adapter(wide, args, 64, 32, max_bottleneck_size=31)
+        read_adapter(wide, args, AdapterLimits(64, 32, max_bottleneck_size=31))
     engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), EngineConfig(),
                            AdapterPoolConfig(device_slots=2, max_lora_rank=4, max_bottleneck_size=32))
     engine.pool.register("wide", wide)

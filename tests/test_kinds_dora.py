@@ -15,6 +15,7 @@ from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
 from server.adapters.kinds.lora_extras import dora_gain
 from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.kinds_adapters import make_dora_adapter
 from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
@@ -55,9 +56,9 @@ def test_dora_on_a_base_with_biases_matches_peft(tmp_path: Path) -> None:
 def test_dora_config_is_read_by_the_dora_kind_and_plain_lora_by_lora(tiny_llama_dir: Path,
                                                                      dora_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
-    assert read_adapter(dora_dirs["dora-a"], args, 16, 32).kind == "DORA"
-    assert read_adapter(dora_dirs["lora"], args, 16, 32).kind == "LORA"
-    described = read_adapter(dora_dirs["dora-b"], args, 16, 32).describe()
+    assert read_adapter(dora_dirs["dora-a"], args, AdapterLimits(16, 32)).kind == "DORA"
+    assert read_adapter(dora_dirs["lora"], args, AdapterLimits(16, 32)).kind == "LORA"
+    described = read_adapter(dora_dirs["dora-b"], args, AdapterLimits(16, 32)).describe()
     assert described["kind"] == "DORA" and described["rank"] == 8 and len(described["target_modules"]) == 7
 
 
@@ -72,7 +73,7 @@ def test_gain_is_magnitude_over_the_merged_row_norm() -> None:
 
 def test_fill_without_base_weights_is_refused(tiny_llama_dir: Path, dora_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
-    weights = read_adapter(dora_dirs["dora-a"], args, 16, 32)
+    weights = read_adapter(dora_dirs["dora-a"], args, AdapterLimits(16, 32))
     tables = LoraTables(args, 2, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="base model's weights"):
         tables.fill(0, weights.payload)
@@ -120,7 +121,7 @@ def test_malformed_dora_is_refused(tiny_llama_dir: Path, dora_dirs: dict[str, Pa
     else:
         _broken(src, dst, cfg={"bias": "all"})
     with pytest.raises(error, match=message):
-        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), 16, 32)
+        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(16, 32))
 
 
 def test_without_the_dora_kind_a_dora_file_is_refused_by_lora(tiny_llama_dir: Path, dora_dirs: dict[str, Path]) -> None:
@@ -128,7 +129,7 @@ def test_without_the_dora_kind_a_dora_file_is_refused_by_lora(tiny_llama_dir: Pa
     kinds.unregister("DORA")
     try:
         with pytest.raises(AdapterFormatError, match="use_dora=True is not served"):
-            read_adapter(dora_dirs["dora-a"], ModelArgs.from_dir(tiny_llama_dir), 16, 32)
+            read_adapter(dora_dirs["dora-a"], ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(16, 32))
     finally:
         kinds._KINDS.clear()
         kinds._KINDS.update(before)

@@ -10,12 +10,12 @@ import pytest
 from safetensors.torch import load_file
 
 from server.adapters import kinds
-from server.adapters.kinds import AdapterFormatError, BaseModelMismatch, ReadLimits
+from server.adapters.kinds import AdapterFormatError, AdapterLimits, BaseModelMismatch
 from server.model.args import ModelArgs
 from tests.kinds_adapters import HOULSBY, make_bitfit_adapter, make_dora_adapter, write_bottleneck_adapter
 from tests.peft_adapters import ALL_PROJ
 
-LIMITS = ReadLimits(max_lora_rank=16, max_virtual_tokens=32, max_bottleneck_size=16)
+LIMITS = AdapterLimits(max_lora_rank=16, max_virtual_tokens=32, max_bottleneck_size=16)
 
 
 def test_every_tensor_of_a_good_file_is_claimed_by_its_kind(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 from server.__main__ import main as server_main
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from server.trainer.base import load_base, load_tokenizer
 from server.trainer.config import TrainConfig
 from server.trainer.evaluate import engine_greedy, greedy_completions, max_new_tokens_for
 from server.trainer.loop import load_splits, train
-from server.trainer.methods import KIND_METHODS
+from server.trainer.methods import method_names
 from tests.kinds_adapters import bottleneck_logits, with_biases
 
 SMALL = {"task": "topic", "n_train": 16, "n_test": 6, "batch_size": 16, "save_every": 0, "progress": False}
@@ -57,8 +58,7 @@ def test_kind_method_learns_and_is_served_like_its_oracle(method: str, extra: di
     assert last < first - 0.05, f"seed {seed}: {result.losses}"
     assert result.trainable_params > 0 and result.adapter_bytes > 0
 
-    weights = read_adapter(cfg.output_dir, ModelArgs.from_dir(tiny_llama_dir), max_lora_rank=64,
-                           max_virtual_tokens=128)
+    weights = read_adapter(cfg.output_dir, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(64, 128))
     assert weights.kind == KIND_OF[method]
 
     base = load_base(tiny_llama_dir, quantized=False)
@@ -93,11 +93,11 @@ def test_only_the_biases_train(tiny_llama_dir: Path) -> None:
 
 
 def test_cli_trains_the_kind_methods(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    for method in KIND_METHODS:
+    for method in method_names(plain_peft=False):  # dora, bitfit, bottleneck, longlora
         out = tmp_path / method
         argv = ["train", "--method", method, "--bottleneck", "houlsby", "--task", "topic", "--n-train", "8",
                 "--n-test", "2", "--steps", "2", "--model", str(tiny_llama_dir), "--output-dir", str(out),
                 "--no-progress", "--save-every", "0"]
         assert server_main(argv) == 0
-        weights = read_adapter(out, ModelArgs.from_dir(tiny_llama_dir), max_lora_rank=64, max_virtual_tokens=128)
+        weights = read_adapter(out, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(64, 128))
         assert weights.kind == KIND_OF[method]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from server.adapters.kinds import AdapterFormatError, BaseModelMismatch
 from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.longlora_adapters import make_longlora_adapter, with_linear_rope
 from tests.oracle_parity import LOGIT_ATOL, assert_run_matches, oracle_for, run_mixed
@@ -94,20 +95,20 @@ def test_the_oracle_really_interpolates(tiny_llama_dir: Path) -> None:
 
 def test_longlora_config_is_read_by_the_longlora_kind(tiny_llama_dir: Path, longlora_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
-    weights = read_adapter(longlora_dirs["ll-all"], args, 16, 32)
+    weights = read_adapter(longlora_dirs["ll-all"], args, AdapterLimits(16, 32))
     assert weights.kind == "LONGLORA"
     described = weights.describe()
     assert described["rank"] == 8 and described["rope_factor"] == 2.0
     assert weights.payload.embed is not None and len(weights.payload.norms) == 2 * args.num_layers + 1
-    norms_only = read_adapter(longlora_dirs["ll-norms"], args, 16, 32).payload
+    norms_only = read_adapter(longlora_dirs["ll-norms"], args, AdapterLimits(16, 32)).payload
     saved_norms = [k for k in load_file(longlora_dirs["ll-norms"] / "adapter_model.safetensors") if "norm" in k]
     assert norms_only.embed is None and len(norms_only.norms) == len(saved_norms) > 0  # as PEFT matched the names
-    assert read_adapter(longlora_dirs["lora"], args, 16, 32).kind == "LORA"
+    assert read_adapter(longlora_dirs["lora"], args, AdapterLimits(16, 32)).kind == "LORA"
 
 
 def test_fill_without_base_weights_is_refused(tiny_llama_dir: Path, longlora_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
-    weights = read_adapter(longlora_dirs["ll-all"], args, 16, 32)
+    weights = read_adapter(longlora_dirs["ll-all"], args, AdapterLimits(16, 32))
     tables = LoraTables(args, 2, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="LongLoRA .* base model's weights"):
         tables.fill(0, weights.payload)
@@ -151,4 +152,4 @@ def test_malformed_longlora_is_refused(tiny_llama_dir: Path, longlora_dirs: dict
                                        case: str, changes: dict, error: type, message: str) -> None:
     dst = _broken(longlora_dirs["ll-all"], tmp_path / case, **changes)
     with pytest.raises(error, match=message):
-        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), 16, 32)
+        read_adapter(dst, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(16, 32))

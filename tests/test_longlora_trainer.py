@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from server.__main__ import main as server_main
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from server.trainer.config import TrainConfig
 from server.trainer.loop import train
@@ -122,7 +123,7 @@ def test_longlora_learns_and_is_served_like_its_oracle(tiny_llama_dir: Path, tmp
     base = hf_model(tiny_llama_dir, False)
     assert not torch.equal(saved["base_model.model.model.embed_tokens.weight"], base.model.embed_tokens.weight)
     assert not torch.equal(saved["base_model.model.model.norm.weight"], base.model.norm.weight), "norms did not train"
-    weights = read_adapter(cfg.output_dir, ModelArgs.from_dir(tiny_llama_dir), 64, 128)
+    weights = read_adapter(cfg.output_dir, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(64, 128))
     assert weights.kind == "LONGLORA" and weights.payload.factor == 2.0
     assert_matches(tiny_llama_dir, {"ll-trained": cfg.output_dir}, [None, "ll-trained", "ll-trained"],
                    [9, 2 * BASE_CONTEXT - 30, 20], False, new_tokens=3, atol=2e-4, max_model_len=2 * BASE_CONTEXT)
@@ -135,4 +136,4 @@ def test_cli_trains_longlora(tiny_llama_dir: Path, tmp_path: Path) -> None:
             "--output-dir", str(out), "--no-progress"]
     assert server_main(argv) == 0
     assert json.loads((out / "adapter_config.json").read_text())["rope_scaling"]["factor"] == 4.0
-    assert read_adapter(out, ModelArgs.from_dir(tiny_llama_dir), 64, 128).kind == "LONGLORA"
+    assert read_adapter(out, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(64, 128)).kind == "LONGLORA"

@@ -13,7 +13,7 @@ import torch
 from kernels import projection as projection_kernel
 from kernels.linear import FUSED_MAX_TOKENS
 from server.adapters.kinds import lora_step
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.config import AdapterLimits, AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.model.args import ModelArgs
 from server.model.llama import LlamaModel
@@ -122,7 +122,7 @@ def test_a_lora_only_step_reads_no_extra(tiny_llama_dir: Path, family: dict[str,
                            AdapterPoolConfig(device_slots=3, max_lora_rank=8))
     args, tables = ModelArgs.from_dir(tiny_llama_dir), engine.pool.tables
     for slot, name in enumerate(("lora", "dora", "ll-all")):
-        weights: AdapterWeights = tables.staged(read_adapter(family[name], args, 8, 32))
+        weights: AdapterWeights = tables.staged(read_adapter(family[name], args, AdapterLimits(8, 32)))
         tables.ensure(weights)
         tables.fill(slot, weights)
     family_tables = tables.by_kind["LORA"]

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from server.adapters.errors import AdapterRejected
-from server.adapters.merge import MergeSpec, merge_lora, write_peft_lora
+from server.adapters.kinds.lora_merge import merge_lora, write_peft_lora
+from server.adapters.merge import MergeSpec
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.adapter_files import peft_adapter
 from tests.peft_adapters import ALL_PROJ
@@ -71,8 +73,9 @@ def peft_merged_deltas(base_dir: Path, sources: dict[str, Path], names: list[str
 
 def our_deltas(base_dir: Path, sources: dict[str, Path], names: list[str], spec: MergeSpec, tmp: Path):
     args = ModelArgs.from_dir(base_dir)
-    merged = merge_lora([read_adapter(sources[n], args, 64, 16) for n in names], spec)
-    written = read_adapter(write_peft_lora(merged, tmp / "merged"), args, 64, 16).payload  # through the PEFT format
+    merged = merge_lora([read_adapter(sources[n], args, AdapterLimits(64, 16)) for n in names], spec)
+    # through the PEFT format
+    written = read_adapter(write_peft_lora(merged, tmp / "merged"), args, AdapterLimits(64, 16)).payload
     assert written.rank == merged.rank and written.scale == 1.0
     return {k: written.scale * (written.b[k] @ written.a[k]) for k in written.a}, merged
 
@@ -128,4 +131,4 @@ def test_dare_depends_on_the_seed(tiny_llama_dir: Path, sources, tmp_path: Path)
 def test_bad_merges_are_refused(tiny_llama_dir: Path, sources, names, spec, words) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
     with pytest.raises(AdapterRejected, match=words):
-        merge_lora([read_adapter(sources[n], args, 64, 16) for n in names], spec)
+        merge_lora([read_adapter(sources[n], args, AdapterLimits(64, 16)) for n in names], spec)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.peft_format import AdapterFormatError, read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
 
@@ -29,17 +30,17 @@ def made(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
 
 def test_peft_made_adapters_load(made: dict[str, Path], tiny_llama_dir: Path) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
-    lora = read_adapter(made["lora"], args, 64, 128)
+    lora = read_adapter(made["lora"], args, AdapterLimits(64, 128))
     assert lora.kind == "LORA" and lora.payload.scale == 2.0 and len(lora.payload.a) == 7 * args.num_layers
-    assert read_adapter(made["rslora"], args, 64, 128).payload.scale == pytest.approx(8 / math.sqrt(4))
-    prefix = read_adapter(made["prefix"], args, 64, 128).payload
+    assert read_adapter(made["rslora"], args, AdapterLimits(64, 128)).payload.scale == pytest.approx(8 / math.sqrt(4))
+    prefix = read_adapter(made["prefix"], args, AdapterLimits(64, 128)).payload
     assert prefix.keys.shape == (args.num_layers, 3, args.num_kv_heads, args.head_dim)
     raw = load_file(made["prefix"] / "adapter_model.safetensors")["prompt_embeddings"]
     view = raw.view(3, args.num_layers * 2, args.num_kv_heads, args.head_dim)
     assert torch.equal(prefix.keys[1], view[:, 2]) and torch.equal(prefix.values[1], view[:, 3])
-    ia3 = read_adapter(made["ia3"], args, 64, 128).payload
+    ia3 = read_adapter(made["ia3"], args, AdapterLimits(64, 128)).payload
     assert ia3.feedforward_modules == frozenset({"down_proj"})
-    assert read_adapter(made["ptune"], args, 64, 128).payload.embeddings.shape == (4, args.hidden_size)
+    assert read_adapter(made["ptune"], args, AdapterLimits(64, 128)).payload.embeddings.shape == (4, args.hidden_size)
 
 
 def _edit_config(d: Path, **changes) -> None:
@@ -99,4 +100,4 @@ def test_bad_adapters_are_refused_with_a_reason(made, tiny_llama_dir: Path, tmp_
     shutil.copytree(made[source], d)
     breaker(d)
     with pytest.raises(AdapterFormatError, match=words):
-        read_adapter(d, ModelArgs.from_dir(tiny_llama_dir), 64, 128)
+        read_adapter(d, ModelArgs.from_dir(tiny_llama_dir), AdapterLimits(64, 128))

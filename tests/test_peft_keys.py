@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from server.adapters import kinds
-from server.adapters.kinds import AdapterFormatError, BaseModelMismatch, ReadLimits
+from server.adapters.kinds import AdapterFormatError, AdapterLimits, BaseModelMismatch
 from server.adapters.kinds.peft_keys import ModuleKey, adapter_key, base_param_key, is_lora_matrix, module_key
 from server.model.args import PROJECTIONS, ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = ReadLimits(max_lora_rank=16, max_virtual_tokens=32, max_bottleneck_size=16)
+LIMITS = AdapterLimits(max_lora_rank=16, max_virtual_tokens=32, max_bottleneck_size=16)
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 

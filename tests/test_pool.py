@@ -12,7 +12,7 @@ import torch
 
 from server.adapters.peft_format import read_adapter
 from server.adapters.pool import AdapterLoadError, AdapterPool
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.config import AdapterLimits, AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
 from server.model.args import ModelArgs
@@ -42,7 +42,7 @@ def acquire_soon(pool: AdapterPool, key: str):
 def make_pool(base_dir: Path, **cfg) -> AdapterPool:
     args = ModelArgs.from_dir(base_dir)
     return AdapterPool(AdapterPoolConfig(max_lora_rank=8, **cfg), args, torch.float32, "cpu",
-                       reader=lambda p: read_adapter(p, args, 8, 16))
+                       reader=lambda p: read_adapter(p, args, AdapterLimits(8, 16)))
 
 
 def test_device_slots_evict_only_unpinned_lru(tiny_llama_dir: Path, loras: list[Path]) -> None:
@@ -89,7 +89,7 @@ def test_host_cache_is_bounded_by_bytes(tiny_llama_dir: Path, loras: list[Path])
 def test_a_failed_load_fails_its_requests_only(tiny_llama_dir: Path, loras: list[Path]) -> None:
     engine = Engine.create(ModelConfig(path=str(tiny_llama_dir), quantize=False), EngineConfig(),
                            AdapterPoolConfig(device_slots=2, max_lora_rank=8))
-    good = read_adapter(loras[0], engine.args, 8, 16)
+    good = read_adapter(loras[0], engine.args, AdapterLimits(8, 16))
 
     def broken():
         raise ValueError("sha256 mismatch on disk")
@@ -121,7 +121,7 @@ def test_step_loop_keeps_decoding_while_an_adapter_loads(tiny_llama_dir: Path, l
         slow_started.set()
         time.sleep(1.0)
         load_window.append(time.monotonic())
-        return read_adapter(loras[1], engine.args, 8, 16)
+        return read_adapter(loras[1], engine.args, AdapterLimits(8, 16))
 
     engine.pool.register("fast", loras[0])
     engine.pool.register("slow", slow_read, meta=engine.pool.meta("fast"))

@@ -18,7 +18,7 @@ from server.adapters.registry import (
     open_registry,
 )
 from server.adapters.store import AdapterStore
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.config import AdapterLimits, AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine, UnknownAdapterRequest
 from server.engine.request import GenerationRequest, SamplingParams
 from server.model.args import ModelArgs
@@ -37,7 +37,7 @@ def other_base(tmp_path_factory) -> Path:
 def make_registry(base_dir: Path, data: Path, slots: int = 4) -> AdapterRegistry:
     args = ModelArgs.from_dir(base_dir)
     pool = AdapterPool(AdapterPoolConfig(device_slots=slots, max_lora_rank=8), args, __import__("torch").float32,
-                       "cpu", reader=lambda p: read_adapter(p, args, 8, 16))
+                       "cpu", reader=lambda p: read_adapter(p, args, AdapterLimits(8, 16)))
     return open_registry(data, pool)
 
 

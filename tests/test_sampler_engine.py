@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.adapters.peft_format import read_adapter
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.config import AdapterLimits, AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.engine.request import FinishReason, GenerationRequest, SamplingParams
 from tests.adapter_files import peft_adapter
@@ -68,7 +68,7 @@ def test_an_adapter_that_overflows_to_nan_fails_alone(engine, tiny_llama_dir, tm
     """Finite but huge LoRA weights: the activations overflow to inf and NaN. The reader refuses such files (issue 16
     item 7), so the weights are handed to the pool directly, as a future bug past the reader would."""
     src = peft_adapter(tiny_llama_dir, "lora", rank=4, seed=81)
-    weights = read_adapter(src, engine.args, 64, 16)
+    weights = read_adapter(src, engine.args, AdapterLimits(64, 16))
     for table in (weights.payload.a, weights.payload.b):
         for key in table:
             table[key] = torch.full_like(table[key], 1e30)

@@ -15,12 +15,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from server.adapters import kinds, validation
-from server.adapters.kinds import AdapterFormatError, BaseModelMismatch, ReadLimits
-from server.adapters.kinds.peft_keys import WEIGHTS_FILE
+from server.adapters.kinds import AdapterFormatError, AdapterLimits, BaseModelMismatch
+from server.adapters.kinds.peft_keys import CONFIG_FILE, WEIGHTS_FILE
 from server.adapters.weights import AdapterWeights
 from server.model.args import ModelArgs
 
-CONFIG_FILE = "adapter_config.json"
 ADAPTERHUB_WEIGHTS_FILE = "adapter.safetensors"  # the AdapterHub `adapters` library's safetensors name
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "AdapterFormatError", "BaseModelMismatch", "read_adapter", "read_config",
@@ -51,10 +50,10 @@ def weights_file(path: Path) -> Path:
     return weights
 
 
-def read_tensors(path: Path, limits: validation.HeaderLimits | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, args: ModelArgs, limits: AdapterLimits) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, finite once converted; the header is checked against the base first."""
     weights = weights_file(path)
-    if limits is not None:  # names, dtypes, shapes, sizes against the base, before any tensor is read
-        validation.check_safetensors_header(weights, limits)
+    validation.check_safetensors_header(weights, args, limits)  # names, dtypes, shapes, sizes before any read
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -62,13 +61,14 @@ def read_tensors(path: Path, limits: validation.HeaderLimits | None = None) -> d
     return {k: validation.check_finite(k, t, torch.float32) for k, t in tensors.items()}  # finite once converted
 
 
-def read_adapter(path: Path, args: ModelArgs, max_lora_rank: int, max_virtual_tokens: int,
-                 max_bottleneck_size: int = 64) -> AdapterWeights:
-    """Parse and validate a PEFT (or AdapterHub) directory against the loaded base; raises AdapterFormatError."""
+def read_adapter(path: Path, args: ModelArgs, limits: AdapterLimits | None = None) -> AdapterWeights:
+    """Parse and validate a PEFT (or AdapterHub) directory against the loaded base within `limits` (default: the
+    default pool's, AdapterLimits()); raises AdapterFormatError."""
+    limits = limits or AdapterLimits()
     path = Path(path)
     cfg = read_config(path)
     kind = kinds.by_config(cfg)
     kind.check_config(cfg)  # options it cannot serve are refused before any tensor is read
-    tensors = read_tensors(path, validation.HeaderLimits(args, max_lora_rank, max_virtual_tokens, max_bottleneck_size))
-    payload = kind.read(cfg, tensors, args, ReadLimits(max_lora_rank, max_virtual_tokens, max_bottleneck_size))
+    tensors = read_tensors(path, args, limits)
+    payload = kind.read(cfg, tensors, args, limits)
     return AdapterWeights(kind=kind.name, config=cfg, payload=payload, base_model=cfg.get("base_model_name_or_path"))

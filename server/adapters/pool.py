@@ -28,11 +28,10 @@ import torch
 
 from server.adapters.errors import AdapterNotFound
 from server.adapters.host_cache import HostCache
-from server.adapters.kinds import ReadLimits
 from server.adapters.residency import AdapterMeta, Entry, EntryState, Lease, PoolStats, Source
 from server.adapters.slots import AdapterTables
 from server.adapters.weights import AdapterWeights
-from server.config import LORA_DTYPES, AdapterPoolConfig
+from server.config import AdapterPoolConfig
 from server.model.args import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -54,12 +53,11 @@ class AdapterPool:
                  reader: Reader | None = None) -> None:
         self.cfg = cfg
         self.args = args
-        lora_dtype = LORA_DTYPES[cfg.lora_dtype]
-        if lora_dtype not in (None, dtype) and not str(device).startswith("cpu"):
+        self.limits = cfg.limits  # what every reader, header check and kind of this pool's adapters is held to
+        if self.limits.lora_torch_dtype not in (None, dtype) and not str(device).startswith("cpu"):
             raise ValueError(f"lora_dtype={cfg.lora_dtype} on a {dtype} model is served on CPU only "
                              "(the Triton kernels take one dtype)")
-        limits = ReadLimits(cfg.max_lora_rank, cfg.max_virtual_tokens, cfg.max_bottleneck_size, lora_dtype)
-        self.tables = AdapterTables(args, cfg.device_slots, limits, dtype, device)
+        self.tables = AdapterTables(args, cfg.device_slots, self.limits, dtype, device)
         self.reader = reader
         self._entries: dict[str, Entry] = {}
         self._slot_owner: list[str | None] = [None] * cfg.device_slots

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.adapters import kinds
 from server.adapters.errors import AdapterForbidden, AdapterNotFound, AdapterRejected, WrongBaseModel
 from server.adapters.peft_format import AdapterFormatError, BaseModelMismatch
 from server.adapters.pool import AdapterMeta, AdapterPool
@@ -53,7 +52,7 @@ class AdapterInfo:
     tenant: str
     version: int  # the newest
     versions: tuple[int, ...]
-    kind: str  # the adapter kind's name (server/adapters/kinds: LORA, DORA, IA3, BOTTLENECK, ...)
+    kind: str  # the adapter kind's name (a kind registered in server/adapters/kinds/__init__.py)
     rank: int  # LoRA rank; 0 for other kinds
     target_modules: tuple[str, ...]
     size_bytes: int  # files of the newest version
@@ -214,8 +213,7 @@ class AdapterRegistry:
         return self.validate(stored.path)
 
     def _register(self, stored: StoredVersion, weights: AdapterWeights | None = None) -> None:
-        kind = kinds.by_name(stored.meta.get("kind", "LORA"))
-        meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
+        meta = AdapterMeta.stored(stored.meta)
         key = pool_key(stored.tenant, stored.name, stored.version)
         self.pool.register(key, lambda s=stored: self._load(s), stored.version, meta=meta, weights=weights,
                            digest=stored.content_digest, shared=stored.shared)

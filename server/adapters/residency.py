@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from server.adapters import kinds
 from server.adapters.kinds import ContextLayout
 from server.adapters.weights import AdapterWeights
 
@@ -49,6 +50,12 @@ class AdapterMeta:
     @classmethod
     def of(cls, weights: AdapterWeights) -> AdapterMeta:
         return cls(weights.kind, weights.layout)
+
+    @classmethod
+    def stored(cls, meta: dict) -> AdapterMeta:
+        """From the metadata recorded with a stored version (kind, num_virtual_tokens), without reading it."""
+        kind = kinds.of_stored(meta)
+        return cls(kind.name, kind.layout(int(meta.get("num_virtual_tokens", 0))))
 
 
 @dataclass(slots=True)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 
 from server.adapters import kinds
-from server.adapters.kinds import ReadLimits, SlotTables
+from server.adapters.kinds import AdapterLimits, SlotTables
 from server.adapters.kinds.base import BaseWeights
 from server.adapters.weights import AdapterWeights
 from server.model.args import ModelArgs
 
 
 class AdapterTables:
-    def __init__(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype, device: str):
+    def __init__(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype, device: str):
         self.num_slots = num_slots
         self.dtype = dtype
         self.device = device

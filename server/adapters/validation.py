@@ -2,7 +2,7 @@
 
 - `check_config(raw)`: adapter_config.json bounded in size and nesting depth before `json.loads` (a
   config nested 100k deep is a RecursionError, not a message), then the types of the fields we read.
-- `read_safetensors_header(f)` / `check_safetensors_header(path, limits)`: only the 8-byte length and
+- `read_safetensors_header(f)` / `check_safetensors_header(path, args, limits)`: only the 8-byte length and
   the JSON header are read; every entry is checked against the loaded base (names, dtypes, shapes,
   byte sizes and offsets) BEFORE any tensor is read, so a 0.5 MB upload declaring a 500 MB tensor is
   refused from its first kilobyte. The upload path runs the same check while the tar streams in.
@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from server.adapters import kinds, numbers
-from server.adapters.kinds.base import AdapterFormatError, ReadLimits
+from server.adapters.kinds.base import AdapterFormatError, AdapterLimits
 from server.clip import clip
 from server.model.args import ModelArgs
 
@@ -41,20 +40,6 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "target_modules": (list, str), "feedforward_modules": (list, str), "num_virtual_tokens": (int,),
     "num_transformer_submodules": (int,), "bias": (str,), "base_model_name_or_path": (str,),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderLimits:
-    """What a header may declare for the loaded base."""
-
-    args: ModelArgs
-    max_lora_rank: int
-    max_virtual_tokens: int
-    max_bottleneck_size: int = 64
-
-    @property
-    def read_limits(self) -> ReadLimits:
-        return ReadLimits(self.max_lora_rank, self.max_virtual_tokens, self.max_bottleneck_size)
 
 
 def _fail(msg: str) -> Exception:
@@ -154,8 +139,8 @@ def read_safetensors_header(f: BinaryIO, size: int) -> tuple[dict, int]:
     return header, size - 8 - n
 
 
-def check_header_entries(header: dict, data_bytes: int, limits: HeaderLimits) -> int:
-    """Every tensor entry against the base; returns the bytes of tensor data the header describes."""
+def check_header_entries(header: dict, data_bytes: int, args: ModelArgs, limits: AdapterLimits) -> int:
+    """Every tensor entry against the base `args` within `limits`; the bytes of tensor data the header describes."""
     spans = []
     for key, entry in header.items():
         if key == "__metadata__":
@@ -171,7 +156,7 @@ def check_header_entries(header: dict, data_bytes: int, limits: HeaderLimits) ->
         if (not isinstance(shape, list) or len(shape) > 2
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise _fail(f"tensor {clip(key)} has shape {clip(shape)}; adapter tensors are 1-2 dimensional")
-        _check_entry_shape(key, tuple(shape), limits)
+        _check_entry_shape(key, tuple(shape), args, limits)
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise _fail(f"tensor {clip(key)} has malformed data_offsets")
@@ -187,23 +172,23 @@ def check_header_entries(header: dict, data_bytes: int, limits: HeaderLimits) ->
     return sum(e - b for b, e in spans)
 
 
-def _check_entry_shape(key: str, shape: tuple[int, ...], limits: HeaderLimits) -> None:
-    """Each kind claims and checks its own keys (AdapterKind.check_tensor_header, through kinds/peft_keys.py); a key
+def _check_entry_shape(key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> None:
+    """Each kind claims and checks its own keys (each kind's check_tensor_header, through kinds/peft_keys.py); a key
     no kind claims is refused."""
-    if not any(kind.check_tensor_header(key, shape, limits.args, limits.read_limits) for kind in kinds.registered()):
+    if not any(kind.check_tensor_header(key, shape, args, limits) for kind in kinds.registered()):
         raise _fail(f"unexpected tensor {clip(key)} (only the seven projections of decoder layers are served)")
 
 
-def check_safetensors_header(path: Path, limits: HeaderLimits) -> int:
+def check_safetensors_header(path: Path, args: ModelArgs, limits: AdapterLimits) -> int:
     """Check the header of the safetensors file at `path` (only the header is read); the data bytes it describes."""
     with open(path, "rb") as f:
-        return check_safetensors_stream(f, path.stat().st_size, limits)
+        return check_safetensors_stream(f, path.stat().st_size, args, limits)
 
 
-def check_safetensors_stream(f: BinaryIO, size: int, limits: HeaderLimits) -> int:
+def check_safetensors_stream(f: BinaryIO, size: int, args: ModelArgs, limits: AdapterLimits) -> int:
     """The same check on a stream positioned at the start of a safetensors file of `size` bytes."""
     header, data_bytes = read_safetensors_header(f, size)
-    described = check_header_entries(header, data_bytes, limits)
+    described = check_header_entries(header, data_bytes, args, limits)
     if described != data_bytes:
         raise _fail(f"adapter_model.safetensors is not a valid safetensors file: {data_bytes} data bytes, "
                     f"its header describes {described}")

@@ -1,6 +1,6 @@
 """An adapter in one normalized, framework-free form: what the PEFT reader produces and the pool loads.
 
-`payload` is the kind's own data (server/adapters/kinds/: LoraWeights, IA3Weights, ...); everything
+`payload` is the kind's own data (each kind's weights class, server/adapters/kinds/); everything
 generic (host-memory accounting, context layout, slot tables) goes through the kind.
 """
 
@@ -14,7 +14,7 @@ from server.adapters.kinds.base import AdapterKind, ContextLayout
 
 @dataclass(slots=True)
 class AdapterWeights:
-    kind: str  # the registered kind's name, e.g. "LORA"
+    kind: str  # the registered kind's name (its `name`)
     config: dict  # the adapter_config.json as read
     payload: object  # the kind's weights
     base_model: str | None = None  # base_model_name_or_path from the config

@@ -98,8 +98,7 @@ class Engine:
         loaded = load_model(model_cfg)
 
         def read(path):
-            return read_adapter(path, loaded.args, pool_cfg.max_lora_rank, pool_cfg.max_virtual_tokens,
-                                pool_cfg.max_bottleneck_size)
+            return read_adapter(path, loaded.args, pool_cfg.limits)
 
         pool = AdapterPool(pool_cfg, loaded.args, model_cfg.torch_dtype, model_cfg.device, reader=read)
         return cls(loaded, engine_cfg, pool)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from server.config import ConfigError
 from server.scale.settings import ScaleSettings
+from server.serve_cli import add_limit_flags, limit_values
 
 APP = "switchboard"
 
@@ -43,6 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-running", type=int, default=d.max_running)
     p.add_argument("--max-waiting", type=int, default=d.max_waiting)
     p.add_argument("--kv-blocks", type=int, default=d.kv_blocks)
+    add_limit_flags(p)  # --max-lora-rank, --max-virtual-tokens, ...: each replica's adapter limits
     p.add_argument("--no-affinity", action="store_true", help="Ray's default routing (for comparisons)")
     p.add_argument("--ray-metrics-port", type=int, default=None,
                    help="Ray's Prometheus export on this node (the replicas' switchboard_replica_* counters)")
@@ -59,7 +61,8 @@ def settings_of(args: argparse.Namespace) -> ScaleSettings:
         http_port=args.http_port,
         model_id=args.model_id or (Path(args.model).stem if args.model else ScaleSettings().model_id),
         metrics_port=None if args.no_metrics else args.metrics_port,
-        tenants=str(args.tenants.resolve()) if args.tenants else None, affinity=not args.no_affinity)
+        tenants=str(args.tenants.resolve()) if args.tenants else None, affinity=not args.no_affinity,
+        **limit_values(args))
 
 
 def main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ its weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -102,12 +103,10 @@ class RemoteEngine:
                                  self.args.sliding_window or 1 << 62)
 
         def read(path):
-            return read_adapter(path, self.args, pool_cfg.max_lora_rank, pool_cfg.max_virtual_tokens)
+            return read_adapter(path, self.args, pool_cfg.limits)
 
         # the registry's bookkeeping and upload validation; one slot (nothing runs here)
-        self.pool = AdapterPool(pool_cfg.__class__(device_slots=1, max_lora_rank=pool_cfg.max_lora_rank,
-                                                   max_virtual_tokens=pool_cfg.max_virtual_tokens,
-                                                   host_cache_bytes=64 << 20),
+        self.pool = AdapterPool(dataclasses.replace(pool_cfg, device_slots=1, host_cache_bytes=64 << 20),
                                 self.args, model_cfg.torch_dtype, "cpu", reader=read)
         self.scheduler = _Scheduler(_NoQueue())
         self.deployment = deployment

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from ray import serve
 
-from server.adapters import kinds
 from server.adapters.errors import AdapterNotFound
 from server.adapters.pool import AdapterMeta
 from server.adapters.store import StoredVersion, StoreError, sha256_file
@@ -87,9 +86,7 @@ def engine_deployment(settings: ScaleSettings):
         def _load(self, key: str, stored: StoredVersion) -> None:
             pool = self.engine.pool
             if not pool.revive(key):  # a key unregistered while in use is registered again as it is
-                kind = kinds.by_name(stored.meta.get("kind", "LORA"))
-                meta = AdapterMeta(kind.name, kind.layout(int(stored.meta.get("num_virtual_tokens", 0))))
-                pool.register(key, lambda: self._read(stored), stored.version, meta=meta,
+                pool.register(key, lambda: self._read(stored), stored.version, meta=AdapterMeta.stored(stored.meta),
                               digest=stored.content_digest, shared=stored.shared)  # the prefix cache's identity
             pool.host_weights(key)  # read, verified and validated now, off the step loop
 

@@ -6,11 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
+from server.config import AdapterLimits, AdapterPoolConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig
 
 
 @dataclass(frozen=True, slots=True)
-class ScaleSettings:
+class ScaleSettings(AdapterLimits):
+    """The AdapterLimits fields (max_lora_rank, ...: each replica's pool holds adapters to them) and the rest."""
+
     model: str | None = None  # HF directory or .gguf (None: the embedded default model)
     quantize: bool = True
     dtype: str = "float32"
@@ -19,7 +21,6 @@ class ScaleSettings:
     num_cpus_per_replica: float = 1.0
     torch_threads: int = 1  # per replica
     adapters_per_replica: int = 8  # the multiplexed LRU size; also the replica pool's device slots
-    max_lora_rank: int = 64
     max_running: int = 64
     max_waiting: int = 256
     kv_blocks: int = 2048
@@ -36,6 +37,7 @@ class ScaleSettings:
     extra: dict = field(default_factory=dict)  # ServerConfig overrides (e.g. per_tenant_concurrency)
 
     def __post_init__(self) -> None:
+        AdapterLimits.__post_init__(self)
         if self.replicas < 1:
             raise ConfigError("replicas must be >= 1")
         if self.adapters_per_replica < 1:
@@ -61,7 +63,8 @@ class ScaleSettings:
                             max_model_len=self.max_model_len)
 
     def pool_config(self) -> AdapterPoolConfig:
-        return AdapterPoolConfig(device_slots=self.adapters_per_replica, max_lora_rank=self.max_lora_rank)
+        limits = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterLimits)}
+        return AdapterPoolConfig(device_slots=self.adapters_per_replica, **limits)
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(host=self.host, port=self.port, metrics_port=self.metrics_port,

@@ -16,7 +16,9 @@ from torch import nn
 
 from server.adapters.kinds.bitfit import PEFT_TYPE
 from server.model.args import PROJECTIONS
+from server.trainer.config import TrainConfig
 from server.trainer.hooked import HookedModel
+from server.trainer.methods import MethodDefaults, TrainingMethod, register
 
 DELTA = "bitfit_delta"
 
@@ -58,3 +60,10 @@ def attach_bitfit(base: nn.Module, targets: tuple[str, ...], base_dir: str | Non
     if unknown:
         raise ValueError(f"BitFit targets {unknown} are not projections the server adapts: {PROJECTIONS}")
     return BitFitModel(base, targets, base_dir)
+
+
+def _build(cfg: TrainConfig, base: nn.Module, model_dir: Path) -> BitFitModel:
+    return attach_bitfit(base, tuple(cfg.resolved("targets")), str(model_dir))  # zero-initialised: no seed needed
+
+
+register(TrainingMethod("bitfit", MethodDefaults(lr=1e-2, steps=60), _build))

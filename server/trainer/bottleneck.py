@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from server.trainer.config import TrainConfig
 from server.trainer.hooked import HookedModel
+from server.trainer.methods import MethodDefaults, TrainingMethod, register
 
 # AdapterHub's DoubleSeqBnConfig (Houlsby) and SeqBnConfig (Pfeiffer), the fields the server reads
 _COMMON = {"architecture": "bottleneck", "original_ln_after": True, "residual_before_ln": True,
@@ -118,3 +120,11 @@ def attach_bottleneck(base: nn.Module, variant: str, reduction_factor: float, no
     if non_linearity is not None:
         config["non_linearity"] = non_linearity
     return BottleneckModel(base, config, base_dir)
+
+
+def _build(cfg: TrainConfig, base: nn.Module, model_dir: Path) -> BottleneckModel:
+    torch.manual_seed(cfg.seed)
+    return attach_bottleneck(base, cfg.bottleneck, cfg.reduction_factor, cfg.non_linearity, str(model_dir))
+
+
+register(TrainingMethod("bottleneck", MethodDefaults(lr=1e-3, steps=40), _build))

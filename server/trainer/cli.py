@@ -16,14 +16,14 @@ import tempfile
 from pathlib import Path
 
 from server.config import ConfigError
-from server.trainer.methods import ALL_METHODS
+from server.trainer.methods import method_names
 from server.trainer.tasks import TASKS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server.trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=list(ALL_METHODS), help="what to train")
+    p.add_argument("--method", choices=method_names(), help="what to train")
     p.add_argument("--output-dir", type=Path, required=True, help="the PEFT adapter dir (+ checkpoints/)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", choices=list(TASKS), help="a shipped task (its train and test splits)")

@@ -17,12 +17,14 @@ import copy
 import json
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from server.adapters.kinds.longlora import SAVED_MODULES
+from server.trainer.config import TrainConfig
 from server.trainer.hooked import HookedModel
-from server.trainer.methods import check_targets
+from server.trainer.methods import MethodDefaults, TrainingMethod, check_targets, register
 from server.trainer.s2_attn import GROUP_ATTR, GROUPS, S2_ATTENTION
 
 
@@ -66,3 +68,15 @@ def attach_longlora(base: nn.Module, *, rank: int, alpha: float, targets: tuple[
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), modules_to_save=list(SAVED_MODULES),
                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     return LongLoraModel(get_peft_model(base, cfg), factor)
+
+
+def _build(cfg: TrainConfig, base: nn.Module, model_dir: Path) -> LongLoraModel:
+    torch.manual_seed(cfg.seed)
+    return attach_longlora(base, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
+                           targets=tuple(cfg.resolved("targets")), factor=cfg.rope_factor, context=cfg.max_length,
+                           s2_attn=cfg.s2_attn)
+
+
+# embeddings and norms at a tenth of the LoRA rate (arithmetic task, exact-match 56.2% vs 45.8% at 1e-3; topic 100%
+# at 1e-3 and 1e-4, 95.8% at 1e-5; measured with bench/methods.py settings)
+register(TrainingMethod("longlora", MethodDefaults(lr=1e-3, steps=30, embed_norm_lr=1e-4), _build))

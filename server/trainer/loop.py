@@ -20,13 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
 from tqdm import tqdm
 
 from server.model.checkpoint import resolve_model_dir
 from server.trainer.base import load_base, load_tokenizer
-from server.trainer.bitfit import attach_bitfit
-from server.trainer.bottleneck import attach_bottleneck
 from server.trainer.checkpoint import (
     TrainState,
     clear_checkpoints,
@@ -37,8 +34,7 @@ from server.trainer.checkpoint import (
 from server.trainer.config import TrainConfig
 from server.trainer.data import Example, LoadResult, collate, encode_rows, load_jsonl
 from server.trainer.evaluate import EvalResult, completion_loss, evaluate
-from server.trainer.longlora import attach_longlora
-from server.trainer.methods import build_peft_config, init_prefix_from_base
+from server.trainer.methods import by_name
 from server.trainer.optim import make_optimizer, set_warmup_lr
 from server.trainer.tasks import task_splits
 
@@ -113,25 +109,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 
 def build_model(cfg: TrainConfig, model_dir: Path):
-    base = load_base(model_dir, quantized=cfg.method == "qlora", device=cfg.device)
-    if cfg.method == "bitfit":  # not a PEFT method: zero-initialised bias deltas (server/trainer/bitfit.py)
-        return attach_bitfit(base, tuple(cfg.resolved("targets")), str(model_dir))
-    if cfg.method == "bottleneck":  # AdapterHub-layout bottleneck adapters (server/trainer/bottleneck.py)
-        torch.manual_seed(cfg.seed)
-        return attach_bottleneck(base, cfg.bottleneck, cfg.reduction_factor, cfg.non_linearity, str(model_dir))
-    if cfg.method == "longlora":  # LoRA + embeddings and norms, RoPE interpolated, S2-Attn (server/trainer/longlora.py)
-        torch.manual_seed(cfg.seed)
-        return attach_longlora(base, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
-                               targets=tuple(cfg.resolved("targets")), factor=cfg.rope_factor, context=cfg.max_length,
-                               s2_attn=cfg.s2_attn)
-    peft_cfg = build_peft_config(cfg.method, rank=cfg.resolved("rank"), alpha=cfg.resolved("alpha"),
-                                 targets=tuple(cfg.resolved("targets")), virtual_tokens=cfg.resolved("virtual_tokens"),
-                                 encoder_hidden=cfg.resolved("encoder_hidden"))
-    torch.manual_seed(cfg.seed)  # adapter initialisation
-    model = get_peft_model(base, peft_cfg)
-    if cfg.method == "prefix":
-        init_prefix_from_base(model, cfg.seed)
-    return model
+    """The frozen base with the method's trainable adapter (each method builds its own: server/trainer/methods.py)."""
+    method = by_name(cfg.method)
+    base = load_base(model_dir, quantized=method.defaults.quantized_base, device=cfg.device)
+    return method.build(cfg, base, model_dir)
 
 
 def save_adapter(model, output_dir: Path) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from server.trainer.config import TrainConfig
+from server.trainer.methods import method_defaults
 
 SAVED_MODULE_MARK = "modules_to_save"  # PEFT's name for its trainable copy of a base module
 
@@ -29,7 +30,7 @@ def param_groups(cfg: TrainConfig, named: list[tuple[str, torch.nn.Parameter]]) 
 
 def make_optimizer(cfg: TrainConfig, named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
     groups = param_groups(cfg, named)
-    if cfg.method == "qlora" and cfg.device.startswith("cuda"):
+    if method_defaults(cfg.method).quantized_base and cfg.device.startswith("cuda"):  # QLoRA
         from server.model.quant import _bnb
 
         return _bnb().optim.PagedAdamW8bit(groups, weight_decay=cfg.weight_decay)

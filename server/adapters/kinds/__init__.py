@@ -12,10 +12,10 @@ from __future__ import annotations
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
     ContextLayout,
-    ReadLimits,
     SlotTables,
 )
 from server.adapters.kinds.bitfit import BitFitKind
@@ -27,8 +27,9 @@ from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.prefix import PrefixKind
 from server.adapters.kinds.virtual import VirtualTokenKind
 
-__all__ = ["AdapterFormatError", "AdapterKind", "BaseModelMismatch", "ChunkView", "ContextLayout", "ReadLimits",
-           "SlotTables", "by_config", "by_name", "by_peft_type", "family_of", "register", "registered", "unregister"]
+__all__ = ["AdapterFormatError", "AdapterKind", "BaseModelMismatch", "ChunkView", "ContextLayout", "AdapterLimits",
+           "SlotTables", "by_config", "by_name", "by_peft_type", "family_of", "of_stored", "register", "registered",
+           "unregister"]
 
 _KINDS: dict[str, AdapterKind] = {}
 
@@ -60,6 +61,16 @@ def by_name(name: str) -> AdapterKind:
         return _KINDS[name]
     except KeyError:
         raise AdapterFormatError(f"adapter kind {name!r} is not served; served: {', '.join(_KINDS)}") from None
+
+
+# Versions stored before the store recorded a kind (issue 8's adapter kinds) are all LoRA adapters: the one kind
+# served then. The one place generic code meets a kind's name for stored metadata (of_stored).
+LEGACY_KIND = "LORA"
+
+
+def of_stored(meta: dict) -> AdapterKind:
+    """The kind of a stored version from the metadata recorded with it (LEGACY_KIND when it records none)."""
+    return by_name(meta.get("kind", LEGACY_KIND))
 
 
 def by_config(cfg: dict) -> AdapterKind:

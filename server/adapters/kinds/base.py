@@ -4,11 +4,13 @@ A kind is data plus a small dispatch (no class tower: one base class with defaul
 generic parts use it at five moments of an adapter's life:
 
   read      peft_format.read_adapter -> kind.read(cfg, tensors, args, limits)   validate, normalize
+            (limits: server.config.AdapterLimits, the one object built from the pool config)
             (before that, kind.check_tensor_header bounds its tensors from the safetensors header alone)
   describe  the registry records kind.describe(payload) with each stored version
   slots     the pool: kind.new_tables(...) once per family; per load tables.stage / ensure / fill / clear
   admit     the engine: kind.layout(n) at submit (context entries it adds), kind.cached_prefix at admission
   step      the runner: kind.step(tables, chunks, T, device) -> a StepAdapter the model calls, once per family
+  merge     the admin merge (server/adapters/merge.py): kind.merge(sources, spec, dir) writes the merged adapter
 
 A family is kinds that share one slot table set and one StepAdapter per step (LoRA, DoRA and LongLoRA: one
 LoRA table set with per-slot extras): the pool creates the tables with the family's first registered kind and
@@ -22,12 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from server.adapters.errors import AdapterRejected
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
+
+if TYPE_CHECKING:
+    from server.adapters.merge import MergeSpec
+    from server.adapters.weights import AdapterWeights
 
 
 class Staging(Protocol):
@@ -47,14 +56,6 @@ class AdapterFormatError(ValueError):
 
 class BaseModelMismatch(AdapterFormatError):
     """The adapter is well formed but made for another base (hidden size, layer count, KV shape)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReadLimits:
-    max_lora_rank: int
-    max_virtual_tokens: int
-    max_bottleneck_size: int = 64  # bottleneck adapters' width (its own limit, not the LoRA rank)
-    lora_dtype: torch.dtype | None = None  # the LoRA family's A / B slot tables (None: the model's dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +130,14 @@ class AdapterKind:
         """Whether this kind reads an adapter_config.json (by default: its peft_type is one of ours)."""
         return cfg.get("peft_type") in self.peft_types
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> object:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> object:
         """The normalized payload; raises AdapterFormatError / BaseModelMismatch with a reason."""
         raise NotImplementedError
 
     def check_config(self, cfg: dict) -> None:
         """Refuse a config this kind cannot serve (AdapterFormatError naming the option), before any tensor is read."""
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """Before any tensor is read (server/adapters/validation.py): True when `key` is one of this kind's own
         tensors and `shape` fits the base; raise AdapterFormatError / BaseModelMismatch when it is its key with
         a bad shape; False when it is not its key (keys parsed by server/adapters/kinds/peft_keys.py). A key no
@@ -155,7 +156,7 @@ class AdapterKind:
         """The context entries a sequence using this adapter starts with."""
         return ContextLayout()
 
-    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> SlotTables | None:
         """Device tables for all slots; None when the kind keeps nothing on the device."""
         return None
@@ -163,6 +164,11 @@ class AdapterKind:
     def cached_prefix(self, payload: object) -> tuple[torch.Tensor, torch.Tensor] | None:
         """K/V [layers, n_prefix, kv_heads, head_dim] to write at context 0..n_prefix-1 at admission."""
         return None
+
+    def merge(self, sources: list[AdapterWeights], spec: MergeSpec, out_dir: Path) -> None:
+        """Write the merge of `sources` (stored adapters, the first of this kind) to the new directory `out_dir`
+        as an adapter this kind reads; AdapterRejected when the kind, a source or the spec cannot be merged."""
+        raise AdapterRejected(f"source 0 is a {self.name} adapter; adapters of that kind cannot be merged")
 
     def step(self, tables: SlotTables | None, chunks: list[ChunkView], num_tokens: int,
              device: torch.device) -> StepAdapter | None:

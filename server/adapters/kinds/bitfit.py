@@ -23,9 +23,9 @@ import torch
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
-    ReadLimits,
     SlotTables,
     Staging,
     token_slots,
@@ -95,7 +95,7 @@ class BitFitKind(AdapterKind):
     peft_types = (PEFT_TYPE,)
 
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs,
-             limits: ReadLimits) -> BitFitWeights:
+             limits: AdapterLimits) -> BitFitWeights:
         biases: dict[tuple[int, str], torch.Tensor] = {}
         for (layer, module, _), t in module_tensors(tensors, args, ("bias",), base_param_key).items():
             _, n_out = args.projection_shape(module)
@@ -117,7 +117,7 @@ class BitFitKind(AdapterKind):
                                          f"{sorted(present)}")
         return BitFitWeights(biases)
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """One bias vector, from the safetensors header alone: True when `key` is ours and fits the base."""
         parsed = base_param_key(key)
         if parsed is None:
@@ -136,7 +136,7 @@ class BitFitKind(AdapterKind):
     def describe(self, payload: BitFitWeights) -> dict:
         return {"rank": 0, "target_modules": list(payload.target_modules), "num_virtual_tokens": 0}
 
-    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> BitFitTables:
         return BitFitTables(args, num_slots, dtype, device)
 

@@ -35,9 +35,9 @@ from kernels import SlotViews, build_lora_meta
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
-    ReadLimits,
     SlotTables,
     Staging,
     token_slots,
@@ -169,7 +169,7 @@ class BottleneckKind(AdapterKind):
         return "peft_type" not in cfg and isinstance(inner, dict) and inner.get("architecture") == "bottleneck"
 
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs,
-             limits: ReadLimits) -> BottleneckWeights:
+             limits: AdapterLimits) -> BottleneckWeights:
         inner = cfg.get("config")
         if not isinstance(inner, dict):
             raise AdapterFormatError("an AdapterHub adapter_config.json needs its architecture under \"config\"")
@@ -184,7 +184,7 @@ class BottleneckKind(AdapterKind):
         return BottleneckWeights(c["size"], c["activation"], c["scaling"], c["original_ln_before"],
                                  c["original_ln_after"], c["residual_before_ln"], blocks)
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """Bounds from the safetensors header alone (read() checks the exact size against the config)."""
         m = TENSOR_KEY.match(key)
         if m is None:
@@ -211,7 +211,7 @@ class BottleneckKind(AdapterKind):
     def describe(self, payload: BottleneckWeights) -> dict:
         return {"rank": payload.size, "target_modules": list(payload.placements), "num_virtual_tokens": 0}
 
-    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> BottleneckTables:
         return BottleneckTables(args, num_slots, limits.max_bottleneck_size, dtype, device)
 

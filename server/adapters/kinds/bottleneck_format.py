@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
+from server.adapters.kinds.base import AdapterFormatError, AdapterLimits, BaseModelMismatch
 from server.adapters.numbers import config_number
 from server.model.args import ModelArgs
 
@@ -45,7 +45,7 @@ def _flag(cfg: dict, name: str, default: bool) -> bool:
     return value
 
 
-def parse_config(cfg: dict, hidden: int, limits: ReadLimits) -> dict:
+def parse_config(cfg: dict, hidden: int, limits: AdapterLimits) -> dict:
     """The served subset of an AdapterHub BnConfig dict, validated."""
     if cfg.get("architecture", "bottleneck") != "bottleneck":
         raise AdapterFormatError(f"AdapterHub architecture {cfg.get('architecture')!r} is not served (bottleneck is)")

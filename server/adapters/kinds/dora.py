@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
+from server.adapters.kinds.base import AdapterFormatError, AdapterLimits, BaseModelMismatch
 from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.lora_weights import DoraWeights
 from server.adapters.kinds.peft_keys import module_key, module_shape, module_tensors
@@ -35,7 +35,7 @@ class DoraKind(LoraKind):
     def check_config(self, cfg: dict) -> None:
         super().check_config({**cfg, "use_dora": False})
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> DoraWeights:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> DoraWeights:
         if cfg.get("use_dora") is not True:
             raise AdapterFormatError(f"a DoRA adapter needs use_dora: true, got {cfg.get('use_dora')!r}")
         if cfg.get("fan_in_fan_out"):
@@ -60,7 +60,7 @@ class DoraKind(LoraKind):
             raise AdapterFormatError(f"every DoRA module needs lora_A, lora_B and {MAGNITUDE}; unmatched: {missing}")
         return DoraWeights(lora, magnitude)
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """The magnitude vectors, from the safetensors header alone (lora_A / lora_B: LoRA's check)."""
         parsed = module_key(key)
         if parsed is None or parsed.suffix != MAGNITUDE:

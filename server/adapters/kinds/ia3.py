@@ -15,15 +15,15 @@ import torch
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
-    ReadLimits,
     SlotTables,
     Staging,
     token_slots,
 )
-from server.adapters.kinds.modules import check_served_options
 from server.adapters.kinds.peft_keys import module_key, module_shape, module_tensors
+from server.adapters.kinds.peft_options import check_served_options
 from server.model.args import ModelArgs
 from server.model.batch import StepAdapter
 
@@ -96,7 +96,7 @@ class IA3Kind(AdapterKind):
     def check_config(self, cfg: dict) -> None:
         check_served_options(cfg)
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> IA3Weights:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> IA3Weights:
         check_served_options(cfg)
         ff = cfg.get("feedforward_modules") or []
         ff_set = frozenset([ff] if isinstance(ff, str) else ff)
@@ -112,7 +112,7 @@ class IA3Kind(AdapterKind):
         modules = {m for _, m in scales}
         return IA3Weights(scales=scales, feedforward_modules=frozenset(m for m in modules if m in ff_set))
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """ia3_l [out, 1] or [1, in] (feed-forward) from the safetensors header alone."""
         parsed = module_key(key)
         if parsed is None or parsed.suffix != "ia3_l":
@@ -129,7 +129,7 @@ class IA3Kind(AdapterKind):
     def describe(self, payload: IA3Weights) -> dict:
         return {"rank": 0, "target_modules": list(payload.target_modules), "num_virtual_tokens": 0}
 
-    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> IA3Tables:
         return IA3Tables(args, num_slots, dtype, device)
 

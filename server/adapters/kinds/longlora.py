@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from server.adapters import validation
-from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch, ReadLimits
+from server.adapters.kinds.base import AdapterFormatError, AdapterLimits, BaseModelMismatch
 from server.adapters.kinds.lora import LoraKind
 from server.adapters.kinds.lora_weights import LongLoraWeights
 from server.adapters.kinds.peft_keys import EMBED_KEY, is_lora_matrix, norm_key
@@ -78,7 +78,7 @@ class LongLoraKind(LoraKind):
         super().check_config(_lora_config(cfg))
 
     def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs,
-             limits: ReadLimits) -> LongLoraWeights:
+             limits: AdapterLimits) -> LongLoraWeights:
         self.check_config(cfg)
         lora_tensors = {k: t for k, t in tensors.items() if is_lora_matrix(k)}
         norms: dict[tuple[int, str], torch.Tensor] = {}
@@ -103,7 +103,7 @@ class LongLoraKind(LoraKind):
         lora = super().read(_lora_config(cfg), lora_tensors, args, limits)
         return LongLoraWeights(lora, norms, embed, rope_factor(cfg))
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """The saved embedding table and norm weights (lora_A / lora_B: LoRA's check)."""
         if key == EMBED_KEY:
             if len(shape) != 2:

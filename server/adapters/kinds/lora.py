@@ -9,6 +9,8 @@ per-slot extras (lora_extras.py). A step mixing the three takes one kernel call 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,16 +18,21 @@ from server.adapters import validation
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
-    ReadLimits,
 )
+from server.adapters.kinds.lora_merge import merge_lora, write_peft_lora
 from server.adapters.kinds.lora_step import LoraStep
 from server.adapters.kinds.lora_tables import LoraTables
 from server.adapters.kinds.lora_weights import LoraWeights
-from server.adapters.kinds.modules import check_served_options
 from server.adapters.kinds.peft_keys import LORA_MATRICES, module_key, module_shape, module_tensors
+from server.adapters.kinds.peft_options import check_served_options
 from server.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from server.adapters.merge import MergeSpec
+    from server.adapters.weights import AdapterWeights
 
 __all__ = ["LoraKind", "LoraStep", "LoraTables", "LoraWeights"]
 
@@ -41,7 +48,7 @@ class LoraKind(AdapterKind):
     def check_config(self, cfg: dict) -> None:
         check_served_options(cfg)
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits) -> LoraWeights:
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits) -> LoraWeights:
         check_served_options(cfg)
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
         if not isinstance(r, int) or r < 1:
@@ -65,7 +72,7 @@ class LoraKind(AdapterKind):
             raise AdapterFormatError("every lora_A needs its lora_B (and vice versa)")
         return LoraWeights(rank=r, scale=float(scale), a=a, b=b)
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         """lora_A [r, in] / lora_B [out, r] from the safetensors header alone: 2-d, 1 <= r <= the server's maximum
         rank, the base projection's width."""
         parsed = module_key(key)
@@ -89,9 +96,13 @@ class LoraKind(AdapterKind):
     def describe(self, payload: LoraWeights) -> dict:
         return {"rank": payload.rank, "target_modules": list(payload.target_modules), "num_virtual_tokens": 0}
 
-    def new_tables(self, args: ModelArgs, num_slots: int, limits: ReadLimits, dtype: torch.dtype,
+    def new_tables(self, args: ModelArgs, num_slots: int, limits: AdapterLimits, dtype: torch.dtype,
                    device: str) -> LoraTables:
-        return LoraTables(args, num_slots, limits.max_lora_rank, limits.lora_dtype or dtype, device, dtype)
+        return LoraTables(args, num_slots, limits.max_lora_rank, limits.lora_torch_dtype or dtype, device, dtype)
+
+    def merge(self, sources: list[AdapterWeights], spec: MergeSpec, out_dir: Path) -> None:
+        """PEFT's add_weighted_adapter over LoRA sources (lora_merge.py; DoRA and LongLoRA sources are refused)."""
+        write_peft_lora(merge_lora(sources, spec), out_dir, base_model=sources[0].base_model)
 
     def step(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> LoraStep:
         """One StepAdapter for the sequences of every kind of the family (the runner passes all their chunks)."""

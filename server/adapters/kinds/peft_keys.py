@@ -21,6 +21,7 @@ from server.adapters.kinds.base import AdapterFormatError, BaseModelMismatch
 from server.clip import clip
 from server.model.args import PROJECTIONS, ModelArgs
 
+CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROMPT_EMBEDDINGS = "prompt_embeddings"
 EMBED_KEY = "base_model.model.model.embed_tokens.weight"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.kinds.base import AdapterKind, BaseModelMismatch, ContextLayout, ReadLimits
+from server.adapters.kinds.base import AdapterKind, AdapterLimits, BaseModelMismatch, ContextLayout
 from server.adapters.kinds.virtual import check_prompt_embeddings_header, prompt_embeddings
 from server.model.args import ModelArgs
 
@@ -26,7 +26,7 @@ class PrefixKind(AdapterKind):
     name = "PREFIX_TUNING"
     peft_types = ("PREFIX_TUNING",)
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits
              ) -> PrefixWeights:
         emb = prompt_embeddings(cfg, tensors, limits.max_virtual_tokens)
         width = args.num_layers * 2 * args.num_kv_heads * args.head_dim
@@ -40,7 +40,7 @@ class PrefixKind(AdapterKind):
         values = kv[:, 1::2].permute(1, 0, 2, 3).contiguous()
         return PrefixWeights(keys=keys, values=values)
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         return check_prompt_embeddings_header(key, shape, args, limits)
 
     def tensors(self, payload: PrefixWeights) -> list[torch.Tensor]:

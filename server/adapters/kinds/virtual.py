@@ -14,10 +14,10 @@ import torch
 from server.adapters.kinds.base import (
     AdapterFormatError,
     AdapterKind,
+    AdapterLimits,
     BaseModelMismatch,
     ChunkView,
     ContextLayout,
-    ReadLimits,
 )
 from server.adapters.kinds.peft_keys import PROMPT_EMBEDDINGS
 from server.model.args import ModelArgs
@@ -47,7 +47,7 @@ def prompt_embeddings(cfg: dict, tensors: dict[str, torch.Tensor], max_virtual: 
     return emb
 
 
-def check_prompt_embeddings_header(key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+def check_prompt_embeddings_header(key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
     """prompt_embeddings [n, width] from the safetensors header alone, for prompt tuning, P-tuning and prefix tuning
     (the header says not which: width is the hidden size or the prefix width; read() checks the kind's own)."""
     if key != PROMPT_EMBEDDINGS:
@@ -82,14 +82,14 @@ class VirtualTokenKind(AdapterKind):
         self.name = name
         self.peft_types = (name,)
 
-    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: ReadLimits
+    def read(self, cfg: dict, tensors: dict[str, torch.Tensor], args: ModelArgs, limits: AdapterLimits
              ) -> PromptWeights:
         emb = prompt_embeddings(cfg, tensors, limits.max_virtual_tokens)
         if emb.shape[1] != args.hidden_size:
             raise BaseModelMismatch(f"prompt_embeddings width {emb.shape[1]} != base hidden size {args.hidden_size}")
         return PromptWeights(emb)
 
-    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: ReadLimits) -> bool:
+    def check_tensor_header(self, key: str, shape: tuple[int, ...], args: ModelArgs, limits: AdapterLimits) -> bool:
         return check_prompt_embeddings_header(key, shape, args, limits)
 
     def tensors(self, payload: PromptWeights) -> list[torch.Tensor]:

@@ -1,4 +1,8 @@
-"""The PEFT config options that change the math in ways we do not serve (tensor keys: peft_keys.py)."""
+"""PEFT's config options that change the math, with the value that means "off" (tensor keys: peft_keys.py).
+
+PEFT's vocabulary, not a list of kinds: a kind that serves one of these options reads it in its own module and
+hands the rest of the config on with the option off (DoRA: use_dora, dora.py; LongLoRA: modules_to_save,
+longlora.py), so a new kind never edits this list."""
 
 from __future__ import annotations
 
