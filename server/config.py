@@ -65,9 +65,11 @@ class EngineConfig:
     w_in: float = 1.0  # VTC cost of a prompt token
     w_out: float = 2.0  # VTC cost of a generated token
     fair_preemption: bool = True  # VTC: a tenant under its share of the batch may preempt one over its share
+    max_adapters_per_request: int = 4  # LoRA adapters one request may compose (server/engine/composition.py)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):
+        for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks",
+                     "max_adapters_per_request"):
             require(getattr(self, name) > 0, f"{name} must be > 0")
         require(self.scheduling in ("fcfs", "vtc"), f"scheduling must be fcfs or vtc, got {self.scheduling!r}")
         require(self.w_in >= 0 and self.w_out >= 0 and self.w_in + self.w_out > 0,

@@ -18,6 +18,7 @@ import kernels
 from server.adapters.peft_format import read_adapter
 from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.engine.composition import check_parts
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
 from server.engine.request import (
@@ -118,13 +119,13 @@ class Engine:
             reserved: list[str] = []
             try:  # keeps each adapter version alive for its request and starts loading it off the loop
                 for req in reqs:
-                    if req.adapter is not None:
-                        self.pool.reserve(req.adapter)
-                        reserved.append(req.adapter)
+                    for key in req.adapter_keys:
+                        self.pool.reserve(key)
+                        reserved.append(key)
             except UnknownAdapter:
-                for key in reserved:
-                    self.pool.unreserve(key)
-                raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
+                for done in reserved:
+                    self.pool.unreserve(done)
+                raise UnknownAdapterRequest(f"unknown adapter {key!r}") from None
             for seq in seqs:
                 self._by_id[seq.request_id] = seq
             self._inbox.extend(self.siblings.group(seqs))
@@ -166,6 +167,14 @@ class Engine:
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
         n_prefix = n_virtual = 0
+        if req.parts:
+            if req.adapter is not None:
+                raise InvalidRequest("name one adapter or a composition of adapters, not both")
+            try:
+                check_parts(req.parts, self.config.max_adapters_per_request, self.pool.cfg.device_slots,
+                            lambda key: self.pool.meta(key).kind)
+            except UnknownAdapter as exc:
+                raise UnknownAdapterRequest(f"unknown adapter {exc.args[0]!r}") from None
         if req.adapter is not None:
             try:
                 layout = self.pool.meta(req.adapter).layout
@@ -280,6 +289,8 @@ class Engine:
     def _pin_adapter(self, seq: Sequence) -> tuple[Admission, str | None]:
         """The scheduler's admission check (KV blocks already allocated): pin the sequence's adapter in its slot
         and write the context entries the adapter supplies (prefix K/V)."""
+        if seq.request.parts:
+            return self._pin_parts(seq)
         key = seq.request.adapter
         if key is None:
             return Admission.ADMITTED, None
@@ -296,10 +307,33 @@ class Engine:
             seq.num_computed = seq.n_prefix
         return Admission.ADMITTED, None
 
+    def _pin_parts(self, seq: Sequence) -> tuple[Admission, str | None]:
+        """Every part of a composition pinned in its slot, or none (parts stay reserved, so none is evicted while
+        the others load)."""
+        leases = []
+        for part in seq.request.parts:
+            try:
+                lease = self.pool.acquire(part.key)
+            except Exception as exc:  # unregistered or unreadable since submit()
+                lease, failed = None, f"adapter {part.key!r} unavailable: {exc}"
+            else:
+                failed = None
+            if lease is None:
+                for held, _ in leases:
+                    self.pool.release(held.key)
+                return (Admission.NOT_NOW, None) if failed is None else (Admission.FAILED, failed)
+            leases.append((lease, part.weight))
+        seq.part_leases = leases
+        seq.part_versions = tuple(lease.version for lease, _ in leases)
+        return Admission.ADMITTED, None
+
     def _unpin_adapter(self, seq: Sequence) -> None:
         if seq.lease is not None:
             self.pool.release(seq.lease.key)
         seq.lease = None
+        for lease, _ in seq.part_leases:
+            self.pool.release(lease.key)
+        seq.part_leases = []
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, event=None) -> None:
         if seq.request_id not in self._by_id:
@@ -308,7 +342,7 @@ class Engine:
         for sibling in self.siblings.drop(seq):  # a parent that ends before its prompt completed
             self.scheduler.add(sibling)
         del self._by_id[seq.request_id]
-        if seq.request.adapter is not None:
-            self.pool.unreserve(seq.request.adapter)
+        for key in seq.request.adapter_keys:
+            self.pool.unreserve(key)
         seq.finish_reason = reason
         seq.handle.put(event or self.post.final_event(seq, reason, error))

@@ -118,6 +118,14 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterPart:
+    """One adapter of a composition (server/engine/composition.py)."""
+
+    key: str  # adapter key as the adapter provider knows it
+    weight: float = 1.0  # multiplies the adapter's delta (its scale alpha/r)
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -125,6 +133,15 @@ class GenerationRequest:
     adapter: str | None = None  # adapter key as the adapter provider knows it; None = base model
     tenant: str = "local"
     arrival_time: float = field(default_factory=time.monotonic)
+    # a composition of LoRA adapters with a weight each (one part: a weighted adapter); set instead of `adapter`
+    parts: tuple[AdapterPart, ...] = ()
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        """Every adapter key the request uses (reserved at submit, released when it ends)."""
+        if self.parts:
+            return tuple(p.key for p in self.parts)
+        return () if self.adapter is None else (self.adapter,)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ class SiblingForks:
         parents: dict[tuple, Sequence] = {}
         queued = []
         for seq in seqs:
-            key = (seq.request.prompt_token_ids, seq.request.adapter)
+            key = (seq.request.prompt_token_ids, seq.request.adapter, seq.request.parts)
             parent = parents.get(key)
             if parent is None:
                 parents[key] = seq
@@ -65,6 +65,8 @@ class SiblingForks:
         computed = parent.context_len  # every context entry of the prompt, no token sampled yet
         full, partial = divmod(computed, kv.block_size)
         if len(scheduler.running) >= scheduler.cfg.max_running or (partial and not kv.can_allocate(1)):
+            return False
+        if sibling.request.parts:  # a composition's siblings run as ordinary sequences (pinning every part)
             return False
         key = sibling.request.adapter
         lease = None

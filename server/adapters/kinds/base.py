@@ -75,6 +75,8 @@ class ChunkView:
     count: int  # tokens computed this step
     offset: int  # flat index of its first token among the step's T tokens
     layout: ContextLayout
+    # a composition (LoRA family only): every part's (slot, weight); `slot` is then -1 and `payload` None
+    parts: tuple[tuple[int, float], ...] = ()
 
 
 def token_slots(chunks: list[ChunkView], num_tokens: int, fill: int, dtype: torch.dtype = torch.int64

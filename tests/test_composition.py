@@ -1,0 +1,172 @@
+"""Adapters composed per request (server/engine/composition.py, kernels/compose.py): a request weighting several
+LoRA adapters gets the base plus the weighted sum of their deltas, in the same batch as plain single-adapter and
+base sequences. Oracle: PEFT's PeftModel with the same adapters active at once (base_model.set_adapter([...])) and
+each one's scaling multiplied by its weight. Random compositions (2-4 parts, mixed ranks, targets and rsLoRA,
+weights in [-1, 2]) are drawn from a seed that failures print; `SEED=N` replays one."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import lora_group
+from kernels.compose import build_compose_meta, compose_apply, compose_reference
+from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.engine.engine import Engine
+from server.engine.request import AdapterPart, GenerationRequest, InvalidRequest, SamplingParams, UnknownAdapterRequest
+from tests.engine_utils import collect
+from tests.kinds_adapters import make_dora_adapter
+from tests.oracle_parity import LOGIT_ATOL, assert_close_to_oracle, draw_seed
+from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
+
+# (name, rank, alpha, targets, rslora): mixed ranks and targets
+LORAS = [("c0", 8, 16, ALL_PROJ, False), ("c1", 4, 8, ["q_proj", "v_proj"], False),
+         ("c2", 2, 4, ["o_proj", "down_proj", "up_proj"], True), ("c3", 8, 8, ["k_proj", "gate_proj"], False),
+         ("c4", 4, 16, ALL_PROJ, True), ("c5", 6, 12, ["q_proj", "o_proj", "down_proj"], False)]
+RUNS = 5  # x COMPOSED_PER_RUN = 20 random compositions per mode
+COMPOSED_PER_RUN = 4
+NF4_LOGIT_ATOL = 2e-3  # NF4: ours dequantizes and multiplies in fp32, PEFT's base on bitsandbytes' exact path
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compose")
+    return {name: make_peft_adapter(tiny_llama_dir, AdapterSpec(name, "lora", rank=r, alpha=a, targets=t, rslora=rs,
+                                                                seed=90 + i), root / name)
+            for i, (name, r, a, t, rs) in enumerate(LORAS)}
+
+
+def _engine(model_dir: Path, quantize: bool, loras: dict[str, Path], slots: int = 8) -> Engine:
+    engine = Engine.create(ModelConfig(path=str(model_dir), quantize=quantize), EngineConfig(),
+                           AdapterPoolConfig(device_slots=slots, max_lora_rank=8))
+    for name, path in loras.items():
+        engine.pool.register(name, path)
+    return engine
+
+
+def _draw(g: torch.Generator) -> tuple[AdapterPart, ...]:
+    n = int(torch.randint(2, 5, (1,), generator=g))
+    names = [LORAS[int(i)][0] for i in torch.randperm(len(LORAS), generator=g)[:n]]
+    weights = (torch.rand(n, generator=g) * 3 - 1).tolist()  # [-1, 2]
+    return tuple(AdapterPart(name, round(w, 3)) for name, w in zip(names, weights, strict=True))
+
+
+def _peft_oracle(base: torch.nn.Module, loras: dict[str, Path], parts: tuple[AdapterPart, ...], ids: list[int]
+                 ) -> torch.Tensor:
+    """PEFT with every part active at once, each adapter's scaling multiplied by its weight: logits [len(ids), V]."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), loras[parts[0].key], adapter_name=parts[0].key)
+    for part in parts[1:]:
+        model.load_adapter(loras[part.key], adapter_name=part.key)
+    model.base_model.set_adapter([p.key for p in parts])
+    weights = {p.key: p.weight for p in parts}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, w in weights.items():
+                if name in module.scaling:
+                    module.scaling[name] *= w
+    model.eval()
+    with torch.no_grad():
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        return model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0].float()
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
+def test_random_compositions_match_peft_in_one_mixed_batch(tiny_llama_dir: Path, loras: dict[str, Path],
+                                                           quantize: bool) -> None:
+    from tests.test_model_parity import hf_model
+
+    base = hf_model(tiny_llama_dir, quantize)
+    atol = NF4_LOGIT_ATOL if quantize else LOGIT_ATOL
+    seed = draw_seed()
+    g = torch.Generator().manual_seed(seed)
+    engine = _engine(tiny_llama_dir, quantize, loras)
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.on_logits = lambda seqs, logits: [seen.setdefault(s.request_id, []).append(logits[i].clone())
+                                              for i, s in enumerate(seqs)]
+    engine.start()
+    try:
+        for run in range(RUNS):
+            # one mixed batch: the compositions, a plain adapter, a weighted single adapter and the base
+            routes: list[tuple[AdapterPart, ...] | str | None] = [_draw(g) for _ in range(COMPOSED_PER_RUN)]
+            routes += ["c1", (AdapterPart("c0", -0.5),), None]
+            prompts = [torch.randint(0, engine.args.vocab_size, (int(torch.randint(2, 12, (1,), generator=g)),),
+                                     generator=g).tolist() for _ in routes]
+            params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+            handles = [engine.submit(GenerationRequest(
+                f"r{run}-{i}", tuple(p), params, adapter=r if isinstance(r, str) else None,
+                parts=r if isinstance(r, tuple) else ())) for i, (p, r) in enumerate(zip(prompts, routes, strict=True))]
+            outputs = [collect(h) for h in handles]
+            for i, (route, prompt, out) in enumerate(zip(routes, prompts, outputs, strict=True)):
+                assert out.finish_reason == "length", f"seed {seed}: {out}"
+                full = prompt + list(out.token_ids)
+                parts = (AdapterPart(route),) if isinstance(route, str) else route
+                if parts is None:
+                    with torch.no_grad():
+                        expected = base(torch.tensor([full])).logits[0].float()
+                else:
+                    expected = _peft_oracle(base, loras, parts, full)
+                expected = expected[len(prompt) - 1: len(full) - 1]
+                what = f"seed {seed}, run {run}, {route}"
+                assert_close_to_oracle(torch.stack(seen[f"r{run}-{i}"]), expected, atol, lambda: None, what)
+                assert list(out.token_ids) == expected.argmax(-1).tolist(), what
+    finally:
+        engine.shutdown()
+    assert all(e.pins == 0 for e in engine.pool._entries.values()), "a part is still pinned after its request"
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compose_apply_equals_the_reference(tokens: int, dtype: torch.dtype) -> None:
+    """The pairs' one call (the compiled kernel on CPU, whatever kernels.MODE picks) against the per-pair loop."""
+    seed = draw_seed()
+    g = torch.Generator().manual_seed(seed)
+    slots, rank, n_in, outs = 5, 8, 24, (16, 40)
+    a_stacks = [(torch.randn(slots, rank, n_in, generator=g) * 0.3).to(dtype) for _ in outs]
+    b_stacks = [(torch.randn(slots, out, rank, generator=g) * 0.3).to(dtype) for out in outs]
+    scales = torch.rand(slots, generator=g) + 0.5
+    ranks = [8, 2, 4, 8, 1]
+    x = torch.randn(tokens + 2, n_in, generator=g)
+    pairs = [(i, int(s), float(w)) for i in range(tokens) for s, w in
+             zip(torch.randperm(slots, generator=g)[:3], torch.rand(3, generator=g) * 3 - 1, strict=True)]
+    ys = [torch.randn(tokens + 2, out, generator=g) for out in outs]
+    expected = compose_reference(x, a_stacks, b_stacks, scales, pairs, ys, ranks)
+    group = lora_group(a_stacks, b_stacks)
+    got = compose_apply(x, group, scales, build_compose_meta(pairs, ranks), [y.clone() for y in ys])
+    for e, o, y in zip(expected, got, ys, strict=True):
+        torch.testing.assert_close(o, e, atol=1e-4 if dtype == torch.float32 else 3e-2, rtol=1e-4,
+                                   msg=lambda m: f"seed {seed}: {m}")
+        assert torch.equal(o[tokens:], y[tokens:]), f"seed {seed}: rows outside the pairs changed"
+
+
+def test_bad_compositions_are_refused(tiny_llama_dir: Path, loras: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(tiny_llama_dir, False, {**loras, "dora": make_dora_adapter(
+        tiny_llama_dir, tmp_path / "dora", rank=4, alpha=8, targets=["q_proj"], seed=3)}, slots=3)
+
+    def submit(*parts: AdapterPart, adapter: str | None = None) -> None:
+        engine.submit(GenerationRequest("bad", (1, 2, 3), adapter=adapter, parts=parts))
+
+    cases = [
+        ((AdapterPart("c0"), AdapterPart("c1"), AdapterPart("c2"), AdapterPart("c3"), AdapterPart("c4")),
+         "at most 4"),
+        ((AdapterPart("c0"), AdapterPart("c1"), AdapterPart("c2"), AdapterPart("c3")), "3 device slots"),
+        ((AdapterPart("c0"), AdapterPart("c0", 0.5)), "repeats"),
+        ((AdapterPart("c0", float("nan")),), "finite"),
+        ((AdapterPart("c0", float("inf")), AdapterPart("c1")), "finite"),
+        ((AdapterPart("c0", 101.0),), "finite"),
+        ((AdapterPart("c0"), AdapterPart("dora")), "DORA"),
+        ((AdapterPart("dora", 0.5),), "DORA"),
+    ]
+    for parts, message in cases:
+        with pytest.raises(InvalidRequest, match=message):
+            submit(*parts)
+    with pytest.raises(InvalidRequest, match="not both"):
+        submit(AdapterPart("c0"), adapter="c1")
+    with pytest.raises(UnknownAdapterRequest, match="nope"):
+        submit(AdapterPart("c0"), AdapterPart("nope"))
+    assert all(e.users == 0 for e in engine.pool._entries.values()), "a refused request left a part reserved"
