@@ -30,6 +30,7 @@ class GenerateResult:
     total_ms: float
     request_id: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
+    adapters: list[tuple[str, int, float]] = field(default_factory=list)  # a composition: (name, version, weight)
 
     @classmethod
     def from_proto(cls, r) -> GenerateResult:
@@ -37,7 +38,8 @@ class GenerateResult:
                    prompt_tokens=r.usage.prompt_tokens, completion_tokens=r.usage.completion_tokens,
                    adapter_name=r.adapter.name, adapter_version=r.adapter.version, queue_ms=r.timings.queue_ms,
                    ttft_ms=r.timings.ttft_ms, total_ms=r.timings.total_ms, request_id=r.request_id,
-                   logprobs=TokenLogprob.list_from_proto(r.logprobs))
+                   logprobs=TokenLogprob.list_from_proto(r.logprobs),
+                   adapters=[(a.name, a.version, a.weight) for a in r.adapters])
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class StreamChunk:
     total_ms: float  # on the last chunk
     request_id: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token_ids entry, when asked for
+    adapters: list[tuple[str, int, float]] = field(default_factory=list)  # last chunk: (name, version, weight)
 
     @classmethod
     def from_proto(cls, c) -> StreamChunk:
@@ -62,7 +65,8 @@ class StreamChunk:
                    prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
                    adapter_name=c.adapter.name, adapter_version=c.adapter.version, queue_ms=c.timings.queue_ms,
                    ttft_ms=c.timings.ttft_ms, total_ms=c.timings.total_ms, request_id=c.request_id,
-                   logprobs=TokenLogprob.list_from_proto(c.logprobs))
+                   logprobs=TokenLogprob.list_from_proto(c.logprobs),
+                   adapters=[(a.name, a.version, a.weight) for a in c.adapters])
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--w-out", type=float, default=e.w_out, help="VTC cost of a generated token")
     p.add_argument("--no-fair-preemption", action="store_true",
                    help="VTC without fair-share preemption: a tenant under its share waits for a free batch slot")
+    p.add_argument("--max-adapters-per-request", type=int, default=e.max_adapters_per_request,
+                   help="LoRA adapters one request may compose with weights (its `adapters` list)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -73,7 +75,8 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
     engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
                           max_batch_tokens=args.max_batch_tokens, kv_blocks=args.kv_blocks,
                           max_model_len=args.max_model_len, scheduling=args.scheduling or "fcfs",
-                          w_in=args.w_in, w_out=args.w_out, fair_preemption=not args.no_fair_preemption)
+                          w_in=args.w_in, w_out=args.w_out, fair_preemption=not args.no_fair_preemption,
+                          max_adapters_per_request=args.max_adapters_per_request)
     pool = AdapterPoolConfig(device_slots=args.device_slots, max_lora_rank=args.max_lora_rank,
                              max_bottleneck_size=args.max_bottleneck_size, lora_dtype=args.lora_dtype)
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,

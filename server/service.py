@@ -22,6 +22,7 @@ import grpc
 from server import grpc_messages as msg
 from server.auth import caller
 from server.clip import clip
+from server.compose_api import PartRef, PartSpec, ResolvedParts, resolve_parts
 from server.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -75,6 +76,7 @@ class Prepared:
     request_id: str  # what the caller sees
     adapter_name: str  # "tenant/name" or "" for the base model
     adapter_shared: bool = False
+    parts: tuple[PartRef, ...] = ()  # a composition's parts (server/compose_api.py)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -106,6 +108,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             finish_reason=str(last.finish_reason), usage=msg.usage(last),
             adapter=msg.adapter(prepared.adapter_name, last),
             timings=msg.timings(prepared.request.arrival_time, first, final=True), logprobs=logprobs,
+            adapters=msg.parts(prepared.parts),
         )
 
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
@@ -121,6 +124,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 chunk.finish_reason = str(event.finish_reason)
                 chunk.usage.CopyFrom(msg.usage(event))
                 chunk.adapter.CopyFrom(msg.adapter(prepared.adapter_name, event))
+                chunk.adapters.extend(msg.parts(prepared.parts))
                 chunk.timings.CopyFrom(msg.timings(prepared.request.arrival_time, first_event, final=True))
             yield chunk
 
@@ -129,7 +133,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Yields (prepared, event) until the finishing event; aborts the call with a status on failure."""
         tenant = caller(context)
         started = time.monotonic()
-        record = CallRecord(adapter_label=UNRESOLVED_LABEL if request.adapter else "")
+        record = CallRecord(adapter_label=UNRESOLVED_LABEL if request.adapter or request.adapters else "")
         try:
             prepared = self._prepare(request, tenant, started)
             record.adapter_label, record.shared = prepared.adapter_name, prepared.adapter_shared
@@ -217,13 +221,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise _invalid(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces")
         sampling = self._sampling(req)
         adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
+        composed = self._resolve_parts(tenant, req) if req.adapters else None
+        if composed is not None:
+            adapter_key, adapter_name, shared = composed.adapter, composed.label, composed.shared
         ids = self._tokens(req, given[0])
         request_id = req.request_id or uuid.uuid4().hex
         gen = GenerationRequest(
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
             adapter=adapter_key, tenant=tenant.name, arrival_time=started,
+            parts=composed.parts if composed is not None else (),
         )
-        return Prepared(gen, request_id, adapter_name, shared)
+        return Prepared(gen, request_id, adapter_name, shared, composed.refs if composed is not None else ())
 
     def _sampling(self, req: pb.GenerateRequest) -> SamplingParams:
         stop = []
@@ -260,6 +268,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {clip(name)} not found (no adapter store)")
         resolved = self.registry.resolve(tenant, name)  # AdapterNotFound / AdapterForbidden: the status table
         return resolved.pool_key, f"{resolved.tenant}/{resolved.name}", resolved.shared
+
+    def _resolve_parts(self, tenant: Tenant, req: pb.GenerateRequest) -> ResolvedParts:
+        """The `adapters` composition, each part resolved like `adapter` (server/compose_api.py)."""
+        if req.adapter:
+            raise _invalid("set `adapter` or `adapters`, not both (a single adapter may be one entry of `adapters`)")
+        if self.registry is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, "adapters not found (no adapter store)")
+        specs = [PartSpec(a.name, a.weight if a.HasField("weight") else 1.0) for a in req.adapters]
+        return resolve_parts(self.registry, tenant, specs, self.engine.config.max_adapters_per_request)
 
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
         if source == "token_ids":

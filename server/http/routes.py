@@ -20,6 +20,7 @@ from server.engine.request import FinishReason, GenerationRequest, InvalidReques
 from server.http import schemas
 from server.http.bridge import events
 from server.http.calls import Call, EventStream
+from server.http.compose import resolve_http_parts
 from server.http.errors import INTERNAL, NOT_FOUND, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
 from server.metrics import UNRESOLVED_LABEL
@@ -83,10 +84,16 @@ class OpenAIApi:
             call = Call(self, tenant, UNRESOLVED_LABEL)
             parsed = schemas.parse(await self._json(request), chat=chat, vocab_size=self.engine.args.vocab_size,
                                    max_new_tokens_limit=self.engine.config.max_new_tokens_limit)
-            adapter_key, call.adapter_label = self._resolve(tenant, parsed)
+            parts = ()
+            if parsed.adapters:  # a composition (server/http/compose.py)
+                composed = resolve_http_parts(self.registry, tenant, parsed, self.model_id,
+                                              self.engine.config.max_adapters_per_request)
+                adapter_key, call.adapter_label, parts = composed.adapter, composed.label, composed.parts
+            else:
+                adapter_key, call.adapter_label = self._resolve(tenant, parsed)
             prompts = self._tokenize(parsed)
             call.hold_slot()
-            call.submit(self._requests(tenant, parsed, prompts, adapter_key))
+            call.submit(self._requests(tenant, parsed, prompts, adapter_key, parts))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error object
             error = from_exception(exc, "messages" if chat else "prompt")
             if call is not None:
@@ -162,8 +169,8 @@ class OpenAIApi:
                               "to generate", "messages" if parsed.chat else "prompt", "context_length_exceeded")
         return prompts
 
-    def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None
-                  ) -> list[GenerationRequest]:
+    def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None,
+                  parts: tuple = ()) -> list[GenerationRequest]:
         base = uuid.uuid4().hex
         started = time.monotonic()
         out = []
@@ -175,7 +182,7 @@ class OpenAIApi:
                 out.append(GenerationRequest(
                     request_id=f"{tenant.name}/http-{base}-{p_index * parsed.n + i}", prompt_token_ids=tuple(ids),
                     sampling=sampling if i == 0 else _with_seed(sampling, seed), adapter=adapter_key,
-                    tenant=tenant.name, arrival_time=started))
+                    tenant=tenant.name, arrival_time=started, parts=parts))
         return out
 
     async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts) -> Response:

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from server.compose_api import PartSpec, parse_json
 from server.engine.request import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 from server.http.errors import invalid
 
@@ -38,6 +39,7 @@ class ParsedRequest:
     top_logprobs: int
     echo: bool
     tokens_as_ids: bool  # vLLM's `return_tokens_as_token_ids`: logprob tokens as "token_id:N"
+    adapters: tuple[PartSpec, ...] = ()  # the extra `adapters` composition (server/compose_api.py)
 
 
 def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
@@ -176,6 +178,9 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", None, "invalid_type")
     model = body.get("model")
+    adapters = _adapters(body)
+    if adapters and model is None:
+        model = "+".join(a.name for a in adapters)  # echoed back as the response's model
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required: the base model's id, 'base', or an adapter name", "model",
                       "missing_required_parameter")
@@ -231,7 +236,18 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
     echo = _boolean(body, "echo") if not chat else False
     return ParsedRequest(chat=chat, model=model, adapter=adapter or None, prompts=prompts, messages=messages,
                          sampling=sampling, n=n, stream=stream, include_usage=include_usage, logprobs=logprobs,
-                         top_logprobs=top, echo=echo, tokens_as_ids=_boolean(body, "return_tokens_as_token_ids"))
+                         top_logprobs=top, echo=echo, tokens_as_ids=_boolean(body, "return_tokens_as_token_ids"),
+                         adapters=adapters)
+
+
+def _adapters(body: dict) -> tuple[PartSpec, ...]:
+    value = body.get("adapters")
+    if value is None:
+        return ()
+    try:
+        return tuple(parse_json(value))
+    except InvalidRequest as exc:
+        raise invalid(str(exc), "adapters") from None
 
 
 def _top_k(body: dict) -> int:
