@@ -179,7 +179,7 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
         raise invalid("the request body must be a JSON object", None, "invalid_type")
     model = body.get("model")
     adapters = _adapters(body)
-    if adapters and model is None:
+    if adapters and not model:
         model = "+".join(a.name for a in adapters)  # echoed back as the response's model
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required: the base model's id, 'base', or an adapter name", "model",
