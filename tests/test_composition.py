@@ -26,9 +26,9 @@ from tests.peft_adapters import ALL_PROJ, AdapterSpec, make_peft_adapter
 LORAS = [("c0", 8, 16, ALL_PROJ, False), ("c1", 4, 8, ["q_proj", "v_proj"], False),
          ("c2", 2, 4, ["o_proj", "down_proj", "up_proj"], True), ("c3", 8, 8, ["k_proj", "gate_proj"], False),
          ("c4", 4, 16, ALL_PROJ, True), ("c5", 6, 12, ["q_proj", "o_proj", "down_proj"], False)]
+NF4_LOGIT_ATOL = 1e-3
 RUNS = 5  # x COMPOSED_PER_RUN = 20 random compositions per mode
 COMPOSED_PER_RUN = 4
-NF4_LOGIT_ATOL = 2e-3  # NF4: ours dequantizes and multiplies in fp32, PEFT's base on bitsandbytes' exact path
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,10 @@ def _draw(g: torch.Generator) -> tuple[AdapterPart, ...]:
     return tuple(AdapterPart(name, round(w, 3)) for name, w in zip(names, weights, strict=True))
 
 
-def _peft_oracle(base: torch.nn.Module, loras: dict[str, Path], parts: tuple[AdapterPart, ...], ids: list[int]
-                 ) -> torch.Tensor:
-    """PEFT with every part active at once, each adapter's scaling multiplied by its weight: logits [len(ids), V]."""
+def _peft_oracle(base: torch.nn.Module, loras: dict[str, Path], parts: tuple[AdapterPart, ...], ids: list[int],
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """PEFT with every part active at once, each adapter's scaling multiplied by its weight: logits [len(ids), V]
+    (dtype float64: a dense base and the adapters in float64, the fallback of assert_close_to_oracle)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
@@ -70,7 +71,7 @@ def _peft_oracle(base: torch.nn.Module, loras: dict[str, Path], parts: tuple[Ada
             for name, w in weights.items():
                 if name in module.scaling:
                     module.scaling[name] *= w
-    model.eval()
+    model.eval().to(dtype)
     with torch.no_grad():
         mask = torch.ones(1, len(ids), dtype=torch.long)
         return model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0].float()
@@ -82,6 +83,9 @@ def test_random_compositions_match_peft_in_one_mixed_batch(tiny_llama_dir: Path,
     from tests.test_model_parity import hf_model
 
     base = hf_model(tiny_llama_dir, quantize)
+    # fp32, differences of summation order only; dense falls back to the float64 oracle where 2-4 random parts of
+    # weight up to 2 make fp32 itself round further (seen: 3e-4 on 47 of 196,608 logits, seed 903212); NF4 has no
+    # float64 oracle, hence its wider bound
     atol = NF4_LOGIT_ATOL if quantize else LOGIT_ATOL
     seed = draw_seed()
     g = torch.Generator().manual_seed(seed)
@@ -92,9 +96,10 @@ def test_random_compositions_match_peft_in_one_mixed_batch(tiny_llama_dir: Path,
     engine.start()
     try:
         for run in range(RUNS):
-            # one mixed batch: the compositions, a plain adapter, a weighted single adapter and the base
+            # one mixed batch: the compositions, a plain adapter, a weighted single adapter and the base (run 0:
+            # compositions and the base only, so the family's plain call has no token)
             routes: list[tuple[AdapterPart, ...] | str | None] = [_draw(g) for _ in range(COMPOSED_PER_RUN)]
-            routes += ["c1", (AdapterPart("c0", -0.5),), None]
+            routes += [None] if run == 0 else ["c1", (AdapterPart("c0", -0.5),), None]
             prompts = [torch.randint(0, engine.args.vocab_size, (int(torch.randint(2, 12, (1,), generator=g)),),
                                      generator=g).tolist() for _ in routes]
             params = SamplingParams(max_new_tokens=4, ignore_eos=True)
@@ -113,7 +118,16 @@ def test_random_compositions_match_peft_in_one_mixed_batch(tiny_llama_dir: Path,
                     expected = _peft_oracle(base, loras, parts, full)
                 expected = expected[len(prompt) - 1: len(full) - 1]
                 what = f"seed {seed}, run {run}, {route}"
-                assert_close_to_oracle(torch.stack(seen[f"r{run}-{i}"]), expected, atol, lambda: None, what)
+
+                def exact(parts=parts, full=full, n=len(prompt)) -> torch.Tensor | None:
+                    if quantize:
+                        return None
+                    if parts is None:
+                        with torch.no_grad():
+                            return copy.deepcopy(base).double()(torch.tensor([full])).logits[0, n - 1: -1].float()
+                    return _peft_oracle(base, loras, parts, full, torch.float64)[n - 1: -1]
+
+                assert_close_to_oracle(torch.stack(seen[f"r{run}-{i}"]), expected, atol, exact, what)
                 assert list(out.token_ids) == expected.argmax(-1).tolist(), what
     finally:
         engine.shutdown()
