@@ -119,7 +119,8 @@ def test_random_compositions_match_peft_in_one_mixed_batch(tiny_llama_dir: Path,
                 expected = expected[len(prompt) - 1: len(full) - 1]
                 what = f"seed {seed}, run {run}, {route}"
 
-                def exact(parts=parts, full=full, n=len(prompt)) -> torch.Tensor | None:
+                def exact(parts=parts, full=full, prompt=prompt) -> torch.Tensor | None:
+                    n = len(prompt)
                     if quantize:
                         return None
                     if parts is None:
