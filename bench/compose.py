@@ -17,10 +17,10 @@ LoRA time (row minus base). Figures only on quiet cores; a smoke run proves it w
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench.kernels import timed
 from kernels import build_lora_meta, lora_apply_group, lora_group
 from kernels.compose import build_compose_meta, compose_apply
 
@@ -54,14 +54,6 @@ def _step(tables, xs, scales, meta, compose) -> None:
                 compose_apply(x, group, scales, compose, ys)
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sequences", type=int, default=32)
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {"base": (None, None, 0), "single": (single, None, len(set(single_slots.tolist()))),
             "composed": (nothing, compose, len({s for _, s, _ in pairs}))}
-    times = {name: _timed(lambda m=m, c=c: _step(tables, xs, scales, m, c), args.repeats)
+    times = {name: timed(lambda m=m, c=c: _step(tables, xs, scales, m, c), args.repeats)
              for name, (m, c, _) in rows.items()}
     print(f"decode step: {n} sequences, {args.adapters} adapters of rank {args.rank}, {args.parts} parts per "
           f"composed sequence, {args.layers} layers, threads {torch.get_num_threads()}")
