@@ -7,6 +7,7 @@ weights in [-1, 2]) are drawn from a seed that failures print; `SEED=N` replays 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,44 @@ def test_bad_compositions_are_refused(tiny_llama_dir: Path, loras: dict[str, Pat
     with pytest.raises(UnknownAdapterRequest, match="nope"):
         submit(AdapterPart("c0"), AdapterPart("nope"))
     assert all(e.users == 0 for e in engine.pool._entries.values()), "a refused request left a part reserved"
+
+
+def test_two_compositions_holding_half_of_each_other_both_finish(tiny_llama_dir: Path, loras: dict[str, Path]
+                                                                  ) -> None:
+    """Two slots; c0 and c2 in them, each reserved by a waiting composition that needs the other's neighbour
+    (R1 = c0 + c1, R2 = c2 + c3): without a part displacing an unpinned waiting adapter neither could ever run."""
+    from tests.test_pool import make_pool, wait_for
+
+    pool = make_pool(tiny_llama_dir, device_slots=2)
+    for name, path in loras.items():
+        pool.register(name, path)
+    for key in ("c0", "c2", "c1", "c3"):  # submit order: c0 and c2 reach the two slots first
+        pool.reserve(key)
+        if key in ("c0", "c2"):
+            wait_for(lambda k=key: pool.residency(k) == "device")
+    for _ in range(20):  # a single adapter's acquire never takes a waiting request's slot
+        assert pool.acquire("c1") is None
+        time.sleep(0.005)
+    lease = acquire_soon_displacing(pool, "c1")
+    assert lease is not None and pool.residency("c1") == "device"
+    assert acquire_soon_displacing(pool, "c3") is not None  # c1 stays pinned: c3 displaces the other waiter
+    assert pool.residency("c1") == "device" and pool.residency("c3") == "device"
+    pool.close()
+
+    engine = _engine(tiny_llama_dir, False, loras, slots=2)  # end to end: two compositions, two slots
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        handles = [engine.submit(GenerationRequest(f"half-{i}", (1, 2, 3), params, parts=(
+            AdapterPart(f"c{2 * i}", 0.5), AdapterPart(f"c{2 * i + 1}", 0.5)))) for i in range(2)]
+        assert [collect(h, timeout=60).finish_reason for h in handles] == ["length", "length"]
+    finally:
+        engine.shutdown()
+
+
+def acquire_soon_displacing(pool, key: str):
+    from tests.test_pool import wait_for
+
+    leases = []
+    wait_for(lambda: leases.append(pool.acquire(key, displace=True)) or leases[-1] is not None)
+    return leases[-1]

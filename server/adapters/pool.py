@@ -169,8 +169,10 @@ class AdapterPool:
             return entry.weights if entry.weights is not None else weights
 
     # ---- step loop -----------------------------------------------------------------------------
-    def acquire(self, key: str) -> Lease | None:
+    def acquire(self, key: str, displace: bool = False) -> Lease | None:
         """Pin `key` in its device slot; None while the loader brings it in, or when every slot is pinned.
+        displace: a composition's part (server/engine/composition.py), which may take the slot of an adapter that
+        only waiting requests hold when no slot is free.
 
         Never reads or copies tensors itself. Raises UnknownAdapter when the key is gone,
         AdapterLoadError when its load failed."""
@@ -182,6 +184,7 @@ class AdapterPool:
                 raise AdapterLoadError(entry.error)
             if entry.state is not EntryState.IN_SLOT:
                 entry.want_slot = True
+                entry.displace = entry.displace or displace
                 self._request_load(key, entry)
                 return None
             entry.pins += 1
@@ -263,9 +266,9 @@ class AdapterPool:
         """LOADING -> FILLING: a free (or freed) slot reserved for `entry` if a sequence wants it; lock held."""
         if not (entry.users or entry.want_slot):
             return None
-        slot = self._free_slot()
+        slot = self._free_slot(displace=entry.displace)
         if slot is not None:
-            entry.state, entry.adapter_slot, entry.want_slot = EntryState.FILLING, slot, False
+            entry.state, entry.adapter_slot, entry.want_slot, entry.displace = EntryState.FILLING, slot, False, False
             self._slot_owner[slot] = key
             self.tables.ensure(entry.weights)  # no table is added without the lock
         return slot
@@ -313,7 +316,7 @@ class AdapterPool:
         entry.meta = entry.meta or AdapterMeta.of(weights)
         self._host.put(key, entry, weights, self._entries)
 
-    def _free_slot(self) -> int | None:
+    def _free_slot(self, displace: bool = False) -> int | None:
         for slot, owner in enumerate(self._slot_owner):
             if owner is None:
                 return slot
@@ -322,6 +325,15 @@ class AdapterPool:
         for key in self._lru:
             entry = self._entries[key]
             if entry.idle:
+                slot = entry.adapter_slot
+                self._evict(key, entry)
+                return slot
+        # a composition's part is being admitted and every slot is held by waiting requests: it could wait for a
+        # slot that only other waiting requests' parts hold (two compositions each holding half of what they
+        # need, forever), so the least recently used unpinned adapter gives way
+        for key in self._lru if displace else ():
+            entry = self._entries[key]
+            if entry.pins == 0:
                 slot = entry.adapter_slot
                 self._evict(key, entry)
                 return slot

@@ -313,7 +313,7 @@ class Engine:
         leases = []
         for part in seq.request.parts:
             try:
-                lease = self.pool.acquire(part.key)
+                lease = self.pool.acquire(part.key, displace=True)
             except Exception as exc:  # unregistered or unreadable since submit()
                 lease, failed = None, f"adapter {part.key!r} unavailable: {exc}"
             else:
