@@ -70,6 +70,11 @@ def test_compositions_over_grpc_and_http(tiny_llama_dir: Path, adapter_dirs: dic
         assert one.token_ids == acme.generate(token_ids=PROMPT, adapter="d", max_new_tokens=4,
                                               ignore_eos=True).token_ids
 
+        # hot swap per part: a new version of `a` serves new compositions (the response names it)
+        newer = acme.upload_adapter(adapter_dirs["a"], "a").version
+        swapped = acme.generate(token_ids=PROMPT, adapters=parts, max_new_tokens=4, ignore_eos=True)
+        assert newer == versions["a"] + 1 and [v for _, v, _ in swapped.adapters] == [newer, versions["b"]]
+
         scrape = s.grpc.scrape()
         assert metric(scrape, "switchboard_requests_total", tenant="acme", adapter="acme/a+acme/b") >= 3
         wait_until(lambda: any(r.adapter == "acme/a+acme/b" for r in s.grpc.client().get_usage().rows), 15,
