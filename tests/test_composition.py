@@ -15,9 +15,12 @@ import torch
 
 from kernels import lora_group
 from kernels.compose import build_compose_meta, compose_apply, compose_reference
+from kernels.projection import available
+from server.adapters.kinds import lora_step
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
 from server.engine.engine import Engine
 from server.engine.request import AdapterPart, GenerationRequest, InvalidRequest, SamplingParams, UnknownAdapterRequest
+from server.model.llama import LlamaModel
 from tests.engine_utils import collect
 from tests.kinds_adapters import make_dora_adapter
 from tests.oracle_parity import LOGIT_ATOL, assert_close_to_oracle, draw_seed
@@ -28,6 +31,7 @@ LORAS = [("c0", 8, 16, ALL_PROJ, False), ("c1", 4, 8, ["q_proj", "v_proj"], Fals
          ("c2", 2, 4, ["o_proj", "down_proj", "up_proj"], True), ("c3", 8, 8, ["k_proj", "gate_proj"], False),
          ("c4", 4, 16, ALL_PROJ, True), ("c5", 6, 12, ["q_proj", "o_proj", "down_proj"], False)]
 NF4_LOGIT_ATOL = 1e-3
+GROUPS_PER_LAYER = 4  # q/k/v, o, gate/up, down
 RUNS = 5  # x COMPOSED_PER_RUN = 20 random compositions per mode
 COMPOSED_PER_RUN = 4
 
@@ -227,3 +231,43 @@ def acquire_soon_displacing(pool, key: str):
     leases = []
     wait_for(lambda: leases.append(pool.acquire(key, displace=True)) or leases[-1] is not None)
     return leases[-1]
+
+
+@pytest.mark.skipif(not available(), reason="no C++ compiler: the projection kernel is not built")
+def test_a_decode_step_keeps_the_fused_call_beside_the_composition(tiny_llama_dir: Path, loras: dict[str, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain tokens take the one fused base + LoRA call per projection group; the composed pairs one more call."""
+    calls: list[list[str]] = []
+    real_fused, real_compose = lora_step.projection_group, lora_step.compose_apply
+
+    def fused(*args, **kwargs):
+        calls[-1].append("fused")
+        return real_fused(*args, **kwargs)
+
+    def compose(*args, **kwargs):
+        calls[-1].append("compose")
+        return real_compose(*args, **kwargs)
+
+    real_forward = LlamaModel.forward
+
+    def forward(model, batch, *args, **kwargs):
+        calls.append([])
+        return real_forward(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(lora_step, "projection_group", fused)
+    monkeypatch.setattr(lora_step, "compose_apply", compose)
+    monkeypatch.setattr(LlamaModel, "forward", forward)
+    engine = _engine(tiny_llama_dir, False, loras)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        handles = [engine.submit(GenerationRequest("plain", (1, 2, 3), params, adapter="c1")),
+                   engine.submit(GenerationRequest("mix", (4, 5), params, parts=(AdapterPart("c0", 0.5),
+                                                                                  AdapterPart("c2", -1.0))))]
+        for h in handles:
+            collect(h)
+    finally:
+        engine.shutdown()
+    groups = GROUPS_PER_LAYER * engine.args.num_layers
+    both = [c for c in calls if c.count("fused") == groups and c.count("compose") == groups]
+    assert both, f"no step took the fused call and the composition's call per group: {calls}"
