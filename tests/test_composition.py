@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 from kernels import lora_group
 from kernels.compose import build_compose_meta, compose_apply, compose_reference
 from kernels.projection import available
@@ -142,8 +143,12 @@ def test_random_compositions_match_peft_in_one_mixed_batch(tiny_llama_dir: Path,
 
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compose_apply_equals_the_reference(tokens: int, dtype: torch.dtype) -> None:
-    """The pairs' one call (the compiled kernel on CPU, whatever kernels.MODE picks) against the per-pair loop."""
+@pytest.mark.parametrize("mode", ["auto", "reference", "triton"])
+def test_compose_apply_equals_the_reference(tokens: int, dtype: torch.dtype, mode: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pairs' one call on each kernel path (auto: the compiled kernel on CPU; Triton under TRITON_INTERPRET on
+    CPU) against the per-pair loop."""
+    monkeypatch.setattr(kernels, "MODE", mode)
     seed = draw_seed()
     g = torch.Generator().manual_seed(seed)
     slots, rank, n_in, outs = 5, 8, 24, (16, 40)
@@ -151,6 +156,10 @@ def test_compose_apply_equals_the_reference(tokens: int, dtype: torch.dtype) -> 
     b_stacks = [(torch.randn(slots, out, rank, generator=g) * 0.3).to(dtype) for out in outs]
     scales = torch.rand(slots, generator=g) + 0.5
     ranks = [8, 2, 4, 8, 1]
+    for a, b in zip(a_stacks, b_stacks, strict=True):  # zero padding past each slot's rank, as the pool's tables
+        for slot, r in enumerate(ranks):
+            a[slot, r:] = 0
+            b[slot, :, r:] = 0
     x = torch.randn(tokens + 2, n_in, generator=g)
     pairs = [(i, int(s), float(w)) for i in range(tokens) for s, w in
              zip(torch.randperm(slots, generator=g)[:3], torch.rand(3, generator=g) * 3 - 1, strict=True)]

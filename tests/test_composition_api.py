@@ -113,3 +113,12 @@ def test_compositions_over_grpc_and_http(tiny_llama_dir: Path, adapter_dirs: dic
                 http.completions.create(model=model, prompt=PROMPT, max_tokens=2, extra_body=body)
             assert info.value.body["param"] == param, info.value.body
     assert all(e.pins == 0 and e.users == 0 for e in s.grpc.engine.pool._entries.values())
+
+
+def test_cli_compose_parts() -> None:
+    from clients.__main__ import _generation_kwargs, parse_args
+
+    args = parse_args(["generate", "hi", "--compose", "acme/a=0.7", "--compose", "b", "--compose", "c=-1e-1"])
+    assert _generation_kwargs(args)["adapters"] == [("acme/a", 0.7), ("b", 1.0), ("c", -0.1)]
+    with pytest.raises(SystemExit):
+        _generation_kwargs(parse_args(["generate", "hi", "--compose", "a=x"]))
