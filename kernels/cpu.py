@@ -27,7 +27,9 @@ from kernels.meta import LoraBatchMeta
 from kernels.reference import expand_reference, shrink_reference
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_plan: tuple[LoraBatchMeta, torch.Tensor, torch.Tensor | None] | None = None  # (meta, segments [S, 4], index [T])
+# the last two metas' (meta, segments [S, 4], index [T]): a step with composed adapters alternates two metas (its
+# plain tokens' and its (token, part) pairs', kernels/compose.py) in every layer
+_plans: tuple[tuple[LoraBatchMeta, torch.Tensor, torch.Tensor | None], ...] = ()
 
 
 def _kernels():
@@ -42,12 +44,14 @@ def available() -> bool:
 def segments(meta: LoraBatchMeta) -> tuple[torch.Tensor, int]:
     """The LoRA segments as an int64 [S, 4] table (lo, hi, slot, rank or -1) and the token index pointer
     (0 when the batch is grouped): made once per step's meta, reused by every layer's calls."""
-    global _plan
-    plan = _plan  # one read: another thread may replace it meanwhile
-    if plan is None or plan[0] is not meta:
+    global _plans
+    plans = _plans  # one read: another thread may replace it meanwhile
+    plan = next((p for p in plans if p[0] is meta), None)
+    if plan is None:
         rows = [(lo, hi, slot, -1 if rank is None else rank) for lo, hi, slot, rank in meta.lora_segments()]
         index = None if meta.contiguous else meta.sorted_tokens.to(torch.int64).contiguous()
-        plan = _plan = (meta, torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), index)
+        plan = (meta, torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), index)
+        _plans = (plan, *plans[:1])
     return plan[1], 0 if plan[2] is None else plan[2].data_ptr()
 
 
