@@ -14,10 +14,12 @@ import math
 from collections.abc import Callable
 
 from server.engine.request import AdapterPart, InvalidRequest
+from server.engine.scheduler import Admission
+from server.engine.sequence import Sequence
 
 MAX_PART_WEIGHT = 100.0  # |weight| bound: larger ones only amplify noise into overflow
 COMPOSABLE_KINDS = ("LORA",)  # rsLoRA is a LORA with its own scale
-__all__ = ["COMPOSABLE_KINDS", "MAX_PART_WEIGHT", "AdapterPart", "check_parts"]
+__all__ = ["COMPOSABLE_KINDS", "MAX_PART_WEIGHT", "AdapterPart", "check_parts", "pin_parts"]
 
 
 def check_parts(parts: tuple[AdapterPart, ...], limit: int, device_slots: int, kind_of: Callable[[str], str]
@@ -44,3 +46,23 @@ def check_parts(parts: tuple[AdapterPart, ...], limit: int, device_slots: int, k
             raise InvalidRequest(f"adapters[{i}] is a {kind} adapter; only LoRA adapters can be composed or "
                                  "weighted (DoRA's norms are per adapter, LongLoRA's norms / embeddings / RoPE "
                                  "factor cannot mix)")
+
+
+def pin_parts(pool, seq: Sequence) -> tuple[Admission, str | None]:
+    """The scheduler's admission of a composition: every part pinned in its slot (pool.acquire, allowed to displace
+    an adapter only waiting requests hold), or none (the parts stay reserved, so none is evicted for an unrelated
+    adapter while the others load)."""
+    leases = []
+    for part in seq.request.parts:
+        try:
+            lease, failed = pool.acquire(part.key, displace=True), None
+        except Exception as exc:  # unregistered or unreadable since submit()
+            lease, failed = None, f"adapter {part.key!r} unavailable: {exc}"
+        if lease is None:
+            for held, _ in leases:
+                pool.release(held.key)
+            return (Admission.NOT_NOW, None) if failed is None else (Admission.FAILED, failed)
+        leases.append((lease, part.weight))
+    seq.part_leases = leases
+    seq.part_versions = tuple(lease.version for lease, _ in leases)
+    return Admission.ADMITTED, None

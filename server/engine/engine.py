@@ -18,7 +18,7 @@ import kernels
 from server.adapters.peft_format import read_adapter
 from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
-from server.engine.composition import check_parts
+from server.engine.composition import check_parts, pin_parts
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
 from server.engine.request import (
@@ -290,7 +290,7 @@ class Engine:
         """The scheduler's admission check (KV blocks already allocated): pin the sequence's adapter in its slot
         and write the context entries the adapter supplies (prefix K/V)."""
         if seq.request.parts:
-            return self._pin_parts(seq)
+            return pin_parts(self.pool, seq)
         key = seq.request.adapter
         if key is None:
             return Admission.ADMITTED, None
@@ -305,26 +305,6 @@ class Engine:
         if prefix is not None:
             self.kv.write_prefix(seq.blocks, *prefix)
             seq.num_computed = seq.n_prefix
-        return Admission.ADMITTED, None
-
-    def _pin_parts(self, seq: Sequence) -> tuple[Admission, str | None]:
-        """Every part of a composition pinned in its slot, or none (parts stay reserved, so none is evicted while
-        the others load)."""
-        leases = []
-        for part in seq.request.parts:
-            try:
-                lease = self.pool.acquire(part.key, displace=True)
-            except Exception as exc:  # unregistered or unreadable since submit()
-                lease, failed = None, f"adapter {part.key!r} unavailable: {exc}"
-            else:
-                failed = None
-            if lease is None:
-                for held, _ in leases:
-                    self.pool.release(held.key)
-                return (Admission.NOT_NOW, None) if failed is None else (Admission.FAILED, failed)
-            leases.append((lease, part.weight))
-        seq.part_leases = leases
-        seq.part_versions = tuple(lease.version for lease, _ in leases)
         return Admission.ADMITTED, None
 
     def _unpin_adapter(self, seq: Sequence) -> None:
