@@ -19,6 +19,7 @@ import sys
 # suite -> (module, what it measures). The first group backs bench/RESULTS.md's claims; the rest are tools.
 SUITES: dict[str, tuple[str, str]] = {
     "step": ("bench.kernels", "decode step: base vs 32 distinct LoRAs, one call vs two (and the kernel ops)"),
+    "compose": ("bench.compose", "decode step: 32 sequences composing 2 of 32 LoRAs vs 32 single LoRAs vs base"),
     "kinds": ("bench.kinds", "decode step per adapter kind vs base (LoRA, DoRA, LongLoRA, IA3, ...)"),
     "peers": ("bench.compare_peers", "our server and engine vs PEFT and transformers on the default workload"),
     "long": ("bench.long_context", "long prompts vs transformers, and short sequences beside a long one"),

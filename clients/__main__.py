@@ -29,6 +29,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     p.add_argument("--system", default=None, help="a system message (chat mode)")
     p.add_argument("--adapter", default="")
+    p.add_argument("--compose", action="append", default=None, metavar="NAME=WEIGHT",
+                   help="a part of a composition of LoRA adapters (repeatable; WEIGHT defaults to 1)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -104,6 +106,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _part(text: str) -> tuple[str, float]:
+    """--compose NAME=WEIGHT (or NAME: weight 1)."""
+    name, _, weight = text.rpartition("=") if "=" in text else (text, "", "1")
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise SystemExit(f"--compose {text!r}: the weight after '=' must be a number") from None
+
+
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
@@ -113,6 +124,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
                   top_logprobs=args.top_logprobs, json_schema=_text_or_file(args.json_schema),
                   json_object=args.json_object, regex=args.regex, choice=args.choice,
                   grammar=_text_or_file(args.grammar))
+    if args.compose:
+        kwargs["adapters"] = [_part(p) for p in args.compose]
     if args.raw:
         return dict(prompt=args.prompt, **kwargs)
     chat = ([{"role": "system", "content": args.system}] if args.system else []) + [

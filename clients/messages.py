@@ -25,6 +25,7 @@ class GenerateOptions(TypedDict, total=False):
     messages: list[dict]
     token_ids: list[int]
     adapter: str  # "" = the base model
+    adapters: list[tuple[str, float]]  # a composition: (adapter name, weight) per part; `adapter` stays ""
     max_new_tokens: int  # default 64
     temperature: float
     top_p: float
@@ -75,6 +76,8 @@ def generate_request(prompt: str | None = None, **options: Unpack[GenerateOption
         req.logit_bias[int(token)] = bias
     req.logprobs = bool(o.get("logprobs", False))
     _constraint(req, o)
+    for name, weight in o.get("adapters") or ():
+        req.adapters.add(name=name, weight=weight)
     return req
 
 

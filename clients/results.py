@@ -31,6 +31,7 @@ class GenerateResult:
     request_id: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
     cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
+    adapters: list[tuple[str, int, float]] = field(default_factory=list)  # a composition: (name, version, weight)
 
     @classmethod
     def from_proto(cls, r) -> GenerateResult:
@@ -39,7 +40,8 @@ class GenerateResult:
                    adapter_name=r.adapter.name, adapter_version=r.adapter.version, queue_ms=r.timings.queue_ms,
                    ttft_ms=r.timings.ttft_ms, total_ms=r.timings.total_ms, request_id=r.request_id,
                    logprobs=TokenLogprob.list_from_proto(r.logprobs),
-                   cached_prompt_tokens=r.usage.cached_prompt_tokens)
+                   cached_prompt_tokens=r.usage.cached_prompt_tokens,
+                   adapters=[(a.name, a.version, a.weight) for a in r.adapters])
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,7 @@ class StreamChunk:
     request_id: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token_ids entry, when asked for
     cached_prompt_tokens: int = 0  # on the last chunk
+    adapters: list[tuple[str, int, float]] = field(default_factory=list)  # last chunk: (name, version, weight)
 
     @classmethod
     def from_proto(cls, c) -> StreamChunk:
@@ -65,7 +68,8 @@ class StreamChunk:
                    prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
                    adapter_name=c.adapter.name, adapter_version=c.adapter.version, queue_ms=c.timings.queue_ms,
                    ttft_ms=c.timings.ttft_ms, total_ms=c.timings.total_ms, request_id=c.request_id,
-                   logprobs=TokenLogprob.list_from_proto(c.logprobs), cached_prompt_tokens=c.usage.cached_prompt_tokens)
+                   logprobs=TokenLogprob.list_from_proto(c.logprobs), cached_prompt_tokens=c.usage.cached_prompt_tokens,
+                   adapters=[(a.name, a.version, a.weight) for a in c.adapters])
 
 
 @dataclass(frozen=True, slots=True)

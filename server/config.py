@@ -70,9 +70,11 @@ class EngineConfig:
     # another one sent the same prompt); adapters' blocks stay per tenant
     prefix_cache_share_base: bool = False
     prefix_cache_share_adapters: bool = False  # the same for adapters their owner shared with other tenants
+    max_adapters_per_request: int = 4  # LoRA adapters one request may compose (server/engine/composition.py)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks"):
+        for name in ("max_batch_tokens", "max_running", "max_waiting", "kv_block_size", "kv_blocks",
+                     "max_adapters_per_request"):
             require(getattr(self, name) > 0, f"{name} must be > 0")
         require(self.scheduling in ("fcfs", "vtc"), f"scheduling must be fcfs or vtc, got {self.scheduling!r}")
         require(self.w_in >= 0 and self.w_out >= 0 and self.w_in + self.w_out > 0,

@@ -25,6 +25,11 @@ def adapter(adapter_name: str, event: TokenEvent) -> pb.AdapterRef:
     return pb.AdapterRef(name=adapter_name, version=event.adapter_version or 0)
 
 
+def parts(refs) -> list[pb.AdapterRef]:
+    """A composition's parts (server.compose_api.PartRef): name, version, weight."""
+    return [pb.AdapterRef(name=r.name, version=r.version, weight=r.weight) for r in refs]
+
+
 def timings(arrival_time: float, first: TokenEvent | None, final: bool) -> pb.Timings:
     t = pb.Timings()
     if first is not None and first.queue_s is not None:

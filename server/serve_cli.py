@@ -75,6 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "tenant that another sent the same prompt); adapters' blocks stay per tenant")
     p.add_argument("--prefix-cache-share-adapters", action="store_true",
                    help="the same for adapters their owner shared with other tenants")
+    p.add_argument("--max-adapters-per-request", type=int, default=e.max_adapters_per_request,
+                   help="LoRA adapters one request may compose with weights (its `adapters` list)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -99,7 +101,8 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Adapte
                           w_in=args.w_in, w_out=args.w_out, fair_preemption=not args.no_fair_preemption,
                           prefix_cache=not args.no_prefix_cache,
                           prefix_cache_share_base=args.prefix_cache_share_base,
-                          prefix_cache_share_adapters=args.prefix_cache_share_adapters)
+                          prefix_cache_share_adapters=args.prefix_cache_share_adapters,
+                          max_adapters_per_request=args.max_adapters_per_request)
     pool = AdapterPoolConfig(device_slots=args.device_slots, **limit_values(args))
     server = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
                           metrics_host=args.metrics_host, data_dir=args.data_dir, tenants_file=args.tenants,

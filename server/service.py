@@ -22,6 +22,7 @@ import grpc
 from server import grpc_messages as msg
 from server.auth import caller
 from server.clip import clip
+from server.compose_api import PartRef, PartSpec, ResolvedParts, resolve_parts
 from server.engine.request import GenerationRequest, SamplingParams, TokenEvent
 from server.lifecycle import ENGINE_CHECK_S, Call, check_prompt, check_sampling, failure, wait_events
 from server.metrics import UNRESOLVED_LABEL, ServerMetrics
@@ -41,7 +42,6 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 DEFAULTS = SamplingParams()
 
 
-_invalid = invalid
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,7 @@ class Prepared:
     request_id: str  # what the caller sees
     adapter_name: str  # "tenant/name" or "" for the base model
     adapter_shared: bool = False
+    parts: tuple[PartRef, ...] = ()  # a composition's parts (server/compose_api.py)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -81,6 +82,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             finish_reason=str(last.finish_reason), usage=msg.usage(last),
             adapter=msg.adapter(prepared.adapter_name, last),
             timings=msg.timings(prepared.request.arrival_time, first, final=True), logprobs=logprobs,
+            adapters=msg.parts(prepared.parts),
         )
 
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
@@ -96,6 +98,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 chunk.finish_reason = str(event.finish_reason)
                 chunk.usage.CopyFrom(msg.usage(event))
                 chunk.adapter.CopyFrom(msg.adapter(prepared.adapter_name, event))
+                chunk.adapters.extend(msg.parts(prepared.parts))
                 chunk.timings.CopyFrom(msg.timings(prepared.request.arrival_time, first_event, final=True))
             yield chunk
 
@@ -103,7 +106,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _serve(self, request: pb.GenerateRequest, context) -> Iterator[tuple[Prepared, TokenEvent]]:
         """Yields (prepared, event) until the finishing event; aborts the call with a status on failure."""
         tenant = caller(context)
-        call = Call(self, tenant, UNRESOLVED_LABEL if request.adapter else "")
+        call = Call(self, tenant, UNRESOLVED_LABEL if request.adapter or request.adapters else "")
         try:
             prepared = self._prepare(request, tenant, call.started)
             call.adapter_label, call.shared = prepared.adapter_name, prepared.adapter_shared
@@ -153,13 +156,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         given = [f for f, present in (("prompt", bool(req.prompt)), ("messages", len(req.messages) > 0),
                                       ("token_ids", len(req.token_ids) > 0)) if present]
         if not given:
-            raise _invalid("the prompt is empty: set exactly one of prompt, messages, token_ids")
+            raise invalid("the prompt is empty: set exactly one of prompt, messages, token_ids")
         if len(given) > 1:
-            raise _invalid(f"set exactly one of prompt, messages, token_ids (got {' and '.join(given)})")
+            raise invalid(f"set exactly one of prompt, messages, token_ids (got {' and '.join(given)})")
         if req.request_id and not _REQUEST_ID.match(req.request_id):
-            raise _invalid(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces")
+            raise invalid(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces")
         sampling = self._sampling(req)
         adapter_key, adapter_name, shared = self._resolve_adapter(tenant, req.adapter)
+        composed = self._resolve_parts(tenant, req) if req.adapters else None
+        if composed is not None:
+            adapter_key, adapter_name, shared = composed.adapter, composed.label, composed.shared
         ids = self._tokens(req, given[0])
         check_prompt(ids, self.engine)  # the vocabulary range and the context limit, as the HTTP face checks them
         request_id = req.request_id or uuid.uuid4().hex
@@ -170,8 +176,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             request_id=f"{tenant.name}/{request_id}", prompt_token_ids=tuple(ids), sampling=sampling,
             adapter=adapter_key, tenant=tenant.name, arrival_time=started, constraint=constraint,
             cache_salt=req.cache_salt if req.HasField("cache_salt") else None,
+            parts=composed.parts if composed is not None else (),
         )
-        return Prepared(gen, request_id, adapter_name, shared)
+        return Prepared(gen, request_id, adapter_name, shared, composed.refs if composed is not None else ())
 
     def _sampling(self, req: pb.GenerateRequest) -> SamplingParams:
         stop = []
@@ -179,7 +186,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             try:
                 stop.append(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                raise _invalid(f"stop[{i}] is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+                raise invalid(f"stop[{i}] is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
         sampling = SamplingParams(
             max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else DEFAULTS.max_new_tokens,
             temperature=req.temperature if req.HasField("temperature") else DEFAULTS.temperature,
@@ -209,6 +216,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         resolved = self.registry.resolve(tenant, name)  # AdapterNotFound / AdapterForbidden: the status table
         return resolved.pool_key, f"{resolved.tenant}/{resolved.name}", resolved.shared
 
+    def _resolve_parts(self, tenant: Tenant, req: pb.GenerateRequest) -> ResolvedParts:
+        """The `adapters` composition, each part resolved like `adapter` (server/compose_api.py)."""
+        if req.adapter:
+            raise invalid("set `adapter` or `adapters`, not both (a single adapter may be one entry of `adapters`)")
+        if self.registry is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, "adapters not found (no adapter store)")
+        specs = [PartSpec(a.name, a.weight if a.HasField("weight") else 1.0) for a in req.adapters]
+        return resolve_parts(self.registry, tenant, specs, self.engine.config.max_adapters_per_request)
+
     def _tokens(self, req: pb.GenerateRequest, source: str) -> list[int]:
         if source == "token_ids":
             return list(req.token_ids)
@@ -218,10 +234,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         messages = []
         for i, m in enumerate(req.messages):
             if m.role not in CHAT_ROLES:
-                raise _invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {clip(m.role)}")
+                raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {clip(m.role)}")
             messages.append({"role": m.role, "content": m.content})
         if not messages[-1]["content"] and len(messages) == 1:
-            raise _invalid("the prompt is empty: messages[0].content is empty")
+            raise invalid("the prompt is empty: messages[0].content is empty")
         return self.prompts.chat(messages, "send `prompt` or `token_ids` instead of `messages`")
 
     @property

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from server.adapters import kinds
 from server.adapters.errors import AdapterNotFound
 from server.adapters.host_cache import HostCache
 from server.adapters.residency import AdapterMeta, Entry, EntryState, Lease, PoolStats, Source
@@ -141,6 +142,11 @@ class AdapterPool:
             entry.meta = AdapterMeta.of(weights)
             return entry.meta
 
+    def composable(self, key: str) -> tuple[str, bool]:
+        """The adapter's kind name, and whether its kind may be weighted and composed with others."""
+        kind = self.meta(key).kind
+        return kind, kinds.by_name(kind).composable
+
     def cache_identity(self, key: str) -> tuple[str, bool]:
         """What the prefix cache keys this version's KV blocks by (its kind and content digest), and whether
         other tenants may use the version."""
@@ -181,8 +187,10 @@ class AdapterPool:
             return entry.weights if entry.weights is not None else weights
 
     # ---- step loop -----------------------------------------------------------------------------
-    def acquire(self, key: str) -> Lease | None:
+    def acquire(self, key: str, displace: bool = False) -> Lease | None:
         """Pin `key` in its device slot; None while the loader brings it in, or when every slot is pinned.
+        displace: a composition's part (server/engine/composition.py), which may take the slot of an adapter that
+        only waiting requests hold when no slot is free.
 
         Never reads or copies tensors itself. Raises UnknownAdapter when the key is gone,
         AdapterLoadError when its load failed."""
@@ -194,6 +202,7 @@ class AdapterPool:
                 raise AdapterLoadError(entry.error)
             if entry.state is not EntryState.IN_SLOT:
                 entry.want_slot = True
+                entry.displace = entry.displace or displace
                 self._request_load(key, entry)
                 return None
             entry.pins += 1
@@ -275,9 +284,9 @@ class AdapterPool:
         """LOADING -> FILLING: a free (or freed) slot reserved for `entry` if a sequence wants it; lock held."""
         if not (entry.users or entry.want_slot):
             return None
-        slot = self._free_slot()
+        slot = self._free_slot(displace=entry.displace)
         if slot is not None:
-            entry.state, entry.adapter_slot, entry.want_slot = EntryState.FILLING, slot, False
+            entry.state, entry.adapter_slot, entry.want_slot, entry.displace = EntryState.FILLING, slot, False, False
             self._slot_owner[slot] = key
             self.tables.ensure(entry.weights)  # no table is added without the lock
         return slot
@@ -325,7 +334,7 @@ class AdapterPool:
         entry.meta = entry.meta or AdapterMeta.of(weights)
         self._host.put(key, entry, weights, self._entries)
 
-    def _free_slot(self) -> int | None:
+    def _free_slot(self, displace: bool = False) -> int | None:
         for slot, owner in enumerate(self._slot_owner):
             if owner is None:
                 return slot
@@ -334,6 +343,15 @@ class AdapterPool:
         for key in self._lru:
             entry = self._entries[key]
             if entry.idle:
+                slot = entry.adapter_slot
+                self._evict(key, entry)
+                return slot
+        # a composition's part is being admitted and every slot is held by waiting requests: it could wait for a
+        # slot that only other waiting requests' parts hold (two compositions each holding half of what they
+        # need, forever), so the least recently used unpinned adapter gives way
+        for key in self._lru if displace else ():
+            entry = self._entries[key]
+            if entry.pins == 0:
                 slot = entry.adapter_slot
                 self._evict(key, entry)
                 return slot

@@ -89,6 +89,7 @@ class Entry:
     nbytes: int = 0
     adapter_slot: int | None = None  # reserved (FILLING) or ready (IN_SLOT)
     want_slot: bool = False  # acquire() asked for a slot (besides submitted users)
+    displace: bool = False  # ...for a composition's part: it may evict a waiting request's unpinned adapter
     pins: int = 0
     users: int = 0
     retired: bool = False

@@ -18,6 +18,7 @@ import kernels
 from server.adapters.peft_format import read_adapter
 from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.engine.composition import check_parts, composition_identity, pin_parts
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
 from server.engine.prefix_cache import BASE_IDENTITY, PrefixCache, PrefixCacheStats
@@ -124,13 +125,13 @@ class Engine:
             reserved: list[str] = []
             try:  # keeps each adapter version alive for its request and starts loading it off the loop
                 for req in reqs:
-                    if req.adapter is not None:
-                        self.pool.reserve(req.adapter)
-                        reserved.append(req.adapter)
+                    for key in req.adapter_keys:
+                        self.pool.reserve(key)
+                        reserved.append(key)
             except UnknownAdapter:
-                for key in reserved:
-                    self.pool.unreserve(key)
-                raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
+                for done in reserved:
+                    self.pool.unreserve(done)
+                raise UnknownAdapterRequest(f"unknown adapter {key!r}") from None
             for seq in seqs:
                 self._by_id[seq.request_id] = seq
             self._inbox.extend(self.siblings.group(seqs))
@@ -174,6 +175,15 @@ class Engine:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
         n_prefix = n_virtual = 0
         identity, shared = BASE_IDENTITY, False
+        if req.parts:
+            if req.adapter is not None:
+                raise InvalidRequest("name one adapter or a composition of adapters, not both")
+            try:
+                check_parts(req.parts, self.config.max_adapters_per_request, self.pool.cfg.device_slots,
+                            self.pool.composable)
+                identity = composition_identity(req.parts, lambda key: self.pool.cache_identity(key)[0])
+            except UnknownAdapter as exc:
+                raise UnknownAdapterRequest(f"unknown adapter {exc.args[0]!r}") from None
         if req.adapter is not None:
             try:
                 layout = self.pool.meta(req.adapter).layout
@@ -304,6 +314,8 @@ class Engine:
     def _pin_adapter(self, seq: Sequence) -> tuple[Admission, str | None]:
         """The scheduler's admission check (KV blocks already allocated): pin the sequence's adapter in its slot
         and write the context entries the adapter supplies (prefix K/V)."""
+        if seq.request.parts:
+            return pin_parts(self.pool, seq)
         key = seq.request.adapter
         if key is None:
             return Admission.ADMITTED, None
@@ -326,6 +338,9 @@ class Engine:
         if seq.lease is not None:
             self.pool.release(seq.lease.key)
         seq.lease = None
+        for lease, _ in seq.part_leases:
+            self.pool.release(lease.key)
+        seq.part_leases = []
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, event=None) -> None:
         if seq.request_id not in self._by_id:
@@ -334,7 +349,7 @@ class Engine:
         for sibling in self.siblings.drop(seq):  # a parent that ends before its prompt completed
             self.scheduler.add(sibling)
         del self._by_id[seq.request_id]
-        if seq.request.adapter is not None:
-            self.pool.unreserve(seq.request.adapter)
+        for key in seq.request.adapter_keys:
+            self.pool.unreserve(key)
         seq.finish_reason = reason
         seq.handle.put(event or self.post.final_event(seq, reason, error))

@@ -122,6 +122,14 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterPart:
+    """One adapter of a composition (server/engine/composition.py)."""
+
+    key: str  # adapter key as the adapter provider knows it
+    weight: float = 1.0  # multiplies the adapter's delta (its scale alpha/r)
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -133,6 +141,15 @@ class GenerationRequest:
     # API faces compile it before submit (the engine then finds it in its compile cache); None = free text
     constraint: Constraint | None = None
     cache_salt: str | None = None  # narrows the prefix cache's namespace (the tenant) to requests with this salt
+    # a composition of LoRA adapters with a weight each (one part: a weighted adapter); set instead of `adapter`
+    parts: tuple[AdapterPart, ...] = ()
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        """Every adapter key the request uses (reserved at submit, released when it ends)."""
+        if self.parts:
+            return tuple(p.key for p in self.parts)
+        return () if self.adapter is None else (self.adapter,)
 
 
 @dataclass(frozen=True, slots=True)

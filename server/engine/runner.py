@@ -83,6 +83,11 @@ class ModelRunner:
                 chunk = ChunkView(lease.adapter_slot, lease.weights.payload, start, n, offset,
                                   ContextLayout(seq.n_prefix, seq.n_virtual))
                 out.chunks.setdefault(kinds.family_of(lease.weights.kind), []).append(chunk)
+            elif seq.part_leases:  # a composition: LoRA parts only (server/engine/composition.py)
+                parts = tuple((part.adapter_slot, weight) for part, weight in seq.part_leases)
+                chunk = ChunkView(-1, None, start, n, offset, ContextLayout(), parts)
+                family = kinds.family_of(seq.part_leases[0][0].weights.kind)
+                out.chunks.setdefault(family, []).append(chunk)
         return out
 
     def _step_adapters(self, chunks: dict[str, list[ChunkView]], num_tokens: int) -> list[StepAdapter]:

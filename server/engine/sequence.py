@@ -58,6 +58,9 @@ class Sequence:
     n_virtual: int = 0  # prompt-tuning / P-tuning virtual tokens (computed from embeddings)
     lease: Lease | None = None  # the adapter's pinned device slot and tensors, while running
     adapter_version: int | None = None  # the adapter version that served it (kept after the lease ends)
+    # a composition's pinned parts: (lease, weight) each, while running; their versions kept after
+    part_leases: list[tuple[Lease, float]] = field(default_factory=list)
+    part_versions: tuple[int, ...] = ()
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # context entries whose K/V are in the cache (includes n_prefix)
     blocks: list[int] = field(default_factory=list)

@@ -33,7 +33,7 @@ class SiblingForks:
         queued = []
         for seq in seqs:
             req = seq.request
-            key = (req.prompt_token_ids, req.adapter, req.tenant, req.cache_salt)  # one prefix-cache chain too
+            key = (req.prompt_token_ids, req.adapter, req.parts, req.tenant, req.cache_salt)  # one cache chain too
             parent = parents.get(key)
             if parent is None:
                 parents[key] = seq
@@ -68,6 +68,8 @@ class SiblingForks:
         computed = parent.context_len  # every context entry of the prompt, no token sampled yet
         full, partial = divmod(computed, kv.block_size)
         if len(scheduler.running) >= scheduler.cfg.max_running or (partial and not kv.can_allocate(1)):
+            return False
+        if sibling.request.parts:  # a composition's siblings run as ordinary sequences (pinning every part)
             return False
         key = sibling.request.adapter
         lease = None

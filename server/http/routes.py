@@ -20,6 +20,7 @@ from server.engine.request import GenerationRequest, InvalidRequest
 from server.http import schemas
 from server.http.bridge import events
 from server.http.calls import EventStream
+from server.http.compose import resolve_http_parts
 from server.http.errors import NOT_FOUND, TOO_LARGE, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
 from server.http.structured import OutputSpec, compile_output, output_spec, render_chat
@@ -89,11 +90,17 @@ class OpenAIApi:
             parsed = schemas.parse(body, chat=chat, vocab_size=self.engine.args.vocab_size,
                                    max_new_tokens_limit=self.engine.config.max_new_tokens_limit)
             output = output_spec(body, chat)  # response_format, guided_*, tools (server/http/structured.py)
-            adapter_key, call.adapter_label = self._resolve(tenant, parsed)
+            parts = ()
+            if parsed.adapters:  # a composition (server/http/compose.py)
+                composed = resolve_http_parts(self.registry, tenant, parsed, self.model_id,
+                                              self.engine.config.max_adapters_per_request)
+                adapter_key, call.adapter_label, parts = composed.adapter, composed.label, composed.parts
+            else:
+                adapter_key, call.adapter_label = self._resolve(tenant, parsed)
             prompts = self._tokenize(parsed, output)
             compiled = await compile_output(self.engine, output)  # a worker thread, before any slot is taken
             call.hold_slot()
-            call.submit(self._requests(tenant, parsed, prompts, adapter_key, compiled),
+            call.submit(self._requests(tenant, parsed, prompts, adapter_key, compiled, parts),
                         [i // parsed.n for i in range(len(prompts) * parsed.n)])  # n choices share a prompt
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error object
             error = from_exception(exc, "messages" if chat else "prompt")
@@ -186,7 +193,7 @@ class OpenAIApi:
         return prompts
 
     def _requests(self, tenant, parsed: schemas.ParsedRequest, prompts: list[list[int]], adapter_key: str | None,
-                  constraint=None) -> list[GenerationRequest]:
+                  constraint=None, parts: tuple = ()) -> list[GenerationRequest]:
         base = uuid.uuid4().hex
         started = time.monotonic()
         out = []
@@ -199,7 +206,7 @@ class OpenAIApi:
                     request_id=f"{tenant.name}/http-{base}-{p_index * parsed.n + i}", prompt_token_ids=tuple(ids),
                     sampling=sampling if i == 0 else _with_seed(sampling, seed), adapter=adapter_key,
                     tenant=tenant.name, arrival_time=started, constraint=constraint,
-                    cache_salt=parsed.cache_salt))
+                    cache_salt=parsed.cache_salt, parts=parts))
         return out
 
     async def _unary(self, request: Request, call: Call, parsed, envelope: Envelope, prompts,

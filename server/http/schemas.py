@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from server.compose_api import PartSpec, parse_json
 from server.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 from server.http.errors import invalid
 from server.http.tools import message_fields
@@ -42,6 +43,7 @@ class ParsedRequest:
     echo: bool
     tokens_as_ids: bool  # vLLM's `return_tokens_as_token_ids`: logprob tokens as "token_id:N"
     cache_salt: str | None = None  # vLLM's extra `cache_salt`: prefix-cache reuse only among requests with it
+    adapters: tuple[PartSpec, ...] = ()  # the extra `adapters` composition (server/compose_api.py)
 
 
 def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
@@ -182,6 +184,9 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", None, "invalid_type")
     model = body.get("model")
+    adapters = _adapters(body)
+    if adapters and not model:
+        model = "+".join(a.name for a in adapters)  # echoed back as the response's model
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required: the base model's id, 'base', or an adapter name", "model",
                       "missing_required_parameter")
@@ -247,7 +252,17 @@ def parse(body: object, *, chat: bool, vocab_size: int, max_new_tokens_limit: in
     return ParsedRequest(chat=chat, model=model, adapter=adapter or None, prompts=prompts, messages=messages,
                          sampling=sampling, n=n, stream=stream, include_usage=include_usage, logprobs=logprobs,
                          top_logprobs=top, echo=echo, tokens_as_ids=_boolean(body, "return_tokens_as_token_ids"),
-                         cache_salt=cache_salt)
+                         cache_salt=cache_salt, adapters=adapters)
+
+
+def _adapters(body: dict) -> tuple[PartSpec, ...]:
+    value = body.get("adapters")
+    if value is None:
+        return ()
+    try:
+        return tuple(parse_json(value))
+    except InvalidRequest as exc:
+        raise invalid(str(exc), "adapters") from None
 
 
 def _top_k(body: dict) -> int:

@@ -108,21 +108,22 @@ def engine_deployment(settings: ScaleSettings):
         # ---- requests ----------------------------------------------------------------------------
         async def generate(self, request: GenerationRequest):
             """The request's TokenEvents (merged when the caller lags); engine errors raise to the caller."""
-            key = request.adapter
             self.requests += 1
             self.metrics.requests.inc()
-            if key is not None:
-                try:
-                    self.source.check(*parse_key(key))  # deleted through any ingress: refused here too
-                except AdapterNotFound:
-                    self._unregister_if(self.keys.forget(key), key)
-                    raise
-                if key in self.keys.resident:
-                    self.hits += 1
-                    self.metrics.hits.inc()
-                await self.adapter(key)
-                self.keys.acquire(key)  # no await since the load: no eviction can come between
+            acquired: list[str] = []  # the adapter, or every part of a composition (server/engine/composition.py)
             try:
+                for key in request.adapter_keys:
+                    try:
+                        self.source.check(*parse_key(key))  # deleted through any ingress: refused here too
+                    except AdapterNotFound:
+                        self._unregister_if(self.keys.forget(key), key)
+                        raise
+                    if key in self.keys.resident:
+                        self.hits += 1
+                        self.metrics.hits.inc()
+                    await self.adapter(key)
+                    self.keys.acquire(key)  # no await since the load: no eviction can come between
+                    acquired.append(key)
                 handle = self.engine.submit(request)  # InvalidRequest / QueueFull / ...: to the caller
                 wake = asyncio.Event()
                 loop = asyncio.get_running_loop()
@@ -147,7 +148,7 @@ def engine_deployment(settings: ScaleSettings):
                     if not finished:  # the caller went away (cancelled) or the stream failed
                         self.engine.abort(request.request_id)
             finally:
-                if key is not None:
+                for key in acquired:
                     self._unregister_if(self.keys.release(key), key)
 
         def stats(self) -> dict:

@@ -76,6 +76,8 @@ class ChunkView:
     count: int  # tokens computed this step
     offset: int  # flat index of its first token among the step's T tokens
     layout: ContextLayout
+    # a composition (LoRA family only): every part's (slot, weight); `slot` is then -1 and `payload` None
+    parts: tuple[tuple[int, float], ...] = ()
 
 
 def token_slots(chunks: list[ChunkView], num_tokens: int, fill: int, dtype: torch.dtype = torch.int64
@@ -121,6 +123,8 @@ class AdapterKind:
     name: str = ""  # stored with each version and shown to users, e.g. "LORA"
     peft_types: tuple[str, ...] = ()  # adapter_config.json peft_type values this kind reads
     family: str = ""  # kinds of one family share slot tables and a StepAdapter; "" = a family of its own
+    # its delta may be weighted and summed with other adapters' in one request (server/engine/composition.py)
+    composable: bool = False
 
     @property
     def family_name(self) -> str:

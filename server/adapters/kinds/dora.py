@@ -26,6 +26,7 @@ MAGNITUDE = "lora_magnitude_vector"
 
 
 class DoraKind(LoraKind):
+    composable = False  # DoRA normalizes per adapter: a weighted DoRA is not a weighted delta
     name = "DORA"
     peft_types = ("LORA",)  # PEFT's LoRA config with use_dora: true
 

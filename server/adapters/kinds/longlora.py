@@ -60,6 +60,7 @@ def rope_factor(cfg: dict) -> float:
 
 
 class LongLoraKind(LoraKind):
+    composable = False  # LongLoRA's own norms, embeddings and RoPE factor cannot mix with another adapter's
     name = "LONGLORA"
     peft_types = ()  # read by config (is_longlora), never by peft_type alone
 

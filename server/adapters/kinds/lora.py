@@ -41,6 +41,7 @@ class LoraKind(AdapterKind):
     name = "LORA"
     peft_types = ("LORA",)
     family = "LORA"  # DoRA and LongLoRA inherit it: one table set, one StepAdapter per step
+    composable = True  # a weighted sum of LoRA deltas is what PEFT computes with several adapters active
 
     def accepts(self, cfg: dict) -> bool:
         return cfg.get("peft_type") == "LORA" and not cfg.get("use_dora")  # use_dora: server/adapters/kinds/dora.py

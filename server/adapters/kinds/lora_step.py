@@ -5,6 +5,8 @@ decode-sized CPU step the base matmuls join it: kernels.projection), with the fa
   DoRA      y = gain * (base + delta) (+ shift where the base has a bias): inside the one call where it can
             (fp32 gains, no shift), else a per-token multiply after it (finish)
   LongLoRA  the slot's embedding rows, RMSNorm weights and RoPE interpolation factor
+  composed  a request weighting several LoRA adapters (chunks with `parts`): its (token, part) pairs take one
+            more kernel call per projection group (kernels.compose), after the plain tokens' call
 An extra no slot of the step uses costs nothing (decided once per step, on the host).
 """
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from kernels import build_lora_meta
+from kernels.compose import build_compose_meta, compose_apply
 from kernels.pointwise import rms_normalize
 from server.adapters.kinds.base import ChunkView, token_slots
 from server.adapters.kinds.lora_extras import LongLoraSlots, norm_index
@@ -75,6 +78,11 @@ class LoraStep(StepAdapter):
 
     def __init__(self, tables: LoraTables, chunks: list[ChunkView], num_tokens: int, device: torch.device) -> None:
         self.tables = tables
+        composed = [c for c in chunks if c.parts]
+        chunks = [c for c in chunks if not c.parts]  # the plain single-adapter sequences
+        # every (token, part) pair of the composed sequences, for one more call per group (None: no composition)
+        self.compose = build_compose_meta([(i, slot, w) for c in composed for i in range(c.offset, c.offset + c.count)
+                                           for slot, w in c.parts], tables.ranks, device)
         slots = token_slots(chunks, num_tokens, -1, torch.int32)
         self.meta = build_lora_meta(slots.to(device), tables.ranks)  # over the step's T tokens, slot -1 = none
         dora, long = tables.dora, tables.longlora
@@ -118,6 +126,8 @@ class LoraStep(StepAdapter):
             return ys
         ys = list(ys)
         done = self.tables.kernels.lora_apply_group(x, group, self.tables.scale, self.meta, [ys[i] for i in present])
+        if self.compose is not None:
+            done = compose_apply(x, group, self.tables.scale, self.compose, done, self.tables.kernels)
         for i, y in zip(present, done, strict=True):
             ys[i] = self.finish(y, layer, modules[i])
         return ys
@@ -141,6 +151,8 @@ class LoraStep(StepAdapter):
         ys = backend.fused_projection(x, specs, group, present, self.tables.scale, self.meta, gains)
         if ys is None:
             return None
+        if self.compose is not None:  # composed tokens are outside the fused call (slot -1 there: no gain either)
+            compose_apply(x, group, self.tables.scale, self.compose, [ys[i] for i in present], backend)
         if self.gain_rows is not None:
             for i in present:
                 if gains is None or gains[i] is None:
