@@ -191,8 +191,7 @@ class OpenAIApi:
         started = time.monotonic()
         out = []
         for p_index, ids in enumerate(prompts):
-            sampling = schemas.finalize(parsed.sampling, len(ids), self.engine.max_model_len,
-                                        self.engine.config.max_new_tokens_limit)
+            sampling = schemas.finalize(parsed.sampling, len(ids), self.engine)  # lifecycle.check_sampling
             for i in range(parsed.n):
                 seed = None if sampling.seed is None else (sampling.seed + i) % 2**63  # choice i: seed + i
                 out.append(GenerationRequest(
