@@ -153,16 +153,17 @@ def _http(job: Job, base_url: str, key: str, model: str) -> Bounds:
             return _exact(job, r.usage.prompt_tokens, r.usage.completion_tokens)
         stream = client.completions.create(**args, stream=True, stream_options={"include_usage": True}, logprobs=0)
         received = chunks = 0
-        for chunk in stream:
-            if chunk.usage is not None:  # the last chunk: the stream finished
-                assert chunk.usage.completion_tokens == received, (chunk.usage, received)
-                return _exact(job, chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-            if chunk.choices:
-                received += len(chunk.choices[0].logprobs.tokens)  # one entry per generated token
-                chunks += 1
-                if job.how == "cut" and chunks >= job.cut_after:
-                    stream.close()  # the connection closes: the server sees its client gone
-                    return _cut(job, received)
+        with stream:
+            for chunk in stream:
+                if chunk.usage is not None:  # the last chunk: the stream finished
+                    assert chunk.usage.completion_tokens == received, (chunk.usage, received)
+                    return _exact(job, chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                if chunk.choices:
+                    received += len(chunk.choices[0].logprobs.tokens)  # one entry per generated token
+                    chunks += 1
+                    if job.how == "cut" and chunks >= job.cut_after:
+                        stream.close()  # the connection closes: the server sees its client gone
+                        return _cut(job, received)
         raise AssertionError(f"a stream ended without its usage chunk: {job}")
     finally:
         client.close()
