@@ -13,7 +13,7 @@ import pytest
 
 from server.http.connections import HttpLimits, RateLimitFilter
 from tests.http_utils import running_http_server
-from tests.server_utils import wait_until
+from tests.server_utils import metric, wait_until
 
 HEADER_TIMEOUT_S = 0.6
 
@@ -100,7 +100,7 @@ def _answer_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
 @pytest.mark.timeout(120)
 def test_a_body_trickled_after_complete_headers_is_cut_at_the_body_timeout(tiny_llama_dir):
     """Headers complete at once, then the body a byte at a time (declared length, or chunked): 408 and closed at
-    the body timeout; a body sent promptly in parts, and a keep-alive connection
+    the body timeout, the call counted as cancelled; a body sent promptly in parts, and a keep-alive connection
     idle past the timeout between requests, are unaffected."""
     with running_http_server(tiny_llama_dir, tenants=["acme"],
                              http_limits=HttpLimits(header_timeout_s=30, body_timeout_s=BODY_TIMEOUT_S)) as s:
@@ -117,6 +117,9 @@ def test_a_body_trickled_after_complete_headers_is_cut_at_the_body_timeout(tiny_
             assert got.startswith(b"HTTP/1.1 408"), got[:200]
             assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         wait_until(lambda: s.http.api.active_calls == 0, timeout=10, what="the cut calls to close")
+        scrape = s.grpc.scrape()  # counted as the client gone, not as a server error
+        assert metric(scrape, "switchboard_requests_total", tenant="acme", status="CANCELLED") == 2
+        assert metric(scrape, "switchboard_requests_total", status="INTERNAL") == 0
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # prompt parts, keep-alive
             for _ in range(2):
                 sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
