@@ -22,6 +22,7 @@ expired call settles after its client left (the server notices: gRPC at once, an
 0.5 s), so one whose client left before `kill - 2 s` must be there. A call ending later than that, or in
 flight at the kill, may be counted or not (each call is recorded whole, in one flush), so it contributes
 0..its upper bound. Calls after the restart must be counted exactly. Every stored total lies within the sums.
+(The restarted server also runs with `--http-body-timeout 1`: a keyed POST whose body never comes gets 408.)
 """
 
 from __future__ import annotations
@@ -205,6 +206,19 @@ class Runner:
         return out
 
 
+def _slow_body_status(base_url: str, key: str) -> int | None:
+    """The status a POST gets whose body never completes (its client sends nothing after the headers)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Content-Length: 100\r\n\r\n{".encode())
+        data = sock.recv(65536)
+    return int(data.split()[1]) if data else None
+
+
 def _stored(target: str, admin_key: str) -> Counter:
     with SwitchboardClient(target, api_key=admin_key) as admin:
         rows = admin.get_usage().rows
@@ -242,10 +256,11 @@ def test_usage_after_a_mixed_load_and_a_sigkill_equals_what_was_computed(tiny_ll
         assert not runner.failures, f"seed {SEED}: " + "\n".join(runner.failures[:5])
         in_flight = sum(1 for b in first if b is not None and b.kind == "killed")
         second_jobs = [j for j, b in zip(jobs[:FIRST_HALF], first, strict=True) if b is None] + jobs[FIRST_HALF:]
-        proc, target = start_server(tiny_llama_dir, data, "--tenants", str(tenants))
+        proc, target = start_server(tiny_llama_dir, data, "--tenants", str(tenants), "--http-body-timeout", "1")
         runner.serve(proc)
         with ThreadPoolExecutor(8) as pool:
             second = list(pool.map(runner.run, second_jobs))
+        assert _slow_body_status(runner.base_url, keys["done"]) == 408  # --http-body-timeout reaches the port
         assert not runner.failures, f"seed {SEED}: " + "\n".join(runner.failures[:5])
         time.sleep(1.0)  # the last cut calls' bills settle once the engine aborts them
         stored = _stored(target, keys["admin"])
