@@ -3,23 +3,26 @@
     python -m bench.soak --duration-s 1800 --plot soak.png --json soak.json     # the 30-minute run
     python -m bench.soak --duration-s 150 --model tests-tiny ...                # a short run
 
-An in-process server (the one `python -m server serve` builds) with several tenants, each with its own
-LoRA adapters and one shared; client threads generate (streams, unary, adapters and base), cancel
-streams after their first chunk, send 1 ms deadlines; every `--swap-every-s` each adapter gets a new
-version uploaded (hot swap) and a scratch adapter is deleted and re-made; every `--bad-every-s` a bad
-request or upload from a fixed table is sent. Every call's status must be one its action allows
-(`unexpected` counts the others). Sampled every `--sample-s`: RSS, open file descriptors, threads,
+An in-process server (the one `python -m server serve` builds, gRPC and the OpenAI HTTP port) with several
+tenants, each with its own LoRA adapters and one shared; gRPC client threads generate (streams, unary, adapters
+and base), cancel streams after their first chunk, send 1 ms deadlines; HTTP client threads (the openai client,
+bench/soak_http.py) do the same over HTTP, cancels mid-stream included; every `--swap-every-s` each adapter gets
+a new version uploaded (hot swap) and a scratch adapter is deleted and re-made; every `--bad-every-s` a bad
+request or upload from a fixed table is sent (bench/soak_bad.py). Every call's status must be one its action
+allows (`unexpected` counts the others). Sampled every `--sample-s`: RSS, open file descriptors, threads,
 staging bytes, KV blocks in use, running/waiting sequences (the adapter host cache is capped at
-`--host-cache-mb`, so it fills during warm-up). "Flat": the last quarter's mean minus the
-first quarter's (after warm-up) within `--rss-slack-mb` / 8 fds / 8 threads, and at the end (traffic
-stopped, drained) no KV block held, no staging file left.
+`--host-cache-mb`, so it fills during warm-up). "Flat": the last quarter's mean minus the first quarter's (after
+warm-up) within `--rss-slack-mb` / 8 fds / 8 threads, and at the end (traffic stopped, drained) no KV block
+held, no staging file left. Usage (bench/soak_ledger.py): at the end each tenant's stored prompt / completion
+tokens and requests lie within what its clients received: exactly a finished call's usage, and for a cancelled
+stream its prompt plus between the tokens received and max_tokens (what the engine computed before the abort
+landed is not visible to the client); refused calls bill nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -30,18 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import grpc
-
 OK, CANCELLED, DEADLINE = "OK", "CANCELLED", "DEADLINE_EXCEEDED"
-BAD_REQUESTS = [  # (what, generate kwargs, the status it must get)
-    ("NaN temperature", {"token_ids": [5, 6], "temperature": float("nan")}, "INVALID_ARGUMENT"),
-    ("unknown adapter", {"token_ids": [5, 6], "adapter": "nope" * 50}, "NOT_FOUND"),
-    ("huge max_new_tokens", {"token_ids": [5, 6], "max_new_tokens": 10**9}, "INVALID_ARGUMENT"),
-    ("too many messages", {"messages": [{"role": "user", "content": ""}] * 3000}, "INVALID_ARGUMENT"),
-    ("token beyond vocab", {"token_ids": [5, 10**8]}, "INVALID_ARGUMENT"),
-]
-
-
 @dataclass
 class Sample:
     t_s: float
@@ -66,6 +58,7 @@ class Report:
     end: dict[str, int] = field(default_factory=dict)
     flat: bool = False
     load: str = ""
+    usage: dict = field(default_factory=dict)  # bench.soak_ledger.UsageCheck as a dict
 
 
 class Tally:
@@ -85,7 +78,7 @@ class Tally:
                     self.report.unexpected.append(f"{key}: {message[:200]}")
 
 
-def _status(call) -> tuple[str, str]:
+def call_status(call) -> tuple[str, str]:
     try:
         call()
         return OK, ""
@@ -95,21 +88,27 @@ def _status(call) -> tuple[str, str]:
         return (code.name if code is not None else type(exc).__name__), str(exc)
 
 
-def _stream_then_cancel(client, **kw) -> None:
+def _stream_then_cancel(client, entry, **kw) -> None:
     stream = client.stream(**kw)
-    next(stream)
+    first = next(stream)
     stream.close()
+    if first.finished:
+        entry.exact(first.prompt_tokens, first.completion_tokens)
+    else:
+        entry.cut(len(kw["token_ids"]), len(first.token_ids))
 
 
-def _generate(c, **kw) -> None:
-    c.generate(**kw)
+def _generate(c, entry, **kw) -> None:
+    r = c.generate(**kw)
+    entry.exact(r.prompt_tokens, r.completion_tokens)
 
 
-def _stream_all(c, **kw) -> None:
-    list(c.stream(**kw))
+def _stream_all(c, entry, **kw) -> None:
+    last = list(c.stream(**kw))[-1]
+    entry.exact(last.prompt_tokens, last.completion_tokens)
 
 
-def worker(srv, tenant: str, adapters: list[str], tally: Tally, stop: threading.Event, seed: int) -> None:
+def worker(srv, tenant: str, adapters: list[str], tally: Tally, ledger, stop: threading.Event, seed: int) -> None:
     rng = random.Random(seed)
     with srv.client(tenant, timeout=60) as c:
         while not stop.is_set():
@@ -127,7 +126,8 @@ def worker(srv, tenant: str, adapters: list[str], tally: Tally, stop: threading.
             else:
                 action, allowed, fn = "deadline", {DEADLINE, OK}, _generate
                 kw.update(max_new_tokens=32, ignore_eos=True, timeout=0.001)
-            status, message = _status(lambda f=fn, k=kw: f(c, **k))
+            entry = ledger.open(tenant, len(kw["token_ids"]), kw["max_new_tokens"])
+            status, message = call_status(lambda f=fn, k=kw, e=entry: f(c, e, **k))
             tally.record(action, status, allowed, message)
 
 
@@ -139,37 +139,14 @@ def swapper(srv, tenants: list[str], paths: list[Path], every_s: float, tally: T
             with srv.client(tenant, timeout=120) as c:
                 for name in ("own", "tool") if tenant == tenants[0] else ("own",):
                     i += 1
-                    status, msg = _status(lambda n=name: c.upload_adapter(paths[i % len(paths)], n,  # noqa: B023
+                    status, msg = call_status(lambda n=name: c.upload_adapter(paths[i % len(paths)], n,  # noqa: B023
                                                                           shared=n == "tool"))
                     tally.record("upload", status, {OK}, msg)
-                status, msg = _status(lambda: c.delete_adapter("scratch"))
+                status, msg = call_status(lambda: c.delete_adapter("scratch"))
                 tally.record("delete", status, {OK, "NOT_FOUND"}, msg)
                 path = paths[i % len(paths)]
-                status, msg = _status(lambda p=path: c.upload_adapter(p, "scratch"))
+                status, msg = call_status(lambda p=path: c.upload_adapter(p, "scratch"))
                 tally.record("upload", status, {OK}, msg)
-
-
-def bad_sender(srv, tenant: str, every_s: float, tally: Tally, stop: threading.Event) -> None:
-    from switchboard.v1 import admin_pb2, admin_pb2_grpc
-
-    k = 0
-    with srv.client(tenant, timeout=60) as c, srv.client(None, timeout=10) as anonymous, \
-            grpc.insecure_channel(srv.target) as channel:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        while not stop.wait(every_s):
-            k += 1
-            what, kwargs, want = BAD_REQUESTS[k % len(BAD_REQUESTS)]
-            status, msg = _status(lambda kw=kwargs: c.generate(**kw))  # noqa: B023
-            tally.record(f"bad:{what}", status, {want}, msg)
-            if k % 3 == 0:  # a keyless call, and an upload whose bytes do not match its sha256
-                status, msg = _status(lambda: anonymous.list_adapters())
-                tally.record("bad:no key", status, {"UNAUTHENTICATED"}, msg)
-                data = os.urandom(4096)
-                meta = admin_pb2.UploadMetadata(name="junk", sha256=hashlib.sha256(b"x").hexdigest())
-                chunks = [admin_pb2.UploadChunk(metadata=meta), admin_pb2.UploadChunk(data=data)]
-                status, msg = _status(lambda ch=chunks: stub.UploadAdapter(  # noqa: B023
-                    iter(ch), metadata=(("authorization", f"Bearer {srv.keys[tenant]}"),), timeout=30))
-                tally.record("bad:upload", status, {"INVALID_ARGUMENT"}, msg)
 
 
 def sample(srv, started: float, tally: Tally) -> Sample:
@@ -205,19 +182,25 @@ def judge(report: Report, rss_slack_mb: float) -> None:
 
 def run(model_dir: Path, *, duration_s: float, tenants: int = 3, workers_per_tenant: int = 2, swap_every_s: float = 60,
         bad_every_s: float = 3, sample_s: float = 5, rss_slack_mb: float = 64, seed: int = 0,
-        quantize: bool = False, adapter_paths: list[Path] | None = None, host_cache_mb: int = 64) -> Report:
+        quantize: bool = False, adapter_paths: list[Path] | None = None, host_cache_mb: int = 64,
+        http_workers_per_tenant: int = 1) -> Report:
     from bench.peft_peers import make_lora_adapters
+    from bench.soak_bad import bad_sender
+    from bench.soak_http import http_worker
+    from bench.soak_ledger import Ledger
     from server.config import AdapterPoolConfig
-    from tests.server_utils import running_server
+    from tests.http_utils import MODEL_ID, running_http_server
 
     names = [f"t{i}" for i in range(tenants)]
     paths = adapter_paths or make_lora_adapters(model_dir, Path(tempfile.mkdtemp(prefix="soak-")), 4, rank=4, seed=seed)
     tally = Tally()
     tally.report = report = Report(duration_s=duration_s)
+    ledger = Ledger()
     # every hot swap adds versions that stay in the host LRU up to its byte cap: a small cap reaches its
     # plateau within the warm-up, so growth past it is a leak, not the cache filling
     pool_cfg = AdapterPoolConfig(host_cache_bytes=host_cache_mb << 20)
-    with running_server(model_dir, tenants=names, quantize=quantize, pool_cfg=pool_cfg) as srv:
+    with running_http_server(model_dir, tenants=names, quantize=quantize, pool_cfg=pool_cfg) as web:
+        srv = web.grpc
         for i, t in enumerate(names):
             with srv.client(t, timeout=120) as c:
                 c.upload_adapter(paths[i % len(paths)], "own")
@@ -225,8 +208,11 @@ def run(model_dir: Path, *, duration_s: float, tenants: int = 3, workers_per_ten
                     c.upload_adapter(paths[-1], "tool", shared=True)
         stop = threading.Event()
         threads = [threading.Thread(target=worker, daemon=True,
-                                    args=(srv, t, ["own", "tool"], tally, stop, seed * 1000 + i * 10 + j))
+                                    args=(srv, t, ["own", "tool"], tally, ledger, stop, seed * 1000 + i * 10 + j))
                    for i, t in enumerate(names) for j in range(workers_per_tenant)]
+        threads += [threading.Thread(target=http_worker, daemon=True, args=(
+            web.base_url, MODEL_ID, srv.keys[t], t, ["own", "tool"], tally, ledger, stop, seed * 1000 + i * 10 + 5 + j))
+            for i, t in enumerate(names) for j in range(http_workers_per_tenant)]
         threads += [threading.Thread(target=swapper, args=(srv, names, paths, swap_every_s, tally, stop), daemon=True),
                     threading.Thread(target=bad_sender, args=(srv, names[-1], bad_every_s, tally, stop), daemon=True)]
         started = time.monotonic()
@@ -238,7 +224,11 @@ def run(model_dir: Path, *, duration_s: float, tenants: int = 3, workers_per_ten
         stop.set()
         for th in threads:
             th.join(timeout=120)
-        time.sleep(1.0)  # the engine frees the last cancelled sequences at its next steps
+        time.sleep(1.0)  # the engine frees the last cancelled sequences at its next steps (and settles their bills)
+        deadline = time.monotonic() + 30
+        while (srv.engine.stats().running or srv.engine.stats().waiting) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        report.usage = asdict(ledger.check(srv.server.usage.query(None)))
         end = sample(srv, started, tally)
         report.samples.append(end)
         report.end = {"kv_blocks_used": end.kv_blocks_used, "staging_bytes": end.staging_bytes,
@@ -274,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="HF dir (default: the embedded default model)")
     p.add_argument("--tenants", type=int, default=3)
     p.add_argument("--workers-per-tenant", type=int, default=2)
+    p.add_argument("--http-workers-per-tenant", type=int, default=1)
     p.add_argument("--swap-every-s", type=float, default=60)
     p.add_argument("--bad-every-s", type=float, default=3)
     p.add_argument("--sample-s", type=float, default=10)
@@ -289,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(Path(a.model) if a.model else resolve_model_dir(None), duration_s=a.duration_s, tenants=a.tenants,
                  workers_per_tenant=a.workers_per_tenant, swap_every_s=a.swap_every_s, bad_every_s=a.bad_every_s,
                  sample_s=a.sample_s, rss_slack_mb=a.rss_slack_mb, seed=a.seed, quantize=a.quantize,
-                 host_cache_mb=a.host_cache_mb)
+                 host_cache_mb=a.host_cache_mb, http_workers_per_tenant=a.http_workers_per_tenant)
     first, last = report.samples[1] if len(report.samples) > 1 else report.samples[0], report.samples[-1]
     print(f"soak: {report.duration_s:.0f} s, {sum(report.calls.values())} calls, {report.unexpected_count} unexpected; "
           f"RSS {first.rss_mb:.0f} -> {last.rss_mb:.0f} MB, fds {first.fds} -> {last.fds}, threads {first.threads} -> "
@@ -301,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps(asdict(report), indent=1))
     if a.plot:
         plot(report, a.plot)
-    return 0 if report.flat and report.unexpected_count == 0 else 1
+    print("usage [low, stored, high] per tenant:", json.dumps(report.usage["rows"]), "ok" if report.usage["ok"]
+          else "NOT WITHIN WHAT THE CLIENTS RECEIVED", f"({report.usage['exact_calls']} calls exact, "
+          f"{report.usage['bounded_calls']} bounded)")
+    return 0 if report.flat and report.unexpected_count == 0 and report.usage["ok"] else 1
 
 
 if __name__ == "__main__":

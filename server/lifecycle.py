@@ -41,7 +41,9 @@ ENGINE_CHECK_S = 0.5  # an idle consumer re-checks its client and the engine ste
 
 # ---- validation (both faces) ----------------------------------------------------------------------
 def check_sampling(sampling: SamplingParams, engine) -> None:
-    """SamplingParams.validate against the engine's limits (InvalidRequest: INVALID_ARGUMENT / 400)."""
+    """SamplingParams.validate against the engine's limits (InvalidRequest: INVALID_ARGUMENT / 400): the one
+    sampling check of both faces (gRPC service._sampling; HTTP schemas.finalize, which names the OpenAI `param`).
+    Engine._make_sequence re-applies the same rules only as a backstop for direct engine users."""
     sampling.validate(engine.config.max_new_tokens_limit, engine.args.vocab_size)
 
 

@@ -42,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="open HTTP connections from one client address at most")
     p.add_argument("--http-header-timeout", type=float, default=h.header_timeout_s,
                    help="seconds a client has to send a request's headers")
+    p.add_argument("--http-body-timeout", type=float, default=h.body_timeout_s,
+                   help="seconds a client has to send a request's body once its headers are complete (408 after)")
     p.add_argument("--model-id", default=None,
                    help="the base model's id in the HTTP API (default: the model's directory/file name)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 = any)")
@@ -191,7 +193,8 @@ def main(argv: list[str]) -> int:
                               model_id(args), args.host, args.http_port, quotas=server.quotas, usage=server.usage,
                               limits=HttpLimits(max_connections=args.http_max_connections,
                                                 max_per_address=args.http_max_per_address,
-                                                header_timeout_s=args.http_header_timeout))
+                                                header_timeout_s=args.http_header_timeout,
+                                                body_timeout_s=args.http_body_timeout))
             http.start()
     except (OSError, ValueError) as exc:  # a port taken, an HttpLimits value out of range
         print(f"error: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ def start_server(model_dir: Path, data_dir: Path, *extra: str) -> tuple[subproce
         m = re.search(r"serving on (\S+?)[;\s]", line)
         if m:
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            proc.banner = line  # "... serving on HOST:PORT; OpenAI API at http://HOST:PORT/v1"
             return proc, m[1]
     proc.kill()
     raise AssertionError("the server did not start:\n" + "".join(lines[-30:]))

@@ -13,7 +13,7 @@ import pytest
 
 from server.http.connections import HttpLimits, RateLimitFilter
 from tests.http_utils import running_http_server
-from tests.server_utils import wait_until
+from tests.server_utils import metric, wait_until
 
 HEADER_TIMEOUT_S = 0.6
 
@@ -74,6 +74,64 @@ def test_trickled_headers_are_cut_at_the_header_timeout(tiny_llama_dir):
         assert _request(port, "/health", None) == 200  # a prompt client is unaffected
 
 
+BODY_TIMEOUT_S = 0.8
+
+
+def _answer_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> tuple[bytes, float | None]:
+    """What the server sent on `sock` and the seconds until it closed it (None: still open after `seconds`),
+    sending `trickle` every 0.1 s meanwhile (a slowloris body)."""
+    start, got = time.monotonic(), b""
+    sock.settimeout(0.1)
+    while time.monotonic() - start < seconds:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            data = sock.recv(65536)
+            if data == b"":
+                return got, time.monotonic() - start
+            got += data
+        except TimeoutError:
+            continue
+        except OSError:  # reset by the server
+            return got, time.monotonic() - start
+    return got, None
+
+
+@pytest.mark.timeout(120)
+def test_a_body_trickled_after_complete_headers_is_cut_at_the_body_timeout(tiny_llama_dir):
+    """Headers complete at once, then the body a byte at a time (declared length, or chunked): 408 and closed at
+    the body timeout, the call counted as cancelled; a body sent promptly in parts, and a keep-alive connection
+    idle past the timeout between requests, are unaffected."""
+    with running_http_server(tiny_llama_dir, tenants=["acme"],
+                             http_limits=HttpLimits(header_timeout_s=30, body_timeout_s=BODY_TIMEOUT_S)) as s:
+        port, key = s.http.port, s.grpc.keys["acme"]
+        body = json.dumps({"model": "tiny-llama", "prompt": [5, 6, 7], "max_tokens": 2}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                "Content-Type: application/json\r\n")
+        for framing, trickle in ((f"Content-Length: {len(body) + 10_000}\r\n\r\n", b" "),
+                                 ("Transfer-Encoding: chunked\r\n\r\n", b"1\r\n \r\n")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall((head + framing).encode())
+                got, took = _answer_within(sock, 6.0, trickle)
+            assert took is not None and took < BODY_TIMEOUT_S + 1.5, f"{framing!r}: still open after {took} s"
+            assert got.startswith(b"HTTP/1.1 408"), got[:200]
+            assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        wait_until(lambda: s.http.api.active_calls == 0, timeout=10, what="the cut calls to close")
+        scrape = s.grpc.scrape()  # counted as the client gone, not as a server error
+        assert metric(scrape, "switchboard_requests_total", tenant="acme", status="CANCELLED") == 2
+        assert metric(scrape, "switchboard_requests_total", status="INTERNAL") == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # prompt parts, keep-alive
+            for _ in range(2):
+                sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+                time.sleep(BODY_TIMEOUT_S / 4)
+                sock.sendall(body[10:])
+                got = b""
+                while b'"usage"' not in got:
+                    got += sock.recv(65536)
+                assert got.startswith(b"HTTP/1.1 200"), got[:200]
+                time.sleep(BODY_TIMEOUT_S * 1.5)  # idle between requests: the body timer of the last one is off
+
+
 @pytest.mark.parametrize("limits", [HttpLimits(max_connections=6, max_per_address=100, header_timeout_s=30),
                                     HttpLimits(max_connections=100, max_per_address=6, header_timeout_s=30)],
                          ids=["total", "per-address"])
@@ -123,7 +181,7 @@ def test_repeated_log_records_are_rate_limited(caplog):
 
 
 def test_limits_are_checked():
-    for bad in ({"max_connections": 0}, {"header_timeout_s": 0.0}, {"max_body_bytes": -1}):
+    for bad in ({"max_connections": 0}, {"header_timeout_s": 0.0}, {"max_body_bytes": -1}, {"body_timeout_s": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             HttpLimits(**bad)
     assert json.dumps(HttpLimits().max_body_bytes) == str(8 << 20)

@@ -1,5 +1,6 @@
-"""The soak test's short CI version (issue 16): ~45 s of mixed tenants, hot swaps, cancels, 1 ms deadlines and a
-bad request every second against the tiny model; zero unexpected statuses and flat resources. The 30-minute
+"""The soak test's short CI version (issue 16): ~45 s of mixed tenants over gRPC and HTTP, hot swaps, cancels
+mid-stream, deadlines and a bad request every second against the tiny model; zero unexpected statuses, flat
+resources, and each tenant's usage within what its clients received (exact for finished calls). The 30-minute
 run is `python -m bench.soak` (bench/RESULTS.md)."""
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ def test_short_soak_is_flat_with_no_unexpected_status(tiny_llama_dir, tmp_path):
     assert report.unexpected_count == 0, report.unexpected
     done = report.calls
     for action in ("generate OK", "stream OK", "cancel OK", "upload OK", "bad:no key UNAUTHENTICATED",
-                   "bad:upload INVALID_ARGUMENT"):
+                   "bad:upload INVALID_ARGUMENT", "http generate OK", "http stream OK", "http cancel OK"):
         assert done.get(action, 0) > 0, (action, done)
     assert done.get("deadline DEADLINE_EXCEEDED", 0) > 0, done
     assert report.end == {"kv_blocks_used": 0, "staging_bytes": 0, "running": 0, "waiting": 0}, report.end
+    # usage: within what the clients received (exact for finished calls; a cancel: received..max_tokens)
+    assert report.usage["ok"], report.usage["rows"]
+    assert report.usage["exact_calls"] > report.usage["bounded_calls"] > 0, report.usage
     assert report.flat, (report.drift, [(s.rss_mb, s.fds, s.threads) for s in report.samples])
     assert (tmp_path / "soak.png").stat().st_size > 0
 

@@ -165,7 +165,11 @@ class Engine:
         )
 
     def _make_sequence(self, req: GenerationRequest) -> Sequence:
-        req.sampling.validate(self.config.max_new_tokens_limit)
+        # Backstop, not the validation: the API faces check sampling in one place (server.lifecycle.check_sampling,
+        # which the HTTP face maps to OpenAI `param` names) before anything is submitted. This re-check applies the
+        # same rules so a face that skipped it, or a direct engine user (bench, generate_cli, a Ray replica), still
+        # gets InvalidRequest here instead of a sequence the sampler cannot run; it should never fire behind a face.
+        req.sampling.validate(self.config.max_new_tokens_limit, self.args.vocab_size)
         ids = req.prompt_token_ids
         if not ids:
             raise InvalidRequest("the prompt is empty")

@@ -112,7 +112,8 @@ class HttpServer:
         sock.listen(2048)
         self.port = sock.getsockname()[1]
         rate_limit_logs()  # a flood of failed accepts (out of file descriptors) logs once per interval
-        protocol = guarded_protocol(AutoHTTPProtocol, self.guard, self.limits.header_timeout_s)
+        protocol = guarded_protocol(AutoHTTPProtocol, self.guard, self.limits.header_timeout_s,
+                                    self.limits.body_timeout_s)
         config = uvicorn.Config(build_app(self.api, self.guard), log_level="warning", lifespan="off",
                                 access_log=False, http=protocol, timeout_keep_alive=self.limits.keep_alive_s,
                                 backlog=2048)

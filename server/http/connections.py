@@ -4,6 +4,9 @@ keyless connections lowest, and rate-limited logging of repeated errors (a flood
 `guarded_protocol(base, guard, header_timeout_s)` wraps uvicorn's HTTP protocol class:
 - a connection must complete each request's headers within `header_timeout_s` of its first byte (of its
   opening, for the first request), else it is closed (a slowloris client trickling header lines);
+- a request's body must be complete within `body_timeout_s` of its headers (a slowloris client trickling the
+  body after complete headers: at the default 30 s, the 8 MiB body limit needs ~280 KB/s), else it is
+  answered 408 and the connection closed (the app waiting on the body sees the client gone);
 - at a cap, a new connection takes the place of the oldest one that never showed a valid key and is not
   serving a request (an idle or trickling keyless connection); with none to replace it is closed at once.
   A connection admitted over the cap is on probation: `KeyGate` answers its keyless requests 503, so a
@@ -12,6 +15,7 @@ keyless connections lowest, and rate-limited logging of repeated errors (a flood
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -32,6 +36,7 @@ class HttpLimits:
     max_connections: int = field(default_factory=default_max_connections)  # on the port, all addresses together
     max_per_address: int = 256  # open connections from one client address
     header_timeout_s: float = 10.0  # a request's headers complete within this long of its first byte
+    body_timeout_s: float = 30.0  # a request's body completes within this long of its headers
     keep_alive_s: float = 30.0  # an idle keep-alive connection is closed after this long
     max_body_bytes: int = 8 << 20  # larger bodies (declared or chunked) are refused with 413
 
@@ -39,7 +44,7 @@ class HttpLimits:
         for name in ("max_connections", "max_per_address", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HttpLimits.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("header_timeout_s", "keep_alive_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"HttpLimits.{name} must be > 0, got {getattr(self, name)}")
 
@@ -114,11 +119,13 @@ def _idle(conn) -> bool:
     return cycle is None or cycle.response_complete
 
 
-def guarded_protocol(base: type, guard: ConnectionGuard, header_timeout_s: float) -> type:
-    """`base` (a uvicorn HTTP protocol class) with the guard's admission and a header-read timeout."""
+def guarded_protocol(base: type, guard: ConnectionGuard, header_timeout_s: float, body_timeout_s: float = 30.0
+                     ) -> type:
+    """`base` (a uvicorn HTTP protocol class) with the guard's admission, a header-read and a body-read timeout."""
 
     class GuardedProtocol(base):
         _header_timer = None
+        _body_timer = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -129,16 +136,23 @@ def guarded_protocol(base: type, guard: ConnectionGuard, header_timeout_s: float
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self._disarm_body()
             guard.release(self.client)
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             before = self.cycle
             super().data_received(data)
-            if self.cycle is not before:  # a request's headers are complete
+            cycle = self.cycle
+            if cycle is not before:  # a request's headers are complete
                 self._disarm()
+                self._disarm_body()
+                if _reading_body(cycle):  # its body still to come: it must be complete within body_timeout_s
+                    self._body_timer = self.loop.call_later(body_timeout_s, self._body_too_slow, cycle)
             elif self._header_timer is None and _idle(self):  # the first bytes of the next request
                 self._arm()
+            if self._body_timer is not None and not _reading_body(cycle):
+                self._disarm_body()
 
         def _arm(self) -> None:
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
@@ -148,6 +162,20 @@ def guarded_protocol(base: type, guard: ConnectionGuard, header_timeout_s: float
                 self._header_timer.cancel()
                 self._header_timer = None
 
+        def _disarm_body(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_too_slow(self, cycle) -> None:
+            self._body_timer = None
+            if cycle is not self.cycle or not _reading_body(cycle) or self.transport.is_closing():
+                return
+            log.debug("closing %s: the request body was not complete within %.1f s", self.client, body_timeout_s)
+            if not getattr(cycle, "response_started", True):
+                self.transport.write(_timeout_response(body_timeout_s))
+            self.transport.close()  # the app's receive() now answers http.disconnect
+
         def _headers_too_slow(self) -> None:
             self._header_timer = None
             if _idle(self) and not self.transport.is_closing():
@@ -155,6 +183,19 @@ def guarded_protocol(base: type, guard: ConnectionGuard, header_timeout_s: float
                 self.transport.close()
 
     return GuardedProtocol
+
+
+def _reading_body(cycle) -> bool:
+    """The request of `cycle` still has body bytes to come and nothing was answered yet."""
+    return cycle is not None and cycle.more_body and not cycle.response_complete and not cycle.disconnected
+
+
+def _timeout_response(body_timeout_s: float) -> bytes:
+    body = json.dumps({"error": {
+        "message": f"the request body was not complete within {body_timeout_s:g} s of its headers",
+        "type": "invalid_request_error", "param": None, "code": "request_timeout"}}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode() + body)
 
 
 class KeyGate:

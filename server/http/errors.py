@@ -30,6 +30,7 @@ NOT_FOUND = ErrorKind(404, "invalid_request_error", "model_not_found", "NOT_FOUN
 ROUTE_NOT_FOUND = ErrorKind(404, "invalid_request_error", "not_found", "NOT_FOUND")
 METHOD_NOT_ALLOWED = ErrorKind(405, "invalid_request_error", "method_not_allowed", "INVALID_ARGUMENT")
 TOO_LARGE = ErrorKind(413, "invalid_request_error", "request_too_large", "INVALID_ARGUMENT")
+CLIENT_GONE = ErrorKind(499, "invalid_request_error", "client_closed_request", "CANCELLED")  # nobody reads it
 RATE_LIMITED = ErrorKind(429, "rate_limit_error", "rate_limit_exceeded", "RESOURCE_EXHAUSTED")
 INTERNAL = ErrorKind(500, "server_error", "internal_error", "INTERNAL")
 UNAVAILABLE = ErrorKind(503, "server_error", "service_unavailable", "UNAVAILABLE")

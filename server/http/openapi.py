@@ -9,7 +9,8 @@ from server.http import schemas
 
 ERROR_STATUSES = {
     "400": "Invalid request: `param` names the field", "401": "Missing or unknown API key",
-    "403": "Another tenant's private adapter", "404": "Unknown model or adapter", "413": "Body over the limit",
+    "403": "Another tenant's private adapter", "404": "Unknown model or adapter",
+    "408": "The body was not complete within the body timeout of its headers", "413": "Body over the limit",
     "429": "Tenant limit, quota or full queue (Retry-After)", "503": "Draining, or the port is at its connection "
     "limit and the request has no valid key (Retry-After)",
 }

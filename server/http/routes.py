@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from server.adapters.errors import AdapterForbidden, AdapterNotFound
@@ -21,7 +21,7 @@ from server.http import schemas
 from server.http.bridge import events
 from server.http.calls import EventStream
 from server.http.compose import resolve_http_parts
-from server.http.errors import NOT_FOUND, TOO_LARGE, UNAVAILABLE, ApiError, from_exception, invalid
+from server.http.errors import CLIENT_GONE, NOT_FOUND, TOO_LARGE, UNAVAILABLE, ApiError, from_exception, invalid
 from server.http.responses import Choice, Envelope, TokenText, chat_logprobs, completion_logprobs, sse, usage
 from server.http.structured import OutputSpec, compile_output, output_spec, render_chat
 from server.http.tools import ToolStream, chat_message, stream_tail
@@ -144,10 +144,13 @@ class OpenAIApi:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(TOO_LARGE, f"the request body has {declared} bytes; the limit is {limit}")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise ApiError(TOO_LARGE, f"the request body is over the limit of {limit} bytes")
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    raise ApiError(TOO_LARGE, f"the request body is over the limit of {limit} bytes")
+        except ClientDisconnect:  # the client left mid-body, or the port's body timeout closed it (it sent 408)
+            raise ApiError(CLIENT_GONE, "the connection closed before the request body was complete") from None
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -198,8 +201,7 @@ class OpenAIApi:
         started = time.monotonic()
         out = []
         for p_index, ids in enumerate(prompts):
-            sampling = schemas.finalize(parsed.sampling, len(ids), self.engine.max_model_len,
-                                        self.engine.config.max_new_tokens_limit)
+            sampling = schemas.finalize(parsed.sampling, len(ids), self.engine)  # lifecycle.check_sampling
             for i in range(parsed.n):
                 seed = None if sampling.seed is None else (sampling.seed + i) % 2**63  # choice i: seed + i
                 out.append(GenerationRequest(

@@ -14,6 +14,7 @@ from server.compose_api import PartSpec, parse_json
 from server.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 from server.http.errors import invalid
 from server.http.tools import message_fields
+from server.lifecycle import check_sampling
 
 MAX_N = 16
 MAX_STOP = 16
@@ -270,13 +271,16 @@ def _top_k(body: dict) -> int:
     return 0 if top_k == -1 else top_k  # vLLM: -1 (or 0) = off
 
 
-def finalize(sampling: SamplingParams, prompt_len: int, max_model_len: int, limit: int) -> SamplingParams:
-    """Fill the server-chosen max_new_tokens (chat without max_tokens: the room left, as vLLM) and validate."""
+def finalize(sampling: SamplingParams, prompt_len: int, engine) -> SamplingParams:
+    """Fill the server-chosen max_new_tokens (chat without max_tokens: the room left, as vLLM), then the one
+    sampling check both faces share (server.lifecycle.check_sampling); its message's field becomes the
+    OpenAI parameter the client set (`param`)."""
     if sampling.max_new_tokens == 0:
-        room = max(1, min(limit, max_model_len - prompt_len))
+        limit = engine.config.max_new_tokens_limit
+        room = max(1, min(limit, engine.max_model_len - prompt_len))
         sampling = dataclasses.replace(sampling, max_new_tokens=room, min_tokens=min(sampling.min_tokens, room))
     try:
-        sampling.validate(limit)
+        check_sampling(sampling, engine)
     except InvalidRequest as exc:
         message = str(exc)
         first = message.split(" ")[0]
