@@ -88,6 +88,18 @@ def failure(event: TokenEvent) -> RequestError | None:
     return None
 
 
+def drain(handles: list[RequestHandle], open_: set[int]) -> Iterator[tuple[int, TokenEvent]]:
+    """(index, coalesced event) of every open handle that has one now, each taken only when the consumer asks for
+    it (a consumer that stops early leaves the rest queued for the call's settlement); a finished handle leaves
+    `open_`. The one draining step of both faces' waits (wait_events here, server.http.bridge.events)."""
+    for i in sorted(open_):
+        event = take(handles[i])
+        if event is not None:
+            if event.finished:
+                open_.discard(i)
+            yield i, event
+
+
 def wait_events(handles: list[RequestHandle], wake: threading.Event, idle_s: float = ENGINE_CHECK_S
                 ) -> Iterator[tuple[int, TokenEvent] | None]:
     """(index, coalesced event) as the engine delivers them, for a thread: it sleeps on `wake`, which each
@@ -101,13 +113,9 @@ def wait_events(handles: list[RequestHandle], wake: threading.Event, idle_s: flo
         while open_:
             wake.clear()  # cleared before draining: a put after this point sets it again
             got = False
-            for i in sorted(open_):
-                event = take(handles[i])
-                if event is not None:
-                    got = True
-                    if event.finished:
-                        open_.discard(i)
-                    yield i, event
+            for item in drain(handles, open_):
+                got = True
+                yield item
             if got or not open_:
                 idle = False
                 continue

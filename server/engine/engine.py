@@ -18,10 +18,10 @@ import kernels
 from server.adapters.peft_format import read_adapter
 from server.adapters.pool import AdapterPool, UnknownAdapter
 from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
-from server.engine.composition import check_parts, composition_identity, pin_parts
+from server.engine.adapter_admission import AdapterAdmission
 from server.engine.kv_cache import KVCache
 from server.engine.output import Postprocessor
-from server.engine.prefix_cache import BASE_IDENTITY, PrefixCache, PrefixCacheStats
+from server.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from server.engine.request import (
     EngineStopped,
     FinishReason,
@@ -33,7 +33,7 @@ from server.engine.request import (
 )
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
-from server.engine.scheduler import Admission, Scheduler
+from server.engine.scheduler import Scheduler
 from server.engine.sequence import IncrementalDetokenizer, Sequence
 from server.engine.siblings import SiblingForks
 from server.model.loader import LoadedModel, load_model
@@ -72,7 +72,8 @@ class Engine:
         self.kv = KVCache(self.args, cfg.kv_blocks, cfg.kv_block_size, self.model.dtype, str(self.model.device))
         self.prefix = PrefixCache(self.kv, cfg.prefix_cache, cfg.prefix_cache_share_base,
                                   cfg.prefix_cache_share_adapters)
-        self.scheduler = Scheduler(cfg, self.kv, self._pin_adapter, self._unpin_adapter, self.prefix)
+        self.adapters = AdapterAdmission(pool, self.kv, cfg)  # checked at submit, pinned at admission
+        self.scheduler = Scheduler(cfg, self.kv, self.adapters.pin, self.adapters.unpin, self.prefix)
         pool.on_drop = self.prefix.dropped.append  # a deleted adapter version (any thread -> the step loop)
         self.runner = ModelRunner(self.model, self.kv, pool.tables)
         self.siblings = SiblingForks()
@@ -177,24 +178,8 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        n_prefix = n_virtual = 0
-        identity, shared = BASE_IDENTITY, False
-        if req.parts:
-            if req.adapter is not None:
-                raise InvalidRequest("name one adapter or a composition of adapters, not both")
-            try:
-                check_parts(req.parts, self.config.max_adapters_per_request, self.pool.cfg.device_slots,
-                            self.pool.composable)
-                identity = composition_identity(req.parts, lambda key: self.pool.cache_identity(key)[0])
-            except UnknownAdapter as exc:
-                raise UnknownAdapterRequest(f"unknown adapter {exc.args[0]!r}") from None
-        if req.adapter is not None:
-            try:
-                layout = self.pool.meta(req.adapter).layout
-                identity, shared = self.pool.cache_identity(req.adapter)
-            except UnknownAdapter:
-                raise UnknownAdapterRequest(f"unknown adapter {req.adapter!r}") from None
-            n_prefix, n_virtual = layout.n_prefix, layout.n_virtual
+        adapters = self.adapters.context(req)  # InvalidRequest / UnknownAdapterRequest
+        n_prefix, n_virtual = adapters.n_prefix, adapters.n_virtual
         context = n_prefix + n_virtual + len(ids)
         if context >= self.max_model_len:
             raise InvalidRequest(
@@ -218,7 +203,7 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
             grammar=grammar,
         )
-        self.prefix.prepare(seq, identity, shared)
+        self.prefix.prepare(seq, adapters.identity, adapters.shared)
         return seq
 
     # ---- the step loop (engine thread) --------------------------------------------------------
@@ -314,37 +299,6 @@ class Engine:
                 self._finish(seq, event.finish_reason, event=event)
             else:
                 seq.handle.put(event)
-
-    def _pin_adapter(self, seq: Sequence) -> tuple[Admission, str | None]:
-        """The scheduler's admission check (KV blocks already allocated): pin the sequence's adapter in its slot
-        and write the context entries the adapter supplies (prefix K/V)."""
-        if seq.request.parts:
-            return pin_parts(self.pool, seq)
-        key = seq.request.adapter
-        if key is None:
-            return Admission.ADMITTED, None
-        try:
-            lease = self.pool.acquire(key)
-        except Exception as exc:  # unregistered or unreadable since submit()
-            return Admission.FAILED, f"adapter {key!r} unavailable: {exc}"
-        if lease is None:
-            return Admission.NOT_NOW, None
-        seq.lease, seq.adapter_version = lease, lease.version
-        prefix = lease.weights.spec.cached_prefix(lease.weights.payload)
-        if prefix is not None and seq.num_computed < seq.n_prefix:  # entries below num_computed came from the cache
-            start = seq.num_computed
-            keys, values = prefix
-            self.kv.write_prefix(seq.blocks, keys[:, start:], values[:, start:], start)
-            seq.num_computed = seq.n_prefix
-        return Admission.ADMITTED, None
-
-    def _unpin_adapter(self, seq: Sequence) -> None:
-        if seq.lease is not None:
-            self.pool.release(seq.lease.key)
-        seq.lease = None
-        for lease, _ in seq.part_leases:
-            self.pool.release(lease.key)
-        seq.part_leases = []
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, event=None) -> None:
         if seq.request_id not in self._by_id:

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 
 from server.engine.request import RequestHandle, TokenEvent
-from server.lifecycle import take
+from server.lifecycle import drain
 
 
 async def events(handles: list[RequestHandle], idle_s: float = 0.5
@@ -26,13 +26,9 @@ async def events(handles: list[RequestHandle], idle_s: float = 0.5
         while open_:
             wake.clear()  # cleared before draining: a put after this point sets it again
             got = False
-            for i in sorted(open_):
-                event = take(handles[i])
-                if event is not None:
-                    got = True
-                    if event.finished:
-                        open_.discard(i)
-                    yield i, event
+            for item in drain(handles, open_):
+                got = True
+                yield item
             if got or not open_:
                 continue
             try:
