@@ -13,6 +13,12 @@ gain is bounded well below 2x; the figure shows the overhead and the routing, no
 Part 2 (simulated, server/scale/affinity_sim.py): adapter loads per 100 requests under Ray's multiplexed routing
 vs routing that ignores adapters, for 10..3,000 adapters on 8 replicas with 8 slots each (zipf 1.1), and for
 1..16 replicas at 1,000 adapters. Writes bench/results/scale_out.json and scale_out_sim.png.
+
+Part 3 (simulated, server/scale/prefix_sim.py): prefix-aware routing (server/scale/prefix_router.py's rule) vs
+adapter affinity alone on multi-turn chats (--chat-conversations x 3 turns, 768-token system prompt per tenant,
+48-token turns, 2 tenants, 4 adapters + base, 4 replicas x 2 adapter slots x --chat-kv-blocks blocks, 8 in
+flight): the share of prompt tokens served from the replicas' prefix caches, adapter loads and the busiest
+replica's share, over --chat-seeds seeds.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 
 from bench.stats import percentiles
 from server.scale.affinity_sim import simulate
+from server.scale.prefix_sim import ChatLoad, simulate_chats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["Name three colors.", "Write a haiku about a switchboard.", "What is the capital of France?",
@@ -101,6 +108,19 @@ def simulation(args) -> dict:
                                                                  strict=True))}
 
 
+def prefix_simulation(args) -> dict:
+    load = ChatLoad(conversations=args.chat_conversations)
+    out: dict = {"conversations": args.chat_conversations, "turns": load.turns, "kv_blocks": args.chat_kv_blocks,
+                 "seeds": args.chat_seeds}
+    for pol in ("affinity", "prefix"):
+        runs = [simulate_chats(pol, load, kv_blocks=args.chat_kv_blocks, seed=args.seed + s)
+                for s in range(args.chat_seeds)]
+        out[pol] = {"cached_share": sum(r.cached_tokens for r in runs) / sum(r.prompt_tokens for r in runs),
+                    "adapter_loads": sum(r.adapter_loads for r in runs) / len(runs),
+                    "max_share": max(r.max_share for r in runs)}
+    return out
+
+
 def plot(sim: dict, out: Path) -> Path:
     import matplotlib
 
@@ -139,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sim-requests", type=int, default=50_000)
     p.add_argument("--sim-adapters", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000])
     p.add_argument("--sim-replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--chat-conversations", type=int, default=48)
+    p.add_argument("--chat-kv-blocks", type=int, default=512, help="prefix-cache blocks per simulated replica")
+    p.add_argument("--chat-seeds", type=int, default=5)
     p.add_argument("--out", default="scale_out")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -170,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
         row = ", ".join(f"{r}: {v:.1f}" for r, v in zip(
             sim["replicas"], sim["loads_per_100_vs_replicas_1000_adapters"][pol], strict=True))
         print(f"simulated loads / 100 requests, 1,000 adapters, by replicas, {pol:11}: {row}")
+    chats = report["prefix_routing_simulated"] = prefix_simulation(args)
+    for pol in ("affinity", "prefix"):
+        r = chats[pol]
+        print(f"simulated chats ({chats['conversations']} x {chats['turns']} turns, 4 replicas), {pol:8}: "
+              f"{r['cached_share']:.1%} of prompt tokens from the cache, {r['adapter_loads']:.1f} adapter loads, "
+              f"busiest replica {r['max_share']:.0%} of requests")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {RESULTS / (args.out + '.json')} and {plot(sim, RESULTS / (args.out + '_sim.png'))}")
