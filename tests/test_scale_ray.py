@@ -249,3 +249,9 @@ def test_prefix_routing_sends_a_conversation_back_to_the_replica_that_cached_it(
     cached = [cluster.generate(token_ids=base + [400 + k] * 3, max_new_tokens=2).cached_prompt_tokens
               for k in range(8)]
     assert cached == [64] * 8
+    from server.scale.prefix_summary import parse_export, routing_keys
+
+    keys = routing_keys("local", None, None, base, 16, 64)  # what the serving replica exports to the routers
+    exports = [parse_export(engine_handle().record_routing_stats.remote().result(timeout_s=30)["prefix_keys"])
+               for _ in range(20)]  # Ray spreads these calls over both replicas
+    assert any(set(keys) <= e for e in exports) and not all(set(keys) <= e for e in exports)
