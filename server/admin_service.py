@@ -168,9 +168,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         rows = self.usage.query(None if everyone else acting, request.from_unix or None, request.to_unix or None)
         return admin_pb2.GetUsageResponse(
             rows=[admin_pb2.UsageRow(tenant=r.tenant, adapter=r.adapter, minute=r.minute, prompt_tokens=r.prompt_tokens,
-                                     completion_tokens=r.completion_tokens, requests=r.requests) for r in rows],
+                                     completion_tokens=r.completion_tokens, requests=r.requests,
+                                     cached_prompt_tokens=r.cached_prompt_tokens) for r in rows],
             prompt_tokens=sum(r.prompt_tokens for r in rows), completion_tokens=sum(r.completion_tokens for r in rows),
-            requests=sum(r.requests for r in rows))
+            requests=sum(r.requests for r in rows), cached_prompt_tokens=sum(r.cached_prompt_tokens for r in rows))
 
     def ReloadTenants(self, request: admin_pb2.ReloadTenantsRequest, context):
         if not caller(context).is_admin:

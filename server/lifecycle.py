@@ -319,4 +319,5 @@ class Call:
             quotas.charge_completion(self.tenant.name, self.tenant.limits, bill.completion_tokens)
         if usage is not None:
             adapter = self.adapter_label if self.adapter_label != UNRESOLVED_LABEL else ""
-            usage.record(self.tenant.name, adapter, bill.prompt_tokens, bill.completion_tokens)
+            usage.record(self.tenant.name, adapter, bill.prompt_tokens, bill.completion_tokens,
+                         cached_prompt_tokens=bill.cached_prompt_tokens)

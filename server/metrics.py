@@ -95,7 +95,8 @@ def prefix_cache_families(s) -> list:
            CounterMetricFamily("switchboard_prefix_cache_evictions", "cached KV blocks evicted for other content",
                                value=p.evictions)]
     computed = CounterMetricFamily("switchboard_prompt_tokens_computed",
-                                   "prompt tokens computed at admission (not served from the prefix cache)",
+                                   "prompt tokens computed at admission (not served from the prefix cache; a "
+                                   "re-admission after preemption counts the context it recomputes)",
                                    labels=["tenant"])
     cached = CounterMetricFamily("switchboard_prompt_tokens_cached", "prompt tokens served from the prefix cache",
                                  labels=["tenant"])

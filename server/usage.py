@@ -5,8 +5,10 @@ journal) every `flush_interval_s` (0.5 s by default), one transaction per flush,
 the same minute. A SIGKILL loses at most what was recorded since the last flush (under a second); a
 clean `close()` loses nothing. `query()` flushes first, so it sees every recorded request.
 
-Schema: usage(tenant, adapter, minute, prompt_tokens, completion_tokens, requests), primary key
-(tenant, adapter, minute); minute = unix seconds // 60 * 60; adapter "" = the base model.
+Schema: usage(tenant, adapter, minute, prompt_tokens, completion_tokens, requests, cached_prompt_tokens),
+primary key (tenant, adapter, minute); minute = unix seconds // 60 * 60; adapter "" = the base model;
+cached_prompt_tokens: of prompt_tokens, those served from the prefix cache (billing may discount them). A file
+made before that column existed gains it on open (ALTER TABLE ADD COLUMN, default 0: nothing else changes).
 """
 
 from __future__ import annotations
@@ -29,16 +31,37 @@ CREATE TABLE IF NOT EXISTS usage (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     requests INTEGER NOT NULL DEFAULT 0,
+    cached_prompt_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, adapter, minute)
 ) WITHOUT ROWID
 """
 UPSERT = """
-INSERT INTO usage (tenant, adapter, minute, prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO usage (tenant, adapter, minute, prompt_tokens, completion_tokens, requests, cached_prompt_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (tenant, adapter, minute) DO UPDATE SET
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
-    requests = requests + excluded.requests
+    requests = requests + excluded.requests,
+    cached_prompt_tokens = cached_prompt_tokens + excluded.cached_prompt_tokens
 """
+ADDED_COLUMNS = (("cached_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),)  # columns newer than the first schema
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Add the columns an older file lacks, in one immediate transaction (a second process opening the same file
+    waits, then finds them); the names added."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+        added = [name for name, _ in ADDED_COLUMNS if name not in have]
+        for name, decl in ADDED_COLUMNS:
+            if name in added:
+                db.execute(f"ALTER TABLE usage ADD COLUMN {name} {decl}")
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        db.execute("ROLLBACK")
+        raise
+    return added
 
 
 def private_file(path: Path) -> None:
@@ -63,6 +86,7 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     requests: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
 
 
 class UsageRecorder:
@@ -70,7 +94,7 @@ class UsageRecorder:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_interval_s = flush_interval_s
-        self._pending: dict[tuple[str, str, int], list[int]] = {}
+        self._pending: dict[tuple[str, str, int], list[int]] = {}  # -> [prompt, completion, requests, cached]
         self._lock = threading.Lock()  # guards _pending
         self._db_lock = threading.Lock()  # one writer / reader on the connection at a time
         private_file(self.path)  # SQLite gives its -wal and -shm files the database file's mode
@@ -78,18 +102,22 @@ class UsageRecorder:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
         self._db.execute(SCHEMA)
+        if added := migrate(self._db):
+            log.info("usage file %s: added columns %s", self.path, ", ".join(added))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="usage-flusher", daemon=True)
         self._thread.start()
 
     def record(self, tenant: str, adapter: str, prompt_tokens: int, completion_tokens: int,
-               at: float | None = None) -> None:
+               at: float | None = None, *, cached_prompt_tokens: int = 0) -> None:
+        """One request; `cached_prompt_tokens`: of `prompt_tokens`, those served from the prefix cache."""
         minute = int(time.time() if at is None else at) // 60 * 60
         with self._lock:
-            row = self._pending.setdefault((tenant, adapter, minute), [0, 0, 0])
+            row = self._pending.setdefault((tenant, adapter, minute), [0, 0, 0, 0])
             row[0] += prompt_tokens
             row[1] += completion_tokens
             row[2] += 1
+            row[3] += cached_prompt_tokens
 
     def flush(self) -> int:
         """Write what was recorded since the last flush; the number of rows written."""
@@ -97,7 +125,7 @@ class UsageRecorder:
             pending, self._pending = self._pending, {}
         if not pending:
             return 0
-        rows = [(t, a, m, p, c, r) for (t, a, m), (p, c, r) in pending.items()]
+        rows = [(t, a, m, p, c, r, k) for (t, a, m), (p, c, r, k) in pending.items()]
         with self._db_lock:
             try:
                 self._db.execute("BEGIN")
@@ -107,16 +135,17 @@ class UsageRecorder:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 with self._lock:  # keep them for the next try
-                    for (t, a, m, p, c, r) in rows:
-                        row = self._pending.setdefault((t, a, m), [0, 0, 0])
-                        row[0], row[1], row[2] = row[0] + p, row[1] + c, row[2] + r
+                    for (t, a, m, *counts) in rows:
+                        row = self._pending.setdefault((t, a, m), [0, 0, 0, 0])
+                        row[:] = [x + y for x, y in zip(row, counts, strict=True)]
                 raise
         return len(rows)
 
     def query(self, tenant: str | None, start: int | None = None, end: int | None = None) -> list[UsageRow]:
         """Rows of `tenant` (None = every tenant) whose minute lies in [start, end) (unix seconds; None = open)."""
         self.flush()
-        sql = "SELECT tenant, adapter, minute, prompt_tokens, completion_tokens, requests FROM usage WHERE 1=1"
+        sql = ("SELECT tenant, adapter, minute, prompt_tokens, completion_tokens, requests, cached_prompt_tokens "
+               "FROM usage WHERE 1=1")
         args: list = []
         if tenant is not None:
             sql += " AND tenant = ?"

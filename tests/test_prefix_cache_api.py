@@ -4,6 +4,8 @@ gRPC (the Python client), on a real server with 16-token blocks."""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -61,3 +63,37 @@ def test_grpc_usage_reports_cached_prompt_tokens(server) -> None:
         assert [cached(), cached(), cached(stream=True), cached("s"), cached("s")] == [0, 32, 32, 0, 32]
         with pytest.raises(InvalidArgument, match="cache_salt"):
             c.generate(token_ids=PROMPT, max_new_tokens=2, cache_salt="x" * 257)
+
+
+def test_usage_records_cached_prompt_tokens_over_both_faces(server, capsys) -> None:
+    """Admin.GetUsage and `python -m clients usage` report the cached prompt tokens the responses reported."""
+    from clients.__main__ import main as cli
+    from tests.server_utils import wait_until
+
+    def totals() -> tuple[int, int, int]:
+        with server.grpc.client(timeout=60) as admin:
+            report = admin.get_usage("beta")
+        assert report.cached_prompt_tokens == sum(r.cached_prompt_tokens for r in report.rows)
+        return report.prompt_tokens, report.cached_prompt_tokens, report.requests
+
+    before = totals()
+    prompt = list(range(800, 850))  # 50 tokens: three full blocks
+    reported = []
+    for _ in range(2):
+        usage = server.openai("beta").completions.create(model=MODEL_ID, prompt=prompt, max_tokens=1,
+                                                         temperature=0).usage
+        reported.append(usage.prompt_tokens_details.cached_tokens)
+    with server.grpc.client("beta", timeout=60) as c:
+        reported.append(c.generate(token_ids=prompt, max_new_tokens=1).cached_prompt_tokens)
+    assert reported == [0, 48, 48]
+    wait_until(lambda: totals()[2] == before[2] + 3, timeout=10, what="three more usage records")
+    after = totals()
+    assert (after[0] - before[0], after[1] - before[1]) == (150, 96)
+    capsys.readouterr()
+    assert cli(["usage", "--target", server.grpc.target, "--api-key", server.grpc.keys["beta"], "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["cached_prompt_tokens"] == after[1]
+    assert sum(r["cached_prompt_tokens"] for r in printed["rows"]) == after[1]
+    assert cli(["usage", "--target", server.grpc.target, "--api-key", server.grpc.keys["beta"]]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "(cached)" in table[0] and table[-1].split()[1:3] == [str(after[0]), str(after[1])]

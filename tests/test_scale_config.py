@@ -32,3 +32,16 @@ def test_unknown_and_bad_settings_are_refused_with_their_names():
         ScaleSettings(replicas=0)
     with pytest.raises(ConfigError, match="adapters_per_replica"):
         ScaleSettings(adapters_per_replica=0)
+
+
+def test_prefix_routing_settings():
+    pytest.importorskip("ray.serve.config", reason="ray[serve] is not installed (the `ray` group)")
+    with pytest.raises(ConfigError, match="routing_stats_period_s"):
+        ScaleSettings(routing_stats_period_s=0)
+    with pytest.raises(ConfigError, match="route_max_blocks"):
+        ScaleSettings.from_args({"route_max_blocks": 0})
+    assert ScaleSettings(prefix_routing=False).request_router_config() is None
+    cfg = ScaleSettings(routing_stats_period_s=0.5, route_max_blocks=8).request_router_config()
+    assert cfg.request_router_class == "server.scale.prefix_router.PrefixAwareRouter"
+    assert cfg.request_routing_stats_period_s == 0.5
+    assert cfg.request_router_kwargs == {"block_size": 16, "max_blocks": 8}

@@ -238,3 +238,20 @@ def test_output_constraints_through_the_ingress(cluster, reference):
     with pytest.raises(SwitchboardError) as info:
         cluster.generate(PROMPTS[0], regex="(x", max_new_tokens=4)
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_prefix_routing_sends_a_conversation_back_to_the_replica_that_cached_it(cluster):
+    """The ingress's router (server.scale.prefix_router) sends each follow-up of a 64-token prompt to the replica
+    that cached it: every one is served 64 tokens from the prefix cache. Routing that ignored prefixes would
+    send each to either replica (about 2 ** -8 that all eight land right; with prefix_routing=False it failed so)."""
+    base = list(range(300, 364))  # four full 16-token blocks
+    assert cluster.generate(token_ids=base, max_new_tokens=2).cached_prompt_tokens == 0
+    cached = [cluster.generate(token_ids=base + [400 + k] * 3, max_new_tokens=2).cached_prompt_tokens
+              for k in range(8)]
+    assert cached == [64] * 8
+    from server.scale.prefix_summary import parse_export, routing_keys
+
+    keys = routing_keys("local", None, None, base, 16, 64)  # what the serving replica exports to the routers
+    exports = [parse_export(engine_handle().record_routing_stats.remote().result(timeout_s=30)["prefix_keys"])
+               for _ in range(20)]  # Ray spreads these calls over both replicas
+    assert any(set(keys) <= e for e in exports) and not all(set(keys) <= e for e in exports)

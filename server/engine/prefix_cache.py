@@ -74,7 +74,8 @@ class PrefixCacheStats:
     enabled: bool = False
     cached_blocks: int = 0  # blocks holding a key (referenced or not)
     evictions: int = 0  # cached blocks taken for other content
-    # tenant -> (prompt tokens computed, prompt tokens served from the cache), counted at each first admission
+    # tenant -> (tokens computed, tokens served from the cache) at admissions: each prompt at its first; the
+    # prompt and generated tokens again at a re-admission after preemption (recomputed but for cached blocks)
     tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
@@ -128,14 +129,22 @@ class PrefixCache:
         return seq.num_computed
 
     def account(self, seq: Sequence, cached_entries: int) -> int:
-        """A first admission: record its prompt tokens served from the cache; returns those it computes."""
-        n_prompt = len(seq.prompt_ids)
-        cached = min(n_prompt, max(0, cached_entries - seq.n_prefix - seq.n_virtual))
-        seq.cached_prompt_tokens = cached
+        """An admission, in its tenant's counters: the tokens of the context it computes and those the cache
+        served (computed + cached = the tokens admission saw). The first admission sees the prompt and sets the
+        sequence's cached prompt tokens (its bill); a re-admission after preemption sees the prompt and the
+        tokens generated so far, and recomputes all but its cached blocks. Returns the prompt tokens a first
+        admission computes (what the fair scheduler charges), 0 for a re-admission (the engine preempted it)."""
+        supplied = seq.n_prefix + seq.n_virtual
+        first = seq.first_scheduled is None
+        seen = len(seq.prompt_ids) if first else seq.context_len - supplied
+        cached = min(seen, max(0, cached_entries - supplied))
         row = self._tokens.setdefault(seq.request.tenant, [0, 0])
-        row[0] += n_prompt - cached
+        row[0] += seen - cached
         row[1] += cached
-        return n_prompt - cached
+        if not first:
+            return 0
+        seq.cached_prompt_tokens = cached
+        return seen - cached
 
     def commit(self, seq: Sequence) -> None:
         """Key the blocks of `seq` that are now full and computed (after a step)."""

@@ -101,7 +101,7 @@ class Scheduler:
                     skipped.append(seq)
                 continue
             seq.status = SeqStatus.RUNNING
-            self.waiting.on_admit(seq, self.prefix.account(seq, cached) if seq.first_scheduled is None else 0)
+            self.waiting.on_admit(seq, self.prefix.account(seq, cached))  # 0 for a re-admission
             seq.mark_scheduled()
             self.running.append(seq)
             n = min(seq.pending, budget)

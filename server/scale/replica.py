@@ -26,6 +26,7 @@ from server.adapters.errors import AdapterNotFound
 from server.adapters.pool import AdapterMeta
 from server.adapters.store import StoredVersion, StoreError, sha256_file
 from server.engine.request import GenerationRequest, TokenEvent, merge_events
+from server.scale.prefix_summary import PrefixSummary, routing_keys
 from server.scale.replica_keys import ReplicaKeys
 from server.scale.settings import ScaleSettings
 from server.scale.shared_store import SharedDirectory, parse_key
@@ -48,12 +49,14 @@ class LoadedAdapter:
 
 def engine_deployment(settings: ScaleSettings):
     """The Serve deployment class (its options from `settings`)."""
+    router = settings.request_router_config()
 
     @serve.deployment(
         name="EngineReplica", num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": settings.num_cpus_per_replica},
         max_ongoing_requests=settings.max_running + settings.max_waiting,
         health_check_period_s=2.0, health_check_timeout_s=30.0,
+        **({"request_router_config": router} if router is not None else {}),
     )
     class EngineReplica:
         def __init__(self, settings: ScaleSettings) -> None:
@@ -67,6 +70,10 @@ def engine_deployment(settings: ScaleSettings):
             self.keys = ReplicaKeys()  # which keys stay registered in the engine's pool
             self.requests = self.hits = 0
             self.metrics = ReplicaMetrics()
+            # what the prefix-aware router reads (server.scale.prefix_router): keys of recently cached contexts
+            self.summary = PrefixSummary(settings.kv_blocks)
+            self.summary_seq = 0
+            self.route_params = (settings.engine_config().kv_block_size, settings.route_max_blocks)
 
         # ---- the multiplexed loader --------------------------------------------------------------
         @serve.multiplexed(max_num_models_per_replica=settings.adapters_per_replica)
@@ -128,7 +135,7 @@ def engine_deployment(settings: ScaleSettings):
                 wake = asyncio.Event()
                 loop = asyncio.get_running_loop()
                 handle.set_listener(lambda: loop.call_soon_threadsafe(wake.set))
-                finished = False
+                finished, context = False, list(request.prompt_token_ids)
                 try:
                     while not finished:
                         wake.clear()
@@ -142,6 +149,9 @@ def engine_deployment(settings: ScaleSettings):
                             continue
                         event = merge_events(events)
                         finished = event.finished
+                        context += event.token_ids
+                        if finished and event.error is None:
+                            self._cached(request, context)
                         self.metrics.tokens.inc(len(event.token_ids))
                         yield event
                 finally:
@@ -150,6 +160,16 @@ def engine_deployment(settings: ScaleSettings):
             finally:
                 for key in acquired:
                     self._unregister_if(self.keys.release(key), key)
+
+        def _cached(self, request: GenerationRequest, context: list[int]) -> None:
+            """A finished request's context (prompt and completion) now sits in the prefix cache: summarize it."""
+            self.summary.add(routing_keys(request.tenant, request.cache_salt, request.adapter, context,
+                                          *self.route_params))
+            self.summary_seq += 1
+
+        def record_routing_stats(self) -> dict:
+            """Ray polls it every routing_stats_period_s for the routers (server.scale.prefix_router)."""
+            return {"prefix_keys": self.summary.export(), "seq": self.summary_seq}
 
         def stats(self) -> dict:
             """This replica's counters (tests and the bench read them through each replica)."""

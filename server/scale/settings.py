@@ -34,6 +34,9 @@ class ScaleSettings(AdapterLimits):
     tenants: str | None = None  # tenants TOML file
     affinity: bool = True  # False: Ray's default routing (no multiplexed id), for comparisons
     retries: int = 4  # re-submissions of a request that had produced no token when its replica failed
+    prefix_routing: bool = True  # prefer the replica holding the longest cached prefix (server.scale.prefix_router)
+    routing_stats_period_s: float = 2.0  # how often each replica exports its prefix summary to the routers
+    route_max_blocks: int = 64  # blocks of a prompt the routing keys cover (from its start)
     extra: dict = field(default_factory=dict)  # ServerConfig overrides (e.g. per_tenant_concurrency)
 
     def __post_init__(self) -> None:
@@ -42,6 +45,8 @@ class ScaleSettings(AdapterLimits):
             raise ConfigError("replicas must be >= 1")
         if self.adapters_per_replica < 1:
             raise ConfigError("adapters_per_replica must be >= 1")
+        if self.routing_stats_period_s <= 0 or self.route_max_blocks < 1:
+            raise ConfigError("routing_stats_period_s must be > 0 and route_max_blocks >= 1")
         if self.num_cpus_per_replica <= 0 or self.torch_threads < 1:
             raise ConfigError("num_cpus_per_replica must be > 0 and torch_threads >= 1")
 
@@ -61,6 +66,19 @@ class ScaleSettings(AdapterLimits):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_running=self.max_running, max_waiting=self.max_waiting, kv_blocks=self.kv_blocks,
                             max_model_len=self.max_model_len)
+
+    def request_router_config(self):
+        """Ray Serve's RequestRouterConfig for the engine deployment: prefix-aware, or None (Ray's default)."""
+        if not self.prefix_routing:
+            return None
+        from ray.serve.config import RequestRouterConfig
+
+        from server.scale.prefix_router import PrefixAwareRouter
+
+        return RequestRouterConfig(
+            request_router_class=PrefixAwareRouter, request_routing_stats_period_s=self.routing_stats_period_s,
+            request_router_kwargs={"block_size": self.engine_config().kv_block_size,
+                                   "max_blocks": self.route_max_blocks})
 
     def pool_config(self) -> AdapterPoolConfig:
         limits = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterLimits)}
