@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.peft_format import read_adapter
+from server.config import AdapterLimits
 from server.model.args import ModelArgs
 from tests.kinds_adapters import make_bitfit_adapter, make_dora_adapter
 from tests.oracle_parity import assert_run_matches, fp64_oracle_for, oracle_for, run_mixed
@@ -75,7 +76,7 @@ def test_the_extremes_change_what_is_computed(tiny_llama_dir: Path, extreme_dirs
 def test_extreme_allowed_values_are_read(tiny_llama_dir: Path, extreme_dirs: dict[str, Path]) -> None:
     args = ModelArgs.from_dir(tiny_llama_dir)
     for path in _big(extreme_dirs).values():
-        assert read_adapter(path, args, 16, 32, max_bottleneck_size=16)
+        assert read_adapter(path, args, AdapterLimits(16, 32, max_bottleneck_size=16))
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
