@@ -51,11 +51,12 @@ class LlamaServer:
         finally:
             conn.close()
 
-    def complete(self, prompt: list[int], new_tokens: int) -> tuple[float, list[int], int]:
+    def complete(self, prompt: list[int], new_tokens: int, extra: dict | None = None
+                 ) -> tuple[float, list[int], int]:
         """One streamed greedy completion: (TTFT seconds, the token ids generated, prompt tokens it took from its
-        cache)."""
+        cache). `extra`: more /completion fields (e.g. `json_schema`)."""
         body = json.dumps({"prompt": prompt, "n_predict": new_tokens, "cache_prompt": True, "ignore_eos": True,
-                           "temperature": 0, "stream": True, "return_tokens": True})
+                           "temperature": 0, "stream": True, "return_tokens": True, **(extra or {})})
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         sent = time.perf_counter()
         ttft, generated, cached = None, [], 0

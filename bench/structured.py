@@ -9,14 +9,16 @@ way: a warm-up block per variant, then interleaved blocks; only steps that ran a
 token each count). Variant `none`: no constraint; `half-json`: sequences 0, 2, 4, ... held to an open-ended
 JSON schema (an array of objects, so they rarely complete inside a block). Compile: each schema of SCHEMAS
 compiled by a fresh GrammarCompiler (cold: the tokenizer view built first, reported apart) and again (cached).
-llama.cpp's server with a JSON-schema grammar is the reference the issue names; it is not installed here
-(no binary can be fetched), so this prints our side only. --smoke: a few steps, to prove the script runs.
+llama.cpp's server with its JSON-schema grammar is the reference (--llama-server or $SWITCHBOARD_LLAMA_SERVER;
+bench/structured_llama.py): the same prompts, no constraint vs half the rows constrained, on its GGUF.
+--smoke: a few steps, to prove the script runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import queue
 import statistics
 import tempfile
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="2 rounds of 2 steps: proves the script runs (no figures)")
+    ap.add_argument("--llama-server", default=os.environ.get("SWITCHBOARD_LLAMA_SERVER"),
+                    help="llama.cpp's llama-server binary: its JSON-schema grammar's cost as the reference (skipped "
+                         "without it; bench/structured_llama.py)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print("\n".join(step_rows(engine, names, args.steps, args.rounds)))
     engine.grammars.close()
+    if args.llama_server:
+        from bench.prefix_cache import default_gguf
+        from bench.structured_llama import llama_rows
+
+        print()
+        print("\n".join(llama_rows(args.llama_server, str(default_gguf()), PROMPT, OPEN_SCHEMA,
+                                   torch.get_num_threads(), rounds=1 if args.smoke else 3)))
 
 
 if __name__ == "__main__":
