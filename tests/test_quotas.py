@@ -191,4 +191,5 @@ def test_usage_cli_prints_the_callers_usage(keyed, capsys) -> None:
     assert {row["tenant"] for row in report["rows"]} == {"other"}
     assert cli(["--target", srv.target, "--api-key", keys["admin"], "usage"]) == 0
     table = capsys.readouterr().out
-    assert "other" in table and table.strip().splitlines()[-1].split()[1:] == ["3", "3", "1"]
+    # total: prompt, of which cached (the prefix cache), completion, requests
+    assert "other" in table and table.strip().splitlines()[-1].split()[1:] == ["3", "0", "3", "1"]
