@@ -15,6 +15,7 @@ import http.client
 import json
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,11 +29,14 @@ class LlamaServer:
             self.port = s.getsockname()[1]
         self.cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
                     "-np", str(parallel), "-c", str(ctx_size), "--threads", str(threads), "--cache-prompt"]
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks the server mid-run
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close(), after the process
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {self.log.read()[-2000:]}")
             try:
                 if self._get("/health")[0] == 200:
                     return
@@ -90,6 +94,7 @@ class LlamaServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
 
 
 def run_chats(server: LlamaServer, system: list[int], turns: list[list[list[int]]], new_tokens: int

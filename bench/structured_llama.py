@@ -18,8 +18,9 @@ def run_batch(server: LlamaServer, prompts: list[list[int]], new_tokens: int, sc
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
-        extra = {"json_schema": schema, "temperature": 1.0, "seed": i} if schema is not None and i % 2 == 0 else \
-            {"temperature": 1.0, "seed": i}
+        extra = {"temperature": 1.0, "seed": i}
+        if schema is not None and i % 2 == 0:  # a completed grammar may end with EOS (ignored EOS would leave no token)
+            extra |= {"json_schema": schema, "ignore_eos": False}
         try:
             generated[i] = len(server.complete(prompts[i], new_tokens, extra)[1])
         except BaseException as exc:  # noqa: BLE001 - reported below
