@@ -12,7 +12,6 @@ their prefix caches (the responses' cached_prompt_tokens).
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,18 +22,9 @@ from bench.stats import percentiles
 
 
 def measure_chats(prefix_routing: bool, args, model_dir: Path, adapter_dirs: list[Path]) -> dict:
-    import ray
-    from ray import serve
-
-    from clients import SwitchboardClient
+    from bench.ray_app import ray_switchboard
     from server.model.args import ModelArgs
-    from server.scale.app import build
-    from server.scale.settings import ScaleSettings
-    from tests.scale_utils import APP, free_port
 
-    root = str(Path(__file__).resolve().parents[1])
-    ray.init(num_cpus=args.chat_replicas + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     vocab = ModelArgs.from_dir(model_dir).vocab_size
     rng = np.random.default_rng(args.seed)
     system = rng.integers(0, vocab, args.chat_system).tolist()
@@ -45,54 +35,41 @@ def measure_chats(prefix_routing: bool, args, model_dir: Path, adapter_dirs: lis
     totals = [0, 0, 0]  # output tokens, prompt tokens, cached prompt tokens
     lock = threading.Lock()
     errors: list[BaseException] = []
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="scale-chats-") as data:
-        settings = ScaleSettings(model=str(model_dir), quantize=not args.no_quantize, replicas=args.chat_replicas,
-                                 adapters_per_replica=args.slots, data_dir=data, port=port, metrics_port=None,
-                                 prefix_routing=prefix_routing)
-        try:
-            serve.start(proxy_location="Disabled")
-            serve.run(build(settings), name=APP, route_prefix=None)
-            client = SwitchboardClient(f"127.0.0.1:{port}", timeout=600)
-            for i, path in enumerate(adapter_dirs):
-                client.upload_adapter(path, f"a{i}")
-            client.generate(token_ids=[1, 2, 3], max_new_tokens=2)  # warm-up
+    with ray_switchboard(model_dir, args.chat_replicas, args.slots, not args.no_quantize, adapter_dirs,
+                         prefix_routing=prefix_routing) as client:
+        client.generate(token_ids=[1, 2, 3], max_new_tokens=2)  # warm-up
 
-            def conversation(i: int) -> None:
-                try:
-                    chat(i)
-                except BaseException as exc:  # noqa: BLE001 - raised below
-                    errors.append(exc)
+        def conversation(i: int) -> None:
+            try:
+                chat(i)
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                errors.append(exc)
 
-            def chat(i: int) -> None:
-                adapter = "" if i % (n_adapters + 1) == n_adapters else f"a{i % (n_adapters + 1)}"
-                history = list(system)
-                for t, user in enumerate(turns[i]):
-                    history += user
-                    sent, answer, cached = time.perf_counter(), [], 0
-                    for chunk in client.stream(token_ids=history, adapter=adapter, max_new_tokens=args.chat_new,
-                                               ignore_eos=True):
-                        if chunk.token_ids and not answer:
-                            ttft[t][i] = 1e3 * (time.perf_counter() - sent)
-                        answer += chunk.token_ids
-                        cached = chunk.cached_prompt_tokens or cached
-                    with lock:
-                        totals[0] += len(answer)
-                        totals[1] += len(history)
-                        totals[2] += cached
-                    history += answer
+        def chat(i: int) -> None:
+            adapter = "" if i % (n_adapters + 1) == n_adapters else f"a{i % (n_adapters + 1)}"
+            history = list(system)
+            for t, user in enumerate(turns[i]):
+                history += user
+                sent, answer, cached = time.perf_counter(), [], 0
+                for chunk in client.stream(token_ids=history, adapter=adapter, max_new_tokens=args.chat_new,
+                                           ignore_eos=True):
+                    if chunk.token_ids and not answer:
+                        ttft[t][i] = 1e3 * (time.perf_counter() - sent)
+                    answer += chunk.token_ids
+                    cached = chunk.cached_prompt_tokens or cached
+                with lock:
+                    totals[0] += len(answer)
+                    totals[1] += len(history)
+                    totals[2] += cached
+                history += answer
 
-            start = time.perf_counter()
-            threads = [threading.Thread(target=conversation, args=(i,)) for i in range(len(turns))]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            wall = time.perf_counter() - start
-            client.close()
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        start = time.perf_counter()
+        threads = [threading.Thread(target=conversation, args=(i,)) for i in range(len(turns))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"a conversation failed: {errors[0]!r}") from errors[0]
     per_turn = [percentiles(row) for row in ttft]

@@ -46,51 +46,30 @@ PROMPTS = ["Name three colors.", "Write a haiku about a switchboard.", "What is 
 
 
 def measure(replicas: int, args, model_dir: Path, adapter_dirs: list[Path]) -> dict:
-    import ray
-    from ray import serve
+    from bench.ray_app import ray_switchboard
+    from tests.scale_utils import replica_stats
 
-    from clients import SwitchboardClient
-    from server.scale.app import build
-    from server.scale.settings import ScaleSettings
-    from tests.scale_utils import APP, free_port, replica_stats
+    with ray_switchboard(model_dir, replicas, args.slots, not args.no_quantize, adapter_dirs) as client:
+        rng = np.random.default_rng(args.seed)
+        p = 1.0 / np.arange(1, len(adapter_dirs) + 1) ** 1.1
+        picks = rng.choice(len(adapter_dirs), size=args.requests, p=p / p.sum())
 
-    root = str(Path(__file__).resolve().parents[1])
-    ray.init(num_cpus=replicas + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="scale-out-") as data:
-        settings = ScaleSettings(model=str(model_dir), quantize=not args.no_quantize, replicas=replicas,
-                                 adapters_per_replica=args.slots, data_dir=data, port=port, metrics_port=None)
-        try:
-            serve.start(proxy_location="Disabled")
-            serve.run(build(settings), name=APP, route_prefix=None)
-            client = SwitchboardClient(f"127.0.0.1:{port}", timeout=600)
-            for i, path in enumerate(adapter_dirs):
-                client.upload_adapter(path, f"a{i}")
-            rng = np.random.default_rng(args.seed)
-            p = 1.0 / np.arange(1, len(adapter_dirs) + 1) ** 1.1
-            picks = rng.choice(len(adapter_dirs), size=args.requests, p=p / p.sum())
+        def one(k: int) -> tuple[float, int]:
+            sent, first, tokens = time.perf_counter(), None, 0
+            for chunk in client.stream(PROMPTS[k % len(PROMPTS)], adapter=f"a{picks[k]}",
+                                       max_new_tokens=args.max_new_tokens, ignore_eos=True):
+                if chunk.token_ids and first is None:
+                    first = time.perf_counter() - sent
+                tokens += len(chunk.token_ids)
+            return first or 0.0, tokens
 
-            def one(k: int) -> tuple[float, int]:
-                sent, first, tokens = time.perf_counter(), None, 0
-                for chunk in client.stream(PROMPTS[k % len(PROMPTS)], adapter=f"a{picks[k]}",
-                                           max_new_tokens=args.max_new_tokens, ignore_eos=True):
-                    if chunk.token_ids and first is None:
-                        first = time.perf_counter() - sent
-                    tokens += len(chunk.token_ids)
-                return first or 0.0, tokens
-
-            client.generate(PROMPTS[0], max_new_tokens=2)  # warm-up
-            before = sum(sum(s["loads"].values()) for s in replica_stats(replicas).values())
-            start = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                done = list(pool.map(one, range(args.requests)))
-            wall = time.perf_counter() - start
-            loads = sum(sum(s["loads"].values()) for s in replica_stats(replicas).values()) - before
-            client.close()
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        client.generate(PROMPTS[0], max_new_tokens=2)  # warm-up
+        before = sum(sum(s["loads"].values()) for s in replica_stats(replicas).values())
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            done = list(pool.map(one, range(args.requests)))
+        wall = time.perf_counter() - start
+        loads = sum(sum(s["loads"].values()) for s in replica_stats(replicas).values()) - before
     ttft = percentiles([t for t, _ in done])
     tokens = sum(n for _, n in done)
     return {"replicas": replicas, "requests": args.requests, "concurrency": args.concurrency,

@@ -43,12 +43,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
 if __name__ == "__main__":

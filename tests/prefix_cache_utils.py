@@ -3,6 +3,7 @@ oracle (the same waves on an engine with the cache switched off)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +107,8 @@ def assert_cache_changes_nothing(model_dir: Path, waves: Waves, quantize: bool =
 
 
 def lcp(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """The length of the longest common prefix of two token lists."""
+    return len(os.path.commonprefix([a, b]))
 
 
 def cacheable(prompt: list[int], contexts: list[list[int]], supplied: int = 0) -> int:
