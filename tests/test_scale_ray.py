@@ -252,5 +252,6 @@ def test_prefix_routing_sends_a_conversation_back_to_the_replica_that_cached_it(
     from server.scale.prefix_summary import parse_export, routing_keys
 
     keys = routing_keys("local", None, None, base, 16, 64)  # what the serving replica exports to the routers
-    exports = [parse_export(s["prefix_keys"]) for s in replica_stats(REPLICAS).values()]  # each replica's, once
-    assert sum(set(keys) <= e for e in exports) == 1, "exactly the serving replica exports the prompt's keys"
+    exports = [parse_export(engine_handle().record_routing_stats.remote().result(timeout_s=30)["prefix_keys"])
+               for _ in range(20)]  # Ray spreads these calls over both replicas
+    assert any(set(keys) <= e for e in exports) and not all(set(keys) <= e for e in exports)

@@ -176,7 +176,7 @@ def engine_deployment(settings: ScaleSettings):
             ctx = serve.get_replica_context()
             return {"replica": ctx.replica_id.unique_id, "pid": os.getpid(), "requests": self.requests,
                     "hits": self.hits, "loads": dict(self.keys.loads), "resident": sorted(self.keys.resident),
-                    "engine_alive": self.engine.alive, "prefix_keys": self.summary.export()}
+                    "engine_alive": self.engine.alive}
 
         def check_health(self) -> None:
             """Ray restarts a replica whose step loop died."""
